@@ -1,0 +1,462 @@
+//! `holdfast`: the command line. Parses flags, picks the device, and hands off to the crates.
+
+mod device;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use holdfast_model::ModelConfig;
+use holdfast_serve::{SamplingOptions, generate};
+use holdfast_train::data::Tokenizer;
+use holdfast_train::run::{self, Event};
+use holdfast_train::{RunConfig, TrainState, checkpoint};
+
+#[derive(Parser)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Train language models to completion on unreliable hardware"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (by default: 3-digit addition, generated offline).
+    Train(TrainArgs),
+    /// Evaluate a run's latest checkpoint on its held-out data.
+    Eval {
+        run_dir: PathBuf,
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+    /// Generate text from a run's latest checkpoint.
+    Generate(GenerateArgs),
+    /// Measure performance without writing a run directory.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config file; flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the run is written (must not exist). Default: runs/<task>-<time>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in this directory from its latest valid checkpoint.
+    #[arg(long, conflicts_with_all = ["config", "run_dir", "data", "tokenizer", "preset", "model_config", "init"])]
+    resume: Option<PathBuf>,
+    /// Train on this UTF-8 text file or glob instead of the built-in task.
+    #[arg(long)]
+    data: Option<String>,
+    /// Hugging Face tokenizer.json (default: byte-level).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Model preset: tiny, char-small, small.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Hugging Face config.json giving the model shape (instead of a preset).
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// Start from these weights (Hugging Face safetensors matching the model shape).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    #[arg(long)]
+    context: Option<usize>,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long, allow_hyphen_values = true)]
+    lr: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Compute device: flex (CPU, default), or cuda[:N] / rocm[:N] / vulkan when built with that
+    /// feature.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// No progress bar; one line per evaluation instead.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    run_dir: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "flex")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Training tokens/s, estimated FLOP/s and peak RSS of a preset, as one JSON line.
+    Train {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Sequence length (default: the preset's context).
+        #[arg(long)]
+        context: Option<usize>,
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => cmd_train(args),
+        Command::Eval { run_dir, device } => cmd_eval(&run_dir, &device),
+        Command::Generate(args) => cmd_generate(args),
+        Command::Bench {
+            what:
+                BenchCommand::Train {
+                    preset,
+                    batch_size,
+                    context,
+                    warmup,
+                    steps,
+                    device,
+                },
+        } => cmd_bench_train(&preset, batch_size, context, warmup, steps, &device),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The config a new run trains with: file, then flags.
+fn effective_config(args: &TrainArgs) -> Result<RunConfig> {
+    let mut cfg = match &args.config {
+        Some(path) => RunConfig::from_toml_file(path)?,
+        None => RunConfig::default(),
+    };
+    if let Some(data) = &args.data {
+        cfg.data.task = "text".into();
+        cfg.data.path = Some(data.clone());
+        if args.preset.is_none() && args.config.is_none() {
+            cfg.model.preset = "char-small".into();
+        }
+    }
+    if let Some(t) = &args.tokenizer {
+        cfg.data.tokenizer = Some(t.clone());
+    }
+    if let Some(p) = &args.preset {
+        cfg.model.preset = p.clone();
+    }
+    if let Some(p) = &args.model_config {
+        cfg.model.config_json = Some(p.clone());
+    }
+    if args.context.is_some() {
+        cfg.model.context = args.context;
+    }
+    apply_train_flags(&mut cfg, args);
+    Ok(cfg)
+}
+
+fn apply_train_flags(cfg: &mut RunConfig, args: &TrainArgs) {
+    let t = &mut cfg.train;
+    if let Some(v) = args.steps {
+        t.steps = v;
+    }
+    if let Some(v) = args.batch_size {
+        t.batch_size = v;
+    }
+    if let Some(v) = args.grad_accum {
+        t.grad_accum = v;
+    }
+    if let Some(v) = args.lr {
+        t.lr = v;
+        t.min_lr = t.min_lr.min(v.max(0.0));
+    }
+    if let Some(v) = args.seed {
+        t.seed = v;
+    }
+    if let Some(v) = args.eval_every {
+        t.eval_every = v;
+    }
+    if let Some(v) = args.checkpoint_every {
+        t.checkpoint_every = v;
+    }
+}
+
+fn default_run_dir(cfg: &RunConfig) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("{}-{}-{secs}", cfg.data.task, cfg.model.preset))
+}
+
+fn cmd_train(args: TrainArgs) -> Result<()> {
+    let device = device::parse(&args.device)?;
+    let (run_dir, cfg, prepared, mut state) = if let Some(run_dir) = &args.resume {
+        let mut cfg = run::read_run_config(run_dir)?;
+        let stored = cfg.clone();
+        apply_train_flags(&mut cfg, &args);
+        let prepared = run::prepare_data(
+            &cfg,
+            &run::token_cache_dir(run_dir),
+            run::run_tokenizer(run_dir).as_deref(),
+        )?;
+        let loaded = checkpoint::load_latest(run_dir, &device)?;
+        for w in &loaded.warnings {
+            tracing::warn!("{w}");
+            eprintln!("warning: {w}");
+        }
+        if loaded.manifest.model != prepared.model {
+            bail!(
+                "checkpoint {} was trained with a different model config than {} now implies",
+                loaded.dir.display(),
+                run_dir.join(run::CONFIG_FILE).display()
+            );
+        }
+        if cfg != stored {
+            holdfast_train::atomic_write(&run_dir.join(run::CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        }
+        eprintln!(
+            "resuming {} from {} (step {})",
+            run_dir.display(),
+            loaded.dir.display(),
+            loaded.state.step
+        );
+        (run_dir.clone(), cfg, prepared, loaded.state)
+    } else {
+        let cfg = effective_config(&args)?;
+        let run_dir = args.run_dir.clone().unwrap_or_else(|| default_run_dir(&cfg));
+        if run_dir.exists() {
+            bail!(
+                "run directory {} already exists; pass --resume {} to continue it, or choose another --run-dir",
+                run_dir.display(),
+                run_dir.display()
+            );
+        }
+        let prepared = run::prepare_data(&cfg, &run::token_cache_dir(&run_dir), None)?;
+        let state = match &args.init {
+            Some(path) => {
+                let weights = holdfast_model::load_safetensors(&prepared.model, path, &device)
+                    .with_context(|| format!("loading --init {}", path.display()))?;
+                TrainState::from_weights(weights, cfg.train.seed)
+            }
+            None => TrainState::new(&prepared.model, cfg.train.seed, &device),
+        };
+        run::create_run_dir(&run_dir, &cfg)?;
+        (run_dir, cfg, prepared, state)
+    };
+
+    eprintln!(
+        "training {} parameters ({} layers, width {}) on {} for {} steps → {}",
+        prepared.model.num_params(),
+        prepared.model.num_hidden_layers,
+        prepared.model.hidden_size,
+        describe_task(&cfg),
+        cfg.train.steps,
+        run_dir.display()
+    );
+    let bar = if args.no_progress {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(cfg.train.steps)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(state.step);
+    let quiet = args.no_progress;
+    let mut on_event = |event: &Event| match event {
+        Event::Step {
+            step,
+            loss,
+            tokens_per_s,
+            ..
+        } => {
+            bar.set_position(*step);
+            bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
+        }
+        Event::Eval {
+            step,
+            val_loss,
+            exact_match,
+        } => {
+            let acc = exact_match.map_or(String::new(), |a| {
+                format!("  held-out exact match {:.1}%", a * 100.0)
+            });
+            let line = format!("step {step}: val loss {val_loss:.4}{acc}");
+            if quiet {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+        Event::Checkpoint { .. } => {}
+    };
+    let summary = run::train(&run_dir, &cfg, &prepared.dataset, &mut state, &mut on_event)?;
+    bar.finish_and_clear();
+
+    println!("trained {} steps at {:.0} tokens/s", summary.steps, summary.tokens_per_s);
+    println!(
+        "final train loss {:.4}, validation loss {:.4}",
+        summary.final_train_loss, summary.val_loss
+    );
+    if let (Some(acc), Some(n)) = (summary.exact_match, summary.exact_match_problems) {
+        println!(
+            "held-out exact-match accuracy: {:.1}% of {n} unseen {}-digit additions",
+            acc * 100.0,
+            cfg.data.addition_digits
+        );
+    }
+    println!("checkpoint: {}", summary.checkpoint.display());
+    println!(
+        "next: holdfast eval {0}  |  holdfast generate {0} --prompt ...",
+        run_dir.display()
+    );
+    Ok(())
+}
+
+fn describe_task(cfg: &RunConfig) -> String {
+    match cfg.data.task.as_str() {
+        "addition" => format!("{}-digit addition (generated)", cfg.data.addition_digits),
+        _ => cfg.data.path.clone().unwrap_or_default(),
+    }
+}
+
+/// Loads a run's config, tokenizer and latest valid checkpoint, warning about damaged ones.
+fn load_run(run_dir: &Path, device: &burn::tensor::Device) -> Result<(RunConfig, checkpoint::Loaded)> {
+    let cfg = run::read_run_config(run_dir)?;
+    let loaded = checkpoint::load_latest(run_dir, device)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok((cfg, loaded))
+}
+
+fn cmd_eval(run_dir: &Path, device: &str) -> Result<()> {
+    let device = device::parse(device)?;
+    let (cfg, loaded) = load_run(run_dir, &device)?;
+    let prepared = run::prepare_data(
+        &cfg,
+        &run::token_cache_dir(run_dir),
+        run::run_tokenizer(run_dir).as_deref(),
+    )?;
+    let (val_loss, exact_match) = run::evaluate(
+        &loaded.state.weights,
+        &prepared.dataset,
+        &cfg,
+        run::FINAL_EXACT_MATCH_PROBLEMS,
+    );
+    let report = serde_json::json!({
+        "run_dir": run_dir,
+        "checkpoint": loaded.dir,
+        "step": loaded.state.step,
+        "val_loss": val_loss,
+        "exact_match": exact_match,
+        "exact_match_problems": exact_match.map(|_| run::FINAL_EXACT_MATCH_PROBLEMS),
+    });
+    println!("{report}");
+    Ok(())
+}
+
+fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    let device = device::parse(&args.device)?;
+    let (_, loaded) = load_run(&args.run_dir, &device)?;
+    let tokenizer = match run::run_tokenizer(&args.run_dir) {
+        Some(p) => Tokenizer::from_file(&p)?,
+        None => Tokenizer::Bytes,
+    };
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty");
+    }
+    let opts = SamplingOptions {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        max_new_tokens: args.max_tokens,
+        seed: args.seed,
+        stop_token: None,
+    };
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", args.prompt)?;
+    // Decode the growing suffix so multi-byte characters print whole.
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0;
+    generate(&loaded.state.weights, &prompt, &opts, &device, |tok| {
+        generated.push(tok);
+        let text = tokenizer.decode(&generated);
+        let complete = text.trim_end_matches('\u{FFFD}');
+        if complete.len() > printed {
+            let _ = write!(stdout, "{}", &complete[printed..]);
+            let _ = stdout.flush();
+            printed = complete.len();
+        }
+    });
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn cmd_bench_train(
+    preset: &str,
+    batch_size: usize,
+    context: Option<usize>,
+    warmup: u64,
+    steps: u64,
+    device: &str,
+) -> Result<()> {
+    let device = device::parse(device)?;
+    let mut model = ModelConfig::preset(preset)?;
+    if let Some(c) = context {
+        model.max_position_embeddings = c;
+    }
+    model.validate()?;
+    if batch_size == 0 || steps == 0 {
+        bail!("--batch-size and --steps must be at least 1");
+    }
+    let report = run::bench_train(preset, &model, batch_size, warmup, steps, &device);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

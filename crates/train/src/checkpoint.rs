@@ -1,0 +1,263 @@
+//! Checkpoints: `RUN/checkpoints/step-NNNNNNNN/` holding
+//! - `model.safetensors`: weights, Hugging Face names and layout (loads in `transformers`),
+//! - `config.json`: the Hugging Face config for those weights,
+//! - `optimizer.safetensors`: AdamW moments (`NAME.exp_avg`, `NAME.exp_avg_sq`),
+//! - `manifest.json`: format version, step, data cursor, RNG, run config and the BLAKE3 and size
+//!   of every other file.
+//!
+//! A checkpoint is built in a temporary directory, every file fsynced, then renamed into place,
+//! so a crash leaves either the whole checkpoint or none. Loading verifies every checksum; a
+//! damaged latest checkpoint is reported by name and the previous good one is used.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use holdfast_model::{HostTensor, ModelConfig, Weights, st};
+
+use crate::data::DataCursor;
+use crate::optim::AdamW;
+use crate::state::TrainState;
+use crate::{RunConfig, TrainError, atomic_write, sync_dir};
+
+pub const FORMAT_VERSION: u32 = 1;
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const HF_CONFIG_FILE: &str = "config.json";
+const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub blake3: String,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    /// The sampler is counter-based: row `i` uses `splitmix64(seed ^ splitmix64(i))`.
+    pub algorithm: String,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub step: u64,
+    pub cursor: DataCursor,
+    pub rng: RngState,
+    pub optimizer_steps: u64,
+    pub model: ModelConfig,
+    pub run: RunConfig,
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Checkpoint directories of a run, newest first.
+pub fn list(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found
+}
+
+/// Writes a checkpoint of `state` atomically and keeps only the newest `keep`.
+pub fn save(
+    run_dir: &Path,
+    state: &TrainState,
+    run: &RunConfig,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let root = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
+    let name = step_dir_name(state.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let model_bytes = st::serialize(&state.weights.to_host(), meta.clone())?;
+    let opt_bytes = st::serialize(&state.optimizer_host(), meta)?;
+    let hf_config = serde_json::to_vec_pretty(&state.weights.cfg.to_hf_config_json())
+        .expect("json serialises");
+
+    let mut files = BTreeMap::new();
+    for (file, bytes) in [
+        (MODEL_FILE, &model_bytes),
+        (OPTIMIZER_FILE, &opt_bytes),
+        (HF_CONFIG_FILE, &hf_config),
+    ] {
+        atomic_write(&tmp.join(file), bytes)?;
+        files.insert(
+            file.to_string(),
+            FileEntry {
+                blake3: blake3::hash(bytes).to_hex().to_string(),
+                bytes: bytes.len() as u64,
+            },
+        );
+    }
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        step: state.step,
+        cursor: state.cursor,
+        rng: RngState {
+            algorithm: "splitmix64-counter".into(),
+            seed: state.seed,
+        },
+        optimizer_steps: state.opt.t,
+        model: state.weights.cfg.clone(),
+        run: run.clone(),
+        files,
+    };
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("json serialises");
+    atomic_write(&tmp.join(MANIFEST_FILE), &manifest_bytes)?;
+
+    let dest = root.join(&name);
+    if dest.exists() {
+        // Re-saving a step (a resumed run reaching it again): the new copy replaces the old.
+        std::fs::remove_dir_all(&dest).map_err(|e| TrainError::io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| TrainError::io(&dest, e))?;
+    sync_dir(&root)?;
+
+    for (_, old) in list(run_dir).into_iter().skip(keep) {
+        std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+    }
+    Ok(dest)
+}
+
+/// Reads and verifies one checkpoint directory.
+pub fn load_dir(dir: &Path, device: &Device) -> Result<(TrainState, Manifest), TrainError> {
+    let bad = |what: String| TrainError::Checkpoint(format!("checkpoint {}: {what}", dir.display()));
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read(&manifest_path)
+        .map_err(|e| bad(format!("cannot read {MANIFEST_FILE}: {e}")))?;
+    let manifest: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("{MANIFEST_FILE} is not a valid manifest: {e}")))?;
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "format version {} is not supported (this build reads {FORMAT_VERSION})",
+            manifest.format_version
+        )));
+    }
+    let mut contents: HashMap<&str, Vec<u8>> = HashMap::new();
+    for file in [MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE] {
+        let entry = manifest
+            .files
+            .get(file)
+            .ok_or_else(|| bad(format!("manifest lists no {file}")))?;
+        let bytes =
+            std::fs::read(dir.join(file)).map_err(|e| bad(format!("cannot read {file}: {e}")))?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(bad(format!(
+                "{file} is truncated or extended: {} bytes, manifest says {}",
+                bytes.len(),
+                entry.bytes
+            )));
+        }
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        if hash != entry.blake3 {
+            return Err(bad(format!(
+                "{file} is corrupt: BLAKE3 {hash} does not match the manifest's {}",
+                entry.blake3
+            )));
+        }
+        contents.insert(file, bytes);
+    }
+    let source = |f: &str| dir.join(f).display().to_string();
+    let named = st::deserialize(&contents[MODEL_FILE], &source(MODEL_FILE))?;
+    let weights = Weights::from_named(&manifest.model, named, &source(MODEL_FILE), device)?;
+    let mut moments = st::deserialize(&contents[OPTIMIZER_FILE], &source(OPTIMIZER_FILE))?;
+    let mut take = |spec: &holdfast_model::ParamSpec, suffix: &str| {
+        let key = format!("{}.{suffix}", spec.name);
+        let t: HostTensor = moments
+            .remove(&key)
+            .ok_or_else(|| bad(format!("{OPTIMIZER_FILE} lacks '{key}'")))?;
+        if t.shape != spec.hf_shape {
+            return Err(bad(format!("{OPTIMIZER_FILE}: '{key}' has shape {:?}", t.shape)));
+        }
+        Ok(holdfast_model::weights::from_host(spec, t.data, device))
+    };
+    let mut exp_avg = Vec::new();
+    let mut exp_avg_sq = Vec::new();
+    for spec in &weights.specs {
+        exp_avg.push(take(spec, "exp_avg")?);
+        exp_avg_sq.push(take(spec, "exp_avg_sq")?);
+    }
+    let state = TrainState {
+        weights,
+        opt: AdamW {
+            exp_avg,
+            exp_avg_sq,
+            t: manifest.optimizer_steps,
+        },
+        step: manifest.step,
+        cursor: manifest.cursor,
+        seed: manifest.rng.seed,
+    };
+    Ok((state, manifest))
+}
+
+/// The newest checkpoint that verifies, with a warning for each newer one that did not.
+pub struct Loaded {
+    pub state: TrainState,
+    pub manifest: Manifest,
+    pub dir: PathBuf,
+    pub warnings: Vec<String>,
+}
+
+/// Loads the newest valid checkpoint of a run; damaged newer ones are skipped with a warning
+/// naming them. Fails when none verifies.
+pub fn load_latest(run_dir: &Path, device: &Device) -> Result<Loaded, TrainError> {
+    let found = list(run_dir);
+    if found.is_empty() {
+        return Err(TrainError::Checkpoint(format!(
+            "{} has no checkpoints (expected {}/step-*)",
+            run_dir.display(),
+            checkpoints_dir(run_dir).display()
+        )));
+    }
+    let mut warnings = Vec::new();
+    for (_, dir) in found {
+        match load_dir(&dir, device) {
+            Ok((state, manifest)) => {
+                return Ok(Loaded {
+                    state,
+                    manifest,
+                    dir,
+                    warnings,
+                });
+            }
+            Err(e) => warnings.push(format!("{e}; trying the previous checkpoint")),
+        }
+    }
+    Err(TrainError::Checkpoint(format!(
+        "no valid checkpoint in {}: {}",
+        run_dir.display(),
+        warnings
+            .iter()
+            .map(|w| w.trim_end_matches("; trying the previous checkpoint"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )))
+}

@@ -1,0 +1,225 @@
+//! Run configuration: one TOML document (every field optional, defaults below) that CLI flags
+//! override. The effective config is saved in the run directory and is what `--resume` reads.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use holdfast_model::ModelConfig;
+
+use crate::TrainError;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A built-in shape (`tiny`, `char-small`, `small`), unless `config_json` is set.
+    pub preset: String,
+    /// A Hugging Face `config.json` to take the shape from instead of a preset.
+    pub config_json: Option<PathBuf>,
+    /// Overrides the preset's context length.
+    pub context: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// `addition` (generated, built in) or `text` (read from `path`).
+    pub task: String,
+    /// A UTF-8 text file, or a glob of them, for the `text` task.
+    pub path: Option<String>,
+    /// A Hugging Face `tokenizer.json`; byte-level when absent.
+    pub tokenizer: Option<PathBuf>,
+    /// Fraction of the text kept for validation (taken from its end, as nanoGPT does).
+    pub val_fraction: f64,
+    /// Digits per operand of the addition task.
+    pub addition_digits: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub seed: u64,
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches accumulated into one optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub grad_clip: f64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            preset: "tiny".into(),
+            config_json: None,
+            context: None,
+        }
+    }
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            task: "addition".into(),
+            path: None,
+            tokenizer: None,
+            val_fraction: 0.1,
+            addition_digits: 3,
+        }
+    }
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            seed: 1337,
+            steps: 3000,
+            batch_size: 64,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_every: 250,
+            eval_batches: 8,
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
+        }
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            model: ModelSection::default(),
+            data: DataSection::default(),
+            train: TrainSection::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads a TOML config; unknown keys are errors so that a typo is not silently ignored.
+    pub fn from_toml_file(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// The model shape this run trains, before the tokenizer sets the vocabulary.
+    pub fn base_model_config(&self) -> Result<ModelConfig, TrainError> {
+        let mut cfg = match &self.model.config_json {
+            Some(path) => ModelConfig::from_hf_config_json(path)?,
+            None => ModelConfig::preset(&self.model.preset)?,
+        };
+        if let Some(ctx) = self.model.context {
+            cfg.max_position_embeddings = ctx;
+        }
+        Ok(cfg)
+    }
+
+    /// Rejects values that would fail later or train nonsense, naming the field.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let t = &self.train;
+        let bad = |field: &str, value: String, why: &str| {
+            Err(TrainError::Config(format!(
+                "invalid config value: {field} = {value}: {why}"
+            )))
+        };
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return bad("train.lr", t.lr.to_string(), "must be a positive number");
+        }
+        if !(t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+            return bad("train.min_lr", t.min_lr.to_string(), "must be in [0, lr]");
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return bad("train.weight_decay", t.weight_decay.to_string(), "must be ≥ 0");
+        }
+        for (field, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(field, v.to_string(), "must be in [0, 1)");
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return bad("train.eps", t.eps.to_string(), "must be > 0");
+        }
+        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+            return bad("train.grad_clip", t.grad_clip.to_string(), "must be ≥ 0");
+        }
+        for (field, v) in [
+            ("train.steps", t.steps as usize),
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.eval_every", t.eval_every as usize),
+            ("train.eval_batches", t.eval_batches),
+            ("train.checkpoint_every", t.checkpoint_every as usize),
+            ("train.keep_checkpoints", self.train.keep_checkpoints),
+        ] {
+            if v == 0 {
+                return bad(field, "0".into(), "must be at least 1");
+            }
+        }
+        if let Some(0) = self.model.context {
+            return bad("model.context", "0".into(), "must be at least 1");
+        }
+        let d = &self.data;
+        match d.task.as_str() {
+            "addition" => {
+                if !(1..=9).contains(&d.addition_digits) {
+                    return bad(
+                        "data.addition_digits",
+                        d.addition_digits.to_string(),
+                        "must be in 1..=9",
+                    );
+                }
+            }
+            "text" => {
+                if d.path.is_none() {
+                    return bad("data.path", "(none)".into(), "the text task needs --data");
+                }
+                if !(d.val_fraction > 0.0 && d.val_fraction < 0.5) {
+                    return bad(
+                        "data.val_fraction",
+                        d.val_fraction.to_string(),
+                        "must be in (0, 0.5)",
+                    );
+                }
+            }
+            other => {
+                return bad(
+                    "data.task",
+                    format!("'{other}'"),
+                    "known tasks: addition, text",
+                );
+            }
+        }
+        self.base_model_config()?.validate()?;
+        Ok(())
+    }
+}

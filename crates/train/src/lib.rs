@@ -1,0 +1,67 @@
+//! Training for holdfast: data, the AdamW inner loop, evaluation and checkpoints.
+//!
+//! All training state (weights, optimizer moments, step, data cursor, seed) lives in one value,
+//! [`TrainState`], which can be saved, loaded, compared and, later, shipped to a peer. The step
+//! itself ([`train_step`]) is a plain function of that state and the data, as in nanoGPT; fault
+//! tolerance wraps it rather than branching through it.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod optim;
+pub mod run;
+pub mod state;
+pub mod step;
+
+use std::io::Write;
+use std::path::Path;
+
+pub use config::RunConfig;
+pub use state::TrainState;
+pub use step::{StepStats, masked_cross_entropy, train_step};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Model(#[from] holdfast_model::ModelError),
+}
+
+impl TrainError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that a reader sees the old file or the whole new one, never a
+/// part: temp file in the same directory, fsync, rename, fsync of the directory.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| TrainError::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| TrainError::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| TrainError::io(path, e))?;
+    tmp.persist(path)
+        .map_err(|e| TrainError::io(path, e.error))?;
+    sync_dir(dir)
+}
+
+/// Makes a rename or file creation in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<(), TrainError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| TrainError::io(dir, e))
+}

@@ -1,0 +1,348 @@
+//! A training run on disk: `RUN/config.toml` (effective config), `RUN/metrics.jsonl`,
+//! `RUN/checkpoints/`, and `RUN/tokenizer.json` when the run uses one. The loop here is the
+//! whole single-worker training: step, log, evaluate, checkpoint.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::Device;
+use holdfast_model::{ModelConfig, Weights};
+use serde::Serialize;
+
+use crate::data::{
+    AdditionTask, Dataset, TextData, Tokenizer, read_text, resolve_data_files, tokenize_cached,
+};
+use crate::eval::{addition_accuracy, val_loss};
+use crate::{RunConfig, TrainError, TrainState, atomic_write, checkpoint, train_step};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Held-out problems scored at the end of an addition run (fewer at periodic evaluations).
+pub const FINAL_EXACT_MATCH_PROBLEMS: usize = 1000;
+const PERIODIC_EXACT_MATCH_PROBLEMS: usize = 200;
+
+/// What a run trains on, ready to sample, with the model shape it implies.
+pub struct Prepared {
+    pub tokenizer: Tokenizer,
+    pub dataset: Dataset,
+    pub model: ModelConfig,
+}
+
+/// Reads/generates the data named by `cfg` and fixes the model's vocabulary and context.
+/// `tokenizer_override` is the run directory's copy of the tokenizer, when resuming.
+pub fn prepare_data(
+    cfg: &RunConfig,
+    cache_dir: &Path,
+    tokenizer_override: Option<&Path>,
+) -> Result<Prepared, TrainError> {
+    cfg.validate()?;
+    let mut model = cfg.base_model_config()?;
+    let tokenizer = match tokenizer_override.or(cfg.data.tokenizer.as_deref()) {
+        Some(path) => Tokenizer::from_file(path)?,
+        None => Tokenizer::Bytes,
+    };
+    let dataset = match cfg.data.task.as_str() {
+        "addition" => {
+            if cfg.data.tokenizer.is_some() {
+                return Err(TrainError::Config(
+                    "invalid config value: data.tokenizer: the addition task is byte-level".into(),
+                ));
+            }
+            let task = AdditionTask::new(cfg.data.addition_digits);
+            if model.max_position_embeddings < task.row_len() - 1 {
+                return Err(TrainError::Config(format!(
+                    "invalid config value: model.context = {}: the {}-digit addition task needs at least {}",
+                    model.max_position_embeddings,
+                    task.digits,
+                    task.row_len() - 1
+                )));
+            }
+            Dataset::Addition(task)
+        }
+        _ => {
+            let spec = cfg.data.path.as_deref().expect("validated: text has a path");
+            let files = resolve_data_files(spec)?;
+            let text = read_text(&files)?;
+            let tokens = tokenize_cached(&text, &tokenizer, cache_dir)?;
+            Dataset::Text(TextData::new(
+                tokens,
+                cfg.data.val_fraction,
+                model.max_position_embeddings,
+            )?)
+        }
+    };
+    model.vocab_size = tokenizer.vocab_size();
+    model.validate()?;
+    Ok(Prepared {
+        tokenizer,
+        dataset,
+        model,
+    })
+}
+
+/// Where tokenized corpora are cached: beside the run directories, shared by runs.
+pub fn token_cache_dir(run_dir: &Path) -> PathBuf {
+    run_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(".holdfast-token-cache")
+}
+
+/// Creates a new run directory. Fails without touching anything if it already exists.
+pub fn create_run_dir(run_dir: &Path, cfg: &RunConfig) -> Result<(), TrainError> {
+    if run_dir.exists() {
+        return Err(TrainError::Config(format!(
+            "run directory {} already exists; pass --resume {} to continue it, or choose another --run-dir",
+            run_dir.display(),
+            run_dir.display()
+        )));
+    }
+    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+    atomic_write(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+    if let Some(tok) = &cfg.data.tokenizer {
+        let bytes = std::fs::read(tok).map_err(|e| TrainError::io(tok, e))?;
+        atomic_write(&run_dir.join(TOKENIZER_FILE), &bytes)?;
+    }
+    Ok(())
+}
+
+/// The run directory's own copy of its tokenizer, if it has one.
+pub fn run_tokenizer(run_dir: &Path) -> Option<PathBuf> {
+    let p = run_dir.join(TOKENIZER_FILE);
+    p.exists().then_some(p)
+}
+
+/// Reads a run directory's effective config.
+pub fn read_run_config(run_dir: &Path) -> Result<RunConfig, TrainError> {
+    let path = run_dir.join(CONFIG_FILE);
+    if !run_dir.is_dir() {
+        return Err(TrainError::Config(format!(
+            "run directory {} does not exist",
+            run_dir.display()
+        )));
+    }
+    RunConfig::from_toml_file(&path)
+}
+
+/// Progress of a run, for the caller to display.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Step {
+        step: u64,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        tokens_per_s: f64,
+        elapsed_s: f64,
+    },
+    Eval {
+        step: u64,
+        val_loss: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exact_match: Option<f64>,
+    },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+}
+
+/// What a finished run learned.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_train_loss: f64,
+    pub val_loss: f64,
+    /// Held-out exact-match accuracy (addition task only).
+    pub exact_match: Option<f64>,
+    pub exact_match_problems: Option<usize>,
+    pub checkpoint: PathBuf,
+    pub tokens_per_s: f64,
+}
+
+/// Held-out metrics of `weights` on `data`.
+pub fn evaluate(
+    weights: &Weights,
+    data: &Dataset,
+    cfg: &RunConfig,
+    exact_match_problems: usize,
+) -> (f64, Option<f64>) {
+    let loss = val_loss(
+        weights,
+        data,
+        cfg.train.seed,
+        cfg.train.eval_batches,
+        cfg.train.batch_size,
+    );
+    let acc = match data {
+        Dataset::Addition(task) => Some(addition_accuracy(weights, task, exact_match_problems)),
+        Dataset::Text(_) => None,
+    };
+    (loss, acc)
+}
+
+fn append_metrics(run_dir: &Path, event: &Event) -> Result<(), TrainError> {
+    let path = run_dir.join(METRICS_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| TrainError::io(&path, e))?;
+    let line = serde_json::to_string(event).expect("json serialises");
+    writeln!(f, "{line}").map_err(|e| TrainError::io(&path, e))
+}
+
+/// Trains `state` until `cfg.train.steps`, logging, evaluating and checkpointing as configured.
+pub fn train(
+    run_dir: &Path,
+    cfg: &RunConfig,
+    data: &Dataset,
+    state: &mut TrainState,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Summary, TrainError> {
+    let t = &cfg.train;
+    let start = Instant::now();
+    let start_step = state.step;
+    let mut tokens = 0usize;
+    let mut last_loss = f64::NAN;
+    let mut last_ckpt = None;
+    let mut emit = |event: Event| -> Result<(), TrainError> {
+        append_metrics(run_dir, &event)?;
+        on_event(&event);
+        Ok(())
+    };
+    while state.step < t.steps {
+        let stats = train_step(state, data, t, 0, 1);
+        tokens += stats.tokens;
+        last_loss = stats.loss;
+        let elapsed = start.elapsed().as_secs_f64();
+        emit(Event::Step {
+            step: stats.step,
+            loss: stats.loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+            elapsed_s: elapsed,
+        })?;
+        let last = state.step == t.steps;
+        if state.step.is_multiple_of(t.eval_every) && !last {
+            let (val_loss, exact_match) =
+                evaluate(&state.weights, data, cfg, PERIODIC_EXACT_MATCH_PROBLEMS);
+            emit(Event::Eval {
+                step: state.step,
+                val_loss,
+                exact_match,
+            })?;
+        }
+        if state.step.is_multiple_of(t.checkpoint_every) || last {
+            let path = checkpoint::save(run_dir, state, cfg, t.keep_checkpoints)?;
+            emit(Event::Checkpoint {
+                step: state.step,
+                path: path.clone(),
+            })?;
+            last_ckpt = Some(path);
+        }
+    }
+    let trained_s = start.elapsed().as_secs_f64();
+    let (val_loss, exact_match) = evaluate(&state.weights, data, cfg, FINAL_EXACT_MATCH_PROBLEMS);
+    emit(Event::Eval {
+        step: state.step,
+        val_loss,
+        exact_match,
+    })?;
+    let checkpoint = match last_ckpt {
+        Some(p) => p,
+        // Nothing left to train (resumed at the end): the newest checkpoint is the result.
+        None => checkpoint::list(run_dir)
+            .first()
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| TrainError::Checkpoint("run has no checkpoint".into()))?,
+    };
+    Ok(Summary {
+        steps: state.step - start_step,
+        final_train_loss: last_loss,
+        val_loss,
+        exact_match,
+        exact_match_problems: exact_match.map(|_| FINAL_EXACT_MATCH_PROBLEMS),
+        checkpoint,
+        tokens_per_s: tokens as f64 / trained_s.max(1e-9),
+    })
+}
+
+/// Training throughput of a preset, measured after warm-up, writing nothing to disk.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub preset: String,
+    pub params: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub warmup_steps: u64,
+    pub steps: u64,
+    pub tokens_per_s: f64,
+    /// 6 · parameters · tokens per second (forward + backward matmul FLOPs, no attention term).
+    pub est_flop_per_s: f64,
+    pub step_ms: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub threads: usize,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs `warmup + steps` training steps of `model` on random byte windows and times the last
+/// `steps`.
+pub fn bench_train(
+    preset: &str,
+    model: &ModelConfig,
+    batch_size: usize,
+    warmup: u64,
+    steps: u64,
+    device: &Device,
+) -> BenchReport {
+    let seq = model.max_position_embeddings;
+    // Synthetic tokens: throughput does not depend on their content.
+    let tokens: Vec<u32> = (0..(seq as u64 * 64 + 1024))
+        .map(|i| (crate::data::mix(i) % model.vocab_size as u64) as u32)
+        .collect();
+    let data = Dataset::Text(TextData::new(tokens, 0.1, seq).expect("enough synthetic tokens"));
+    let h = crate::config::TrainSection {
+        batch_size,
+        steps: warmup + steps,
+        ..Default::default()
+    };
+    let mut state = TrainState::new(model, 0, device);
+    for _ in 0..warmup {
+        train_step(&mut state, &data, &h, 0, 1);
+    }
+    let start = Instant::now();
+    let mut tokens = 0;
+    for _ in 0..steps {
+        tokens += train_step(&mut state, &data, &h, 0, 1).tokens;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tokens_per_s = tokens as f64 / secs;
+    let params = model.num_params();
+    BenchReport {
+        preset: preset.to_string(),
+        params,
+        batch_size,
+        seq_len: seq,
+        warmup_steps: warmup,
+        steps,
+        tokens_per_s,
+        est_flop_per_s: 6.0 * params as f64 * tokens_per_s,
+        step_ms: secs * 1000.0 / steps as f64,
+        peak_rss_bytes: peak_rss_bytes(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
