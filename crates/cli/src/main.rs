@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (by default: 3-digit addition, generated offline).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a run's latest checkpoint on its held-out data.
     Eval {
         run_dir: PathBuf,
@@ -145,7 +145,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => cmd_train(args),
+        Command::Train(args) => cmd_train(*args),
         Command::Eval { run_dir, device } => cmd_eval(&run_dir, &device),
         Command::Generate(args) => cmd_generate(args),
         Command::Bench {
@@ -255,7 +255,10 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
             );
         }
         if cfg != stored {
-            holdfast_train::atomic_write(&run_dir.join(run::CONFIG_FILE), cfg.to_toml().as_bytes())?;
+            holdfast_train::atomic_write(
+                &run_dir.join(run::CONFIG_FILE),
+                cfg.to_toml().as_bytes(),
+            )?;
         }
         eprintln!(
             "resuming {} from {} (step {})",
@@ -266,7 +269,10 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         (run_dir.clone(), cfg, prepared, loaded.state)
     } else {
         let cfg = effective_config(&args)?;
-        let run_dir = args.run_dir.clone().unwrap_or_else(|| default_run_dir(&cfg));
+        let run_dir = args
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| default_run_dir(&cfg));
         if run_dir.exists() {
             bail!(
                 "run directory {} already exists; pass --resume {} to continue it, or choose another --run-dir",
@@ -323,6 +329,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
             step,
             val_loss,
             exact_match,
+            ..
         } => {
             let acc = exact_match.map_or(String::new(), |a| {
                 format!("  held-out exact match {:.1}%", a * 100.0)
@@ -339,14 +346,17 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     let summary = run::train(&run_dir, &cfg, &prepared.dataset, &mut state, &mut on_event)?;
     bar.finish_and_clear();
 
-    println!("trained {} steps at {:.0} tokens/s", summary.steps, summary.tokens_per_s);
+    println!(
+        "trained {} steps at {:.0} tokens/s",
+        summary.steps, summary.tokens_per_s
+    );
     println!(
         "final train loss {:.4}, validation loss {:.4}",
         summary.final_train_loss, summary.val_loss
     );
     if let (Some(acc), Some(n)) = (summary.exact_match, summary.exact_match_problems) {
         println!(
-            "held-out exact-match accuracy: {:.1}% of {n} unseen {}-digit additions",
+            "held-out exact-match accuracy: {:.1}% of {n} unseen {}-digit additions (digits written least-significant first)",
             acc * 100.0,
             cfg.data.addition_digits
         );
@@ -367,7 +377,10 @@ fn describe_task(cfg: &RunConfig) -> String {
 }
 
 /// Loads a run's config, tokenizer and latest valid checkpoint, warning about damaged ones.
-fn load_run(run_dir: &Path, device: &burn::tensor::Device) -> Result<(RunConfig, checkpoint::Loaded)> {
+fn load_run(
+    run_dir: &Path,
+    device: &burn::tensor::Device,
+) -> Result<(RunConfig, checkpoint::Loaded)> {
     let cfg = run::read_run_config(run_dir)?;
     let loaded = checkpoint::load_latest(run_dir, device)?;
     for w in &loaded.warnings {
@@ -384,7 +397,7 @@ fn cmd_eval(run_dir: &Path, device: &str) -> Result<()> {
         &run::token_cache_dir(run_dir),
         run::run_tokenizer(run_dir).as_deref(),
     )?;
-    let (val_loss, exact_match) = run::evaluate(
+    let r = run::evaluate(
         &loaded.state.weights,
         &prepared.dataset,
         &cfg,
@@ -394,9 +407,9 @@ fn cmd_eval(run_dir: &Path, device: &str) -> Result<()> {
         "run_dir": run_dir,
         "checkpoint": loaded.dir,
         "step": loaded.state.step,
-        "val_loss": val_loss,
-        "exact_match": exact_match,
-        "exact_match_problems": exact_match.map(|_| run::FINAL_EXACT_MATCH_PROBLEMS),
+        "val_loss": r.val_loss,
+        "exact_match": r.exact_match,
+        "exact_match_problems": r.exact_match_problems,
     });
     println!("{report}");
     Ok(())

@@ -168,14 +168,17 @@ impl ModelConfig {
                 return bad(field, value.to_string(), "must be at least 1");
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 self.num_attention_heads.to_string(),
                 &format!("must divide hidden_size {}", self.hidden_size),
             );
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(
                 "num_key_value_heads",
                 self.num_key_value_heads.to_string(),
@@ -185,7 +188,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(
                 "hidden_size",
                 self.hidden_size.to_string(),

@@ -49,7 +49,9 @@ fn rms_norm(x: Tensor<3>, w: &Tensor<2>, eps: f64) -> Tensor<3> {
 fn linear(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
     let [b, t, inp] = x.dims();
     let out = w.dims()[1];
-    x.reshape([b * t, inp]).matmul(w.clone()).reshape([b, t, out])
+    x.reshape([b * t, inp])
+        .matmul(w.clone())
+        .reshape([b, t, out])
 }
 
 /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`, with parameters `w` in the order

@@ -74,10 +74,13 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     let h = cfg.hidden_size;
     let kv = cfg.kv_width();
     let ffn = cfg.intermediate_size;
-    let std = 0.02;
+    // Linear layers start at 1/sqrt(fan_in) (PyTorch's scale) rather than GPT's fixed 0.02: in
+    // a narrow model 0.02 leaves q·k near zero, a saddle from which a rotary-position model
+    // takes thousands of steps to learn any positional attention.
+    let std = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
     // GPT-2's scaling of residual output projections keeps the residual stream's variance flat
     // with depth.
-    let resid_std = 0.02 / (2.0 * cfg.num_hidden_layers as f32).sqrt();
+    let resid = 1.0 / (2.0 * cfg.num_hidden_layers as f32).sqrt();
     let linear = |name: String, out: usize, inp: usize, std: f32| ParamSpec {
         name,
         hf_shape: vec![out, inp],
@@ -96,24 +99,44 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         name: "model.embed_tokens.weight".into(),
         hf_shape: vec![cfg.vocab_size, h],
         layout: Layout::Same,
-        init: Init::Normal(std),
+        init: Init::Normal(0.02),
         decay: true,
     }];
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         specs.push(norm(format!("{p}.input_layernorm.weight")));
-        specs.push(linear(format!("{p}.self_attn.q_proj.weight"), h, h, std));
-        specs.push(linear(format!("{p}.self_attn.k_proj.weight"), kv, h, std));
-        specs.push(linear(format!("{p}.self_attn.v_proj.weight"), kv, h, std));
-        specs.push(linear(format!("{p}.self_attn.o_proj.weight"), h, h, resid_std));
+        specs.push(linear(format!("{p}.self_attn.q_proj.weight"), h, h, std(h)));
+        specs.push(linear(
+            format!("{p}.self_attn.k_proj.weight"),
+            kv,
+            h,
+            std(h),
+        ));
+        specs.push(linear(
+            format!("{p}.self_attn.v_proj.weight"),
+            kv,
+            h,
+            std(h),
+        ));
+        specs.push(linear(
+            format!("{p}.self_attn.o_proj.weight"),
+            h,
+            h,
+            std(h) * resid,
+        ));
         specs.push(norm(format!("{p}.post_attention_layernorm.weight")));
-        specs.push(linear(format!("{p}.mlp.gate_proj.weight"), ffn, h, std));
-        specs.push(linear(format!("{p}.mlp.up_proj.weight"), ffn, h, std));
-        specs.push(linear(format!("{p}.mlp.down_proj.weight"), h, ffn, resid_std));
+        specs.push(linear(format!("{p}.mlp.gate_proj.weight"), ffn, h, std(h)));
+        specs.push(linear(format!("{p}.mlp.up_proj.weight"), ffn, h, std(h)));
+        specs.push(linear(
+            format!("{p}.mlp.down_proj.weight"),
+            h,
+            ffn,
+            std(ffn) * resid,
+        ));
     }
     specs.push(norm("model.norm.weight".into()));
     if !cfg.tie_word_embeddings {
-        specs.push(linear("lm_head.weight".into(), cfg.vocab_size, h, std));
+        specs.push(linear("lm_head.weight".into(), cfg.vocab_size, h, 0.02));
     }
     specs
 }

@@ -74,7 +74,7 @@ pub fn list(run_dir: &Path) -> Vec<(u64, PathBuf)> {
             Some((step, e.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|c| std::cmp::Reverse(c.0));
     found
 }
 
@@ -98,8 +98,8 @@ pub fn save(
     meta.insert("format".to_string(), "pt".to_string());
     let model_bytes = st::serialize(&state.weights.to_host(), meta.clone())?;
     let opt_bytes = st::serialize(&state.optimizer_host(), meta)?;
-    let hf_config = serde_json::to_vec_pretty(&state.weights.cfg.to_hf_config_json())
-        .expect("json serialises");
+    let hf_config =
+        serde_json::to_vec_pretty(&state.weights.cfg.to_hf_config_json()).expect("json serialises");
 
     let mut files = BTreeMap::new();
     for (file, bytes) in [
@@ -148,7 +148,8 @@ pub fn save(
 
 /// Reads and verifies one checkpoint directory.
 pub fn load_dir(dir: &Path, device: &Device) -> Result<(TrainState, Manifest), TrainError> {
-    let bad = |what: String| TrainError::Checkpoint(format!("checkpoint {}: {what}", dir.display()));
+    let bad =
+        |what: String| TrainError::Checkpoint(format!("checkpoint {}: {what}", dir.display()));
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read(&manifest_path)
         .map_err(|e| bad(format!("cannot read {MANIFEST_FILE}: {e}")))?;
@@ -194,7 +195,10 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<(TrainState, Manifest), T
             .remove(&key)
             .ok_or_else(|| bad(format!("{OPTIMIZER_FILE} lacks '{key}'")))?;
         if t.shape != spec.hf_shape {
-            return Err(bad(format!("{OPTIMIZER_FILE}: '{key}' has shape {:?}", t.shape)));
+            return Err(bad(format!(
+                "{OPTIMIZER_FILE}: '{key}' has shape {:?}",
+                t.shape
+            )));
         }
         Ok(holdfast_model::weights::from_host(spec, t.data, device))
     };

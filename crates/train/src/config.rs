@@ -8,7 +8,7 @@ use holdfast_model::ModelConfig;
 
 use crate::TrainError;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     pub model: ModelSection,
@@ -92,7 +92,7 @@ impl Default for TrainSection {
     fn default() -> Self {
         TrainSection {
             seed: 1337,
-            steps: 3000,
+            steps: 1500,
             batch_size: 64,
             grad_accum: 1,
             lr: 3e-3,
@@ -107,16 +107,6 @@ impl Default for TrainSection {
             eval_batches: 8,
             checkpoint_every: 500,
             keep_checkpoints: 3,
-        }
-    }
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        RunConfig {
-            model: ModelSection::default(),
-            data: DataSection::default(),
-            train: TrainSection::default(),
         }
     }
 }
@@ -159,7 +149,11 @@ impl RunConfig {
             return bad("train.min_lr", t.min_lr.to_string(), "must be in [0, lr]");
         }
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-            return bad("train.weight_decay", t.weight_decay.to_string(), "must be ≥ 0");
+            return bad(
+                "train.weight_decay",
+                t.weight_decay.to_string(),
+                "must be ≥ 0",
+            );
         }
         for (field, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
             if !(0.0..1.0).contains(&v) {

@@ -20,7 +20,12 @@ pub fn val_loss(weights: &Weights, data: &Dataset, seed: u64, batches: usize, ro
 }
 
 /// Greedy continuation of equal-length prompts, `new_tokens` each, recomputing the context.
-pub fn greedy_batch(weights: &Weights, prompts: &[Vec<u32>], new_tokens: usize, device: &Device) -> Vec<Vec<u32>> {
+pub fn greedy_batch(
+    weights: &Weights,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    device: &Device,
+) -> Vec<Vec<u32>> {
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
     let ctx = weights.cfg.max_position_embeddings;
     for _ in 0..new_tokens {
@@ -46,27 +51,24 @@ pub fn greedy_batch(weights: &Weights, prompts: &[Vec<u32>], new_tokens: usize, 
         .collect()
 }
 
-/// Fraction of the first `n` held-out problems whose greedy answer is exactly right.
-pub fn addition_accuracy(weights: &Weights, task: &AdditionTask, n: usize) -> f64 {
+/// Exact-match accuracy of greedy answers on up to `n` distinct held-out problems, and how
+/// many problems that was.
+pub fn addition_accuracy(weights: &Weights, task: &AdditionTask, n: usize) -> (f64, usize) {
     let device = weights.tensors[0].device();
+    let problems = task.held_out_problems(n);
     let mut correct = 0;
-    for chunk_start in (0..n).step_by(256) {
-        let chunk = (chunk_start..n.min(chunk_start + 256)).collect::<Vec<_>>();
-        let problems: Vec<(u64, u64)> = chunk
-            .iter()
-            .map(|&i| task.operands(Split::Val, 0, i as u64))
-            .collect();
-        let prompts: Vec<Vec<u32>> = problems
+    for chunk in problems.chunks(256) {
+        let prompts: Vec<Vec<u32>> = chunk
             .iter()
             .map(|&(a, b)| task.prompt(a, b).bytes().map(u32::from).collect())
             .collect();
         let outs = greedy_batch(weights, &prompts, task.answer_len(), &device);
-        for ((a, b), out) in problems.iter().zip(outs) {
-            let expected: Vec<u32> = task.answer(*a, *b).bytes().map(u32::from).collect();
+        for (&(a, b), out) in chunk.iter().zip(outs) {
+            let expected: Vec<u32> = task.answer(a, b).bytes().map(u32::from).collect();
             if out == expected {
                 correct += 1;
             }
         }
     }
-    correct as f64 / n as f64
+    (correct as f64 / problems.len() as f64, problems.len())
 }

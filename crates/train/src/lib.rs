@@ -53,7 +53,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| TrainError::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| TrainError::io(path, e))?;
-    tmp.as_file().sync_all().map_err(|e| TrainError::io(path, e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| TrainError::io(path, e))?;
     tmp.persist(path)
         .map_err(|e| TrainError::io(path, e.error))?;
     sync_dir(dir)

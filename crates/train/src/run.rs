@@ -63,7 +63,11 @@ pub fn prepare_data(
             Dataset::Addition(task)
         }
         _ => {
-            let spec = cfg.data.path.as_deref().expect("validated: text has a path");
+            let spec = cfg
+                .data
+                .path
+                .as_deref()
+                .expect("validated: text has a path");
             let files = resolve_data_files(spec)?;
             let text = read_text(&files)?;
             let tokens = tokenize_cached(&text, &tokenizer, cache_dir)?;
@@ -145,6 +149,8 @@ pub enum Event {
         val_loss: f64,
         #[serde(skip_serializing_if = "Option::is_none")]
         exact_match: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exact_match_problems: Option<usize>,
     },
     Checkpoint {
         step: u64,
@@ -166,12 +172,21 @@ pub struct Summary {
 }
 
 /// Held-out metrics of `weights` on `data`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct EvalReport {
+    pub val_loss: f64,
+    /// Exact-match accuracy on held-out problems (addition task only) and their number.
+    pub exact_match: Option<f64>,
+    pub exact_match_problems: Option<usize>,
+}
+
+/// Held-out metrics of `weights` on `data`, scoring up to `exact_match_problems` problems.
 pub fn evaluate(
     weights: &Weights,
     data: &Dataset,
     cfg: &RunConfig,
     exact_match_problems: usize,
-) -> (f64, Option<f64>) {
+) -> EvalReport {
     let loss = val_loss(
         weights,
         data,
@@ -183,7 +198,11 @@ pub fn evaluate(
         Dataset::Addition(task) => Some(addition_accuracy(weights, task, exact_match_problems)),
         Dataset::Text(_) => None,
     };
-    (loss, acc)
+    EvalReport {
+        val_loss: loss,
+        exact_match: acc.map(|a| a.0),
+        exact_match_problems: acc.map(|a| a.1),
+    }
 }
 
 fn append_metrics(run_dir: &Path, event: &Event) -> Result<(), TrainError> {
@@ -231,12 +250,12 @@ pub fn train(
         })?;
         let last = state.step == t.steps;
         if state.step.is_multiple_of(t.eval_every) && !last {
-            let (val_loss, exact_match) =
-                evaluate(&state.weights, data, cfg, PERIODIC_EXACT_MATCH_PROBLEMS);
+            let r = evaluate(&state.weights, data, cfg, PERIODIC_EXACT_MATCH_PROBLEMS);
             emit(Event::Eval {
                 step: state.step,
-                val_loss,
-                exact_match,
+                val_loss: r.val_loss,
+                exact_match: r.exact_match,
+                exact_match_problems: r.exact_match_problems,
             })?;
         }
         if state.step.is_multiple_of(t.checkpoint_every) || last {
@@ -249,11 +268,12 @@ pub fn train(
         }
     }
     let trained_s = start.elapsed().as_secs_f64();
-    let (val_loss, exact_match) = evaluate(&state.weights, data, cfg, FINAL_EXACT_MATCH_PROBLEMS);
+    let r = evaluate(&state.weights, data, cfg, FINAL_EXACT_MATCH_PROBLEMS);
     emit(Event::Eval {
         step: state.step,
-        val_loss,
-        exact_match,
+        val_loss: r.val_loss,
+        exact_match: r.exact_match,
+        exact_match_problems: r.exact_match_problems,
     })?;
     let checkpoint = match last_ckpt {
         Some(p) => p,
@@ -266,9 +286,9 @@ pub fn train(
     Ok(Summary {
         steps: state.step - start_step,
         final_train_loss: last_loss,
-        val_loss,
-        exact_match,
-        exact_match_problems: exact_match.map(|_| FINAL_EXACT_MATCH_PROBLEMS),
+        val_loss: r.val_loss,
+        exact_match: r.exact_match,
+        exact_match_problems: r.exact_match_problems,
         checkpoint,
         tokens_per_s: tokens as f64 / trained_s.max(1e-9),
     })

@@ -19,7 +19,10 @@ pub struct StepStats {
 }
 
 /// Token ids, targets and loss mask of a batch as device tensors.
-pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2>) {
+pub fn batch_tensors(
+    batch: &Batch,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2>) {
     let shape = [batch.batch, batch.seq];
     (
         Tensor::from_data(TensorData::new(batch.inputs.clone(), shape), device),
@@ -29,7 +32,11 @@ pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<
 }
 
 /// Mean cross-entropy over the positions where `mask` is 1.
-pub fn masked_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
+pub fn masked_cross_entropy(
+    logits: Tensor<3>,
+    targets: Tensor<2, Int>,
+    mask: Tensor<2>,
+) -> Tensor<1> {
     let [b, t, v] = logits.dims();
     let logp = log_softmax(logits.reshape([b * t, v]), 1);
     let picked = logp.gather(1, targets.reshape([b * t, 1])).reshape([b * t]);
@@ -80,7 +87,11 @@ pub fn train_step(
             .collect();
         grads = Some(match grads {
             None => micro_grads,
-            Some(acc) => acc.into_iter().zip(micro_grads).map(|(a, b)| a + b).collect(),
+            Some(acc) => acc
+                .into_iter()
+                .zip(micro_grads)
+                .map(|(a, b)| a + b)
+                .collect(),
         });
     }
     let grads = grads.expect("grad_accum ≥ 1");
