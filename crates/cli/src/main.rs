@@ -335,7 +335,8 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
                 format!("  held-out exact match {:.1}%", a * 100.0)
             });
             let line = format!("step {step}: val loss {val_loss:.4}{acc}");
-            if quiet {
+            // A progress bar drawn nowhere (no terminal) would swallow the line too.
+            if quiet || bar.is_hidden() {
                 eprintln!("{line}");
             } else {
                 bar.println(line);
