@@ -12,6 +12,7 @@ pub fn parse(name: &str) -> Result<Device> {
         },
         None => (name, 0),
     };
+    // Only the GPU backends take an index; a CPU-only build has no use for it.
     let _ = index;
     match kind {
         "flex" | "cpu" => Ok(Device::flex()),

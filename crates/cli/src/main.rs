@@ -273,13 +273,8 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
             .run_dir
             .clone()
             .unwrap_or_else(|| default_run_dir(&cfg));
-        if run_dir.exists() {
-            bail!(
-                "run directory {} already exists; pass --resume {} to continue it, or choose another --run-dir",
-                run_dir.display(),
-                run_dir.display()
-            );
-        }
+        // Checked before reading data or loading weights, so a clash fails fast.
+        run::check_new_run_dir(&run_dir)?;
         let prepared = run::prepare_data(&cfg, &run::token_cache_dir(&run_dir), None)?;
         let state = match &args.init {
             Some(path) => {

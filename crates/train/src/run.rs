@@ -96,8 +96,8 @@ pub fn token_cache_dir(run_dir: &Path) -> PathBuf {
         .join(".holdfast-token-cache")
 }
 
-/// Creates a new run directory. Fails without touching anything if it already exists.
-pub fn create_run_dir(run_dir: &Path, cfg: &RunConfig) -> Result<(), TrainError> {
+/// Refuses a run directory that already exists: a new run never overwrites an old one.
+pub fn check_new_run_dir(run_dir: &Path) -> Result<(), TrainError> {
     if run_dir.exists() {
         return Err(TrainError::Config(format!(
             "run directory {} already exists; pass --resume {} to continue it, or choose another --run-dir",
@@ -105,6 +105,12 @@ pub fn create_run_dir(run_dir: &Path, cfg: &RunConfig) -> Result<(), TrainError>
             run_dir.display()
         )));
     }
+    Ok(())
+}
+
+/// Creates a new run directory. Fails without touching anything if it already exists.
+pub fn create_run_dir(run_dir: &Path, cfg: &RunConfig) -> Result<(), TrainError> {
+    check_new_run_dir(run_dir)?;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
     atomic_write(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
     if let Some(tok) = &cfg.data.tokenizer {
