@@ -75,12 +75,3 @@ pub fn deserialize(bytes: &[u8], source: &str) -> Result<HashMap<String, HostTen
     }
     Ok(out)
 }
-
-/// Reads the `__metadata__` map of a safetensors file.
-pub fn metadata(bytes: &[u8], source: &str) -> Result<HashMap<String, String>, ModelError> {
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Format {
-        path: source.to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok(meta.metadata().clone().unwrap_or_default())
-}

@@ -278,17 +278,4 @@ impl Weights {
     pub fn forward(&self, tokens: burn::tensor::Tensor<2, burn::tensor::Int>) -> Tensor<3> {
         crate::forward(&self.cfg, &self.tensors, tokens)
     }
-
-    /// Moves every parameter to `device` (for example from an autodiff to a plain device).
-    pub fn to_device(&self, device: &Device) -> Self {
-        Weights {
-            cfg: self.cfg.clone(),
-            specs: self.specs.clone(),
-            tensors: self
-                .tensors
-                .iter()
-                .map(|t| Tensor::from_data(t.to_data(), device))
-                .collect(),
-        }
-    }
 }

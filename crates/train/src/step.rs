@@ -55,7 +55,6 @@ pub fn train_step(
     world: usize,
 ) -> StepStats {
     let device = state.weights.tensors[0].device();
-    let cfg = state.weights.cfg.clone();
     let accum = h.grad_accum;
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut loss_sum = 0.0;
@@ -74,7 +73,7 @@ pub fn train_step(
             .iter()
             .map(|t| t.clone().autodiff().require_grad())
             .collect();
-        let logits = holdfast_model::forward(&cfg, &leaves, inputs.autodiff());
+        let logits = holdfast_model::forward(&state.weights.cfg, &leaves, inputs.autodiff());
         let loss = masked_cross_entropy(logits, targets.autodiff(), mask.autodiff());
         loss_sum += loss.clone().inner().into_scalar::<f32>() as f64;
         let mut g = (loss / accum as f64).backward();
