@@ -1,5 +1,20 @@
 //! Membership, transport and fault-tolerant collectives for multi-worker training.
 //!
-//! Deliberately empty for now: the multi-worker issue fills it. It must keep building without
-//! the tensor framework, working on flat `f32` buffers only, so that its decisions (quorum,
-//! sync rounds) are testable without sockets or tensors.
+//! No tensor framework in here: everything works on flat `f32` buffers and opaque bytes, so
+//! this crate builds and tests in seconds, and its decisions (quorum, sync rounds, chaos
+//! schedules) are pure functions testable without sockets or tensors.
+//!
+//! - [`wire`]: framed, authenticated TCP with bounded lengths and deadlines;
+//! - [`coordinator`]: the quorum and round state machine (pure); [`server`] serves it;
+//! - [`peer`]: a worker's listener for ring neighbours and state transfer (live recovery);
+//! - [`ring`]: fault-tolerant ring all-reduce;
+//! - [`diloco`]: the outer Nesterov step;
+//! - [`chaos`]: fault-injection plans.
+
+pub mod chaos;
+pub mod coordinator;
+pub mod diloco;
+pub mod peer;
+pub mod ring;
+pub mod server;
+pub mod wire;

@@ -1,0 +1,1192 @@
+//! The coordinator's decisions, as a pure state machine: every input is a request from a
+//! worker or the passage of time (`now` is an argument), every output a reply and a list of
+//! events. No sockets, no clocks, no tensors: the server around it (see `server.rs`) only does
+//! I/O, and most of this file is tests.
+//!
+//! A *round* is one sync of the replicas (one DiLoCo outer step, or one DDP step). Its quorum
+//! is fixed when it starts: every live member. A worker that joins later waits for the next
+//! round. Each member of the round gets its batch ids; it trains on them, says `Ready`, and
+//! when every member of the round is ready an *attempt* begins: the ring is the round's
+//! members in rank order. When every ring member reports `Reduced`, the round commits; only
+//! then does anyone apply the result. A member that falls silent for the failure timeout is
+//! removed: its batches go back to the pool (trained later by someone else, so committed
+//! weights see each batch exactly once), a running attempt is aborted, and the survivors retry
+//! on a ring without it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub type WorkerId = u64;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A member silent for longer than this is out of the quorum.
+    pub failure_timeout: Duration,
+    /// Workers that must have joined before round 0 starts.
+    pub min_workers: usize,
+    /// Batch ids each member trains on per round.
+    pub batches_per_round: u64,
+    /// Rounds in the run's budget. Batches discarded by faults are trained in extra rounds
+    /// after it, so that none is skipped.
+    pub rounds: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRoundStats {
+    pub tokens: u64,
+    pub loss: f64,
+    pub compute_s: f64,
+    pub comm_s: f64,
+    pub wait_s: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateReport {
+    /// The round this state starts.
+    pub next_round: u64,
+    pub blake3: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Join {
+        name: String,
+        data_addr: String,
+    },
+    Heartbeat {
+        worker: WorkerId,
+    },
+    NextRound {
+        worker: WorkerId,
+        state: Option<StateReport>,
+    },
+    Ready {
+        worker: WorkerId,
+        round: u64,
+    },
+    Reduced {
+        worker: WorkerId,
+        round: u64,
+        attempt: u32,
+        stats: WorkerRoundStats,
+    },
+    Failed {
+        worker: WorkerId,
+        round: u64,
+        attempt: u32,
+        error: String,
+    },
+    Leave {
+        worker: WorkerId,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Welcome {
+        worker: WorkerId,
+        run_id: u64,
+        /// The job description every worker runs (the run's config), opaque here.
+        job: String,
+    },
+    Ok,
+    Wait {
+        reason: String,
+    },
+    Round {
+        round: u64,
+        rank: usize,
+        quorum: usize,
+        batches: Vec<u64>,
+        /// Where to fetch the state that starts this round, when this worker lacks it.
+        /// `None` in round 0: everyone starts from the seeded initial state.
+        donor: Option<String>,
+    },
+    Ring {
+        round: u64,
+        attempt: u32,
+        rank: usize,
+        members: Vec<String>,
+    },
+    Commit {
+        round: u64,
+    },
+    Retry {
+        round: u64,
+        reason: String,
+    },
+    Evicted {
+        reason: String,
+    },
+    Finished,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerMember {
+    pub name: String,
+    pub batches: Vec<u64>,
+}
+
+/// A committed round: what went into the weights, and what it cost.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub attempts: u32,
+    pub quorum: usize,
+    pub members: Vec<LedgerMember>,
+    pub tokens: u64,
+    pub discarded_batches: u64,
+    pub loss: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Means over the ring members.
+    pub compute_s: f64,
+    pub comm_s: f64,
+    pub wait_s: f64,
+    /// From the round's start to its commit.
+    pub wall_s: f64,
+    /// From the first member's `Ready` to the commit: time the sync held training up.
+    pub sync_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Joined {
+        name: String,
+        worker: WorkerId,
+    },
+    Removed {
+        name: String,
+        worker: WorkerId,
+        reason: String,
+    },
+    RoundStarted {
+        round: u64,
+        members: Vec<String>,
+    },
+    AttemptAborted {
+        round: u64,
+        attempt: u32,
+        reason: String,
+    },
+    Committed(RoundRecord),
+    /// Replicas reported different states for the same round: they are not in sync.
+    Divergence {
+        next_round: u64,
+        hashes: BTreeMap<String, String>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    name: String,
+    data_addr: String,
+    last_seen: Instant,
+    /// The round the state this member holds starts (set when it commits a round).
+    state_round: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    Gathering {
+        ready: BTreeSet<WorkerId>,
+    },
+    Reducing {
+        ring: Vec<WorkerId>,
+        reduced: BTreeMap<WorkerId, WorkerRoundStats>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct ActiveRound {
+    round: u64,
+    /// Rank order.
+    members: Vec<WorkerId>,
+    batches: BTreeMap<WorkerId, Vec<u64>>,
+    attempt: u32,
+    phase: Phase,
+    started: Instant,
+    first_ready: Option<Instant>,
+    discarded: u64,
+}
+
+/// Batch ids not yet committed: fresh ones, and ones handed back by a member that failed.
+#[derive(Clone, Debug, Default)]
+struct BatchPool {
+    next_fresh: u64,
+    returned: BTreeSet<u64>,
+}
+
+impl BatchPool {
+    fn take(&mut self, k: u64) -> Vec<u64> {
+        let mut out = Vec::with_capacity(k as usize);
+        while (out.len() as u64) < k {
+            match self.returned.pop_first() {
+                Some(b) => out.push(b),
+                None => {
+                    out.push(self.next_fresh);
+                    self.next_fresh += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
+pub struct Coordinator {
+    opts: Options,
+    run_id: u64,
+    job: String,
+    members: BTreeMap<WorkerId, Member>,
+    next_id: WorkerId,
+    /// The next round to commit.
+    round: u64,
+    active: Option<ActiveRound>,
+    pool: BatchPool,
+    last_commit: Option<(u64, BTreeSet<WorkerId>)>,
+    released: bool,
+    state_hashes: BTreeMap<u64, BTreeMap<String, String>>,
+    events: Vec<Event>,
+}
+
+impl Coordinator {
+    pub fn new(opts: Options, run_id: u64, job: String) -> Coordinator {
+        Coordinator {
+            opts,
+            run_id,
+            job,
+            members: BTreeMap::new(),
+            next_id: 1,
+            round: 0,
+            active: None,
+            pool: BatchPool::default(),
+            last_commit: None,
+            released: false,
+            state_hashes: BTreeMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Rounds committed so far.
+    pub fn committed_rounds(&self) -> u64 {
+        self.round
+    }
+
+    pub fn live_members(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The budget is spent and no discarded batch waits to be retrained.
+    pub fn is_complete(&self) -> bool {
+        self.active.is_none() && self.round >= self.opts.rounds && self.pool.returned.is_empty()
+    }
+
+    /// Lets workers go once the caller has what it needs from them (the final state).
+    pub fn release(&mut self) {
+        self.released = true;
+    }
+
+    /// Peers holding the newest committed state, best first.
+    pub fn synced_peers(&self) -> Vec<String> {
+        self.ranked(self.members.keys().copied())
+            .into_iter()
+            .filter(|id| self.members[id].state_round == Some(self.round))
+            .map(|id| self.members[&id].data_addr.clone())
+            .collect()
+    }
+
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn ranked(&self, ids: impl Iterator<Item = WorkerId>) -> Vec<WorkerId> {
+        let mut v: Vec<WorkerId> = ids.collect();
+        v.sort_by(|a, b| (&self.members[a].name, a).cmp(&(&self.members[b].name, b)));
+        v
+    }
+
+    /// Removes members silent for longer than the failure timeout.
+    pub fn tick(&mut self, now: Instant) {
+        let silent: Vec<(WorkerId, Duration)> = self
+            .members
+            .iter()
+            .map(|(id, m)| (*id, now.saturating_duration_since(m.last_seen)))
+            .filter(|(_, quiet)| *quiet > self.opts.failure_timeout)
+            .collect();
+        for (id, quiet) in silent {
+            self.remove(id, now, format!("silent for {} ms", quiet.as_millis()));
+        }
+    }
+
+    fn remove(&mut self, id: WorkerId, now: Instant, reason: String) {
+        let Some(m) = self.members.remove(&id) else {
+            return;
+        };
+        self.events.push(Event::Removed {
+            name: m.name.clone(),
+            worker: id,
+            reason: reason.clone(),
+        });
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if !active.members.contains(&id) {
+            return;
+        }
+        active.members.retain(|&w| w != id);
+        if let Some(batches) = active.batches.remove(&id) {
+            active.discarded += batches.len() as u64;
+            self.pool.returned.extend(batches);
+        }
+        match &mut active.phase {
+            Phase::Gathering { ready } => {
+                ready.remove(&id);
+            }
+            Phase::Reducing { ring, .. } if ring.contains(&id) => {
+                self.events.push(Event::AttemptAborted {
+                    round: active.round,
+                    attempt: active.attempt,
+                    reason: format!("{} left the ring: {reason}", m.name),
+                });
+                active.phase = Phase::Gathering {
+                    ready: BTreeSet::new(),
+                };
+            }
+            Phase::Reducing { .. } => {}
+        }
+        if active.members.is_empty() {
+            self.active = None;
+        } else {
+            self.maybe_start_attempt(now);
+        }
+    }
+
+    fn maybe_start_round(&mut self, now: Instant) {
+        if self.active.is_some() || self.is_complete() {
+            return;
+        }
+        let ids = self.ranked(self.members.keys().copied());
+        let enough = if self.round == 0 && self.last_commit.is_none() {
+            ids.len() >= self.opts.min_workers.max(1)
+        } else {
+            // Someone must hold the committed state to hand to the others.
+            ids.iter()
+                .any(|id| self.members[id].state_round == Some(self.round))
+        };
+        if !enough {
+            return;
+        }
+        let batches = ids
+            .iter()
+            .map(|&id| (id, self.pool.take(self.opts.batches_per_round)))
+            .collect();
+        self.events.push(Event::RoundStarted {
+            round: self.round,
+            members: ids.iter().map(|id| self.members[id].name.clone()).collect(),
+        });
+        self.active = Some(ActiveRound {
+            round: self.round,
+            members: ids,
+            batches,
+            attempt: 0,
+            phase: Phase::Gathering {
+                ready: BTreeSet::new(),
+            },
+            started: now,
+            first_ready: None,
+            discarded: 0,
+        });
+    }
+
+    fn maybe_start_attempt(&mut self, _now: Instant) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if let Phase::Gathering { ready } = &active.phase
+            && active.members.iter().all(|id| ready.contains(id))
+        {
+            active.attempt += 1;
+            active.phase = Phase::Reducing {
+                ring: active.members.clone(),
+                reduced: BTreeMap::new(),
+            };
+        }
+    }
+
+    fn wait_reason(&self) -> String {
+        if self.is_complete() {
+            return "run complete; final state being collected".into();
+        }
+        match &self.active {
+            Some(a) => format!("round {} is running; joining at the next", a.round),
+            None if self.round == 0 && self.last_commit.is_none() => format!(
+                "{} of {} workers have joined",
+                self.members.len(),
+                self.opts.min_workers
+            ),
+            None => format!(
+                "no live member holds the state of round {}; waiting for one",
+                self.round
+            ),
+        }
+    }
+
+    /// Answers one request at time `now`.
+    pub fn handle(&mut self, now: Instant, req: Request) -> Reply {
+        self.tick(now);
+        if let Request::Join { name, data_addr } = req {
+            return self.join(now, name, data_addr);
+        }
+        let worker = match &req {
+            Request::Heartbeat { worker }
+            | Request::NextRound { worker, .. }
+            | Request::Ready { worker, .. }
+            | Request::Reduced { worker, .. }
+            | Request::Failed { worker, .. }
+            | Request::Leave { worker } => *worker,
+            Request::Join { .. } => unreachable!("handled above"),
+        };
+        // A Reduced for a round that already committed may come from a member that has
+        // been removed since: it still learns the round committed.
+        if let Request::Reduced { round, .. } = &req
+            && *round < self.round
+        {
+            return match &self.last_commit {
+                Some((r, ids)) if r == round && ids.contains(&worker) => {
+                    Reply::Commit { round: *round }
+                }
+                _ => Reply::Evicted {
+                    reason: format!("round {round} committed without you"),
+                },
+            };
+        }
+        let Some(member) = self.members.get_mut(&worker) else {
+            return Reply::Evicted {
+                reason: "not a member of the quorum (timed out or replaced); rejoin".into(),
+            };
+        };
+        member.last_seen = now;
+        match req {
+            Request::Join { .. } => unreachable!("handled above"),
+            Request::Heartbeat { .. } => Reply::Ok,
+            Request::Leave { .. } => {
+                self.remove(worker, now, "left".into());
+                Reply::Ok
+            }
+            Request::NextRound { state, .. } => self.next_round(now, worker, state),
+            Request::Ready { round, .. } => self.ready(now, worker, round),
+            Request::Reduced {
+                round,
+                attempt,
+                stats,
+                ..
+            } => self.reduced(now, worker, round, attempt, stats),
+            Request::Failed {
+                round,
+                attempt,
+                error,
+                ..
+            } => self.failed(worker, round, attempt, error),
+        }
+    }
+
+    fn join(&mut self, now: Instant, name: String, data_addr: String) -> Reply {
+        let same_name: Vec<WorkerId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.name == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in same_name {
+            self.remove(
+                id,
+                now,
+                "replaced by a new incarnation of the same worker".into(),
+            );
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.events.push(Event::Joined {
+            name: name.clone(),
+            worker: id,
+        });
+        self.members.insert(
+            id,
+            Member {
+                name,
+                data_addr,
+                last_seen: now,
+                state_round: None,
+            },
+        );
+        Reply::Welcome {
+            worker: id,
+            run_id: self.run_id,
+            job: self.job.clone(),
+        }
+    }
+
+    fn record_state(&mut self, worker: WorkerId, report: StateReport) {
+        let name = self.members[&worker].name.clone();
+        let hashes = self.state_hashes.entry(report.next_round).or_default();
+        hashes.insert(name, report.blake3);
+        let distinct: BTreeSet<&String> = hashes.values().collect();
+        if distinct.len() > 1 {
+            self.events.push(Event::Divergence {
+                next_round: report.next_round,
+                hashes: hashes.clone(),
+            });
+        }
+        // Keep a bounded window.
+        while self.state_hashes.len() > 8 {
+            self.state_hashes.pop_first();
+        }
+    }
+
+    fn next_round(&mut self, now: Instant, worker: WorkerId, state: Option<StateReport>) -> Reply {
+        if let Some(report) = state {
+            self.record_state(worker, report);
+        }
+        if self.is_complete() {
+            return if self.released {
+                Reply::Finished
+            } else {
+                Reply::Wait {
+                    reason: self.wait_reason(),
+                }
+            };
+        }
+        self.maybe_start_round(now);
+        let Some(active) = &self.active else {
+            return Reply::Wait {
+                reason: self.wait_reason(),
+            };
+        };
+        let Some(rank) = active.members.iter().position(|&w| w == worker) else {
+            return Reply::Wait {
+                reason: self.wait_reason(),
+            };
+        };
+        let donor = if self.members[&worker].state_round == Some(active.round)
+            || self.last_commit.is_none()
+        {
+            None
+        } else {
+            match active
+                .members
+                .iter()
+                .find(|id| self.members[id].state_round == Some(active.round))
+            {
+                Some(d) => Some(self.members[d].data_addr.clone()),
+                None => {
+                    return Reply::Wait {
+                        reason: format!("no live member holds the state of round {}", active.round),
+                    };
+                }
+            }
+        };
+        Reply::Round {
+            round: active.round,
+            rank,
+            quorum: active.members.len(),
+            batches: active.batches[&worker].clone(),
+            donor,
+        }
+    }
+
+    fn not_in_round(&self, round: u64) -> Reply {
+        Reply::Evicted {
+            reason: format!("not a member of round {round}; rejoin"),
+        }
+    }
+
+    fn ready(&mut self, now: Instant, worker: WorkerId, round: u64) -> Reply {
+        match &mut self.active {
+            Some(a) if a.round == round && a.members.contains(&worker) => {
+                a.first_ready.get_or_insert(now);
+                if let Phase::Gathering { ready } = &mut a.phase {
+                    ready.insert(worker);
+                }
+            }
+            _ => return self.not_in_round(round),
+        }
+        self.maybe_start_attempt(now);
+        let a = self.active.as_ref().expect("checked above");
+        match &a.phase {
+            Phase::Reducing { ring, .. } => Reply::Ring {
+                round,
+                attempt: a.attempt,
+                rank: ring
+                    .iter()
+                    .position(|&w| w == worker)
+                    .expect("ring = members"),
+                members: ring
+                    .iter()
+                    .map(|id| self.members[id].data_addr.clone())
+                    .collect(),
+            },
+            Phase::Gathering { ready } => Reply::Wait {
+                reason: format!("{} of {} members ready", ready.len(), a.members.len()),
+            },
+        }
+    }
+
+    fn reduced(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        round: u64,
+        attempt: u32,
+        stats: WorkerRoundStats,
+    ) -> Reply {
+        let Some(a) = self
+            .active
+            .as_mut()
+            .filter(|a| a.round == round && a.members.contains(&worker))
+        else {
+            return self.not_in_round(round);
+        };
+        let current = a.attempt;
+        match &mut a.phase {
+            Phase::Reducing { ring, reduced } if current == attempt => {
+                reduced.insert(worker, stats);
+                if ring.iter().all(|id| reduced.contains_key(id)) {
+                    self.commit(now);
+                    Reply::Commit { round }
+                } else {
+                    Reply::Wait {
+                        reason: format!("{} of {} reduced", reduced.len(), ring.len()),
+                    }
+                }
+            }
+            _ => Reply::Retry {
+                round,
+                reason: format!("attempt {attempt} was aborted"),
+            },
+        }
+    }
+
+    fn failed(&mut self, worker: WorkerId, round: u64, attempt: u32, error: String) -> Reply {
+        let name = self.members[&worker].name.clone();
+        match self.active.as_mut() {
+            Some(a) if a.round == round && a.members.contains(&worker) => {
+                if a.attempt == attempt && matches!(a.phase, Phase::Reducing { .. }) {
+                    self.events.push(Event::AttemptAborted {
+                        round,
+                        attempt,
+                        reason: format!("{name}: {error}"),
+                    });
+                    a.phase = Phase::Gathering {
+                        ready: BTreeSet::new(),
+                    };
+                }
+                Reply::Retry {
+                    round,
+                    reason: format!("attempt {attempt} failed"),
+                }
+            }
+            _ => self.not_in_round(round),
+        }
+    }
+
+    fn commit(&mut self, now: Instant) {
+        let a = self.active.take().expect("an active round commits");
+        let Phase::Reducing { ring, reduced } = a.phase else {
+            unreachable!("commit happens while reducing")
+        };
+        let n = ring.len() as f64;
+        let mean = |f: fn(&WorkerRoundStats) -> f64| reduced.values().map(f).sum::<f64>() / n;
+        let record = RoundRecord {
+            round: a.round,
+            attempts: a.attempt,
+            quorum: ring.len(),
+            members: ring
+                .iter()
+                .map(|id| LedgerMember {
+                    name: self.members[id].name.clone(),
+                    batches: a.batches[id].clone(),
+                })
+                .collect(),
+            tokens: reduced.values().map(|s| s.tokens).sum(),
+            discarded_batches: a.discarded,
+            loss: mean(|s| s.loss),
+            bytes_sent: reduced.values().map(|s| s.bytes_sent).sum(),
+            bytes_received: reduced.values().map(|s| s.bytes_received).sum(),
+            compute_s: mean(|s| s.compute_s),
+            comm_s: mean(|s| s.comm_s),
+            wait_s: mean(|s| s.wait_s),
+            wall_s: now.saturating_duration_since(a.started).as_secs_f64(),
+            sync_s: a
+                .first_ready
+                .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
+        };
+        for id in &ring {
+            if let Some(m) = self.members.get_mut(id) {
+                m.state_round = Some(a.round + 1);
+            }
+        }
+        self.last_commit = Some((a.round, ring.iter().copied().collect()));
+        self.round = a.round + 1;
+        self.events.push(Event::Committed(record));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_millis(2000);
+
+    fn coord(min_workers: usize, rounds: u64) -> (Coordinator, Instant) {
+        let opts = Options {
+            failure_timeout: T,
+            min_workers,
+            batches_per_round: 2,
+            rounds,
+        };
+        (Coordinator::new(opts, 77, "job".into()), Instant::now())
+    }
+
+    fn join(c: &mut Coordinator, now: Instant, name: &str) -> WorkerId {
+        match c.handle(
+            now,
+            Request::Join {
+                name: name.into(),
+                data_addr: format!("{name}:1"),
+            },
+        ) {
+            Reply::Welcome {
+                worker,
+                run_id,
+                job,
+            } => {
+                assert_eq!((run_id, job.as_str()), (77, "job"));
+                worker
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn next(c: &mut Coordinator, now: Instant, w: WorkerId) -> Reply {
+        c.handle(
+            now,
+            Request::NextRound {
+                worker: w,
+                state: None,
+            },
+        )
+    }
+
+    fn ready(c: &mut Coordinator, now: Instant, w: WorkerId, round: u64) -> Reply {
+        c.handle(now, Request::Ready { worker: w, round })
+    }
+
+    fn reduced(c: &mut Coordinator, now: Instant, w: WorkerId, round: u64, attempt: u32) -> Reply {
+        let stats = WorkerRoundStats {
+            tokens: 10,
+            ..Default::default()
+        };
+        c.handle(
+            now,
+            Request::Reduced {
+                worker: w,
+                round,
+                attempt,
+                stats,
+            },
+        )
+    }
+
+    /// Drives every worker in `ws` through one clean round; returns the attempt used.
+    fn clean_round(c: &mut Coordinator, now: Instant, ws: &[WorkerId], round: u64) {
+        for &w in ws {
+            assert!(matches!(next(c, now, w), Reply::Round { round: r, .. } if r == round));
+        }
+        let mut attempt = 0;
+        for &w in ws {
+            if let Reply::Ring { attempt: a, .. } = ready(c, now, w, round) {
+                attempt = a;
+            }
+        }
+        for &w in ws {
+            reduced(c, now, w, round, attempt);
+        }
+        assert_eq!(c.committed_rounds(), round + 1);
+    }
+
+    fn committed(c: &mut Coordinator) -> Vec<RoundRecord> {
+        c.drain_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Committed(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_zero_waits_for_the_minimum_and_assigns_disjoint_batches() {
+        let (mut c, t0) = coord(2, 10);
+        let a = join(&mut c, t0, "w0");
+        assert!(matches!(next(&mut c, t0, a), Reply::Wait { reason } if reason.contains("1 of 2")));
+        let b = join(&mut c, t0, "w1");
+        let (
+            Reply::Round {
+                rank: ra,
+                batches: ba,
+                donor: da,
+                quorum,
+                ..
+            },
+            Reply::Round {
+                rank: rb,
+                batches: bb,
+                ..
+            },
+        ) = (next(&mut c, t0, a), next(&mut c, t0, b))
+        else {
+            panic!()
+        };
+        assert_eq!((ra, rb, quorum, da), (0, 1, 2, None));
+        assert_eq!((ba, bb), (vec![0, 1], vec![2, 3]));
+    }
+
+    #[test]
+    fn ring_forms_only_when_all_are_ready_and_commit_needs_every_member() {
+        let (mut c, t0) = coord(2, 10);
+        let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        next(&mut c, t0, a);
+        next(&mut c, t0, b);
+        assert!(matches!(ready(&mut c, t0, a, 0), Reply::Wait { .. }));
+        let Reply::Ring {
+            attempt,
+            rank,
+            members,
+            ..
+        } = ready(&mut c, t0, b, 0)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (attempt, rank, members),
+            (1, 1, vec!["w0:1".to_string(), "w1:1".to_string()])
+        );
+        assert!(
+            matches!(ready(&mut c, t0, a, 0), Reply::Ring { rank: 0, .. }),
+            "polling is idempotent"
+        );
+        assert!(matches!(reduced(&mut c, t0, a, 0, 1), Reply::Wait { .. }));
+        assert_eq!(
+            c.committed_rounds(),
+            0,
+            "no commit before every member reduced"
+        );
+        assert_eq!(reduced(&mut c, t0, b, 0, 1), Reply::Commit { round: 0 });
+        assert_eq!(
+            reduced(&mut c, t0, a, 0, 1),
+            Reply::Commit { round: 0 },
+            "late poll learns the commit"
+        );
+        let rec = committed(&mut c);
+        assert_eq!(rec.len(), 1);
+        assert_eq!((rec[0].quorum, rec[0].tokens, rec[0].attempts), (2, 20, 1));
+    }
+
+    #[test]
+    fn a_silent_member_is_removed_its_attempt_aborted_and_its_batches_retrained() {
+        let (mut c, t0) = coord(3, 10);
+        let ws: Vec<_> = ["w0", "w1", "w2"]
+            .iter()
+            .map(|n| join(&mut c, t0, n))
+            .collect();
+        for &w in &ws {
+            next(&mut c, t0, w);
+        }
+        for &w in &ws {
+            ready(&mut c, t0, w, 0);
+        }
+        // w2 hangs mid-collective; the others finish theirs but cannot commit without it.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(matches!(
+            reduced(&mut c, t1, ws[0], 0, 1),
+            Reply::Wait { .. }
+        ));
+        assert!(matches!(
+            reduced(&mut c, t1, ws[1], 0, 1),
+            Reply::Wait { .. }
+        ));
+        // Past the timeout for w2 (heartbeats from the others keep them in).
+        let t2 = t0 + T + Duration::from_millis(100);
+        c.handle(t2, Request::Heartbeat { worker: ws[0] });
+        c.handle(t2, Request::Heartbeat { worker: ws[1] });
+        assert_eq!(c.live_members(), 2);
+        // The survivors' reduced results are from the aborted attempt: retry, no commit.
+        assert!(matches!(
+            reduced(&mut c, t2, ws[0], 0, 1),
+            Reply::Retry { .. }
+        ));
+        assert_eq!(c.committed_rounds(), 0);
+        ready(&mut c, t2, ws[0], 0);
+        let Reply::Ring {
+            attempt, members, ..
+        } = ready(&mut c, t2, ws[1], 0)
+        else {
+            panic!()
+        };
+        assert_eq!((attempt, members.len()), (2, 2));
+        reduced(&mut c, t2, ws[0], 0, 2);
+        assert_eq!(reduced(&mut c, t2, ws[1], 0, 2), Reply::Commit { round: 0 });
+        let events = c.drain_events();
+        assert!(events.iter().any(|e| matches!(e, Event::Removed { name, reason, .. } if name == "w2" && reason.contains("silent"))));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::AttemptAborted { attempt: 1, .. }))
+        );
+        let Some(Event::Committed(rec)) = events.iter().find(|e| matches!(e, Event::Committed(_)))
+        else {
+            panic!()
+        };
+        assert_eq!(rec.discarded_batches, 2);
+        assert_eq!(
+            rec.members
+                .iter()
+                .map(|m| m.batches.clone())
+                .collect::<Vec<_>>(),
+            vec![vec![0, 1], vec![2, 3]]
+        );
+        // w2's batches 4, 5 come first in the next round.
+        let Reply::Round { batches, donor, .. } = next(&mut c, t2, ws[0]) else {
+            panic!()
+        };
+        assert_eq!((batches, donor), (vec![4, 5], None));
+        // The removed worker is told so on every request.
+        assert!(matches!(next(&mut c, t2, ws[2]), Reply::Evicted { .. }));
+        assert!(matches!(
+            reduced(&mut c, t2, ws[2], 0, 1),
+            Reply::Evicted { .. }
+        ));
+    }
+
+    #[test]
+    fn a_failed_collective_aborts_the_attempt_for_everyone() {
+        let (mut c, t0) = coord(2, 10);
+        let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        next(&mut c, t0, a);
+        next(&mut c, t0, b);
+        ready(&mut c, t0, a, 0);
+        ready(&mut c, t0, b, 0);
+        // a completed its collective, b saw an error: a must not commit.
+        assert!(matches!(reduced(&mut c, t0, a, 0, 1), Reply::Wait { .. }));
+        let r = c.handle(
+            t0,
+            Request::Failed {
+                worker: b,
+                round: 0,
+                attempt: 1,
+                error: "reset".into(),
+            },
+        );
+        assert!(matches!(r, Reply::Retry { .. }));
+        assert!(matches!(reduced(&mut c, t0, a, 0, 1), Reply::Retry { .. }));
+        assert_eq!(c.committed_rounds(), 0);
+        ready(&mut c, t0, a, 0);
+        assert!(matches!(
+            ready(&mut c, t0, b, 0),
+            Reply::Ring { attempt: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn a_late_joiner_waits_for_the_next_round_and_gets_a_donor() {
+        let (mut c, t0) = coord(2, 10);
+        let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        next(&mut c, t0, a);
+        next(&mut c, t0, b);
+        let late = join(&mut c, t0, "w2");
+        assert!(
+            matches!(next(&mut c, t0, late), Reply::Wait { reason } if reason.contains("next"))
+        );
+        for w in [a, b] {
+            ready(&mut c, t0, w, 0);
+        }
+        for w in [a, b] {
+            reduced(&mut c, t0, w, 0, 1);
+        }
+        let Reply::Round {
+            round,
+            quorum,
+            donor,
+            rank,
+            ..
+        } = next(&mut c, t0, late)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (round, quorum, donor, rank),
+            (1, 3, Some("w0:1".to_string()), 2)
+        );
+        assert!(matches!(
+            next(&mut c, t0, a),
+            Reply::Round { donor: None, .. }
+        ));
+        assert_eq!(
+            c.synced_peers(),
+            vec!["w0:1".to_string(), "w1:1".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_restarted_worker_replaces_its_old_incarnation() {
+        let (mut c, t0) = coord(2, 10);
+        let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        next(&mut c, t0, a);
+        next(&mut c, t0, b);
+        let b2 = join(&mut c, t0, "w1");
+        assert_ne!(b, b2);
+        assert_eq!(c.live_members(), 2);
+        assert!(matches!(ready(&mut c, t0, b, 0), Reply::Evicted { .. }));
+        // The round goes on with w0 alone; w1's batches return to the pool.
+        let Reply::Ring { members, .. } = ready(&mut c, t0, a, 0) else {
+            panic!()
+        };
+        assert_eq!(members, vec!["w0:1".to_string()]);
+        assert_eq!(reduced(&mut c, t0, a, 0, 1), Reply::Commit { round: 0 });
+        let Reply::Round { batches, donor, .. } = next(&mut c, t0, b2) else {
+            panic!()
+        };
+        assert_eq!((batches, donor), (vec![4, 5], Some("w0:1".to_string())));
+    }
+
+    #[test]
+    fn every_batch_is_committed_exactly_once_and_the_run_finishes_after_release() {
+        let (mut c, t0) = coord(3, 4);
+        let ws: Vec<_> = ["w0", "w1", "w2"]
+            .iter()
+            .map(|n| join(&mut c, t0, n))
+            .collect();
+        clean_round(&mut c, t0, &ws, 0);
+        // Round 1: w1 dies after training; its batches must reappear later.
+        for &w in &ws {
+            next(&mut c, t0, w);
+        }
+        for w in [ws[0], ws[2]] {
+            c.handle(t0 + T / 2, Request::Heartbeat { worker: w });
+        }
+        let t1 = t0 + T + Duration::from_millis(1);
+        for w in [ws[0], ws[2]] {
+            c.handle(t1, Request::Heartbeat { worker: w });
+        }
+        for w in [ws[0], ws[2]] {
+            ready(&mut c, t1, w, 1);
+        }
+        for w in [ws[0], ws[2]] {
+            reduced(&mut c, t1, w, 1, 1);
+        }
+        let mut t = t1;
+        let mut round = 2;
+        while !c.is_complete() {
+            clean_round(&mut c, t, &[ws[0], ws[2]], round);
+            round += 1;
+            t += Duration::from_millis(10);
+        }
+        // 4 budgeted rounds; w1's 2 discarded batches were taken by the round after its death.
+        assert_eq!(c.committed_rounds(), 4);
+        let records = committed(&mut c);
+        let mut all: Vec<u64> = records
+            .iter()
+            .flat_map(|r| r.members.iter().flat_map(|m| m.batches.clone()))
+            .collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "a batch was committed twice");
+        assert_eq!(
+            all,
+            (0..n as u64).collect::<Vec<_>>(),
+            "a batch was skipped"
+        );
+        assert!(matches!(next(&mut c, t, ws[0]), Reply::Wait { .. }));
+        c.release();
+        assert_eq!(next(&mut c, t, ws[0]), Reply::Finished);
+    }
+
+    #[test]
+    fn diverging_state_reports_are_flagged() {
+        let (mut c, t0) = coord(2, 10);
+        let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        let rep = |h: &str| {
+            Some(StateReport {
+                next_round: 3,
+                blake3: h.into(),
+            })
+        };
+        c.handle(
+            t0,
+            Request::NextRound {
+                worker: a,
+                state: rep("aa"),
+            },
+        );
+        c.handle(
+            t0,
+            Request::NextRound {
+                worker: b,
+                state: rep("aa"),
+            },
+        );
+        assert!(
+            !c.drain_events()
+                .iter()
+                .any(|e| matches!(e, Event::Divergence { .. }))
+        );
+        c.handle(
+            t0,
+            Request::NextRound {
+                worker: b,
+                state: rep("bb"),
+            },
+        );
+        assert!(
+            c.drain_events()
+                .iter()
+                .any(|e| matches!(e, Event::Divergence { next_round: 3, .. }))
+        );
+    }
+
+    #[test]
+    fn requests_from_strangers_are_answered_with_eviction() {
+        let (mut c, t0) = coord(1, 1);
+        for req in [
+            Request::Heartbeat { worker: 99 },
+            Request::NextRound {
+                worker: 99,
+                state: None,
+            },
+            Request::Ready {
+                worker: 99,
+                round: 0,
+            },
+            Request::Failed {
+                worker: 99,
+                round: 0,
+                attempt: 1,
+                error: String::new(),
+            },
+        ] {
+            assert!(matches!(c.handle(t0, req), Reply::Evicted { .. }));
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! DiLoCo's outer step on flat buffers (Douillard et al. 2023): each replica trains H inner
+//! steps from the shared outer weights θ, the replicas average their pseudo-gradients
+//! Δ = θ − θ_local, and θ takes one Nesterov-momentum SGD step along the average.
+
+/// Outer optimizer: SGD with Nesterov momentum, as `torch.optim.SGD(nesterov=True)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OuterNesterov {
+    pub lr: f32,
+    pub momentum: f32,
+}
+
+impl Default for OuterNesterov {
+    fn default() -> Self {
+        OuterNesterov {
+            lr: 0.7,
+            momentum: 0.9,
+        }
+    }
+}
+
+/// Writes `outer − local` into `out`.
+pub fn pseudo_gradient(outer: &[f32], local: &[f32], out: &mut Vec<f32>) {
+    assert_eq!(outer.len(), local.len(), "replicas have the same shape");
+    out.clear();
+    out.extend(outer.iter().zip(local).map(|(o, l)| o - l));
+}
+
+impl OuterNesterov {
+    /// Applies the averaged pseudo-gradient `avg` to `outer`, updating `velocity`:
+    /// v ← μ·v + Δ;  θ ← θ − lr·(Δ + μ·v).
+    pub fn step(&self, outer: &mut [f32], velocity: &mut [f32], avg: &[f32]) {
+        assert!(outer.len() == velocity.len() && outer.len() == avg.len());
+        for ((p, v), g) in outer.iter_mut().zip(velocity.iter_mut()).zip(avg) {
+            *v = self.momentum * *v + g;
+            *p -= self.lr * (g + self.momentum * *v);
+        }
+    }
+}
+
+/// Divides a summed buffer by the number of contributors.
+pub fn average_in_place(sum: &mut [f32], contributors: usize) {
+    let inv = 1.0 / contributors as f32;
+    for v in sum {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lr_one_without_momentum_moves_outer_to_the_mean_replica() {
+        let outer = vec![1.0f32, 2.0, 3.0];
+        let replicas = [vec![0.0f32, 2.0, 5.0], vec![2.0f32, 0.0, 5.0]];
+        let mut sum = vec![0.0f32; 3];
+        let mut d = Vec::new();
+        for r in &replicas {
+            pseudo_gradient(&outer, r, &mut d);
+            for (s, x) in sum.iter_mut().zip(&d) {
+                *s += x;
+            }
+        }
+        average_in_place(&mut sum, 2);
+        let mut o = outer.clone();
+        let mut v = vec![0.0; 3];
+        OuterNesterov {
+            lr: 1.0,
+            momentum: 0.0,
+        }
+        .step(&mut o, &mut v, &sum);
+        assert_eq!(o, vec![1.0, 1.0, 5.0]);
+    }
+
+    #[test]
+    fn nesterov_matches_the_torch_formula() {
+        let opt = OuterNesterov::default();
+        let (mut p, mut v) = (vec![1.0f32], vec![0.5f32]);
+        opt.step(&mut p, &mut v, &[0.2]);
+        let v1 = 0.9 * 0.5 + 0.2;
+        assert_eq!(v[0], v1);
+        assert_eq!(p[0], 1.0 - 0.7 * (0.2 + 0.9 * v1));
+    }
+}

@@ -1,0 +1,253 @@
+//! A worker's peer endpoint: one listener that takes authenticated connections from other
+//! workers (ring neighbours for a collective) and from anyone after its training state (a
+//! rejoining worker's live recovery, or the coordinator collecting a checkpoint).
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{self, Auth, Conn, Kind, MAX_DATA_LEN, WireError};
+
+/// First message on a peer connection: what the caller wants.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "want", rename_all = "snake_case")]
+pub enum PeerHello {
+    /// "I am your ring predecessor for this attempt."
+    Ring {
+        round: u64,
+        attempt: u32,
+        from_rank: usize,
+    },
+    /// "Send me your training state", optionally only the state that starts `next_round`.
+    State { next_round: Option<u64> },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum StateHeader {
+    Sending {
+        next_round: u64,
+        bytes: u64,
+        blake3: String,
+    },
+    Unavailable {
+        have: Option<u64>,
+    },
+}
+
+/// A serialised training state, valid at the start of `next_round`.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub next_round: u64,
+    pub bytes: Vec<u8>,
+}
+
+type RingKey = (u64, u32);
+
+/// Ring connections that arrived before the collective asked for them.
+#[derive(Default)]
+pub struct Inbox {
+    waiting: Mutex<HashMap<RingKey, (usize, Conn)>>,
+    arrived: Condvar,
+}
+
+impl Inbox {
+    fn put(&self, key: RingKey, from_rank: usize, conn: Conn) {
+        let mut w = self.waiting.lock().expect("inbox lock");
+        // Older attempts are over; their connections are only noise now.
+        w.retain(|k, _| *k >= key);
+        w.insert(key, (from_rank, conn));
+        self.arrived.notify_all();
+    }
+
+    /// Waits until `deadline` for the ring predecessor's connection of `key`.
+    pub fn take(&self, key: RingKey, deadline: Instant) -> Option<(usize, Conn)> {
+        let mut w = self.waiting.lock().expect("inbox lock");
+        loop {
+            if let Some(c) = w.remove(&key) {
+                return Some(c);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            w = self
+                .arrived
+                .wait_timeout(w, deadline - now)
+                .expect("inbox lock")
+                .0;
+        }
+    }
+}
+
+/// The listening side of a worker. Dropping it stops accepting.
+pub struct PeerServer {
+    pub addr: String,
+    pub inbox: Arc<Inbox>,
+    snapshot: Arc<Mutex<Option<Arc<Snapshot>>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PeerServer {
+    /// Binds `listen` (e.g. `127.0.0.1:0`) and serves peers of `run_id` in the background.
+    pub fn start(
+        listen: &str,
+        auth: Auth,
+        run_id: u64,
+        timeout: Duration,
+    ) -> std::io::Result<PeerServer> {
+        let listener = TcpListener::bind(listen)?;
+        let addr = listener.local_addr()?.to_string();
+        let inbox = Arc::new(Inbox::default());
+        let snapshot: Arc<Mutex<Option<Arc<Snapshot>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (inbox, snapshot, stop) = (inbox.clone(), snapshot.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (auth, inbox, snapshot) = (auth.clone(), inbox.clone(), snapshot.clone());
+                    std::thread::spawn(move || {
+                        if let Err(e) =
+                            serve_peer(stream, &auth, run_id, timeout, &inbox, &snapshot)
+                        {
+                            tracing::debug!("peer connection: {e}");
+                        }
+                    });
+                }
+            });
+        }
+        Ok(PeerServer {
+            addr,
+            inbox,
+            snapshot,
+            stop,
+        })
+    }
+
+    /// Publishes the state peers get from now on.
+    pub fn publish(&self, snapshot: Snapshot) {
+        *self.snapshot.lock().expect("snapshot lock") = Some(Arc::new(snapshot));
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect_timeout(
+            &self.addr.parse().expect("own address parses"),
+            Duration::from_millis(100),
+        );
+    }
+}
+
+fn serve_peer(
+    stream: std::net::TcpStream,
+    auth: &Auth,
+    run_id: u64,
+    timeout: Duration,
+    inbox: &Inbox,
+    snapshot: &Mutex<Option<Arc<Snapshot>>>,
+) -> Result<(), WireError> {
+    let mut conn = wire::accept(stream, auth, run_id, timeout)?;
+    match conn.recv_json::<PeerHello>()? {
+        PeerHello::Ring {
+            round,
+            attempt,
+            from_rank,
+        } => {
+            inbox.put((round, attempt), from_rank, conn);
+            Ok(())
+        }
+        PeerHello::State { next_round } => {
+            let snap = snapshot.lock().expect("snapshot lock").clone();
+            match snap {
+                Some(s) if next_round.is_none_or(|r| r == s.next_round) => {
+                    conn.send_json(&StateHeader::Sending {
+                        next_round: s.next_round,
+                        bytes: s.bytes.len() as u64,
+                        blake3: blake3::hash(&s.bytes).to_hex().to_string(),
+                    })?;
+                    for part in s.bytes.chunks(MAX_DATA_LEN) {
+                        conn.send(Kind::Data, part)?;
+                    }
+                    Ok(())
+                }
+                other => conn.send_json(&StateHeader::Unavailable {
+                    have: other.map(|s| s.next_round),
+                }),
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("peer holds the state for round {have:?}, not {want:?}")]
+    Unavailable {
+        want: Option<u64>,
+        have: Option<u64>,
+    },
+    #[error("state from {peer} is damaged: {what}")]
+    Damaged { peer: String, what: String },
+}
+
+/// Fetches a peer's training state, verifying its length and BLAKE3 hash.
+pub fn fetch_state(
+    addr: &str,
+    auth: &Auth,
+    run_id: u64,
+    next_round: Option<u64>,
+    max_bytes: u64,
+    timeout: Duration,
+) -> Result<Snapshot, FetchError> {
+    let mut conn = wire::connect(addr, auth, run_id, timeout)?;
+    conn.send_json(&PeerHello::State { next_round })?;
+    let (round, len, hash) = match conn.recv_json::<StateHeader>()? {
+        StateHeader::Sending {
+            next_round,
+            bytes,
+            blake3,
+        } => (next_round, bytes, blake3),
+        StateHeader::Unavailable { have } => {
+            return Err(FetchError::Unavailable {
+                want: next_round,
+                have,
+            });
+        }
+    };
+    let damaged = |what: String| FetchError::Damaged {
+        peer: addr.to_string(),
+        what,
+    };
+    if len > max_bytes {
+        return Err(damaged(format!(
+            "{len} bytes exceeds the limit of {max_bytes}"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    while (bytes.len() as u64) < len {
+        let (kind, part) = conn.recv(MAX_DATA_LEN)?;
+        if kind != Kind::Data || part.is_empty() || bytes.len() as u64 + part.len() as u64 > len {
+            return Err(damaged("unexpected frame in state transfer".into()));
+        }
+        bytes.extend_from_slice(&part);
+    }
+    if blake3::hash(&bytes).to_hex().as_str() != hash {
+        return Err(damaged("BLAKE3 mismatch".into()));
+    }
+    Ok(Snapshot {
+        next_round: round,
+        bytes,
+    })
+}

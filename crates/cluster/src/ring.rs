@@ -1,0 +1,259 @@
+//! Fault-tolerant ring all-reduce (sum) on a flat `f32` buffer: reduce-scatter then
+//! all-gather, in chunks, with a writer thread so sending and receiving overlap.
+//!
+//! Every read and write has a deadline: if a peer dies or hangs, this returns an error within
+//! the timeout on every survivor, and the caller's buffer must then be treated as garbage —
+//! the caller keeps its own copy and retries the round on a re-formed ring. Each segment of
+//! the result is summed at exactly one rank, in ring order fixed by the quorum, and then
+//! copied to the others, so every member ends with bit-identical values.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::peer::{Inbox, PeerHello};
+use crate::wire::{self, Auth, WireError};
+
+/// Floats per data frame (1 MiB).
+pub const CHUNK: usize = 1 << 18;
+
+#[derive(Clone, Debug)]
+pub struct RingSpec {
+    pub round: u64,
+    pub attempt: u32,
+    /// Peer addresses in rank order.
+    pub members: Vec<String>,
+    pub rank: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RingStats {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub seconds: f64,
+}
+
+fn segment(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
+    (i * len / n)..((i + 1) * len / n)
+}
+
+fn chunks(r: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
+    r.clone()
+        .step_by(CHUNK)
+        .map(move |s| s..(s + CHUNK).min(r.end))
+}
+
+/// Sums `buf` element-wise over the ring's members, in place.
+pub fn all_reduce_sum(
+    buf: &mut [f32],
+    spec: &RingSpec,
+    auth: &Auth,
+    run_id: u64,
+    inbox: &Inbox,
+    timeout: Duration,
+) -> Result<RingStats, WireError> {
+    let started = Instant::now();
+    let n = spec.members.len();
+    if n <= 1 {
+        return Ok(RingStats::default());
+    }
+    let rank = spec.rank;
+    let next_addr = &spec.members[(rank + 1) % n];
+    let mut next = wire::connect(next_addr, auth, run_id, timeout)?;
+    next.send_json(&PeerHello::Ring {
+        round: spec.round,
+        attempt: spec.attempt,
+        from_rank: rank,
+    })?;
+    let prev_rank = (rank + n - 1) % n;
+    let (from, mut prev) = inbox
+        .take((spec.round, spec.attempt), Instant::now() + timeout)
+        .ok_or_else(|| WireError::Timeout {
+            peer: spec.members[prev_rank].clone(),
+            after: timeout,
+        })?;
+    if from != prev_rank {
+        return Err(WireError::Protocol {
+            peer: prev.peer().to_string(),
+            what: format!("ring predecessor claims rank {from}, expected {prev_rank}"),
+        });
+    }
+    let next_handle = next.try_clone()?;
+    let len = buf.len();
+    let result = std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel::<Vec<f32>>();
+        let writer = s.spawn(move || -> Result<u64, WireError> {
+            for chunk in rx {
+                next.send_f32(&chunk)?;
+            }
+            Ok(next.bytes_sent)
+        });
+        let mut body = || -> Result<(), WireError> {
+            let send = |v: &[f32]| {
+                // A closed channel means the writer failed; its error is reported below.
+                let _ = tx.send(v.to_vec());
+            };
+            for c in chunks(segment(len, n, rank)) {
+                send(&buf[c]);
+            }
+            let mut incoming = vec![0f32; CHUNK];
+            // Reduce-scatter: after step s this rank holds the partial sum of segment
+            // (rank - s - 1) over s + 2 ranks; after n - 1 steps, segment rank + 1 is complete.
+            for step in 0..n - 1 {
+                let seg = (rank + n - step - 1) % n;
+                for c in chunks(segment(len, n, seg)) {
+                    let tmp = &mut incoming[..c.len()];
+                    prev.recv_f32_into(tmp)?;
+                    for (dst, add) in buf[c.clone()].iter_mut().zip(tmp.iter()) {
+                        *dst += *add;
+                    }
+                    if step < n - 2 {
+                        send(&buf[c]);
+                    }
+                }
+            }
+            for c in chunks(segment(len, n, (rank + 1) % n)) {
+                send(&buf[c]);
+            }
+            // All-gather: pass the completed segments around the ring.
+            for step in 0..n - 1 {
+                let seg = (rank + n - step) % n;
+                for c in chunks(segment(len, n, seg)) {
+                    prev.recv_f32_into(&mut buf[c.clone()])?;
+                    if step < n - 2 {
+                        send(&buf[c]);
+                    }
+                }
+            }
+            Ok(())
+        };
+        let outcome = body();
+        drop(tx);
+        if outcome.is_err() {
+            // Unblock a writer stuck on a peer that stopped reading.
+            next_handle.shutdown();
+        }
+        let sent = writer.join().expect("ring writer does not panic");
+        outcome.and(sent)
+    });
+    let bytes_sent = result?;
+    Ok(RingStats {
+        bytes_sent,
+        bytes_received: prev.bytes_received,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::PeerServer;
+
+    fn servers(n: usize, auth: &Auth) -> Vec<PeerServer> {
+        (0..n)
+            .map(|_| {
+                PeerServer::start("127.0.0.1:0", auth.clone(), 9, Duration::from_secs(2)).unwrap()
+            })
+            .collect()
+    }
+
+    fn inputs(n: usize, len: usize) -> Vec<Vec<f32>> {
+        (0..n)
+            .map(|r| {
+                (0..len)
+                    .map(|i| ((i * 7 + r * 13) % 101) as f32 * 0.37 - 11.0 + r as f32 * 1e-3)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn run(
+        servers: &[PeerServer],
+        data: Vec<Vec<f32>>,
+        attempt: u32,
+        timeout: Duration,
+    ) -> Vec<Result<Vec<f32>, WireError>> {
+        let auth = Auth::new(b"ring");
+        let members: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .into_iter()
+                .enumerate()
+                .map(|(rank, mut buf)| {
+                    let spec = RingSpec {
+                        round: 3,
+                        attempt,
+                        members: members.clone(),
+                        rank,
+                    };
+                    let (auth, inbox) = (auth.clone(), servers[rank].inbox.clone());
+                    s.spawn(move || {
+                        all_reduce_sum(&mut buf, &spec, &auth, 9, &inbox, timeout).map(|_| buf)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn sums_exactly_and_identically_on_every_rank() {
+        let auth = Auth::new(b"ring");
+        for (n, len) in [(2, 10), (3, 1000), (4, 3 * CHUNK + 17), (5, 3)] {
+            let srv = servers(n, &auth);
+            let data = inputs(n, len);
+            let out = run(&srv, data.clone(), 0, Duration::from_secs(5));
+            let first = out[0].as_ref().unwrap();
+            for o in &out {
+                let o = o.as_ref().unwrap();
+                assert_eq!(
+                    o.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    first.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "ranks disagree (n={n})"
+                );
+            }
+            for i in 0..len {
+                let want: f64 = data.iter().map(|d| d[i] as f64).sum();
+                assert!((first[i] as f64 - want).abs() < 1e-3, "n={n} i={i}");
+            }
+            // Same inputs, same ring: the same bits again.
+            let again = run(&srv, data, 1, Duration::from_secs(5));
+            assert_eq!(again[0].as_ref().unwrap(), first);
+        }
+    }
+
+    #[test]
+    fn a_missing_peer_fails_every_survivor_within_the_timeout() {
+        let auth = Auth::new(b"ring");
+        let srv = servers(3, &auth);
+        let members: Vec<String> = srv.iter().map(|s| s.addr.clone()).collect();
+        let timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        // Rank 2 never shows up (hung before the collective): ranks 0 and 1 must give up.
+        let results: Vec<_> = std::thread::scope(|s| {
+            (0..2)
+                .map(|rank| {
+                    let spec = RingSpec {
+                        round: 1,
+                        attempt: 0,
+                        members: members.clone(),
+                        rank,
+                    };
+                    let (auth, inbox) = (auth.clone(), srv[rank].inbox.clone());
+                    s.spawn(move || {
+                        let mut buf = vec![1.0f32; 1000];
+                        all_reduce_sum(&mut buf, &spec, &auth, 9, &inbox, timeout)
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

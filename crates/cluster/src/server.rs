@@ -1,0 +1,130 @@
+//! The coordinator over TCP: accepts authenticated workers, feeds their requests to the pure
+//! [`Coordinator`], and ticks it so silent members are removed even when nobody asks.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::coordinator::{Coordinator, Reply, Request};
+use crate::wire::{self, Auth, Conn, WireError};
+
+/// How long a worker's control connection may stay quiet: liveness is judged by heartbeats,
+/// not by this, so it only bounds a connection nobody will ever use again.
+const IDLE_CONTROL_TIMEOUT: Duration = Duration::from_secs(3600);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct CoordinatorServer {
+    pub addr: String,
+    pub state: Arc<Mutex<Coordinator>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CoordinatorServer {
+    pub fn start(
+        listen: &str,
+        auth: Auth,
+        run_id: u64,
+        coordinator: Coordinator,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen)?;
+        let addr = listener.local_addr()?.to_string();
+        let state = Arc::new(Mutex::new(coordinator));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    state.lock().expect("coordinator lock").tick(Instant::now());
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (auth, state) = (auth.clone(), state.clone());
+                    std::thread::spawn(move || {
+                        match wire::accept(stream, &auth, run_id, HANDSHAKE_TIMEOUT) {
+                            Ok(conn) => serve(conn, &state),
+                            Err(e) => tracing::warn!("refused a connection: {e}"),
+                        }
+                    });
+                }
+            });
+        }
+        Ok(CoordinatorServer { addr, state, stop })
+    }
+}
+
+impl Drop for CoordinatorServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect_timeout(
+            &self.addr.parse().expect("own address parses"),
+            Duration::from_millis(100),
+        );
+    }
+}
+
+fn serve(mut conn: Conn, state: &Mutex<Coordinator>) {
+    if conn.set_timeout(IDLE_CONTROL_TIMEOUT).is_err() {
+        return;
+    }
+    loop {
+        let req: Request = match conn.recv_json() {
+            Ok(r) => r,
+            Err(WireError::Io { .. }) => return,
+            Err(e) => {
+                tracing::warn!("dropping a worker connection: {e}");
+                conn.refuse(&e.to_string());
+                return;
+            }
+        };
+        let reply = state
+            .lock()
+            .expect("coordinator lock")
+            .handle(Instant::now(), req);
+        if conn.send_json(&reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// A worker's side of the control connection.
+pub struct CoordinatorClient {
+    conn: Conn,
+}
+
+impl CoordinatorClient {
+    pub fn connect(
+        addr: &str,
+        auth: &Auth,
+        run_id: u64,
+        timeout: Duration,
+    ) -> Result<Self, WireError> {
+        Ok(CoordinatorClient {
+            conn: wire::connect(addr, auth, run_id, timeout)?,
+        })
+    }
+
+    pub fn run_id(&self) -> u64 {
+        self.conn.run_id()
+    }
+
+    /// The local address this connection leaves from: the interface that reaches the
+    /// coordinator, and so the one to advertise to peers.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.conn.local_addr().map(|a| a.ip())
+    }
+
+    pub fn call(&mut self, req: &Request) -> Result<Reply, WireError> {
+        self.conn.send_json(req)?;
+        self.conn.recv_json()
+    }
+}
