@@ -86,6 +86,21 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The worker a request comes from (none for a join, which asks for an id).
+    pub fn worker(&self) -> Option<WorkerId> {
+        match self {
+            Request::Join { .. } => None,
+            Request::Heartbeat { worker }
+            | Request::NextRound { worker, .. }
+            | Request::Ready { worker, .. }
+            | Request::Reduced { worker, .. }
+            | Request::Failed { worker, .. }
+            | Request::Leave { worker } => Some(*worker),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
@@ -177,6 +192,12 @@ pub enum Event {
         reason: String,
     },
     Committed(RoundRecord),
+    /// A replica's state hash after a commit (equal across replicas that are in sync).
+    StateReported {
+        next_round: u64,
+        name: String,
+        blake3: String,
+    },
     /// Replicas reported different states for the same round: they are not in sync.
     Divergence {
         next_round: u64,
@@ -329,6 +350,20 @@ impl Coordinator {
         }
     }
 
+    /// A worker's connection closed: its process exited or its link broke. Faster than
+    /// waiting for the heartbeat timeout; after the run is complete it is just goodbye.
+    pub fn disconnected(&mut self, now: Instant, worker: WorkerId) {
+        if self.is_complete() {
+            self.members.remove(&worker);
+        } else {
+            self.remove(
+                worker,
+                now,
+                "connection closed (process exited or link lost)".into(),
+            );
+        }
+    }
+
     fn remove(&mut self, id: WorkerId, now: Instant, reason: String) {
         let Some(m) = self.members.remove(&id) else {
             return;
@@ -448,15 +483,9 @@ impl Coordinator {
         if let Request::Join { name, data_addr } = req {
             return self.join(now, name, data_addr);
         }
-        let worker = match &req {
-            Request::Heartbeat { worker }
-            | Request::NextRound { worker, .. }
-            | Request::Ready { worker, .. }
-            | Request::Reduced { worker, .. }
-            | Request::Failed { worker, .. }
-            | Request::Leave { worker } => *worker,
-            Request::Join { .. } => unreachable!("handled above"),
-        };
+        let worker = req
+            .worker()
+            .expect("every request but a join names its worker");
         // A Reduced for a round that already committed may come from a member that has
         // been removed since: it still learns the round committed.
         if let Request::Reduced { round, .. } = &req
@@ -539,6 +568,11 @@ impl Coordinator {
 
     fn record_state(&mut self, worker: WorkerId, report: StateReport) {
         let name = self.members[&worker].name.clone();
+        self.events.push(Event::StateReported {
+            next_round: report.next_round,
+            name: name.clone(),
+            blake3: report.blake3.clone(),
+        });
         let hashes = self.state_hashes.entry(report.next_round).or_default();
         hashes.insert(name, report.blake3);
         let distinct: BTreeSet<&String> = hashes.values().collect();
@@ -1163,6 +1197,34 @@ mod tests {
             c.drain_events()
                 .iter()
                 .any(|e| matches!(e, Event::Divergence { next_round: 3, .. }))
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_removes_the_member_at_once_but_not_after_the_run() {
+        let (mut c, t0) = coord(2, 1);
+        let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        next(&mut c, t0, a);
+        next(&mut c, t0, b);
+        c.disconnected(t0, b);
+        assert_eq!(c.live_members(), 1);
+        assert!(c.drain_events().iter().any(
+            |e| matches!(e, Event::Removed { reason, .. } if reason.contains("connection closed"))
+        ));
+        let Reply::Ring { members, .. } = ready(&mut c, t0, a, 0) else {
+            panic!()
+        };
+        assert_eq!(members.len(), 1);
+        reduced(&mut c, t0, a, 0, 1);
+        // w1's batches must still be trained: one more round before the run is complete.
+        assert!(!c.is_complete());
+        clean_round(&mut c, t0, &[a], 1);
+        assert!(c.is_complete());
+        c.drain_events();
+        c.disconnected(t0, a);
+        assert!(
+            c.drain_events().is_empty(),
+            "leaving a finished run is not a fault"
         );
     }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::coordinator::{Coordinator, Reply, Request};
+use crate::coordinator::{Coordinator, Reply, Request, WorkerId};
 use crate::wire::{self, Auth, Conn, WireError};
 
 /// How long a worker's control connection may stay quiet: liveness is judged by heartbeats,
@@ -73,26 +73,40 @@ impl Drop for CoordinatorServer {
 }
 
 fn serve(mut conn: Conn, state: &Mutex<Coordinator>) {
-    if conn.set_timeout(IDLE_CONTROL_TIMEOUT).is_err() {
-        return;
-    }
-    loop {
-        let req: Request = match conn.recv_json() {
-            Ok(r) => r,
-            Err(WireError::Io { .. }) => return,
-            Err(e) => {
-                tracing::warn!("dropping a worker connection: {e}");
-                conn.refuse(&e.to_string());
-                return;
+    // The workers this connection spoke for: when it closes, they are gone.
+    let mut speaks_for: Vec<WorkerId> = Vec::new();
+    if conn.set_timeout(IDLE_CONTROL_TIMEOUT).is_ok() {
+        loop {
+            let req: Request = match conn.recv_json() {
+                Ok(r) => r,
+                Err(WireError::Io { .. }) => break,
+                Err(e) => {
+                    tracing::warn!("dropping a worker connection: {e}");
+                    conn.refuse(&e.to_string());
+                    break;
+                }
+            };
+            let worker = req.worker();
+            let reply = state
+                .lock()
+                .expect("coordinator lock")
+                .handle(Instant::now(), req);
+            let id = match &reply {
+                Reply::Welcome { worker, .. } => Some(*worker),
+                Reply::Evicted { .. } => None,
+                _ => worker,
+            };
+            if let Some(id) = id.filter(|id| !speaks_for.contains(id)) {
+                speaks_for.push(id);
             }
-        };
-        let reply = state
-            .lock()
-            .expect("coordinator lock")
-            .handle(Instant::now(), req);
-        if conn.send_json(&reply).is_err() {
-            return;
+            if conn.send_json(&reply).is_err() {
+                break;
+            }
         }
+    }
+    let mut c = state.lock().expect("coordinator lock");
+    for id in speaks_for {
+        c.disconnected(Instant::now(), id);
     }
 }
 

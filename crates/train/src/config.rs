@@ -14,6 +14,45 @@ pub struct RunConfig {
     pub model: ModelSection,
     pub data: DataSection,
     pub train: TrainSection,
+    pub sync: SyncSection,
+}
+
+/// How replicas of a multi-worker run stay in sync (ignored by a single-worker run).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    /// `diloco` (H local AdamW steps, then an outer Nesterov step on the averaged
+    /// pseudo-gradient) or `ddp` (average gradients every step).
+    pub mode: String,
+    /// H: inner steps per outer round (DiLoCo only).
+    pub inner_steps: u64,
+    pub outer_lr: f64,
+    pub outer_momentum: f64,
+    /// A worker silent this long is out of the quorum; collectives give up on a peer after it.
+    pub failure_timeout_ms: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        SyncSection {
+            mode: "diloco".into(),
+            inner_steps: 50,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            failure_timeout_ms: 2000,
+        }
+    }
+}
+
+impl SyncSection {
+    /// Optimizer steps each worker takes per sync round.
+    pub fn steps_per_round(&self) -> u64 {
+        if self.mode == "ddp" {
+            1
+        } else {
+            self.inner_steps
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -118,6 +157,11 @@ impl RunConfig {
         toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
     }
 
+    /// Parses a TOML config received as text (a worker's job from its coordinator).
+    pub fn from_toml_str(text: &str, source: &str) -> Result<Self, TrainError> {
+        toml::from_str(text).map_err(|e| TrainError::Config(format!("{source}: {e}")))
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
     }
@@ -212,6 +256,38 @@ impl RunConfig {
                     "known tasks: addition, text",
                 );
             }
+        }
+        let s = &self.sync;
+        if !matches!(s.mode.as_str(), "diloco" | "ddp") {
+            return bad(
+                "sync.mode",
+                format!("'{}'", s.mode),
+                "known modes: diloco, ddp",
+            );
+        }
+        if s.inner_steps == 0 {
+            return bad("sync.inner_steps", "0".into(), "must be at least 1");
+        }
+        if !(s.outer_lr.is_finite() && s.outer_lr > 0.0) {
+            return bad(
+                "sync.outer_lr",
+                s.outer_lr.to_string(),
+                "must be a positive number",
+            );
+        }
+        if !(0.0..1.0).contains(&s.outer_momentum) {
+            return bad(
+                "sync.outer_momentum",
+                s.outer_momentum.to_string(),
+                "must be in [0, 1)",
+            );
+        }
+        if s.failure_timeout_ms < 100 {
+            return bad(
+                "sync.failure_timeout_ms",
+                s.failure_timeout_ms.to_string(),
+                "must be at least 100",
+            );
         }
         self.base_model_config()?.validate()?;
         Ok(())

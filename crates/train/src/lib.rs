@@ -7,12 +7,15 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod coordinate;
 pub mod data;
 pub mod eval;
 pub mod optim;
+pub mod replica;
 pub mod run;
 pub mod state;
 pub mod step;
+pub mod worker;
 
 use std::io::Write;
 use std::path::Path;
@@ -36,6 +39,8 @@ pub enum TrainError {
     },
     #[error(transparent)]
     Model(#[from] holdfast_model::ModelError),
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl TrainError {

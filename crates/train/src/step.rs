@@ -5,7 +5,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::TrainSection;
 use crate::data::{Batch, Dataset, Split};
-use crate::optim::{clip_grads, grad_norm, learning_rate};
+use holdfast_model::Weights;
+
+use crate::optim::{AdamW, clip_grads, grad_norm, learning_rate};
 use crate::state::TrainState;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -45,35 +47,30 @@ pub fn masked_cross_entropy(
     (picked * mask).sum().neg() / count
 }
 
-/// Runs one optimizer step of `worker` (of `world`) on the state's device and advances the
-/// state. Gradients are averaged over `grad_accum` micro-batches before clipping and AdamW.
-pub fn train_step(
-    state: &mut TrainState,
+/// Gradients of the mean loss over the micro-batches starting at `firsts` (`rows` each),
+/// with their mean loss and token count. Weights are not changed.
+pub fn compute_grads(
+    weights: &Weights,
     data: &Dataset,
-    h: &TrainSection,
-    worker: usize,
-    world: usize,
-) -> StepStats {
-    let device = state.weights.tensors[0].device();
-    let accum = h.grad_accum;
+    seed: u64,
+    firsts: &[u64],
+    rows: usize,
+) -> (Vec<Tensor<2>>, f64, usize) {
+    let device = weights.tensors[0].device();
+    let accum = firsts.len();
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut loss_sum = 0.0;
     let mut tokens = 0;
-    for micro in 0..accum {
-        let first = state
-            .cursor
-            .micro_batch_start(micro, worker, world, h.batch_size);
-        let batch = data.batch(Split::Train, state.seed, first, h.batch_size);
+    for &first in firsts {
+        let batch = data.batch(Split::Train, seed, first, rows);
         tokens += batch.batch * batch.seq;
         let (inputs, targets, mask) = batch_tensors(&batch, &device);
-
-        let leaves: Vec<Tensor<2>> = state
-            .weights
+        let leaves: Vec<Tensor<2>> = weights
             .tensors
             .iter()
             .map(|t| t.clone().autodiff().require_grad())
             .collect();
-        let logits = holdfast_model::forward(&state.weights.cfg, &leaves, inputs.autodiff());
+        let logits = holdfast_model::forward(&weights.cfg, &leaves, inputs.autodiff());
         let loss = masked_cross_entropy(logits, targets.autodiff(), mask.autodiff());
         loss_sum += loss.clone().inner().into_scalar::<f32>() as f64;
         let mut g = (loss / accum as f64).backward();
@@ -93,19 +90,51 @@ pub fn train_step(
                 .collect(),
         });
     }
-    let grads = grads.expect("grad_accum ≥ 1");
+    let grads = grads.expect("at least one micro-batch");
+    (grads, loss_sum / accum as f64, tokens)
+}
+
+/// Clips `grads` and applies AdamW with the learning rate of optimizer step `step`; returns
+/// the pre-clip gradient norm and the learning rate used.
+pub fn apply_grads(
+    weights: &mut Weights,
+    opt: &mut AdamW,
+    grads: Vec<Tensor<2>>,
+    step: u64,
+    h: &TrainSection,
+) -> (f64, f64) {
     let norm = grad_norm(&grads);
     let grads = clip_grads(grads, norm, h.grad_clip);
-    let lr = learning_rate(state.step, h);
-    let decay: Vec<bool> = state.weights.specs.iter().map(|s| s.decay).collect();
-    state
-        .opt
-        .step(&mut state.weights.tensors, grads, &decay, lr, h);
+    let lr = learning_rate(step, h);
+    let decay: Vec<bool> = weights.specs.iter().map(|s| s.decay).collect();
+    opt.step(&mut weights.tensors, grads, &decay, lr, h);
+    (norm, lr)
+}
+
+/// Runs one optimizer step of `worker` (of `world`) on the state's device and advances the
+/// state. Gradients are averaged over `grad_accum` micro-batches before clipping and AdamW.
+pub fn train_step(
+    state: &mut TrainState,
+    data: &Dataset,
+    h: &TrainSection,
+    worker: usize,
+    world: usize,
+) -> StepStats {
+    let firsts: Vec<u64> = (0..h.grad_accum)
+        .map(|micro| {
+            state
+                .cursor
+                .micro_batch_start(micro, worker, world, h.batch_size)
+        })
+        .collect();
+    let (grads, loss, tokens) =
+        compute_grads(&state.weights, data, state.seed, &firsts, h.batch_size);
+    let (norm, lr) = apply_grads(&mut state.weights, &mut state.opt, grads, state.step, h);
     state.step += 1;
-    state.cursor.advance(h.batch_size, accum, world);
+    state.cursor.advance(h.batch_size, h.grad_accum, world);
     StepStats {
         step: state.step,
-        loss: loss_sum / accum as f64,
+        loss,
         grad_norm: norm,
         lr,
         tokens,

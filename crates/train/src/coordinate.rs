@@ -1,0 +1,340 @@
+//! The coordinator's side of a multi-worker run, around the pure state machine in
+//! `holdfast_cluster::coordinator`: it serves workers, writes the run directory — the ledger
+//! of committed rounds (`ledger.jsonl`, one line per round: who trained which batch ids, and
+//! what the round cost), membership events (`events.jsonl`), checkpoints — and at the end
+//! collects the final state from a healthy worker, evaluates it and lets the workers go.
+//! Checkpoints come from a live peer, so no worker needs the coordinator's disk.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use holdfast_cluster::coordinator::{Coordinator, Event, Options, RoundRecord};
+use holdfast_cluster::peer::fetch_state;
+use holdfast_cluster::server::CoordinatorServer;
+use holdfast_cluster::wire::{Auth, random_bytes};
+use serde::Serialize;
+
+use crate::replica::Replica;
+use crate::run::{EvalReport, FINAL_EXACT_MATCH_PROBLEMS, Prepared, evaluate};
+use crate::{RunConfig, TrainError, TrainState, checkpoint};
+
+pub const LEDGER_FILE: &str = "ledger.jsonl";
+pub const EVENTS_FILE: &str = "events.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_STATE_BYTES: u64 = 64 << 30;
+
+/// What the progress display shows.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub committed_rounds: u64,
+    pub total_rounds: u64,
+    pub live_workers: usize,
+    pub last_loss: Option<f64>,
+    pub committed_tokens: u64,
+    pub faults: u64,
+    pub complete: bool,
+}
+
+/// A finished multi-worker run.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterSummary {
+    pub workers: usize,
+    pub sync: String,
+    pub steps_per_round: u64,
+    pub rounds: u64,
+    pub wall_s: f64,
+    pub committed_tokens: u64,
+    /// Committed tokens per second of wall time, from the first round's start.
+    pub goodput_tokens_per_s: f64,
+    pub discarded_batches: u64,
+    pub faults: u64,
+    pub aborted_attempts: u64,
+    pub divergences: u64,
+    pub bytes_sent: u64,
+    pub bytes_sent_per_token: f64,
+    /// Median time a clean round's sync held training up, and the worst for a round with a fault.
+    pub median_sync_s: f64,
+    pub max_fault_sync_s: f64,
+    pub final_loss: f64,
+    pub eval: EvalReport,
+    pub checkpoint: PathBuf,
+}
+
+pub struct ClusterRun {
+    pub server: CoordinatorServer,
+    run_dir: PathBuf,
+    cfg: RunConfig,
+    auth: Auth,
+    run_id: u64,
+    device: Device,
+    started: Instant,
+    first_round: Option<Instant>,
+    records: Vec<RoundRecord>,
+    faults: u64,
+    aborted: u64,
+    divergences: u64,
+    next_checkpoint_round: u64,
+    pub workers: usize,
+}
+
+fn append_line(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TrainError::io(path, e))?;
+    let line = serde_json::to_string(value).expect("json serialises");
+    writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
+}
+
+impl ClusterRun {
+    /// Starts serving a run whose directory already exists (see `run::create_run_dir`).
+    pub fn start(
+        run_dir: &Path,
+        cfg: &RunConfig,
+        listen: &str,
+        secret: &[u8],
+        min_workers: usize,
+        device: Device,
+    ) -> Result<ClusterRun, TrainError> {
+        let per_round = cfg.sync.steps_per_round();
+        let rounds = cfg.train.steps.div_ceil(per_round);
+        let opts = Options {
+            failure_timeout: Duration::from_millis(cfg.sync.failure_timeout_ms),
+            min_workers,
+            batches_per_round: per_round * cfg.train.grad_accum as u64,
+            rounds,
+        };
+        let run_id = u64::from_le_bytes(random_bytes());
+        let auth = Auth::new(secret);
+        let coordinator = Coordinator::new(opts, run_id, cfg.to_toml());
+        let server = CoordinatorServer::start(listen, auth.clone(), run_id, coordinator)
+            .map_err(|e| TrainError::Cluster(format!("listening on {listen}: {e}")))?;
+        Ok(ClusterRun {
+            server,
+            run_dir: run_dir.to_path_buf(),
+            cfg: cfg.clone(),
+            auth,
+            run_id,
+            device,
+            started: Instant::now(),
+            first_round: None,
+            records: Vec::new(),
+            faults: 0,
+            aborted: 0,
+            divergences: 0,
+            next_checkpoint_round: cfg.train.checkpoint_every.div_ceil(per_round).max(1),
+            workers: min_workers,
+        })
+    }
+
+    fn total_rounds(&self) -> u64 {
+        self.cfg
+            .train
+            .steps
+            .div_ceil(self.cfg.sync.steps_per_round())
+    }
+
+    /// Records what happened since the last call and writes periodic checkpoints.
+    pub fn poll(&mut self) -> Result<Progress, TrainError> {
+        let (events, progress) = {
+            let mut c = self.server.state.lock().expect("coordinator lock");
+            let events = c.drain_events();
+            let progress = Progress {
+                committed_rounds: c.committed_rounds(),
+                total_rounds: self.total_rounds(),
+                live_workers: c.live_members(),
+                complete: c.is_complete(),
+                ..Default::default()
+            };
+            (events, progress)
+        };
+        for e in events {
+            let elapsed_s = self.started.elapsed().as_secs_f64();
+            match &e {
+                Event::Committed(r) => {
+                    append_line(&self.run_dir.join(LEDGER_FILE), r)?;
+                    self.records.push(r.clone());
+                    continue;
+                }
+                Event::RoundStarted { .. } => {
+                    self.first_round.get_or_insert_with(Instant::now);
+                    continue;
+                }
+                Event::Removed { name, reason, .. } => {
+                    self.faults += 1;
+                    eprintln!("[{elapsed_s:7.1}s] {name} left the quorum: {reason}");
+                }
+                Event::Joined { name, .. } => tracing::info!("{name} joined"),
+                Event::StateReported { .. } => {}
+                Event::AttemptAborted { round, reason, .. } => {
+                    self.aborted += 1;
+                    tracing::info!("round {round}: attempt aborted: {reason}");
+                }
+                Event::Divergence { next_round, hashes } => {
+                    self.divergences += 1;
+                    eprintln!(
+                        "warning: replicas disagree on the state of round {next_round}: {hashes:?}"
+                    );
+                }
+            }
+            append_line(
+                &self.run_dir.join(EVENTS_FILE),
+                &serde_json::json!({"elapsed_s": elapsed_s, "detail": e}),
+            )?;
+        }
+        if progress.committed_rounds >= self.next_checkpoint_round && !progress.complete {
+            // A failed periodic checkpoint is worth a warning, not the run.
+            match self.checkpoint() {
+                Ok((path, _)) => tracing::info!("checkpoint {}", path.display()),
+                Err(e) => eprintln!("warning: periodic checkpoint failed: {e}"),
+            }
+            let every = self
+                .cfg
+                .train
+                .checkpoint_every
+                .div_ceil(self.cfg.sync.steps_per_round())
+                .max(1);
+            self.next_checkpoint_round = progress.committed_rounds + every;
+        }
+        let last = self.records.last();
+        Ok(Progress {
+            last_loss: last.map(|r| r.loss),
+            committed_tokens: self.records.iter().map(|r| r.tokens).sum(),
+            faults: self.faults,
+            ..progress
+        })
+    }
+
+    /// Fetches the newest committed state from a healthy worker and saves it as a checkpoint.
+    fn checkpoint(&self) -> Result<(PathBuf, TrainState), TrainError> {
+        let started = Instant::now();
+        let mut last_err = String::from("no worker holds the committed state");
+        // A worker learns of a commit a moment after the coordinator records it, and
+        // publishes the new state only once it has applied it: ask for exactly the newest
+        // committed round, and ask again until someone has it.
+        let (peer, snap) = 'found: loop {
+            let (round, peers) = {
+                let c = self.server.state.lock().expect("coordinator lock");
+                (c.committed_rounds(), c.synced_peers())
+            };
+            for peer in peers {
+                let got = fetch_state(
+                    &peer,
+                    &self.auth,
+                    self.run_id,
+                    Some(round),
+                    MAX_STATE_BYTES,
+                    FETCH_TIMEOUT,
+                );
+                match got {
+                    Ok(s) => break 'found (peer, s),
+                    Err(e) => last_err = e.to_string(),
+                }
+            }
+            if started.elapsed() > FETCH_TIMEOUT {
+                return Err(TrainError::Cluster(format!("checkpoint: {last_err}")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let model = self.cfg_model()?;
+        let replica = Replica::decode(&snap.bytes, &model, &self.device, &peer)?;
+        let rounds = replica.next_round;
+        let batches: u64 = self
+            .records
+            .iter()
+            .take(rounds as usize)
+            .map(|r| {
+                r.members
+                    .iter()
+                    .map(|m| m.batches.len() as u64)
+                    .sum::<u64>()
+            })
+            .sum();
+        let state = replica.into_train_state(
+            self.cfg.train.seed,
+            rounds * self.cfg.sync.steps_per_round(),
+            batches * self.cfg.train.batch_size as u64,
+        );
+        let path = checkpoint::save(
+            &self.run_dir,
+            &state,
+            &self.cfg,
+            self.cfg.train.keep_checkpoints,
+        )?;
+        Ok((path, state))
+    }
+
+    fn cfg_model(&self) -> Result<holdfast_model::ModelConfig, TrainError> {
+        // The vocabulary comes from the tokenizer, as in `prepare_data`.
+        let tokenizer = match &self.cfg.data.tokenizer {
+            Some(p) => crate::data::Tokenizer::from_file(p)?,
+            None => crate::data::Tokenizer::Bytes,
+        };
+        let mut m = self.cfg.base_model_config()?;
+        m.vocab_size = tokenizer.vocab_size();
+        Ok(m)
+    }
+
+    /// Once the run is complete: final checkpoint from a healthy worker, evaluation, summary;
+    /// then the workers are released.
+    pub fn finish(&mut self, data: &Prepared) -> Result<ClusterSummary, TrainError> {
+        let (path, state) = self.checkpoint()?;
+        self.server
+            .state
+            .lock()
+            .expect("coordinator lock")
+            .release();
+        let eval = evaluate(
+            &state.weights,
+            &data.dataset,
+            &self.cfg,
+            FINAL_EXACT_MATCH_PROBLEMS,
+        );
+        let wall_s = self.first_round.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let committed_tokens: u64 = self.records.iter().map(|r| r.tokens).sum();
+        let bytes_sent: u64 = self.records.iter().map(|r| r.bytes_sent).sum();
+        let mut clean: Vec<f64> = self
+            .records
+            .iter()
+            .filter(|r| r.attempts <= 1 && r.discarded_batches == 0)
+            .map(|r| r.sync_s)
+            .collect();
+        clean.sort_by(f64::total_cmp);
+        let summary = ClusterSummary {
+            workers: self.workers,
+            sync: self.cfg.sync.mode.clone(),
+            steps_per_round: self.cfg.sync.steps_per_round(),
+            rounds: self.records.len() as u64,
+            wall_s,
+            committed_tokens,
+            goodput_tokens_per_s: committed_tokens as f64 / wall_s.max(1e-9),
+            discarded_batches: self.records.iter().map(|r| r.discarded_batches).sum(),
+            faults: self.faults,
+            aborted_attempts: self.aborted,
+            divergences: self.divergences,
+            bytes_sent,
+            bytes_sent_per_token: bytes_sent as f64 / committed_tokens.max(1) as f64,
+            median_sync_s: clean.get(clean.len() / 2).copied().unwrap_or(0.0),
+            max_fault_sync_s: self
+                .records
+                .iter()
+                .filter(|r| r.attempts > 1 || r.discarded_batches > 0)
+                .map(|r| r.sync_s)
+                .fold(0.0, f64::max),
+            final_loss: self.records.last().map_or(f64::NAN, |r| r.loss),
+            eval,
+            checkpoint: path,
+        };
+        crate::atomic_write(
+            &self.run_dir.join(SUMMARY_FILE),
+            serde_json::to_string_pretty(&summary)
+                .expect("json")
+                .as_bytes(),
+        )?;
+        Ok(summary)
+    }
+}

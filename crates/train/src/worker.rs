@@ -1,0 +1,413 @@
+//! A worker of a multi-worker run: joins the coordinator, trains its assigned batches, takes
+//! part in each round's collective, and applies a round only when the coordinator says it
+//! committed. When it is told it left the quorum (it hung, or its link did) it rejoins and
+//! takes the committed state from a healthy peer — no checkpoint file involved.
+//!
+//! The training step itself is the single-worker one ([`compute_grads`], [`apply_grads`]);
+//! everything here wraps it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use holdfast_cluster::coordinator::{Reply, Request, StateReport, WorkerRoundStats};
+use holdfast_cluster::diloco::{OuterNesterov, average_in_place, pseudo_gradient};
+use holdfast_cluster::peer::{FetchError, PeerServer, Snapshot, fetch_state};
+use holdfast_cluster::ring::{RingSpec, all_reduce_sum};
+use holdfast_cluster::server::CoordinatorClient;
+use holdfast_cluster::wire::{Auth, WireError};
+
+use crate::replica::{Replica, flatten, unflatten};
+use crate::run::{Prepared, prepare_data};
+use crate::step::{apply_grads, compute_grads};
+use crate::{RunConfig, TrainError};
+
+const POLL: Duration = Duration::from_millis(10);
+/// How long a starting worker keeps trying to reach its coordinator.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for a state transfer's handshake and each of its frames.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A state larger than this is refused before it is received.
+const MAX_STATE_BYTES: u64 = 64 << 30;
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// The coordinator's address.
+    pub coordinator: String,
+    /// Stable name: ranks are ordered by it, and a restarted worker with the same name
+    /// replaces its old incarnation at once.
+    pub name: String,
+    pub secret: Vec<u8>,
+    /// Address to listen on for peers; by default the interface that reaches the coordinator.
+    pub listen_ip: Option<String>,
+    pub device: Device,
+    pub cache_dir: PathBuf,
+    /// Chaos: run this many times slower (1 = normal).
+    pub slow_factor: f64,
+}
+
+enum SessionEnd {
+    Finished,
+    Evicted(String),
+}
+
+fn cluster_err(context: &str, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Cluster(format!("{context}: {e}"))
+}
+
+fn connect(o: &WorkerOptions, auth: &Auth, run_id: u64) -> Result<CoordinatorClient, TrainError> {
+    let started = Instant::now();
+    loop {
+        match CoordinatorClient::connect(&o.coordinator, auth, run_id, CONNECT_TIMEOUT) {
+            Ok(c) => return Ok(c),
+            // A refused connection may be a coordinator still starting; anything else
+            // (wrong secret, wrong run) will not get better by waiting.
+            Err(WireError::Io { ref source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && started.elapsed() < CONNECT_PATIENCE =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(cluster_err(&format!("coordinator {}", o.coordinator), e)),
+        }
+    }
+}
+
+/// Runs until the coordinator says the run is finished. Errors when the coordinator is gone
+/// or refuses this worker.
+pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
+    let auth = Auth::new(&o.secret);
+    let mut prepared: Option<(RunConfig, Prepared)> = None;
+    loop {
+        match session(o, &auth, &mut prepared)? {
+            SessionEnd::Finished => return Ok(()),
+            SessionEnd::Evicted(reason) => {
+                tracing::warn!("{}: out of the quorum ({reason}); rejoining", o.name);
+            }
+        }
+    }
+}
+
+/// Stops the heartbeat thread when the session ends, however it ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn start_heartbeat(
+    o: &WorkerOptions,
+    auth: &Auth,
+    run_id: u64,
+    worker: u64,
+    every: Duration,
+) -> Result<StopOnDrop, TrainError> {
+    let mut client = connect(o, auth, run_id)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            match client.call(&Request::Heartbeat { worker }) {
+                Ok(Reply::Ok) => {}
+                _ => break,
+            }
+            std::thread::sleep(every);
+        }
+    });
+    Ok(StopOnDrop(stop))
+}
+
+fn session(
+    o: &WorkerOptions,
+    auth: &Auth,
+    prepared: &mut Option<(RunConfig, Prepared)>,
+) -> Result<SessionEnd, TrainError> {
+    let mut client = connect(o, auth, 0)?;
+    let run_id = client.run_id();
+    let ip = o
+        .listen_ip
+        .clone()
+        .or_else(|| client.local_ip().map(|ip| ip.to_string()))
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let peer = PeerServer::start(&format!("{ip}:0"), auth.clone(), run_id, PEER_TIMEOUT)
+        .map_err(|e| cluster_err(&format!("listening on {ip}"), e))?;
+    let call = |client: &mut CoordinatorClient, req: &Request| {
+        client
+            .call(req)
+            .map_err(|e| cluster_err(&format!("coordinator {}", o.coordinator), e))
+    };
+    let (worker, job) = match call(
+        &mut client,
+        &Request::Join {
+            name: o.name.clone(),
+            data_addr: peer.addr.clone(),
+        },
+    )? {
+        Reply::Welcome { worker, job, .. } => (worker, job),
+        other => return Err(cluster_err("join", format!("unexpected reply {other:?}"))),
+    };
+    let cfg = RunConfig::from_toml_str(&job, "job from the coordinator")?;
+    if prepared.as_ref().is_none_or(|(c, _)| *c != cfg) {
+        *prepared = Some((cfg.clone(), prepare_data(&cfg, &o.cache_dir, None)?));
+    }
+    let (cfg, data) = prepared.as_ref().expect("prepared above");
+    let timeout = Duration::from_millis(cfg.sync.failure_timeout_ms);
+    let _heartbeat = start_heartbeat(o, auth, run_id, worker, timeout / 4)?;
+    tracing::info!("{} joined as worker {worker} of run {run_id:016x}", o.name);
+
+    let h = &cfg.train;
+    let diloco = cfg.sync.mode == "diloco";
+    let per_round = cfg.sync.steps_per_round();
+    let outer_opt = OuterNesterov {
+        lr: cfg.sync.outer_lr as f32,
+        momentum: cfg.sync.outer_momentum as f32,
+    };
+    let mut replica: Option<Replica> = None;
+    let mut report: Option<StateReport> = None;
+    loop {
+        let reply = call(
+            &mut client,
+            &Request::NextRound {
+                worker,
+                state: report.take(),
+            },
+        )?;
+        let (round, batches, donor) = match reply {
+            Reply::Round {
+                round,
+                batches,
+                donor,
+                ..
+            } => (round, batches, donor),
+            Reply::Wait { .. } => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Reply::Finished => return Ok(SessionEnd::Finished),
+            Reply::Evicted { reason } => return Ok(SessionEnd::Evicted(reason)),
+            other => {
+                return Err(cluster_err(
+                    "next round",
+                    format!("unexpected reply {other:?}"),
+                ));
+            }
+        };
+        if let Some(donor) = donor {
+            match fetch_replica(&donor, auth, run_id, round, &data.model, &o.device) {
+                Ok(r) => replica = Some(r),
+                Err(e) => {
+                    // The donor may have died; the coordinator will name another next time.
+                    tracing::warn!("{}: live recovery from {donor} failed: {e}", o.name);
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            }
+        }
+        let r =
+            replica.get_or_insert_with(|| Replica::fresh(&data.model, h.seed, &o.device, diloco));
+        if r.next_round != round {
+            return Ok(SessionEnd::Evicted(format!(
+                "holds the state of round {}, asked to run round {round}",
+                r.next_round
+            )));
+        }
+
+        // Compute: DiLoCo trains H local steps; DDP computes one step's gradients.
+        let compute_started = Instant::now();
+        let mut stats = WorkerRoundStats::default();
+        let firsts = |ids: &[u64]| {
+            ids.iter()
+                .map(|b| b * h.batch_size as u64)
+                .collect::<Vec<_>>()
+        };
+        let mut loss_sum = 0.0;
+        let payload = if diloco {
+            for (i, ids) in batches.chunks(h.grad_accum).enumerate() {
+                let step_started = Instant::now();
+                let (grads, loss, tokens) = compute_grads(
+                    &r.weights,
+                    &data.dataset,
+                    h.seed,
+                    &firsts(ids),
+                    h.batch_size,
+                );
+                apply_grads(
+                    &mut r.weights,
+                    &mut r.opt,
+                    grads,
+                    round * per_round + i as u64,
+                    h,
+                );
+                loss_sum += loss;
+                stats.tokens += tokens as u64;
+                slow_down(o.slow_factor, step_started.elapsed());
+            }
+            let mut d = Vec::new();
+            pseudo_gradient(&r.outer, &flatten(&r.weights.tensors), &mut d);
+            loss_sum /= batches.chunks(h.grad_accum).len() as f64;
+            d
+        } else {
+            let step_started = Instant::now();
+            let (grads, loss, tokens) = compute_grads(
+                &r.weights,
+                &data.dataset,
+                h.seed,
+                &firsts(&batches),
+                h.batch_size,
+            );
+            loss_sum = loss;
+            stats.tokens = tokens as u64;
+            slow_down(o.slow_factor, step_started.elapsed());
+            flatten(&grads)
+        };
+        stats.loss = loss_sum;
+        stats.compute_s = compute_started.elapsed().as_secs_f64();
+
+        // Sync: retried on a re-formed ring until the round commits or this worker is out.
+        let mut wait_s = 0.0;
+        let mut comm_s = 0.0;
+        let (sum, contributors) = loop {
+            let waited = Instant::now();
+            let (attempt, rank, members) = loop {
+                match call(&mut client, &Request::Ready { worker, round })? {
+                    Reply::Ring {
+                        attempt,
+                        rank,
+                        members,
+                        ..
+                    } => break (attempt, rank, members),
+                    Reply::Wait { .. } => std::thread::sleep(POLL),
+                    Reply::Evicted { reason } => return Ok(SessionEnd::Evicted(reason)),
+                    other => {
+                        return Err(cluster_err("ready", format!("unexpected reply {other:?}")));
+                    }
+                }
+            };
+            wait_s += waited.elapsed().as_secs_f64();
+            let n = members.len();
+            let spec = RingSpec {
+                round,
+                attempt,
+                members,
+                rank,
+            };
+            let mut buf = payload.clone();
+            let comm_started = Instant::now();
+            let outcome = all_reduce_sum(&mut buf, &spec, auth, run_id, &peer.inbox, timeout);
+            comm_s += comm_started.elapsed().as_secs_f64();
+            let ring = match outcome {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("{}: round {round} attempt {attempt} failed: {e}", o.name);
+                    let req = Request::Failed {
+                        worker,
+                        round,
+                        attempt,
+                        error: e.to_string(),
+                    };
+                    match call(&mut client, &req)? {
+                        Reply::Evicted { reason } => return Ok(SessionEnd::Evicted(reason)),
+                        _ => continue,
+                    }
+                }
+            };
+            stats.bytes_sent += ring.bytes_sent;
+            stats.bytes_received += ring.bytes_received;
+            stats.comm_s = comm_s;
+            stats.wait_s = wait_s;
+            let waited = Instant::now();
+            let verdict = loop {
+                let req = Request::Reduced {
+                    worker,
+                    round,
+                    attempt,
+                    stats: stats.clone(),
+                };
+                match call(&mut client, &req)? {
+                    Reply::Wait { .. } => std::thread::sleep(POLL),
+                    other => break other,
+                }
+            };
+            wait_s += waited.elapsed().as_secs_f64();
+            match verdict {
+                Reply::Commit { .. } => break (buf, n),
+                Reply::Retry { .. } => continue,
+                Reply::Evicted { reason } => return Ok(SessionEnd::Evicted(reason)),
+                other => {
+                    return Err(cluster_err(
+                        "reduced",
+                        format!("unexpected reply {other:?}"),
+                    ));
+                }
+            }
+        };
+
+        // Apply the committed round, identically on every replica.
+        let mut avg = sum;
+        average_in_place(&mut avg, contributors);
+        if diloco {
+            outer_opt.step(&mut r.outer, &mut r.velocity, &avg);
+            r.reset_local_to_outer();
+        } else {
+            let grads = unflatten(&avg, &r.weights.specs, &o.device);
+            apply_grads(&mut r.weights, &mut r.opt, grads, round, h);
+            r.outer = flatten(&r.weights.tensors);
+        }
+        r.next_round = round + 1;
+        peer.publish(Snapshot {
+            next_round: r.next_round,
+            bytes: r.encode(),
+        });
+        report = Some(StateReport {
+            next_round: r.next_round,
+            blake3: r.state_hash(),
+        });
+    }
+}
+
+fn slow_down(factor: f64, step: Duration) {
+    if factor > 1.0 {
+        std::thread::sleep(step.mul_f64(factor - 1.0));
+    }
+}
+
+fn fetch_replica(
+    donor: &str,
+    auth: &Auth,
+    run_id: u64,
+    round: u64,
+    cfg: &holdfast_model::ModelConfig,
+    device: &Device,
+) -> Result<Replica, TrainError> {
+    // The donor publishes the state just after it applies the commit; give it a moment.
+    let started = Instant::now();
+    let snap = loop {
+        match fetch_state(
+            donor,
+            auth,
+            run_id,
+            Some(round),
+            MAX_STATE_BYTES,
+            PEER_TIMEOUT,
+        ) {
+            Ok(s) => break s,
+            Err(FetchError::Unavailable { .. }) if started.elapsed() < PEER_TIMEOUT => {
+                std::thread::sleep(POLL)
+            }
+            Err(e) => return Err(cluster_err("live recovery", e)),
+        }
+    };
+    let r = Replica::decode(&snap.bytes, cfg, device, donor)?;
+    if r.next_round != round {
+        return Err(cluster_err(
+            "live recovery",
+            format!("{donor} sent round {}, wanted {round}", r.next_round),
+        ));
+    }
+    Ok(r)
+}
