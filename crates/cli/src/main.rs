@@ -1,6 +1,7 @@
 //! `holdfast`: the command line. Parses flags, picks the device, and hands off to the crates.
 
 mod device;
+mod launch;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,10 @@ enum Command {
     },
     /// Generate text from a run's latest checkpoint.
     Generate(GenerateArgs),
+    /// Serve a multi-worker run to workers that join from other hosts.
+    Coordinator(Box<CoordinatorArgs>),
+    /// Join a multi-worker run (`holdfast coordinator` or `holdfast train --workers`).
+    Worker(WorkerArgs),
     /// Measure performance without writing a run directory.
     Bench {
         #[command(subcommand)]
@@ -95,6 +100,63 @@ struct TrainArgs {
     /// No progress bar; one line per evaluation instead.
     #[arg(long)]
     no_progress: bool,
+    /// Train with this many worker processes on this machine (embedded coordinator).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Inject faults into a multi-worker run, e.g. `kill:worker=2,at=30s;hang:worker=1,for=10s`.
+    #[arg(long, requires = "workers")]
+    chaos: Option<String>,
+    /// Do not restart a worker that dies (by default it is restarted after 1 s and rejoins).
+    #[arg(long, requires = "workers")]
+    no_respawn: bool,
+    /// Replica sync: diloco or ddp.
+    #[arg(long)]
+    sync: Option<String>,
+    /// DiLoCo's H: inner steps per outer round.
+    #[arg(long)]
+    inner_steps: Option<u64>,
+    /// A worker silent this long is dropped from the quorum.
+    #[arg(long)]
+    failure_timeout_ms: Option<u64>,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7070.
+    #[arg(long)]
+    listen: String,
+    /// Workers that must join before the first round.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    /// File holding the run's shared secret (default: the HOLDFAST_SECRET environment variable).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The coordinator's address.
+    #[arg(long)]
+    join: String,
+    /// This worker's name (ranks are ordered by name). Default: HOST-PID.
+    #[arg(long)]
+    name: Option<String>,
+    /// IP to accept peers on (default: the interface that reaches the coordinator).
+    #[arg(long)]
+    listen_ip: Option<String>,
+    /// Where tokenized text is cached.
+    #[arg(long, default_value = ".holdfast-token-cache")]
+    cache_dir: PathBuf,
+    /// File holding the run's shared secret (default: the HOLDFAST_SECRET environment variable).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Run this many times slower (chaos testing).
+    #[arg(long, default_value_t = 1.0)]
+    slow_factor: f64,
 }
 
 #[derive(Args)]
@@ -148,6 +210,8 @@ fn main() -> ExitCode {
         Command::Train(args) => cmd_train(*args),
         Command::Eval { run_dir, device } => cmd_eval(&run_dir, &device),
         Command::Generate(args) => cmd_generate(args),
+        Command::Coordinator(args) => cmd_coordinator(*args),
+        Command::Worker(args) => cmd_worker(args),
         Command::Bench {
             what:
                 BenchCommand::Train {
@@ -222,6 +286,16 @@ fn apply_train_flags(cfg: &mut RunConfig, args: &TrainArgs) {
     if let Some(v) = args.checkpoint_every {
         t.checkpoint_every = v;
     }
+    let s = &mut cfg.sync;
+    if let Some(v) = &args.sync {
+        s.mode = v.clone();
+    }
+    if let Some(v) = args.inner_steps {
+        s.inner_steps = v;
+    }
+    if let Some(v) = args.failure_timeout_ms {
+        s.failure_timeout_ms = v;
+    }
 }
 
 fn default_run_dir(cfg: &RunConfig) -> PathBuf {
@@ -233,6 +307,9 @@ fn default_run_dir(cfg: &RunConfig) -> PathBuf {
 
 fn cmd_train(args: TrainArgs) -> Result<()> {
     let device = device::parse(&args.device)?;
+    if let Some(workers) = args.workers {
+        return cmd_train_workers(&args, workers, device);
+    }
     let (run_dir, cfg, prepared, mut state) = if let Some(run_dir) = &args.resume {
         let mut cfg = run::read_run_config(run_dir)?;
         let stored = cfg.clone();
@@ -467,5 +544,175 @@ fn cmd_bench_train(
     }
     let report = run::bench_train(preset, &model, batch_size, warmup, steps, &device);
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// A new multi-worker run's directory, config and data, checked before anything starts.
+fn new_cluster_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepared)> {
+    if args.resume.is_some() {
+        bail!(
+            "--resume of a multi-worker run is not supported yet: its checkpoints load with `holdfast eval`/`generate`, or as --init of a new run"
+        );
+    }
+    if args.init.is_some() {
+        bail!("--init is not supported with workers yet");
+    }
+    let cfg = effective_config(args)?;
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| default_run_dir(&cfg));
+    run::check_new_run_dir(&run_dir)?;
+    let prepared = run::prepare_data(&cfg, &run::token_cache_dir(&run_dir), None)?;
+    run::create_run_dir(&run_dir, &cfg)?;
+    Ok((run_dir, cfg, prepared))
+}
+
+fn describe_sync(cfg: &RunConfig) -> String {
+    match cfg.sync.mode.as_str() {
+        "ddp" => "DDP (gradients averaged every step)".into(),
+        _ => format!(
+            "DiLoCo (H={}, outer Nesterov lr {} momentum {})",
+            cfg.sync.inner_steps, cfg.sync.outer_lr, cfg.sync.outer_momentum
+        ),
+    }
+}
+
+fn print_cluster_summary(
+    s: &holdfast_train::coordinate::ClusterSummary,
+    run_dir: &Path,
+    cfg: &RunConfig,
+) {
+    println!(
+        "committed {} rounds ({} steps per worker) in {:.1}s: {} tokens, goodput {:.0} tokens/s",
+        s.rounds,
+        s.rounds * s.steps_per_round,
+        s.wall_s,
+        s.committed_tokens,
+        s.goodput_tokens_per_s
+    );
+    println!(
+        "faults {}, aborted attempts {}, discarded batches {} (retrained), replica divergences {}",
+        s.faults, s.aborted_attempts, s.discarded_batches, s.divergences
+    );
+    println!(
+        "sync: {:.1} bytes sent per token; median sync stall {:.3}s, worst with a fault {:.3}s",
+        s.bytes_sent_per_token, s.median_sync_s, s.max_fault_sync_s
+    );
+    println!(
+        "final train loss {:.4}, validation loss {:.4}",
+        s.final_loss, s.eval.val_loss
+    );
+    if let (Some(acc), Some(n)) = (s.eval.exact_match, s.eval.exact_match_problems) {
+        println!(
+            "held-out exact-match accuracy: {:.1}% of {n} unseen {}-digit additions",
+            acc * 100.0,
+            cfg.data.addition_digits
+        );
+    }
+    println!("checkpoint: {}", s.checkpoint.display());
+    println!(
+        "ledger: {}  summary: {}",
+        run_dir
+            .join(holdfast_train::coordinate::LEDGER_FILE)
+            .display(),
+        run_dir
+            .join(holdfast_train::coordinate::SUMMARY_FILE)
+            .display()
+    );
+}
+
+fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Device) -> Result<()> {
+    if workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let chaos = match &args.chaos {
+        Some(spec) => holdfast_cluster::chaos::ChaosPlan::parse(spec, workers)
+            .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?,
+        None => Default::default(),
+    };
+    let (run_dir, cfg, prepared) = new_cluster_run(args)?;
+    eprintln!(
+        "training {} parameters on {} with {workers} worker processes, {}, {} steps each → {}",
+        prepared.model.num_params(),
+        describe_task(&cfg),
+        describe_sync(&cfg),
+        cfg.train.steps,
+        run_dir.display()
+    );
+    let opts = launch::LaunchOptions {
+        workers,
+        chaos,
+        respawn_after: (!args.no_respawn).then_some(std::time::Duration::from_secs(1)),
+        device: args.device.clone(),
+        progress: !args.no_progress,
+    };
+    let cache = run::token_cache_dir(&run_dir);
+    let summary = launch::run(&run_dir, &cfg, &prepared, &cache, device, &opts)?;
+    print_cluster_summary(&summary, &run_dir, &cfg);
+    Ok(())
+}
+
+fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
+    if args.train.workers.is_some() {
+        bail!(
+            "--workers starts local worker processes; with `coordinator`, use --min-workers and start `holdfast worker --join` on each host"
+        );
+    }
+    if args.min_workers == 0 {
+        bail!("--min-workers must be at least 1");
+    }
+    let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
+    let device = device::parse(&args.train.device)?;
+    let (run_dir, cfg, prepared) = new_cluster_run(&args.train)?;
+    let mut cluster = holdfast_train::coordinate::ClusterRun::start(
+        &run_dir,
+        &cfg,
+        &args.listen,
+        &secret,
+        args.min_workers,
+        device,
+    )?;
+    eprintln!(
+        "coordinator for {} listening on {}: waiting for {} worker(s) (`holdfast worker --join ADDR`), {}",
+        run_dir.display(),
+        cluster.server.addr,
+        args.min_workers,
+        describe_sync(&cfg)
+    );
+    loop {
+        let p = cluster.poll()?;
+        if p.complete {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let summary = cluster.finish(&prepared)?;
+    print_cluster_summary(&summary, &run_dir, &cfg);
+    // Give released workers a moment to hear that the run is finished.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+fn cmd_worker(args: WorkerArgs) -> Result<()> {
+    let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
+    let device = device::parse(&args.device)?;
+    if !(args.slow_factor.is_finite() && args.slow_factor >= 1.0) {
+        bail!("--slow-factor must be at least 1, got {}", args.slow_factor);
+    }
+    let name = args.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let opts = holdfast_train::worker::WorkerOptions {
+        coordinator: args.join.clone(),
+        name,
+        secret,
+        listen_ip: args.listen_ip.clone(),
+        device,
+        cache_dir: args.cache_dir.clone(),
+        slow_factor: args.slow_factor,
+    };
+    holdfast_train::worker::run_worker(&opts)?;
     Ok(())
 }

@@ -1,0 +1,260 @@
+//! `holdfast train --workers N`: an embedded coordinator in this process and N worker
+//! processes of this same binary, supervised (a worker that dies is started again after a
+//! delay, and rejoins through live recovery), with chaos faults delivered as real signals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use holdfast_cluster::chaos::{ChaosPlan, Signal};
+use holdfast_cluster::wire::random_bytes;
+use holdfast_train::RunConfig;
+use holdfast_train::coordinate::{ClusterRun, ClusterSummary};
+use holdfast_train::run::Prepared;
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub const SECRET_ENV: &str = "HOLDFAST_SECRET";
+const SUPERVISE_EVERY: Duration = Duration::from_millis(50);
+/// How long finished workers get to exit before they are killed.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+
+pub struct LaunchOptions {
+    pub workers: usize,
+    pub chaos: ChaosPlan,
+    pub respawn_after: Option<Duration>,
+    pub device: String,
+    pub progress: bool,
+}
+
+struct Slot {
+    name: String,
+    child: Option<Child>,
+    respawn_at: Option<Instant>,
+    slow_factor: f64,
+    stopped: bool,
+}
+
+/// Kills every worker still running when the launcher leaves, however it leaves.
+struct Workers(Vec<Slot>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for s in &mut self.0 {
+            if let Some(c) = s.child.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn spawn_worker(
+    slot: &Slot,
+    coordinator: &str,
+    secret: &str,
+    cache_dir: &Path,
+    log_dir: &Path,
+    device: &str,
+) -> Result<Child> {
+    let log_path = log_dir.join(format!("{}.log", slot.name));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("locating the holdfast binary")?;
+    Command::new(exe)
+        .args([
+            "worker",
+            "--join",
+            coordinator,
+            "--name",
+            &slot.name,
+            "--device",
+            device,
+        ])
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .args(["--slow-factor", &slot.slow_factor.to_string()])
+        .env(SECRET_ENV, secret)
+        // Several workers share the cores of one machine.
+        .env("RAYON_NUM_THREADS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting a worker process")
+}
+
+fn signal(child: &Child, sig: Signal) {
+    let signo = match sig {
+        Signal::Kill => libc::SIGKILL,
+        Signal::Stop => libc::SIGSTOP,
+        Signal::Continue => libc::SIGCONT,
+    };
+    // SAFETY: kill(2) on the pid of a child we have not reaped yet: it names our own process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signo);
+    }
+}
+
+pub fn run(
+    run_dir: &Path,
+    cfg: &RunConfig,
+    prepared: &Prepared,
+    cache_dir: &Path,
+    device: burn::tensor::Device,
+    opts: &LaunchOptions,
+) -> Result<ClusterSummary> {
+    let secret: String = random_bytes::<32>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut cluster = ClusterRun::start(
+        run_dir,
+        cfg,
+        "127.0.0.1:0",
+        secret.as_bytes(),
+        opts.workers,
+        device,
+    )?;
+    let addr = cluster.server.addr.clone();
+    let log_dir = run_dir.join("logs");
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let mut workers = Workers(
+        (0..opts.workers)
+            .map(|i| Slot {
+                name: format!("worker-{i}"),
+                child: None,
+                respawn_at: Some(Instant::now()),
+                slow_factor: opts.chaos.slow_factor(i),
+                stopped: false,
+            })
+            .collect(),
+    );
+    let total = cfg.train.steps.div_ceil(cfg.sync.steps_per_round());
+    let bar = if opts.progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} rounds  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let started = Instant::now();
+    let mut chaos_clock = Duration::ZERO;
+    let mut chaos_started: Option<Instant> = None;
+    loop {
+        let p = cluster.poll()?;
+        bar.set_length(total.max(p.committed_rounds));
+        bar.set_position(p.committed_rounds);
+        bar.set_message(format!(
+            "loss {}  {} live  {} faults",
+            p.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            p.live_workers,
+            p.faults
+        ));
+        if p.complete {
+            break;
+        }
+        // Chaos time starts with the first round, so `at=` means "into training".
+        if p.committed_rounds > 0 || p.live_workers >= opts.workers {
+            chaos_started.get_or_insert_with(Instant::now);
+        }
+        if let Some(t0) = chaos_started {
+            let now = t0.elapsed();
+            for action in opts.chaos.due(chaos_clock, now, opts.workers) {
+                let slot = &mut workers.0[action.worker];
+                if let Some(child) = slot.child.as_ref() {
+                    eprintln!(
+                        "[{:7.1}s] chaos: {:?} {}",
+                        started.elapsed().as_secs_f64(),
+                        action.signal,
+                        slot.name
+                    );
+                    signal(child, action.signal);
+                    slot.stopped = action.signal == Signal::Stop;
+                }
+            }
+            chaos_clock = now;
+        }
+        for slot in &mut workers.0 {
+            if let Some(child) = slot.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                eprintln!(
+                    "[{:7.1}s] {} exited ({status})",
+                    started.elapsed().as_secs_f64(),
+                    slot.name
+                );
+                slot.child = None;
+                slot.respawn_at = opts.respawn_after.map(|d| Instant::now() + d);
+            }
+            if slot.child.is_none() && slot.respawn_at.is_some_and(|t| Instant::now() >= t) {
+                slot.child = Some(spawn_worker(
+                    slot,
+                    &addr,
+                    &secret,
+                    cache_dir,
+                    &log_dir,
+                    &opts.device,
+                )?);
+                slot.respawn_at = None;
+                slot.stopped = false;
+            }
+        }
+        if workers
+            .0
+            .iter()
+            .all(|s| s.child.is_none() && s.respawn_at.is_none())
+        {
+            bail!(
+                "every worker has exited and none will be restarted; see {}",
+                log_dir.display()
+            );
+        }
+        std::thread::sleep(SUPERVISE_EVERY);
+    }
+    bar.finish_and_clear();
+    let summary = cluster.finish(prepared)?;
+    // Released workers exit on their own; a stopped one cannot, so it is woken first.
+    let deadline = Instant::now() + EXIT_GRACE;
+    for slot in &mut workers.0 {
+        let Some(child) = slot.child.as_mut() else {
+            continue;
+        };
+        if slot.stopped {
+            signal(child, Signal::Continue);
+        }
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                slot.child = None;
+                break;
+            }
+            std::thread::sleep(SUPERVISE_EVERY);
+        }
+    }
+    Ok(summary)
+}
+
+pub fn secret_from_env_or_file(file: Option<&PathBuf>) -> Result<Vec<u8>> {
+    if let Some(path) = file {
+        let s = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --secret-file {}", path.display()))?;
+        let s = s.trim();
+        if s.is_empty() {
+            bail!("--secret-file {} is empty", path.display());
+        }
+        return Ok(s.as_bytes().to_vec());
+    }
+    match std::env::var(SECRET_ENV) {
+        Ok(s) if !s.is_empty() => Ok(s.into_bytes()),
+        _ => bail!(
+            "no shared secret: set {SECRET_ENV} or pass --secret-file (every peer of a run needs the same one)"
+        ),
+    }
+}

@@ -1,0 +1,430 @@
+//! Multi-worker training as a user runs it: real worker processes on loopback, real signals
+//! (SIGKILL, SIGSTOP/SIGCONT) from `--chaos`, and the run directory's ledger and events as
+//! the evidence. Every process is bounded in time and killed if it overruns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Runs of several worker processes share two cores: one at a time, so that load from a
+/// neighbouring test cannot pass for a hung worker.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bounded(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("holdfast starts");
+    let mut guard = KillOnDrop(child);
+    let started = Instant::now();
+    loop {
+        if guard.0.try_wait().expect("wait").is_some() {
+            break;
+        }
+        assert!(started.elapsed() < limit, "holdfast ran past {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let child = std::mem::replace(&mut guard.0, Command::new("true").spawn().expect("true"));
+    child.wait_with_output().expect("output")
+}
+
+fn holdfast(cwd: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    cmd.args(args).current_dir(cwd);
+    bounded(cmd, LIMIT)
+}
+
+fn ok(o: &Output) -> String {
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success(),
+        "expected success\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    out.into_owned()
+}
+
+fn fails_with(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "expected failure mentioning '{needle}'"
+    );
+    assert!(
+        err.contains(needle),
+        "stderr should mention '{needle}':\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A short DiLoCo run of the default task: `steps` inner steps per worker, H = 20.
+fn train_args<'a>(run: &'a str, workers: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--workers",
+        workers,
+        "--run-dir",
+        run,
+        "--steps",
+        steps,
+        "--inner-steps",
+        "20",
+        "--batch-size",
+        "32",
+        "--seed",
+        "7",
+        "--no-progress",
+    ]
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn summary(run: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(run.join("summary.json")).expect("summary.json")).unwrap()
+}
+
+fn final_model(run: &Path) -> Vec<u8> {
+    let s = summary(run);
+    assert_eq!(s["faults"], 0, "a fault-free run saw a fault: {s}");
+    let p = run.join("checkpoints/step-00000240/model.safetensors");
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}\n{s}", p.display()))
+}
+
+/// Every batch id in the ledger committed once, and none skipped.
+fn assert_exactly_once(run: &Path) -> Vec<Value> {
+    let ledger = jsonl(&run.join("ledger.jsonl"));
+    let mut ids: Vec<u64> = ledger
+        .iter()
+        .flat_map(|r| r["members"].as_array().unwrap().iter())
+        .flat_map(|m| {
+            m["batches"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap())
+        })
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a batch was committed twice");
+    assert_eq!(
+        ids,
+        (0..n as u64).collect::<Vec<_>>(),
+        "a batch was skipped"
+    );
+    ledger
+}
+
+fn events(run: &Path, kind: &str) -> Vec<Value> {
+    jsonl(&run.join("events.jsonl"))
+        .into_iter()
+        .filter(|e| e["detail"]["event"] == kind)
+        .map(|e| e["detail"].clone())
+        .collect()
+}
+
+/// Replicas that reported a state for the same round reported the same bits.
+fn assert_states_agree(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
+    let mut by_round: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
+    for e in events(run, "state_reported") {
+        by_round
+            .entry(e["next_round"].as_u64().unwrap())
+            .or_default()
+            .insert(
+                e["name"].as_str().unwrap().into(),
+                e["blake3"].as_str().unwrap().into(),
+            );
+    }
+    for (round, hashes) in &by_round {
+        let distinct: BTreeSet<&String> = hashes.values().collect();
+        assert_eq!(
+            distinct.len(),
+            1,
+            "replicas disagree on round {round}: {hashes:?}"
+        );
+    }
+    assert!(events(run, "divergence").is_empty());
+    by_round
+}
+
+#[test]
+fn same_seed_gives_identical_weights_and_a_killed_worker_does_not_stop_the_run() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&holdfast(d, &train_args("a", "3", "240")));
+    ok(&holdfast(d, &train_args("b", "3", "240")));
+    assert!(
+        final_model(&d.join("a")) == final_model(&d.join("b")),
+        "two fault-free runs with the same seed must give bit-identical weights"
+    );
+    assert_states_agree(&d.join("a"));
+
+    // Kill worker 1 for good after 2 s: the others carry on without a restart.
+    let mut args = train_args("k", "3", "240");
+    args.extend(["--chaos", "kill:worker=1,at=2s", "--no-respawn"]);
+    let out = ok(&holdfast(d, &args));
+    let k = d.join("k");
+    let removed = events(&k, "removed");
+    assert!(
+        removed.iter().any(|e| e["name"] == "worker-1"),
+        "{removed:?}"
+    );
+    let ledger = assert_exactly_once(&k);
+    assert_eq!(ledger.len(), 12, "the whole budget of rounds committed");
+    assert!(
+        ledger.iter().any(|r| r["quorum"] == 2),
+        "rounds ran without the dead worker"
+    );
+    let (clean, faulty) = (summary(&d.join("a")), summary(&k));
+    assert_eq!(faulty["faults"], 1);
+    let (l0, l1) = (
+        clean["eval"]["val_loss"].as_f64().unwrap(),
+        faulty["eval"]["val_loss"].as_f64().unwrap(),
+    );
+    // Stated tolerance: within 5% of the fault-free validation loss at the same budget.
+    assert!(
+        (l1 - l0).abs() <= 0.05 * l0,
+        "val loss {l1} vs fault-free {l0}\n{out}"
+    );
+}
+
+#[test]
+fn a_hung_worker_is_dropped_within_the_timeout_and_rejoins_with_identical_state() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut args = train_args("h", "3", "400");
+    args.extend([
+        "--failure-timeout-ms",
+        "1000",
+        "--chaos",
+        "hang:worker=2,at=2s,for=3s",
+    ]);
+    ok(&holdfast(d, &args));
+    let h = d.join("h");
+    let removed = events(&h, "removed");
+    assert!(
+        removed
+            .iter()
+            .any(|e| e["name"] == "worker-2" && e["reason"].as_str().unwrap().contains("silent")),
+        "{removed:?}"
+    );
+    let joins = events(&h, "joined")
+        .iter()
+        .filter(|e| e["name"] == "worker-2")
+        .count();
+    assert_eq!(joins, 2, "after SIGCONT the worker rejoins (same process)");
+    // Live recovery: after rejoining, worker-2's state equals its peers' bit for bit.
+    let states = assert_states_agree(&h);
+    let ledger = assert_exactly_once(&h);
+    let last_absent = ledger
+        .iter()
+        .filter(|r| {
+            !r["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == "worker-2")
+        })
+        .map(|r| r["round"].as_u64().unwrap())
+        .max()
+        .expect("worker-2 missed at least one round");
+    let shared_after: Vec<_> = states
+        .iter()
+        .filter(|(r, hs)| **r > last_absent + 1 && hs.len() == 3)
+        .collect();
+    assert!(
+        !shared_after.is_empty(),
+        "worker-2 never reported a state after rejoining: {states:?}"
+    );
+    let s = summary(&h);
+    assert!(s["max_fault_sync_s"].as_f64().unwrap() < 3.0, "{s}");
+}
+
+#[test]
+fn a_killed_and_restarted_worker_rejoins_and_every_batch_is_committed_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut args = train_args("r", "3", "400");
+    args.extend(["--chaos", "kill:worker=0,at=2s;kill:worker=2,at=4s"]);
+    ok(&holdfast(d, &args));
+    let r = d.join("r");
+    let ledger = assert_exactly_once(&r);
+    for name in ["worker-0", "worker-2"] {
+        let joins = events(&r, "joined")
+            .iter()
+            .filter(|e| e["name"] == name)
+            .count();
+        assert_eq!(joins, 2, "{name} was restarted and rejoined");
+        let last = ledger.last().unwrap();
+        assert!(
+            last["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == name),
+            "{name} is back in the quorum by the last round"
+        );
+    }
+    assert_states_agree(&r);
+    assert!(summary(&r)["faults"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bin = env!("CARGO_BIN_EXE_holdfast");
+    let coordinator = Command::new(bin)
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--min-workers",
+            "2",
+            "--run-dir",
+            "c",
+        ])
+        .args(["--steps", "60", "--inner-steps", "20", "--batch-size", "16"])
+        .env("HOLDFAST_SECRET", "right")
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut coordinator = KillOnDrop(coordinator);
+    let mut stderr = BufReader::new(coordinator.0.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim_end_matches(':')
+        .to_string();
+
+    // Garbage and a wrong secret are refused; the coordinator keeps serving.
+    let mut raw = std::net::TcpStream::connect(&addr).unwrap();
+    raw.write_all(b"\x00\x01garbage that is not a frame\r\n\r\n")
+        .unwrap();
+    drop(raw);
+    let mut stranger = Command::new(bin);
+    stranger
+        .args(["worker", "--join", &addr, "--name", "intruder"])
+        .env("HOLDFAST_SECRET", "wrong")
+        .current_dir(d);
+    fails_with(&bounded(stranger, Duration::from_secs(60)), "secret");
+
+    let workers: Vec<KillOnDrop> = (0..2)
+        .map(|i| {
+            let c = Command::new(bin)
+                .args(["worker", "--join", &addr, "--name", &format!("host-{i}")])
+                .env("HOLDFAST_SECRET", "right")
+                .env("RAYON_NUM_THREADS", "1")
+                .current_dir(d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            KillOnDrop(c)
+        })
+        .collect();
+    let started = Instant::now();
+    while coordinator.0.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < LIMIT, "coordinator did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(coordinator.0.wait().unwrap().success());
+    // Released workers exit by themselves, successfully.
+    for mut w in workers {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = w.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "worker did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success());
+    }
+    let ledger = assert_exactly_once(&d.join("c"));
+    assert_eq!(ledger.len(), 3);
+    assert!(
+        d.join("c/checkpoints/step-00000060/model.safetensors")
+            .exists()
+    );
+}
+
+#[test]
+fn bad_multi_worker_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fails_with(
+        &holdfast(d, &["train", "--workers", "0"]),
+        "--workers must be at least 1",
+    );
+    fails_with(
+        &holdfast(
+            d,
+            &["train", "--workers", "2", "--chaos", "kill:worker=5,at=1s"],
+        ),
+        "worker 5 does not exist",
+    );
+    fails_with(
+        &holdfast(
+            d,
+            &["train", "--workers", "2", "--chaos", "explode:worker=1"],
+        ),
+        "unknown fault",
+    );
+    fails_with(
+        &holdfast(d, &["train", "--workers", "2", "--sync", "gossip"]),
+        "sync.mode",
+    );
+    fails_with(
+        &holdfast(d, &["train", "--chaos", "kill:worker=0,at=1s"]),
+        "--workers",
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    cmd.args(["worker", "--join", "127.0.0.1:9"])
+        .env_remove("HOLDFAST_SECRET")
+        .current_dir(d);
+    fails_with(&bounded(cmd, Duration::from_secs(30)), "HOLDFAST_SECRET");
+    assert!(
+        !d.join("runs").exists(),
+        "no run directory for rejected input"
+    );
+}
