@@ -2,6 +2,7 @@
 //! processes of this same binary, supervised (a worker that dies is started again after a
 //! delay, and rejoins through live recovery), with chaos faults delivered as real signals.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use holdfast_cluster::chaos::{ChaosPlan, Signal};
 use holdfast_cluster::wire::random_bytes;
 use holdfast_train::RunConfig;
-use holdfast_train::coordinate::{ClusterRun, ClusterSummary};
+use holdfast_train::coordinate::{ClusterRun, ClusterSummary, Restore};
 use holdfast_train::run::Prepared;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -64,27 +65,35 @@ fn spawn_worker(
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("locating the holdfast binary")?;
-    Command::new(exe)
-        .args([
-            "worker",
-            "--join",
-            coordinator,
-            "--name",
-            &slot.name,
-            "--device",
-            device,
-        ])
-        .arg("--cache-dir")
-        .arg(cache_dir)
-        .args(["--slow-factor", &slot.slow_factor.to_string()])
-        .env(SECRET_ENV, secret)
-        // Several workers share the cores of one machine.
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting a worker process")
+    let mut cmd = Command::new(exe);
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL this child when
+    // the launcher dies, so a crashed launcher leaves no orphan workers behind.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.args([
+        "worker",
+        "--join",
+        coordinator,
+        "--name",
+        &slot.name,
+        "--device",
+        device,
+    ])
+    .arg("--cache-dir")
+    .arg(cache_dir)
+    .args(["--slow-factor", &slot.slow_factor.to_string()])
+    .env(SECRET_ENV, secret)
+    // Several workers share the cores of one machine.
+    .env("RAYON_NUM_THREADS", "1")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(log)
+    .spawn()
+    .context("starting a worker process")
 }
 
 fn signal(child: &Child, sig: Signal) {
@@ -106,6 +115,7 @@ pub fn run(
     cache_dir: &Path,
     device: burn::tensor::Device,
     opts: &LaunchOptions,
+    restore: Option<Restore>,
 ) -> Result<ClusterSummary> {
     let secret: String = random_bytes::<32>()
         .iter()
@@ -118,6 +128,7 @@ pub fn run(
         secret.as_bytes(),
         opts.workers,
         device,
+        restore,
     )?;
     let addr = cluster.server.addr.clone();
     let log_dir = run_dir.join("logs");

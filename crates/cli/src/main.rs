@@ -548,10 +548,64 @@ fn cmd_bench_train(
 }
 
 /// A new multi-worker run's directory, config and data, checked before anything starts.
+/// A multi-worker run restarted cold from its newest valid checkpoint.
+fn restore_cluster_run(
+    run_dir: &Path,
+    args: &TrainArgs,
+) -> Result<(
+    RunConfig,
+    run::Prepared,
+    holdfast_train::coordinate::Restore,
+)> {
+    let mut cfg = run::read_run_config(run_dir)?;
+    let stored = cfg.clone();
+    apply_train_flags(&mut cfg, args);
+    cfg.validate()?;
+    let device = device::parse(&args.device)?;
+    let prepared = run::prepare_data(
+        &cfg,
+        &run::token_cache_dir(run_dir),
+        run::run_tokenizer(run_dir).as_deref(),
+    )?;
+    let loaded = checkpoint::load_latest(run_dir, &device)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let Some(position) = loaded.manifest.cluster.clone() else {
+        bail!(
+            "checkpoint {} is from a single-worker run; resume it without --workers",
+            loaded.dir.display()
+        );
+    };
+    if loaded.manifest.model != prepared.model {
+        bail!(
+            "checkpoint {} was trained with a different model config than {} now implies",
+            loaded.dir.display(),
+            run_dir.join(run::CONFIG_FILE).display()
+        );
+    }
+    if cfg != stored {
+        holdfast_train::atomic_write(&run_dir.join(run::CONFIG_FILE), cfg.to_toml().as_bytes())?;
+    }
+    eprintln!(
+        "restarting {} from {} (round {}, step {})",
+        run_dir.display(),
+        loaded.dir.display(),
+        position.next_round,
+        loaded.state.step
+    );
+    let restore = holdfast_train::coordinate::Restore {
+        state: loaded.state,
+        position,
+        outer_velocity: loaded.outer_velocity.unwrap_or_default(),
+    };
+    Ok((cfg, prepared, restore))
+}
+
 fn new_cluster_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepared)> {
     if args.resume.is_some() {
         bail!(
-            "--resume of a multi-worker run is not supported yet: its checkpoints load with `holdfast eval`/`generate`, or as --init of a new run"
+            "`holdfast coordinator` cannot resume yet; restart the run with `holdfast train --resume DIR --workers N`"
         );
     }
     if args.init.is_some() {
@@ -631,7 +685,16 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
             .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?,
         None => Default::default(),
     };
-    let (run_dir, cfg, prepared) = new_cluster_run(args)?;
+    let (run_dir, cfg, prepared, restore) = match &args.resume {
+        Some(run_dir) => {
+            let (cfg, prepared, restore) = restore_cluster_run(run_dir, args)?;
+            (run_dir.clone(), cfg, prepared, Some(restore))
+        }
+        None => {
+            let (run_dir, cfg, prepared) = new_cluster_run(args)?;
+            (run_dir, cfg, prepared, None)
+        }
+    };
     eprintln!(
         "training {} parameters on {} with {workers} worker processes, {}, {} steps each → {}",
         prepared.model.num_params(),
@@ -648,7 +711,7 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
         progress: !args.no_progress,
     };
     let cache = run::token_cache_dir(&run_dir);
-    let summary = launch::run(&run_dir, &cfg, &prepared, &cache, device, &opts)?;
+    let summary = launch::run(&run_dir, &cfg, &prepared, &cache, device, &opts, restore)?;
     print_cluster_summary(&summary, &run_dir, &cfg);
     Ok(())
 }
@@ -672,6 +735,7 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
         &secret,
         args.min_workers,
         device,
+        None,
     )?;
     eprintln!(
         "coordinator for {} listening on {}: waiting for {} worker(s) (`holdfast worker --join ADDR`), {}",

@@ -300,6 +300,101 @@ fn a_killed_and_restarted_worker_rejoins_and_every_batch_is_committed_once() {
 }
 
 #[test]
+fn a_run_restarted_cold_from_its_checkpoint_matches_one_that_never_stopped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = |run: &'static str| {
+        [
+            "train",
+            "--workers",
+            "2",
+            "--sync",
+            "ddp",
+            "--steps",
+            "60",
+            "--checkpoint-every",
+            "20",
+            "--batch-size",
+            "16",
+            "--run-dir",
+            run,
+            "--no-progress",
+        ]
+    };
+    ok(&holdfast(d, &args("whole")));
+
+    // The same run, its launcher (coordinator and supervisor) killed after a checkpoint.
+    let launcher = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(args("cut"))
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut launcher = KillOnDrop(launcher);
+    let started = Instant::now();
+    while !d.join("cut/checkpoints/step-00000020").exists() {
+        assert!(started.elapsed() < LIMIT, "no checkpoint written");
+        assert!(
+            launcher.0.try_wait().unwrap().is_none(),
+            "run ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    launcher.0.kill().unwrap();
+    launcher.0.wait().unwrap();
+    let out = ok(&holdfast(
+        d,
+        &[
+            "train",
+            "--resume",
+            "cut",
+            "--workers",
+            "2",
+            "--no-progress",
+        ],
+    ));
+    assert!(
+        out.contains("checkpoint: cut/checkpoints/step-00000060"),
+        "{out}"
+    );
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(d.join("whole/checkpoints/step-00000060").join(file)).unwrap();
+        let b = std::fs::read(d.join("cut/checkpoints/step-00000060").join(file)).unwrap();
+        assert!(
+            a == b,
+            "{file}: the restarted run differs from the uninterrupted one"
+        );
+    }
+    let ledger = assert_exactly_once(&d.join("cut"));
+    assert_eq!(
+        ledger.len(),
+        60,
+        "each round in the ledger once, across the restart"
+    );
+
+    // A single-worker checkpoint is not a multi-worker one.
+    ok(&holdfast(
+        d,
+        &[
+            "train",
+            "--run-dir",
+            "single",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ],
+    ));
+    fails_with(
+        &holdfast(d, &["train", "--resume", "single", "--workers", "2"]),
+        "single-worker run",
+    );
+}
+
+#[test]
 fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

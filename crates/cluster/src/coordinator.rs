@@ -275,6 +275,11 @@ pub struct Coordinator {
     released: bool,
     state_hashes: BTreeMap<u64, BTreeMap<String, String>>,
     events: Vec<Event>,
+    /// The batch pool as it stood right after the last commit (or the start).
+    pool_at_commit: BatchPool,
+    /// A cold restart: a peer address serving the checkpointed state of this round, for
+    /// as long as no member holds it.
+    restored: Option<(u64, String)>,
 }
 
 impl Coordinator {
@@ -292,7 +297,63 @@ impl Coordinator {
             released: false,
             state_hashes: BTreeMap::new(),
             events: Vec::new(),
+            pool_at_commit: BatchPool::default(),
+            restored: None,
         }
+    }
+
+    /// A coordinator restarting a run cold from a checkpoint of the state that starts
+    /// `next_round`, served by `state_addr`, with the checkpoint's batch pool.
+    pub fn restore(
+        opts: Options,
+        run_id: u64,
+        job: String,
+        next_round: u64,
+        next_fresh_batch: u64,
+        pending_batches: Vec<u64>,
+        state_addr: String,
+    ) -> Coordinator {
+        let mut c = Coordinator::new(opts, run_id, job);
+        c.round = next_round;
+        c.pool = BatchPool {
+            next_fresh: next_fresh_batch,
+            returned: pending_batches.into_iter().collect(),
+        };
+        c.pool_at_commit = c.pool.clone();
+        c.restored = Some((next_round, state_addr));
+        c
+    }
+
+    /// Where the run stands after its last commit: the next round, the next fresh batch id
+    /// and the batch ids handed out but not committed. With that round's state, this is all a
+    /// cold restart needs.
+    pub fn committed_position(&self) -> (u64, u64, Vec<u64>) {
+        let p = &self.pool_at_commit;
+        (
+            self.round,
+            p.next_fresh,
+            p.returned.iter().copied().collect(),
+        )
+    }
+
+    /// Nobody has trained yet: every worker starts from the seeded initial state.
+    fn fresh_start(&self) -> bool {
+        self.last_commit.is_none() && self.restored.is_none()
+    }
+
+    /// The address serving the state that starts `round`: a member that holds it, or the
+    /// restored checkpoint.
+    fn donor_for(&self, round: u64, among: &[WorkerId]) -> Option<String> {
+        among
+            .iter()
+            .find(|id| self.members[id].state_round == Some(round))
+            .map(|d| self.members[d].data_addr.clone())
+            .or_else(|| {
+                self.restored
+                    .as_ref()
+                    .filter(|(r, _)| *r == round)
+                    .map(|(_, addr)| addr.clone())
+            })
     }
 
     pub fn options(&self) -> &Options {
@@ -412,12 +473,18 @@ impl Coordinator {
             return;
         }
         let ids = self.ranked(self.members.keys().copied());
-        let enough = if self.round == 0 && self.last_commit.is_none() {
-            ids.len() >= self.opts.min_workers.max(1)
+        let members_hold_state = ids
+            .iter()
+            .any(|id| self.members[id].state_round == Some(self.round));
+        let quorate = ids.len() >= self.opts.min_workers.max(1);
+        let enough = if members_hold_state {
+            // Whoever lacks the committed state gets it from a member.
+            true
+        } else if self.fresh_start() {
+            quorate
         } else {
-            // Someone must hold the committed state to hand to the others.
-            ids.iter()
-                .any(|id| self.members[id].state_round == Some(self.round))
+            // A cold restart: wait for the expected workers, then all load the checkpoint.
+            quorate && self.donor_for(self.round, &ids).is_some()
         };
         if !enough {
             return;
@@ -465,7 +532,7 @@ impl Coordinator {
         }
         match &self.active {
             Some(a) => format!("round {} is running; joining at the next", a.round),
-            None if self.round == 0 && self.last_commit.is_none() => format!(
+            None if self.fresh_start() || self.restored.is_some() => format!(
                 "{} of {} workers have joined",
                 self.members.len(),
                 self.opts.min_workers
@@ -612,17 +679,12 @@ impl Coordinator {
                 reason: self.wait_reason(),
             };
         };
-        let donor = if self.members[&worker].state_round == Some(active.round)
-            || self.last_commit.is_none()
+        let donor = if self.members[&worker].state_round == Some(active.round) || self.fresh_start()
         {
             None
         } else {
-            match active
-                .members
-                .iter()
-                .find(|id| self.members[id].state_round == Some(active.round))
-            {
-                Some(d) => Some(self.members[d].data_addr.clone()),
+            match self.donor_for(active.round, &active.members) {
+                Some(addr) => Some(addr),
                 None => {
                     return Reply::Wait {
                         reason: format!("no live member holds the state of round {}", active.round),
@@ -772,6 +834,7 @@ impl Coordinator {
         }
         self.last_commit = Some((a.round, ring.iter().copied().collect()));
         self.round = a.round + 1;
+        self.pool_at_commit = self.pool.clone();
         self.events.push(Event::Committed(record));
     }
 }
@@ -1226,6 +1289,68 @@ mod tests {
             c.drain_events().is_empty(),
             "leaving a finished run is not a fault"
         );
+    }
+
+    #[test]
+    fn a_cold_restart_hands_everyone_the_checkpoint_and_keeps_the_pool() {
+        let opts = Options {
+            failure_timeout: T,
+            min_workers: 2,
+            batches_per_round: 2,
+            rounds: 10,
+        };
+        let t0 = Instant::now();
+        let mut c =
+            Coordinator::restore(opts, 77, "job".into(), 6, 30, vec![3, 17], "ckpt:1".into());
+        let a = join(&mut c, t0, "w0");
+        assert!(matches!(next(&mut c, t0, a), Reply::Wait { reason } if reason.contains("1 of 2")));
+        let b = join(&mut c, t0, "w1");
+        let (
+            Reply::Round {
+                round,
+                batches: ba,
+                donor: da,
+                ..
+            },
+            Reply::Round {
+                batches: bb,
+                donor: db,
+                ..
+            },
+        ) = (next(&mut c, t0, a), next(&mut c, t0, b))
+        else {
+            panic!()
+        };
+        assert_eq!(round, 6);
+        assert_eq!(
+            (da.as_deref(), db.as_deref()),
+            (Some("ckpt:1"), Some("ckpt:1"))
+        );
+        assert_eq!(
+            (ba, bb),
+            (vec![3, 17], vec![30, 31]),
+            "pending batches first, then fresh ones"
+        );
+        ready(&mut c, t0, a, 6);
+        ready(&mut c, t0, b, 6);
+        reduced(&mut c, t0, a, 6, 1);
+        reduced(&mut c, t0, b, 6, 1);
+        assert_eq!(c.committed_position(), (7, 32, vec![]));
+        // From now on the members hold the state; a newcomer gets it from them.
+        let late = join(&mut c, t0, "w2");
+        let Reply::Round { donor, .. } = next(&mut c, t0, late) else {
+            panic!()
+        };
+        assert_eq!(donor.as_deref(), Some("w0:1"));
+    }
+
+    #[test]
+    fn committed_position_ignores_batches_of_the_running_round() {
+        let (mut c, t0) = coord(1, 10);
+        let a = join(&mut c, t0, "w0");
+        clean_round(&mut c, t0, &[a], 0);
+        next(&mut c, t0, a);
+        assert_eq!(c.committed_position(), (1, 2, vec![]));
     }
 
     #[test]

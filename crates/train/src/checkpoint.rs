@@ -27,6 +27,7 @@ const MODEL_FILE: &str = "model.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const HF_CONFIG_FILE: &str = "config.json";
 const MANIFEST_FILE: &str = "manifest.json";
+const OUTER_FILE: &str = "outer.safetensors";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -51,6 +52,28 @@ pub struct Manifest {
     pub model: ModelConfig,
     pub run: RunConfig,
     pub files: BTreeMap<String, FileEntry>,
+    /// Present in checkpoints of multi-worker runs: where the run's rounds and data stand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterPosition>,
+}
+
+/// What a multi-worker run needs, beyond weights and AdamW moments, to restart cold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterPosition {
+    /// The round this state starts.
+    pub next_round: u64,
+    /// Batch ids below this have been handed out; those in `pending_batches` are not yet
+    /// committed (their trainer failed) and are trained first.
+    pub next_fresh_batch: u64,
+    pub pending_batches: Vec<u64>,
+}
+
+/// The multi-worker extras of a checkpoint: its position, and DiLoCo's outer momentum (flat,
+/// in parameter order and device layout; empty for DDP), stored in `outer.safetensors`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterExtras {
+    pub position: ClusterPosition,
+    pub outer_velocity: Vec<f32>,
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -85,6 +108,28 @@ pub fn save(
     run: &RunConfig,
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
+    save_with(run_dir, state, run, keep, None)
+}
+
+fn outer_bytes(velocity: &[f32]) -> Vec<u8> {
+    let bytes: Vec<u8> = velocity.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::tensor::Dtype::F32,
+        vec![velocity.len()],
+        &bytes,
+    )
+    .expect("consistent view");
+    safetensors::serialize([("outer_velocity", view)], None).expect("safetensors serialises")
+}
+
+/// [`save`], with a multi-worker run's extras.
+pub fn save_with(
+    run_dir: &Path,
+    state: &TrainState,
+    run: &RunConfig,
+    keep: usize,
+    cluster: Option<&ClusterExtras>,
+) -> Result<PathBuf, TrainError> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
     let name = step_dir_name(state.step);
@@ -101,12 +146,17 @@ pub fn save(
     let hf_config =
         serde_json::to_vec_pretty(&state.weights.cfg.to_hf_config_json()).expect("json serialises");
 
+    let outer = cluster.map(|c| outer_bytes(&c.outer_velocity));
     let mut files = BTreeMap::new();
-    for (file, bytes) in [
+    let mut contents = vec![
         (MODEL_FILE, &model_bytes),
         (OPTIMIZER_FILE, &opt_bytes),
         (HF_CONFIG_FILE, &hf_config),
-    ] {
+    ];
+    if let Some(b) = &outer {
+        contents.push((OUTER_FILE, b));
+    }
+    for (file, bytes) in contents {
         atomic_write(&tmp.join(file), bytes)?;
         files.insert(
             file.to_string(),
@@ -128,6 +178,7 @@ pub fn save(
         model: state.weights.cfg.clone(),
         run: run.clone(),
         files,
+        cluster: cluster.map(|c| c.position.clone()),
     };
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("json serialises");
     atomic_write(&tmp.join(MANIFEST_FILE), &manifest_bytes)?;
@@ -148,6 +199,14 @@ pub fn save(
 
 /// Reads and verifies one checkpoint directory.
 pub fn load_dir(dir: &Path, device: &Device) -> Result<(TrainState, Manifest), TrainError> {
+    load_dir_with_extras(dir, device).map(|(s, m, _)| (s, m))
+}
+
+/// [`load_dir`], also returning a multi-worker checkpoint's outer momentum.
+pub fn load_dir_with_extras(
+    dir: &Path,
+    device: &Device,
+) -> Result<(TrainState, Manifest, Option<Vec<f32>>), TrainError> {
     let bad =
         |what: String| TrainError::Checkpoint(format!("checkpoint {}: {what}", dir.display()));
     let manifest_path = dir.join(MANIFEST_FILE);
@@ -162,7 +221,11 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<(TrainState, Manifest), T
         )));
     }
     let mut contents: HashMap<&str, Vec<u8>> = HashMap::new();
-    for file in [MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE] {
+    let mut required = vec![MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE];
+    if manifest.cluster.is_some() {
+        required.push(OUTER_FILE);
+    }
+    for file in required {
         let entry = manifest
             .files
             .get(file)
@@ -219,13 +282,38 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<(TrainState, Manifest), T
         cursor: manifest.cursor,
         seed: manifest.rng.seed,
     };
-    Ok((state, manifest))
+    let velocity = match contents.get(OUTER_FILE) {
+        None => None,
+        Some(bytes) => {
+            let st = safetensors::SafeTensors::deserialize(bytes)
+                .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?;
+            let t = st
+                .tensor("outer_velocity")
+                .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?;
+            let v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            let n: usize = state.weights.specs.iter().map(|s| s.numel()).sum();
+            if t.dtype() != safetensors::tensor::Dtype::F32 || !(v.is_empty() || v.len() == n) {
+                return Err(bad(format!(
+                    "{OUTER_FILE}: outer_velocity has {} values, the model has {n}",
+                    v.len()
+                )));
+            }
+            Some(v)
+        }
+    };
+    Ok((state, manifest, velocity))
 }
 
 /// The newest checkpoint that verifies, with a warning for each newer one that did not.
 pub struct Loaded {
     pub state: TrainState,
     pub manifest: Manifest,
+    /// DiLoCo's outer momentum, in a multi-worker checkpoint.
+    pub outer_velocity: Option<Vec<f32>>,
     pub dir: PathBuf,
     pub warnings: Vec<String>,
 }
@@ -243,11 +331,12 @@ pub fn load_latest(run_dir: &Path, device: &Device) -> Result<Loaded, TrainError
     }
     let mut warnings = Vec::new();
     for (_, dir) in found {
-        match load_dir(&dir, device) {
-            Ok((state, manifest)) => {
+        match load_dir_with_extras(&dir, device) {
+            Ok((state, manifest, outer_velocity)) => {
                 return Ok(Loaded {
                     state,
                     manifest,
+                    outer_velocity,
                     dir,
                     warnings,
                 });

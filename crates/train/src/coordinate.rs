@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use holdfast_cluster::coordinator::{Coordinator, Event, Options, RoundRecord};
-use holdfast_cluster::peer::fetch_state;
+use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state};
 use holdfast_cluster::server::CoordinatorServer;
 use holdfast_cluster::wire::{Auth, random_bytes};
 use serde::Serialize;
 
-use crate::replica::Replica;
+use crate::checkpoint::{ClusterExtras, ClusterPosition};
+use crate::replica::{Replica, flatten};
 use crate::run::{EvalReport, FINAL_EXACT_MATCH_PROBLEMS, Prepared, evaluate};
 use crate::{RunConfig, TrainError, TrainState, checkpoint};
 
@@ -63,8 +64,17 @@ pub struct ClusterSummary {
     pub checkpoint: PathBuf,
 }
 
+/// A checkpoint to restart a multi-worker run from.
+pub struct Restore {
+    pub state: TrainState,
+    pub position: ClusterPosition,
+    pub outer_velocity: Vec<f32>,
+}
+
 pub struct ClusterRun {
     pub server: CoordinatorServer,
+    /// Serves the checkpoint a cold restart begins from, until workers hold it.
+    _restored: Option<PeerServer>,
     run_dir: PathBuf,
     cfg: RunConfig,
     auth: Auth,
@@ -90,8 +100,22 @@ fn append_line(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
     writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
 }
 
+/// Keeps the ledger lines of rounds before `next_round` (atomically).
+fn truncate_ledger(path: &Path, next_round: u64) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<RoundRecord>(l).is_ok_and(|r| r.round < next_round))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::atomic_write(path, kept.as_bytes())
+}
+
 impl ClusterRun {
-    /// Starts serving a run whose directory already exists (see `run::create_run_dir`).
+    /// Starts serving a run whose directory already exists (see `run::create_run_dir`), from
+    /// scratch or, with `restore`, from a checkpoint.
     pub fn start(
         run_dir: &Path,
         cfg: &RunConfig,
@@ -99,6 +123,7 @@ impl ClusterRun {
         secret: &[u8],
         min_workers: usize,
         device: Device,
+        restore: Option<Restore>,
     ) -> Result<ClusterRun, TrainError> {
         let per_round = cfg.sync.steps_per_round();
         let rounds = cfg.train.steps.div_ceil(per_round);
@@ -110,11 +135,60 @@ impl ClusterRun {
         };
         let run_id = u64::from_le_bytes(random_bytes());
         let auth = Auth::new(secret);
-        let coordinator = Coordinator::new(opts, run_id, cfg.to_toml());
+        let (coordinator, restored) = match restore {
+            None => (Coordinator::new(opts, run_id, cfg.to_toml()), None),
+            Some(r) => {
+                let ip = listen
+                    .parse::<std::net::SocketAddr>()
+                    .map_err(|e| TrainError::Cluster(format!("--listen {listen}: {e}")))?
+                    .ip();
+                if ip.is_unspecified() {
+                    return Err(TrainError::Cluster(format!(
+                        "restarting from a checkpoint needs a specific --listen address (not {ip}) to serve it from"
+                    )));
+                }
+                let n = r.state.weights.specs.iter().map(|s| s.numel()).sum();
+                let velocity = match cfg.sync.mode.as_str() {
+                    "diloco" if r.outer_velocity.len() == n => r.outer_velocity,
+                    "diloco" => vec![0.0; n],
+                    _ => Vec::new(),
+                };
+                let next_round = r.position.next_round;
+                let replica = Replica {
+                    outer: flatten(&r.state.weights.tensors),
+                    weights: r.state.weights,
+                    opt: r.state.opt,
+                    velocity,
+                    next_round,
+                };
+                let peer =
+                    PeerServer::start(&format!("{ip}:0"), auth.clone(), run_id, FETCH_TIMEOUT)
+                        .map_err(|e| {
+                            TrainError::Cluster(format!("serving the checkpoint on {ip}: {e}"))
+                        })?;
+                peer.publish(Snapshot {
+                    next_round,
+                    bytes: replica.encode(),
+                });
+                let c = Coordinator::restore(
+                    opts,
+                    run_id,
+                    cfg.to_toml(),
+                    next_round,
+                    r.position.next_fresh_batch,
+                    r.position.pending_batches,
+                    peer.addr.clone(),
+                );
+                // Rounds committed after the checkpoint will be trained again.
+                truncate_ledger(&run_dir.join(LEDGER_FILE), next_round)?;
+                (c, Some(peer))
+            }
+        };
         let server = CoordinatorServer::start(listen, auth.clone(), run_id, coordinator)
             .map_err(|e| TrainError::Cluster(format!("listening on {listen}: {e}")))?;
         Ok(ClusterRun {
             server,
+            _restored: restored,
             run_dir: run_dir.to_path_buf(),
             cfg: cfg.clone(),
             auth,
@@ -216,11 +290,12 @@ impl ClusterRun {
         // A worker learns of a commit a moment after the coordinator records it, and
         // publishes the new state only once it has applied it: ask for exactly the newest
         // committed round, and ask again until someone has it.
-        let (peer, snap) = 'found: loop {
-            let (round, peers) = {
+        let (peer, snap, (next_round, next_fresh_batch, pending_batches)) = 'found: loop {
+            let (position, peers) = {
                 let c = self.server.state.lock().expect("coordinator lock");
-                (c.committed_rounds(), c.synced_peers())
+                (c.committed_position(), c.synced_peers())
             };
+            let round = position.0;
             for peer in peers {
                 let got = fetch_state(
                     &peer,
@@ -231,7 +306,7 @@ impl ClusterRun {
                     FETCH_TIMEOUT,
                 );
                 match got {
-                    Ok(s) => break 'found (peer, s),
+                    Ok(s) => break 'found (peer, s, position),
                     Err(e) => last_err = e.to_string(),
                 }
             }
@@ -242,28 +317,25 @@ impl ClusterRun {
         };
         let model = self.cfg_model()?;
         let replica = Replica::decode(&snap.bytes, &model, &self.device, &peer)?;
-        let rounds = replica.next_round;
-        let batches: u64 = self
-            .records
-            .iter()
-            .take(rounds as usize)
-            .map(|r| {
-                r.members
-                    .iter()
-                    .map(|m| m.batches.len() as u64)
-                    .sum::<u64>()
-            })
-            .sum();
+        let extras = ClusterExtras {
+            position: ClusterPosition {
+                next_round,
+                next_fresh_batch,
+                pending_batches,
+            },
+            outer_velocity: replica.velocity.clone(),
+        };
         let state = replica.into_train_state(
             self.cfg.train.seed,
-            rounds * self.cfg.sync.steps_per_round(),
-            batches * self.cfg.train.batch_size as u64,
+            next_round * self.cfg.sync.steps_per_round(),
+            next_fresh_batch * self.cfg.train.batch_size as u64,
         );
-        let path = checkpoint::save(
+        let path = checkpoint::save_with(
             &self.run_dir,
             &state,
             &self.cfg,
             self.cfg.train.keep_checkpoints,
+            Some(&extras),
         )?;
         Ok((path, state))
     }
