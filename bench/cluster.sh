@@ -29,7 +29,7 @@ PY
 case "${1:-}" in
 sync)
   [ -f "$DATA" ] || { echo "needs $DATA" >&2; exit 2; }
-  common=(--workers 4 --data "$DATA" --preset char-small --context 64 --batch-size 8
+  common=(--workers 4 --data "$DATA" --preset "${PRESET:-char-small}" --context 64 --batch-size 8
           --steps "${STEPS:-400}" --seed 1 --no-progress)
   "$BIN" train "${common[@]}" --sync ddp --run-dir "$OUT/ddp" > /dev/null
   summary "$OUT/ddp" ddp

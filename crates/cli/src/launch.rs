@@ -33,6 +33,8 @@ struct Slot {
     child: Option<Child>,
     respawn_at: Option<Instant>,
     slow_factor: f64,
+    /// Numeric faults for the worker to inject, as a spec (empty: none).
+    inject: String,
     stopped: bool,
 }
 
@@ -57,6 +59,7 @@ fn spawn_worker(
     cache_dir: &Path,
     log_dir: &Path,
     device: &str,
+    threads: usize,
 ) -> Result<Child> {
     let log_path = log_dir.join(format!("{}.log", slot.name));
     let log = std::fs::OpenOptions::new()
@@ -64,7 +67,11 @@ fn spawn_worker(
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("locating the holdfast binary")?;
+    // This very binary, even if the file was replaced or deleted since it started.
+    let exe = match Path::new("/proc/self/exe").exists() {
+        true => PathBuf::from("/proc/self/exe"),
+        false => std::env::current_exe().context("locating the holdfast binary")?,
+    };
     let mut cmd = Command::new(exe);
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL this child when
     // the launcher dies, so a crashed launcher leaves no orphan workers behind.
@@ -86,9 +93,13 @@ fn spawn_worker(
     .arg("--cache-dir")
     .arg(cache_dir)
     .args(["--slow-factor", &slot.slow_factor.to_string()])
+    .args(match slot.inject.is_empty() {
+        true => vec![],
+        false => vec!["--inject".to_string(), slot.inject.clone()],
+    })
     .env(SECRET_ENV, secret)
     // Several workers share the cores of one machine.
-    .env("RAYON_NUM_THREADS", "1")
+    .env("RAYON_NUM_THREADS", threads.to_string())
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(log)
@@ -140,6 +151,7 @@ pub fn run(
                 child: None,
                 respawn_at: Some(Instant::now()),
                 slow_factor: opts.chaos.slow_factor(i),
+                inject: opts.chaos.number_faults(i).to_spec(),
                 stopped: false,
             })
             .collect(),
@@ -156,6 +168,9 @@ pub fn run(
         )
         .expect("valid template"),
     );
+    // Workers of one machine share its cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / opts.workers).max(1);
     let started = Instant::now();
     let mut chaos_clock = Duration::ZERO;
     let mut chaos_started: Option<Instant> = None;
@@ -206,16 +221,26 @@ pub fn run(
                 slot.respawn_at = opts.respawn_after.map(|d| Instant::now() + d);
             }
             if slot.child.is_none() && slot.respawn_at.is_some_and(|t| Instant::now() >= t) {
-                slot.child = Some(spawn_worker(
+                match spawn_worker(
                     slot,
                     &addr,
                     &secret,
                     cache_dir,
                     &log_dir,
                     &opts.device,
-                )?);
-                slot.respawn_at = None;
-                slot.stopped = false;
+                    threads,
+                ) {
+                    Ok(child) => {
+                        slot.child = Some(child);
+                        slot.respawn_at = None;
+                        slot.stopped = false;
+                    }
+                    // The others train on; try again later rather than end the run.
+                    Err(e) => {
+                        eprintln!("warning: {}: {e:#}; retrying in 5 s", slot.name);
+                        slot.respawn_at = Some(Instant::now() + Duration::from_secs(5));
+                    }
+                }
             }
         }
         if workers

@@ -103,9 +103,13 @@ struct TrainArgs {
     /// Train with this many worker processes on this machine (embedded coordinator).
     #[arg(long)]
     workers: Option<usize>,
-    /// Inject faults into a multi-worker run, e.g. `kill:worker=2,at=30s;hang:worker=1,for=10s`.
-    #[arg(long, requires = "workers")]
+    /// Inject faults, e.g. `kill:worker=2,at=30s;hang:worker=1,for=10s` (needs --workers) or
+    /// `nan:at=120;spike:at=300,scale=50`.
+    #[arg(long)]
     chaos: Option<String>,
+    /// Turn the stability guards (NaN/Inf skip, loss-spike rollback, replica vote) off.
+    #[arg(long)]
+    no_guards: bool,
     /// Do not restart a worker that dies (by default it is restarted after 1 s and rejoins).
     #[arg(long, requires = "workers")]
     no_respawn: bool,
@@ -157,6 +161,9 @@ struct WorkerArgs {
     /// Run this many times slower (chaos testing).
     #[arg(long, default_value_t = 1.0)]
     slow_factor: f64,
+    /// Numeric faults to inject into this worker's training (chaos testing), e.g. `nan:at=30`.
+    #[arg(long)]
+    inject: Option<String>,
 }
 
 #[derive(Args)]
@@ -296,6 +303,9 @@ fn apply_train_flags(cfg: &mut RunConfig, args: &TrainArgs) {
     if let Some(v) = args.failure_timeout_ms {
         s.failure_timeout_ms = v;
     }
+    if args.no_guards {
+        cfg.guard.enabled = false;
+    }
 }
 
 fn default_run_dir(cfg: &RunConfig) -> PathBuf {
@@ -310,6 +320,17 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     if let Some(workers) = args.workers {
         return cmd_train_workers(&args, workers, device);
     }
+    let faults = match &args.chaos {
+        None => Default::default(),
+        Some(spec) => {
+            let plan = holdfast_cluster::chaos::ChaosPlan::parse(spec, 1)
+                .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?;
+            if plan.has_process_faults() {
+                bail!("--chaos: kill, hang and slow act on worker processes; they need --workers");
+            }
+            plan.number_faults(0)
+        }
+    };
     let (run_dir, cfg, prepared, mut state) = if let Some(run_dir) = &args.resume {
         let mut cfg = run::read_run_config(run_dir)?;
         let stored = cfg.clone();
@@ -365,6 +386,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         (run_dir, cfg, prepared, state)
     };
 
+    holdfast_train::set_flush_denormals(cfg.train.flush_denormals);
     eprintln!(
         "training {} parameters ({} layers, width {}) on {} for {} steps → {}",
         prepared.model.num_params(),
@@ -415,8 +437,29 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
             }
         }
         Event::Checkpoint { .. } => {}
+        Event::Guard {
+            step,
+            action,
+            reason,
+            to_step,
+        } => {
+            let to = to_step.map_or(String::new(), |s| format!(" to step {s}"));
+            let line = format!("step {step}: guard {action}{to}: {reason}");
+            if quiet || bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
     };
-    let summary = run::train(&run_dir, &cfg, &prepared.dataset, &mut state, &mut on_event)?;
+    let summary = run::train(
+        &run_dir,
+        &cfg,
+        &prepared.dataset,
+        &mut state,
+        &faults,
+        &mut on_event,
+    )?;
     bar.finish_and_clear();
 
     println!(
@@ -427,6 +470,14 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         "final train loss {:.4}, validation loss {:.4}",
         summary.final_train_loss, summary.val_loss
     );
+    if summary.skipped_steps + summary.rollbacks > 0 {
+        println!(
+            "guards: {} updates skipped, {} rollbacks (details in {})",
+            summary.skipped_steps,
+            summary.rollbacks,
+            run_dir.join(run::METRICS_FILE).display()
+        );
+    }
     if let (Some(acc), Some(n)) = (summary.exact_match, summary.exact_match_problems) {
         println!(
             "held-out exact-match accuracy: {:.1}% of {n} unseen {}-digit additions (digits written least-significant first)",
@@ -776,6 +827,12 @@ fn cmd_worker(args: WorkerArgs) -> Result<()> {
         device,
         cache_dir: args.cache_dir.clone(),
         slow_factor: args.slow_factor,
+        faults: match &args.inject {
+            None => Default::default(),
+            Some(spec) => holdfast_cluster::chaos::ChaosPlan::parse(spec, 1)
+                .map_err(|e| anyhow::anyhow!("--inject: {e}"))?
+                .number_faults(0),
+        },
     };
     holdfast_train::worker::run_worker(&opts)?;
     Ok(())

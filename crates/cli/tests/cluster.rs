@@ -116,9 +116,19 @@ fn final_model(run: &Path) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}\n{s}", p.display()))
 }
 
-/// Every batch id in the ledger committed once, and none skipped.
+/// Every batch id in the ledger committed once, and none skipped. Rounds undone by a replica
+/// vote (a `voided_rounds` marker) do not count.
 fn assert_exactly_once(run: &Path) -> Vec<Value> {
-    let ledger = jsonl(&run.join("ledger.jsonl"));
+    let mut ledger: Vec<Value> = Vec::new();
+    for line in jsonl(&run.join("ledger.jsonl")) {
+        match line.get("voided_rounds") {
+            Some(v) => {
+                let (from, to) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
+                ledger.retain(|r| !(from..to).contains(&r["round"].as_u64().unwrap()));
+            }
+            None => ledger.push(line),
+        }
+    }
     let mut ids: Vec<u64> = ledger
         .iter()
         .flat_map(|r| r["members"].as_array().unwrap().iter())
@@ -152,6 +162,11 @@ fn events(run: &Path, kind: &str) -> Vec<Value> {
 
 /// Replicas that reported a state for the same round reported the same bits.
 fn assert_states_agree(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
+    assert_states_agree_after(run, 0)
+}
+
+/// Same, for rounds from `first` on.
+fn assert_states_agree_after(run: &Path, first: u64) -> BTreeMap<u64, BTreeMap<String, String>> {
     let mut by_round: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
     for e in events(run, "state_reported") {
         by_round
@@ -162,6 +177,7 @@ fn assert_states_agree(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
                 e["blake3"].as_str().unwrap().into(),
             );
     }
+    by_round.retain(|r, _| *r >= first);
     for (round, hashes) in &by_round {
         let distinct: BTreeSet<&String> = hashes.values().collect();
         assert_eq!(
@@ -170,7 +186,9 @@ fn assert_states_agree(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
             "replicas disagree on round {round}: {hashes:?}"
         );
     }
-    assert!(events(run, "divergence").is_empty());
+    if first == 0 {
+        assert!(events(run, "divergence").is_empty());
+    }
     by_round
 }
 
@@ -391,6 +409,49 @@ fn a_run_restarted_cold_from_its_checkpoint_matches_one_that_never_stopped() {
     fails_with(
         &holdfast(d, &["train", "--resume", "single", "--workers", "2"]),
         "single-worker run",
+    );
+}
+
+#[test]
+fn a_flipped_bit_is_outvoted_and_the_replica_heals() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut args = train_args("flip", "3", "240");
+    args.extend(["--chaos", "bitflip:worker=2,at=3"]);
+    ok(&holdfast(d, &args));
+    let run = d.join("flip");
+    let caught = events(&run, "corruption");
+    assert_eq!(caught.len(), 1, "{caught:?}");
+    assert_eq!(
+        (caught[0]["name"].as_str(), caught[0]["next_round"].as_u64()),
+        (Some("worker-2"), Some(4))
+    );
+    // Healed: from the next round on, all three replicas are bit-identical.
+    let states = assert_states_agree_after(&run, 5);
+    assert!(states.values().any(|h| h.len() == 3));
+    let s = summary(&run);
+    assert_eq!(s["corruptions"], 1);
+    assert_eq!(s["suspects"]["worker-2"], 1, "{s}");
+    assert_exactly_once(&run);
+
+    // Two replicas that disagree cannot be told apart: the round is undone and redone.
+    let mut args = train_args("pair", "2", "160");
+    args.extend(["--chaos", "bitflip:worker=1,at=3"]);
+    ok(&holdfast(d, &args));
+    let run = d.join("pair");
+    let voided = events(&run, "rounds_voided");
+    assert_eq!(voided.len(), 1, "{voided:?}");
+    assert_eq!(
+        (voided[0]["from"].as_u64(), voided[0]["to"].as_u64()),
+        (Some(3), Some(4))
+    );
+    assert_states_agree_after(&run, 5);
+    let ledger = assert_exactly_once(&run);
+    assert_eq!(
+        ledger.len(),
+        8,
+        "the undone round was trained again: 8 rounds of H=20 committed"
     );
 }
 

@@ -8,7 +8,14 @@
 //! - `hang:worker=N,for=DUR[,at=DUR]` — SIGSTOP, then SIGCONT after `for` (`at` defaults to 5s);
 //! - `slow:worker=N,factor=F` — the worker runs F times slower (F ≥ 1) for the whole run.
 //!
-//! Durations: `500ms`, `30s`, `2m`, or a bare number of seconds.
+//! - `nan:at=STEP[,worker=N]` — that optimizer step's loss and gradients become NaN;
+//! - `spike:at=STEP,scale=X[,steps=K][,worker=N]` — K steps (default 5) from STEP have their
+//!   loss and gradients multiplied by X;
+//! - `bitflip:worker=N,at=ROUND` — after round ROUND commits, flip a bit in one parameter of
+//!   that worker's replica.
+//!
+//! Durations: `500ms`, `30s`, `2m`, or a bare number of seconds. Rounds count from 0; steps
+//! count batches drawn from 0 (a skipped or rolled-back step still drew its batch).
 
 use std::time::Duration;
 
@@ -28,6 +35,82 @@ pub enum Fault {
         worker: usize,
         factor: f64,
     },
+    Nan {
+        worker: Option<usize>,
+        step: u64,
+    },
+    Spike {
+        worker: Option<usize>,
+        step: u64,
+        scale: f64,
+        steps: u64,
+    },
+    Bitflip {
+        worker: usize,
+        round: u64,
+    },
+}
+
+impl Fault {
+    /// Faults the launcher delivers as signals (the others happen inside a worker).
+    pub fn is_process_fault(&self) -> bool {
+        matches!(
+            self,
+            Fault::Kill { .. } | Fault::Hang { .. } | Fault::Slow { .. }
+        )
+    }
+}
+
+/// The numeric faults one process injects into its own training.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NumberFaults {
+    pub nan_steps: Vec<u64>,
+    /// (first step, scale, steps)
+    pub spikes: Vec<(u64, f64, u64)>,
+    pub bitflip_rounds: Vec<u64>,
+}
+
+impl NumberFaults {
+    pub fn is_empty(&self) -> bool {
+        *self == NumberFaults::default()
+    }
+
+    pub fn nan_at(&self, step: u64) -> bool {
+        self.nan_steps.contains(&step)
+    }
+
+    /// Factor applied to the loss and gradients of `step`.
+    pub fn scale_at(&self, step: u64) -> f64 {
+        self.spikes
+            .iter()
+            .filter(|(s, _, n)| step >= *s && step < s + n)
+            .map(|(_, x, _)| x)
+            .product()
+    }
+
+    pub fn bitflip_after(&self, round: u64) -> bool {
+        self.bitflip_rounds.contains(&round)
+    }
+
+    /// The same faults as a spec string (for a worker process's command line).
+    pub fn to_spec(&self) -> String {
+        let mut parts: Vec<String> = self
+            .nan_steps
+            .iter()
+            .map(|s| format!("nan:at={s}"))
+            .collect();
+        parts.extend(
+            self.spikes
+                .iter()
+                .map(|(s, x, n)| format!("spike:at={s},scale={x},steps={n}")),
+        );
+        parts.extend(
+            self.bitflip_rounds
+                .iter()
+                .map(|r| format!("bitflip:worker=0,at={r}")),
+        );
+        parts.join(";")
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,7 +161,8 @@ impl ChaosPlan {
                 .split_once(':')
                 .ok_or_else(|| format!("chaos `{item}`: expected KIND:key=value,..."))?;
             let mut worker = None;
-            let (mut at, mut every, mut duration, mut factor) = (None, None, None, None);
+            let (mut at_raw, mut every, mut duration, mut factor) = (None, None, None, None);
+            let (mut scale, mut steps) = (None, None);
             for kv in args.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let (k, v) = kv
                     .split_once('=')
@@ -97,7 +181,24 @@ impl ChaosPlan {
                         }
                         worker = Some(w);
                     }
-                    "at" => at = Some(parse_duration(v).map_err(bad)?),
+                    "at" => at_raw = Some(v),
+                    "scale" => {
+                        let x: f64 = v
+                            .parse()
+                            .map_err(|_| bad(format!("`{v}` is not a number")))?;
+                        if !x.is_finite() {
+                            return Err(bad(format!("{x} must be finite")));
+                        }
+                        scale = Some(x);
+                    }
+                    "steps" => {
+                        let n: u64 = v
+                            .parse()
+                            .ok()
+                            .filter(|&n| n >= 1)
+                            .ok_or_else(|| bad(format!("`{v}` is not a step count ≥ 1")))?;
+                        steps = Some(n);
+                    }
                     "every" => every = Some(parse_duration(v).map_err(bad)?),
                     "for" => duration = Some(parse_duration(v).map_err(bad)?),
                     "factor" => {
@@ -113,6 +214,15 @@ impl ChaosPlan {
                 }
             }
             let need = |what: &str| format!("chaos `{item}`: needs {what}");
+            let at = at_raw
+                .filter(|_| matches!(kind, "kill" | "hang"))
+                .map(|v| parse_duration(v).map_err(|e| format!("chaos `{item}`: at: {e}")))
+                .transpose()?;
+            let at_count = || -> Result<u64, String> {
+                let v = at_raw.ok_or_else(|| need("at=N"))?;
+                v.parse()
+                    .map_err(|_| format!("chaos `{item}`: at: `{v}` is not a step or round number"))
+            };
             faults.push(match kind {
                 "kill" => match (at, every) {
                     (_, Some(e)) if e.is_zero() => {
@@ -134,14 +244,55 @@ impl ChaosPlan {
                     worker: worker.ok_or_else(|| need("worker=N"))?,
                     factor: factor.ok_or_else(|| need("factor=F"))?,
                 },
+                "nan" => Fault::Nan {
+                    worker,
+                    step: at_count()?,
+                },
+                "spike" => Fault::Spike {
+                    worker,
+                    step: at_count()?,
+                    scale: scale.ok_or_else(|| need("scale=X"))?,
+                    steps: steps.unwrap_or(5),
+                },
+                "bitflip" => Fault::Bitflip {
+                    worker: worker.ok_or_else(|| need("worker=N"))?,
+                    round: at_count()?,
+                },
                 _ => {
                     return Err(format!(
-                        "chaos `{item}`: unknown fault `{kind}` (kill, hang, slow)"
+                        "chaos `{item}`: unknown fault `{kind}` (kill, hang, slow, nan, spike, bitflip)"
                     ));
                 }
             });
         }
         Ok(ChaosPlan { faults })
+    }
+
+    /// The numeric faults `worker` injects into its own training (a fault without a worker
+    /// applies to every worker).
+    pub fn number_faults(&self, worker: usize) -> NumberFaults {
+        let mine = |w: &Option<usize>| w.is_none_or(|w| w == worker);
+        let mut out = NumberFaults::default();
+        for f in &self.faults {
+            match f {
+                Fault::Nan { worker: w, step } if mine(w) => out.nan_steps.push(*step),
+                Fault::Spike {
+                    worker: w,
+                    step,
+                    scale,
+                    steps,
+                } if mine(w) => out.spikes.push((*step, *scale, *steps)),
+                Fault::Bitflip { worker: w, round } if *w == worker => {
+                    out.bitflip_rounds.push(*round)
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    pub fn has_process_faults(&self) -> bool {
+        self.faults.iter().any(Fault::is_process_fault)
     }
 
     /// The slow-down factor of `worker` (1 when none is planned).
@@ -276,10 +427,46 @@ mod tests {
             ("kill:worker=1,at=3h", "unknown unit"),
             ("kill", "expected KIND"),
             ("kill:every=0s", "every must be > 0"),
+            ("nan:at=soon", "not a step or round number"),
+            ("spike:at=5", "needs scale=X"),
+            ("spike:at=5,scale=2,steps=0", "step count"),
+            ("bitflip:at=3", "needs worker=N"),
         ] {
             let err = ChaosPlan::parse(spec, 4).unwrap_err();
             assert!(err.contains(want), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn number_faults_go_to_their_worker_and_survive_the_command_line() {
+        let p = ChaosPlan::parse(
+            "nan:at=7; spike:worker=1,at=10,scale=50,steps=2; bitflip:worker=2,at=3",
+            3,
+        )
+        .unwrap();
+        assert!(!p.has_process_faults());
+        let w1 = p.number_faults(1);
+        assert_eq!(
+            w1.nan_steps,
+            vec![7],
+            "a fault without a worker hits every worker"
+        );
+        assert_eq!(
+            (
+                w1.scale_at(9),
+                w1.scale_at(10),
+                w1.scale_at(11),
+                w1.scale_at(12)
+            ),
+            (1.0, 50.0, 50.0, 1.0)
+        );
+        assert!(p.number_faults(2).bitflip_after(3) && !w1.bitflip_after(3));
+        let again = ChaosPlan::parse(&w1.to_spec(), 1).unwrap().number_faults(0);
+        assert_eq!(again, w1);
+        assert!(
+            p.due(Duration::ZERO, Duration::from_secs(100), 3)
+                .is_empty()
+        );
     }
 
     #[test]

@@ -31,6 +31,12 @@ pub struct Options {
     /// Rounds in the run's budget. Batches discarded by faults are trained in extra rounds
     /// after it, so that none is skipped.
     pub rounds: u64,
+    /// Compare the replicas' state hashes after every round before starting the next: a
+    /// minority is quarantined (re-fetches the majority's state); without a majority, the
+    /// rounds since the last agreed state are undone.
+    pub vote: bool,
+    /// A worker caught this many times is removed as suspect hardware.
+    pub max_corruption_flags: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -198,6 +204,21 @@ pub enum Event {
         name: String,
         blake3: String,
     },
+    /// A replica's state disagreed with the majority: it re-fetches the majority's state.
+    Corruption {
+        next_round: u64,
+        name: String,
+        blake3: String,
+        majority: String,
+        flags: u32,
+    },
+    /// No majority among the replicas' states: rounds `from..to` are undone, their batches
+    /// returned to the pool, and every replica reloads the state that starts `from`.
+    RoundsVoided {
+        from: u64,
+        to: u64,
+        reason: String,
+    },
     /// Replicas reported different states for the same round: they are not in sync.
     Divergence {
         next_round: u64,
@@ -280,6 +301,13 @@ pub struct Coordinator {
     /// A cold restart: a peer address serving the checkpointed state of this round, for
     /// as long as no member holds it.
     restored: Option<(u64, String)>,
+    /// The newest round whose starting state every replica agreed on.
+    last_agreed: Option<u64>,
+    /// The round whose starting state has been voted on.
+    voted: Option<u64>,
+    /// Batch ids of recently committed rounds, by round, for undoing them.
+    recent_batches: BTreeMap<u64, Vec<u64>>,
+    corruption_flags: BTreeMap<String, u32>,
 }
 
 impl Coordinator {
@@ -299,7 +327,16 @@ impl Coordinator {
             events: Vec::new(),
             pool_at_commit: BatchPool::default(),
             restored: None,
+            last_agreed: Some(0),
+            voted: None,
+            recent_batches: BTreeMap::new(),
+            corruption_flags: BTreeMap::new(),
         }
+    }
+
+    /// Workers caught with a state that disagreed with the majority, and how often.
+    pub fn corruption_flags(&self) -> &BTreeMap<String, u32> {
+        &self.corruption_flags
     }
 
     /// A coordinator restarting a run cold from a checkpoint of the state that starts
@@ -321,6 +358,8 @@ impl Coordinator {
         };
         c.pool_at_commit = c.pool.clone();
         c.restored = Some((next_round, state_addr));
+        c.last_agreed = Some(next_round);
+        c.voted = Some(next_round);
         c
     }
 
@@ -472,6 +511,9 @@ impl Coordinator {
         if self.active.is_some() || self.is_complete() {
             return;
         }
+        if self.opts.vote && self.voted != Some(self.round) && !self.vote(now) {
+            return;
+        }
         let ids = self.ranked(self.members.keys().copied());
         let members_hold_state = ids
             .iter()
@@ -509,6 +551,116 @@ impl Coordinator {
             first_ready: None,
             discarded: 0,
         });
+    }
+
+    /// Compares the states the members report for the round about to start. Returns false
+    /// while reports are missing. A minority is quarantined; with no majority, the rounds
+    /// since the last agreed state are undone.
+    fn vote(&mut self, now: Instant) -> bool {
+        let round = self.round;
+        let holders: Vec<WorkerId> = self
+            .ranked(self.members.keys().copied())
+            .into_iter()
+            .filter(|id| self.members[id].state_round == Some(round))
+            .collect();
+        if holders.is_empty() {
+            self.voted = Some(round);
+            return true;
+        }
+        let reports = self.state_hashes.get(&round);
+        let hashes: Vec<(WorkerId, Option<String>)> = holders
+            .iter()
+            .map(|id| {
+                let h = reports.and_then(|r| r.get(&self.members[id].name)).cloned();
+                (*id, h)
+            })
+            .collect();
+        if hashes.iter().any(|(_, h)| h.is_none()) {
+            return false;
+        }
+        let hashes: Vec<(WorkerId, String)> = hashes
+            .into_iter()
+            .map(|(id, h)| (id, h.expect("checked")))
+            .collect();
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, h) in &hashes {
+            *counts.entry(h.clone()).or_default() += 1;
+        }
+        self.voted = Some(round);
+        if counts.len() == 1 {
+            self.last_agreed = Some(round);
+            return true;
+        }
+        let majority = counts
+            .iter()
+            .find(|(_, n)| **n * 2 > holders.len())
+            .map(|(h, _)| h.clone());
+        match majority {
+            Some(majority) => {
+                self.last_agreed = Some(round);
+                for (id, hash) in hashes {
+                    if hash == majority {
+                        continue;
+                    }
+                    let name = self.members[&id].name.clone();
+                    let flags = {
+                        let f = self.corruption_flags.entry(name.clone()).or_default();
+                        *f += 1;
+                        *f
+                    };
+                    self.events.push(Event::Corruption {
+                        next_round: round,
+                        name: name.clone(),
+                        blake3: hash,
+                        majority: majority.clone(),
+                        flags,
+                    });
+                    if flags >= self.opts.max_corruption_flags {
+                        self.remove(
+                            id,
+                            now,
+                            format!("suspect hardware: its state disagreed with the majority {flags} times"),
+                        );
+                    } else if let Some(m) = self.members.get_mut(&id) {
+                        // Quarantine: it takes the majority's state like a rejoining worker.
+                        m.state_round = None;
+                    }
+                }
+                true
+            }
+            None => {
+                // No way to tell which replica is right: undo to the last agreed state,
+                // which every replica still holds.
+                let from = self.last_agreed.unwrap_or(0).min(round.saturating_sub(1));
+                let reason = format!(
+                    "no majority among {} replica states {counts:?}",
+                    holders.len()
+                );
+                for r in from..round {
+                    if let Some(b) = self.recent_batches.remove(&r) {
+                        self.pool.returned.extend(b);
+                    }
+                }
+                self.pool_at_commit = self.pool.clone();
+                // Reports of the undone states must not be counted again.
+                self.state_hashes.retain(|r, _| *r <= from);
+                self.round = from;
+                self.last_commit = None;
+                for id in &holders {
+                    if let Some(m) = self.members.get_mut(id) {
+                        m.state_round = None;
+                    }
+                }
+                self.restored = Some((from, self.members[&holders[0]].data_addr.clone()));
+                self.voted = Some(from);
+                self.events.push(Event::RoundsVoided {
+                    from,
+                    to: round,
+                    reason,
+                });
+                true
+            }
+        }
     }
 
     fn maybe_start_attempt(&mut self, _now: Instant) {
@@ -643,7 +795,8 @@ impl Coordinator {
         let hashes = self.state_hashes.entry(report.next_round).or_default();
         hashes.insert(name, report.blake3);
         let distinct: BTreeSet<&String> = hashes.values().collect();
-        if distinct.len() > 1 {
+        // With the vote on, a disagreement is judged (and reported) when the next round starts.
+        if distinct.len() > 1 && !self.opts.vote {
             self.events.push(Event::Divergence {
                 next_round: report.next_round,
                 hashes: hashes.clone(),
@@ -835,6 +988,17 @@ impl Coordinator {
         self.last_commit = Some((a.round, ring.iter().copied().collect()));
         self.round = a.round + 1;
         self.pool_at_commit = self.pool.clone();
+        self.recent_batches.insert(
+            a.round,
+            record
+                .members
+                .iter()
+                .flat_map(|m| m.batches.clone())
+                .collect(),
+        );
+        while self.recent_batches.len() > 8 {
+            self.recent_batches.pop_first();
+        }
         self.events.push(Event::Committed(record));
     }
 }
@@ -851,6 +1015,8 @@ mod tests {
             min_workers,
             batches_per_round: 2,
             rounds,
+            vote: false,
+            max_corruption_flags: 2,
         };
         (Coordinator::new(opts, 77, "job".into()), Instant::now())
     }
@@ -1221,7 +1387,7 @@ mod tests {
     }
 
     #[test]
-    fn diverging_state_reports_are_flagged() {
+    fn diverging_state_reports_are_flagged_when_not_voting() {
         let (mut c, t0) = coord(2, 10);
         let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
         let rep = |h: &str| {
@@ -1298,6 +1464,8 @@ mod tests {
             min_workers: 2,
             batches_per_round: 2,
             rounds: 10,
+            vote: false,
+            max_corruption_flags: 2,
         };
         let t0 = Instant::now();
         let mut c =
@@ -1351,6 +1519,143 @@ mod tests {
         clean_round(&mut c, t0, &[a], 0);
         next(&mut c, t0, a);
         assert_eq!(c.committed_position(), (1, 2, vec![]));
+    }
+
+    fn voting(workers: &[&str]) -> (Coordinator, Instant, Vec<WorkerId>) {
+        let opts = Options {
+            failure_timeout: T,
+            min_workers: workers.len(),
+            batches_per_round: 2,
+            rounds: 10,
+            vote: true,
+            max_corruption_flags: 2,
+        };
+        let t0 = Instant::now();
+        let mut c = Coordinator::new(opts, 77, "job".into());
+        let ws = workers.iter().map(|n| join(&mut c, t0, n)).collect();
+        (c, t0, ws)
+    }
+
+    fn report(c: &mut Coordinator, t: Instant, w: WorkerId, next_round: u64, hash: &str) -> Reply {
+        let state = Some(StateReport {
+            next_round,
+            blake3: hash.into(),
+        });
+        c.handle(t, Request::NextRound { worker: w, state })
+    }
+
+    #[test]
+    fn the_next_round_waits_for_every_replicas_state_then_quarantines_a_minority() {
+        let (mut c, t0, ws) = voting(&["w0", "w1", "w2"]);
+        clean_round(&mut c, t0, &ws, 0);
+        assert!(
+            matches!(report(&mut c, t0, ws[0], 1, "good"), Reply::Wait { .. }),
+            "w1, w2 not reported yet"
+        );
+        assert!(matches!(
+            report(&mut c, t0, ws[2], 1, "flipped"),
+            Reply::Wait { .. }
+        ));
+        let Reply::Round { donor, .. } = report(&mut c, t0, ws[1], 1, "good") else {
+            panic!()
+        };
+        assert_eq!(donor, None);
+        let events = c.drain_events();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Corruption { name, flags: 1, .. } if name == "w2")),
+            "{events:?}"
+        );
+        // The minority replica heals from a majority member.
+        let Reply::Round { donor, .. } = next(&mut c, t0, ws[2]) else {
+            panic!()
+        };
+        assert_eq!(donor.as_deref(), Some("w0:1"));
+        assert_eq!(c.corruption_flags().get("w2"), Some(&1));
+    }
+
+    #[test]
+    fn a_repeat_offender_is_removed_as_suspect_hardware() {
+        let (mut c, t0, ws) = voting(&["w0", "w1", "w2"]);
+        for round in 0..2 {
+            clean_round(&mut c, t0, &ws, round);
+            report(&mut c, t0, ws[0], round + 1, "good");
+            report(&mut c, t0, ws[1], round + 1, "good");
+            report(&mut c, t0, ws[2], round + 1, &format!("bad{round}"));
+        }
+        let events = c.drain_events();
+        assert!(events.iter().any(|e| matches!(e, Event::Removed { name, reason, .. } if name == "w2" && reason.contains("suspect hardware"))));
+        assert_eq!(c.live_members(), 2);
+    }
+
+    #[test]
+    fn two_disagreeing_replicas_undo_to_the_last_agreed_state() {
+        let (mut c, t0, ws) = voting(&["w0", "w1"]);
+        clean_round(&mut c, t0, &ws, 0);
+        report(&mut c, t0, ws[0], 1, "same");
+        report(&mut c, t0, ws[1], 1, "same");
+        // Round 1 trains batches 4..8, then the two replicas disagree.
+        for &w in &ws {
+            ready(&mut c, t0, w, 1);
+        }
+        for &w in &ws {
+            reduced(&mut c, t0, w, 1, 1);
+        }
+        assert_eq!(c.committed_rounds(), 2);
+        report(&mut c, t0, ws[0], 2, "left");
+        let Reply::Round {
+            round,
+            batches,
+            donor,
+            ..
+        } = report(&mut c, t0, ws[1], 2, "right")
+        else {
+            panic!()
+        };
+        assert_eq!(round, 1, "round 1 is done again");
+        assert_eq!(
+            batches,
+            vec![6, 7],
+            "with the undone round's batches, in rank order"
+        );
+        assert_eq!(
+            donor.as_deref(),
+            Some("w0:1"),
+            "every replica reloads the agreed state of round 1"
+        );
+        let events = c.drain_events();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::RoundsVoided { from: 1, to: 2, .. })),
+            "{events:?}"
+        );
+        assert_eq!(c.committed_position(), (1, 8, vec![4, 5, 6, 7]));
+        // Redone, the two agree; the stale reports of the undone state are not counted.
+        for &w in &ws {
+            next(&mut c, t0, w);
+        }
+        for &w in &ws {
+            ready(&mut c, t0, w, 1);
+        }
+        for &w in &ws {
+            reduced(&mut c, t0, w, 1, 1);
+        }
+        c.drain_events();
+        assert!(matches!(
+            report(&mut c, t0, ws[0], 2, "agreed"),
+            Reply::Wait { .. }
+        ));
+        assert!(matches!(
+            report(&mut c, t0, ws[1], 2, "agreed"),
+            Reply::Round { round: 2, .. }
+        ));
+        assert!(
+            !c.drain_events()
+                .iter()
+                .any(|e| matches!(e, Event::RoundsVoided { .. }))
+        );
     }
 
     #[test]

@@ -88,9 +88,14 @@ impl Inbox {
 pub struct PeerServer {
     pub addr: String,
     pub inbox: Arc<Inbox>,
-    snapshot: Arc<Mutex<Option<Arc<Snapshot>>>>,
+    snapshots: Arc<Snapshots>,
     stop: Arc<AtomicBool>,
 }
+
+/// The newest published states, newest last: the previous one stays servable so that replicas
+/// can be rewound to it when their newest states disagree.
+type Snapshots = Mutex<std::collections::VecDeque<Arc<Snapshot>>>;
+const KEEP_SNAPSHOTS: usize = 2;
 
 impl PeerServer {
     /// Binds `listen` (e.g. `127.0.0.1:0`) and serves peers of `run_id` in the background.
@@ -103,20 +108,20 @@ impl PeerServer {
         let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr()?.to_string();
         let inbox = Arc::new(Inbox::default());
-        let snapshot: Arc<Mutex<Option<Arc<Snapshot>>>> = Arc::default();
+        let snapshots: Arc<Snapshots> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let (inbox, snapshot, stop) = (inbox.clone(), snapshot.clone(), stop.clone());
+            let (inbox, snapshots, stop) = (inbox.clone(), snapshots.clone(), stop.clone());
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
                     let Ok(stream) = stream else { continue };
-                    let (auth, inbox, snapshot) = (auth.clone(), inbox.clone(), snapshot.clone());
+                    let (auth, inbox, snapshots) = (auth.clone(), inbox.clone(), snapshots.clone());
                     std::thread::spawn(move || {
                         if let Err(e) =
-                            serve_peer(stream, &auth, run_id, timeout, &inbox, &snapshot)
+                            serve_peer(stream, &auth, run_id, timeout, &inbox, &snapshots)
                         {
                             tracing::debug!("peer connection: {e}");
                         }
@@ -127,14 +132,19 @@ impl PeerServer {
         Ok(PeerServer {
             addr,
             inbox,
-            snapshot,
+            snapshots,
             stop,
         })
     }
 
     /// Publishes the state peers get from now on.
     pub fn publish(&self, snapshot: Snapshot) {
-        *self.snapshot.lock().expect("snapshot lock") = Some(Arc::new(snapshot));
+        let mut s = self.snapshots.lock().expect("snapshot lock");
+        s.retain(|old| old.next_round < snapshot.next_round);
+        s.push_back(Arc::new(snapshot));
+        while s.len() > KEEP_SNAPSHOTS {
+            s.pop_front();
+        }
     }
 }
 
@@ -155,7 +165,7 @@ fn serve_peer(
     run_id: u64,
     timeout: Duration,
     inbox: &Inbox,
-    snapshot: &Mutex<Option<Arc<Snapshot>>>,
+    snapshots: &Snapshots,
 ) -> Result<(), WireError> {
     let mut conn = wire::accept(stream, auth, run_id, timeout)?;
     match conn.recv_json::<PeerHello>()? {
@@ -168,9 +178,16 @@ fn serve_peer(
             Ok(())
         }
         PeerHello::State { next_round } => {
-            let snap = snapshot.lock().expect("snapshot lock").clone();
+            let (snap, newest) = {
+                let all = snapshots.lock().expect("snapshot lock");
+                let pick = match next_round {
+                    None => all.back().cloned(),
+                    Some(r) => all.iter().find(|s| s.next_round == r).cloned(),
+                };
+                (pick, all.back().map(|s| s.next_round))
+            };
             match snap {
-                Some(s) if next_round.is_none_or(|r| r == s.next_round) => {
+                Some(s) => {
                     conn.send_json(&StateHeader::Sending {
                         next_round: s.next_round,
                         bytes: s.bytes.len() as u64,
@@ -181,9 +198,7 @@ fn serve_peer(
                     }
                     Ok(())
                 }
-                other => conn.send_json(&StateHeader::Unavailable {
-                    have: other.map(|s| s.next_round),
-                }),
+                None => conn.send_json(&StateHeader::Unavailable { have: newest }),
             }
         }
     }

@@ -134,6 +134,17 @@ pub fn save_with(
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
     let name = step_dir_name(state.step);
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    // A process killed mid-write leaves its temporary directory behind: never a checkpoint
+    // (only `step-*` are), but worth removing.
+    let ours = format!("-{}", std::process::id());
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.filter_map(Result::ok) {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(".tmp-") && !n.ends_with(&ours) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }

@@ -15,6 +15,7 @@ pub struct RunConfig {
     pub data: DataSection,
     pub train: TrainSection,
     pub sync: SyncSection,
+    pub guard: crate::guard::GuardSection,
 }
 
 /// How replicas of a multi-worker run stay in sync (ignored by a single-worker run).
@@ -103,6 +104,8 @@ pub struct TrainSection {
     pub eval_batches: usize,
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
+    /// Treat denormal floats as zero (much faster on CPUs once training has converged).
+    pub flush_denormals: bool,
 }
 
 impl Default for ModelSection {
@@ -146,6 +149,7 @@ impl Default for TrainSection {
             eval_batches: 8,
             checkpoint_every: 500,
             keep_checkpoints: 3,
+            flush_denormals: true,
         }
     }
 }
@@ -255,6 +259,34 @@ impl RunConfig {
                     format!("'{other}'"),
                     "known tasks: addition, text",
                 );
+            }
+        }
+        let g = &self.guard;
+        if !(g.spike_threshold.is_finite() && g.spike_threshold > 0.0) {
+            return bad(
+                "guard.spike_threshold",
+                g.spike_threshold.to_string(),
+                "must be > 0",
+            );
+        }
+        if !(g.ema_alpha > 0.0 && g.ema_alpha <= 1.0) {
+            return bad(
+                "guard.ema_alpha",
+                g.ema_alpha.to_string(),
+                "must be in (0, 1]",
+            );
+        }
+        for (field, v) in [
+            (
+                "guard.max_nonfinite_in_a_row",
+                g.max_nonfinite_in_a_row as u64,
+            ),
+            ("guard.spike_steps", g.spike_steps as u64),
+            ("guard.snapshot_every", g.snapshot_every),
+            ("guard.rollback_window", g.rollback_window),
+        ] {
+            if v == 0 {
+                return bad(field, "0".into(), "must be at least 1");
             }
         }
         let s = &self.sync;

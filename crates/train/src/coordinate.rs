@@ -54,6 +54,10 @@ pub struct ClusterSummary {
     pub faults: u64,
     pub aborted_attempts: u64,
     pub divergences: u64,
+    /// Replica states that disagreed with the majority, and the workers caught (with how
+    /// often): suspect hardware.
+    pub corruptions: u64,
+    pub suspects: std::collections::BTreeMap<String, u32>,
     pub bytes_sent: u64,
     pub bytes_sent_per_token: f64,
     /// Median time a clean round's sync held training up, and the worst for a round with a fault.
@@ -86,6 +90,8 @@ pub struct ClusterRun {
     faults: u64,
     aborted: u64,
     divergences: u64,
+    corruptions: u64,
+    suspects: std::collections::BTreeMap<String, u32>,
     next_checkpoint_round: u64,
     pub workers: usize,
 }
@@ -107,7 +113,15 @@ fn truncate_ledger(path: &Path, next_round: u64) -> Result<(), TrainError> {
     };
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<RoundRecord>(l).is_ok_and(|r| r.round < next_round))
+        .filter(|l| match serde_json::from_str::<RoundRecord>(l) {
+            Ok(r) => r.round < next_round,
+            // An undo marker stays when it undid rounds before the restart point.
+            Err(_) => serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["voided_rounds"][1]
+                    .as_u64()
+                    .is_some_and(|to| to <= next_round)
+            }),
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     crate::atomic_write(path, kept.as_bytes())
@@ -132,6 +146,8 @@ impl ClusterRun {
             min_workers,
             batches_per_round: per_round * cfg.train.grad_accum as u64,
             rounds,
+            vote: cfg.guard.enabled,
+            max_corruption_flags: cfg.guard.max_corruption_flags.max(1),
         };
         let run_id = u64::from_le_bytes(random_bytes());
         let auth = Auth::new(secret);
@@ -200,6 +216,8 @@ impl ClusterRun {
             faults: 0,
             aborted: 0,
             divergences: 0,
+            corruptions: 0,
+            suspects: Default::default(),
             next_checkpoint_round: cfg.train.checkpoint_every.div_ceil(per_round).max(1),
             workers: min_workers,
         })
@@ -247,6 +265,24 @@ impl ClusterRun {
                 Event::AttemptAborted { round, reason, .. } => {
                     self.aborted += 1;
                     tracing::info!("round {round}: attempt aborted: {reason}");
+                }
+                Event::Corruption {
+                    next_round,
+                    name,
+                    flags,
+                    ..
+                } => {
+                    self.corruptions += 1;
+                    *self.suspects.entry(name.clone()).or_default() = *flags;
+                    eprintln!(
+                        "[{elapsed_s:7.1}s] {name}: its state for round {next_round} disagrees with the majority (corruption flag {flags}); it re-fetches the majority's state"
+                    );
+                }
+                Event::RoundsVoided { from, to, reason } => {
+                    eprintln!("[{elapsed_s:7.1}s] rounds {from}..{to} undone: {reason}");
+                    let marker = serde_json::json!({"voided_rounds": [from, to], "reason": reason});
+                    append_line(&self.run_dir.join(LEDGER_FILE), &marker)?;
+                    self.records.retain(|r| r.round < *from);
                 }
                 Event::Divergence { next_round, hashes } => {
                     self.divergences += 1;
@@ -388,6 +424,8 @@ impl ClusterRun {
             faults: self.faults,
             aborted_attempts: self.aborted,
             divergences: self.divergences,
+            corruptions: self.corruptions,
+            suspects: self.suspects.clone(),
             bytes_sent,
             bytes_sent_per_token: bytes_sent as f64 / committed_tokens.max(1) as f64,
             median_sync_s: clean.get(clean.len() / 2).copied().unwrap_or(0.0),

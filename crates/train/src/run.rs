@@ -14,7 +14,11 @@ use crate::data::{
     AdditionTask, Dataset, TextData, Tokenizer, read_text, resolve_data_files, tokenize_cached,
 };
 use crate::eval::{addition_accuracy, val_loss};
+use crate::guard::{Guard, Verdict};
+use crate::optim::grad_norm;
+use crate::step::{apply_clipped, compute_grads, inject};
 use crate::{RunConfig, TrainError, TrainState, atomic_write, checkpoint, train_step};
+use holdfast_cluster::chaos::NumberFaults;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -162,6 +166,15 @@ pub enum Event {
         step: u64,
         path: PathBuf,
     },
+    /// A stability guard acted: `skip` (update not applied) or `rollback` (to `to_step`,
+    /// skipping the data since).
+    Guard {
+        step: u64,
+        action: String,
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to_step: Option<u64>,
+    },
 }
 
 /// What a finished run learned.
@@ -175,6 +188,9 @@ pub struct Summary {
     pub exact_match_problems: Option<usize>,
     pub checkpoint: PathBuf,
     pub tokens_per_s: f64,
+    /// Updates the guards did not apply, and rollbacks they made.
+    pub skipped_steps: u64,
+    pub rollbacks: u64,
 }
 
 /// Held-out metrics of `weights` on `data`.
@@ -222,12 +238,51 @@ fn append_metrics(run_dir: &Path, event: &Event) -> Result<(), TrainError> {
     writeln!(f, "{line}").map_err(|e| TrainError::io(&path, e))
 }
 
+/// Writes checkpoints on a background thread, one at a time: training does not wait on disk.
+/// A failed write is reported when it is next waited for; the previous checkpoint stays.
+#[derive(Default)]
+struct CheckpointWriter {
+    running: Option<std::thread::JoinHandle<Result<PathBuf, TrainError>>>,
+}
+
+impl CheckpointWriter {
+    fn start(&mut self, run_dir: &Path, state: TrainState, cfg: &RunConfig, keep: usize) {
+        let (run_dir, cfg) = (run_dir.to_path_buf(), cfg.clone());
+        self.running = Some(std::thread::spawn(move || {
+            checkpoint::save(&run_dir, &state, &cfg, keep)
+        }));
+    }
+
+    /// Waits for the write in flight, if any, and returns where it went.
+    fn wait(&mut self) -> Result<Option<PathBuf>, TrainError> {
+        match self.running.take() {
+            None => Ok(None),
+            Some(h) => h
+                .join()
+                .map_err(|_| TrainError::Checkpoint("checkpoint writer panicked".into()))?
+                .map(Some),
+        }
+    }
+}
+
+/// The step of a checkpoint directory `.../step-NNNNNNNN`.
+fn checkpoint_step(path: &Path) -> u64 {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Trains `state` until `cfg.train.steps`, logging, evaluating and checkpointing as configured.
+/// The stability guards (`cfg.guard`) judge every step before it is applied; `faults` are
+/// injected numeric faults (chaos testing).
 pub fn train(
     run_dir: &Path,
     cfg: &RunConfig,
     data: &Dataset,
     state: &mut TrainState,
+    faults: &NumberFaults,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Summary, TrainError> {
     let t = &cfg.train;
@@ -236,21 +291,89 @@ pub fn train(
     let mut tokens = 0usize;
     let mut last_loss = f64::NAN;
     let mut last_ckpt = None;
+    let mut writer = CheckpointWriter::default();
     let mut emit = |event: Event| -> Result<(), TrainError> {
         append_metrics(run_dir, &event)?;
         on_event(&event);
         Ok(())
     };
+    let mut guard = Guard::new(cfg.guard.clone());
+    // The last good state, to roll back to (tensor clones share storage until updated).
+    let mut good = guard.enabled().then(|| state.clone());
+    let (mut skipped, mut rollbacks) = (0u64, 0u64);
     while state.step < t.steps {
-        let stats = train_step(state, data, t, 0, 1);
-        tokens += stats.tokens;
-        last_loss = stats.loss;
+        let firsts: Vec<u64> = (0..t.grad_accum)
+            .map(|micro| state.cursor.micro_batch_start(micro, 0, 1, t.batch_size))
+            .collect();
+        let (grads, loss, n) =
+            compute_grads(&state.weights, data, state.seed, &firsts, t.batch_size);
+        // Faults are keyed to the batch drawn, which advances even when a step is skipped.
+        let draw = state.cursor.next_sample / (t.batch_size * t.grad_accum) as u64;
+        let (grads, loss) = inject(faults, draw, grads, loss);
+        state.cursor.advance(t.batch_size, t.grad_accum, 1);
+        tokens += n;
+        let norm = grad_norm(&grads);
+        match guard.observe(state.step, loss, norm) {
+            Verdict::Apply => {}
+            Verdict::Skip { reason } => {
+                skipped += 1;
+                emit(Event::Guard {
+                    step: state.step,
+                    action: "skip".into(),
+                    reason,
+                    to_step: None,
+                })?;
+                continue;
+            }
+            Verdict::Rollback { reason } => {
+                let back = good.clone().expect("guards keep a good state");
+                emit(Event::Guard {
+                    step: state.step,
+                    action: "rollback".into(),
+                    reason,
+                    to_step: Some(back.step),
+                })?;
+                rollbacks += 1;
+                // Back to the good weights and moments, but not the good data position: the
+                // window that led here is skipped.
+                let cursor = state.cursor;
+                *state = back;
+                state.cursor = cursor;
+                continue;
+            }
+            Verdict::Stop { reason } => {
+                emit(Event::Guard {
+                    step: state.step,
+                    action: "stop".into(),
+                    reason: reason.clone(),
+                    to_step: None,
+                })?;
+                return Err(TrainError::Unstable(format!(
+                    "{reason} (see {})",
+                    run_dir.join(METRICS_FILE).display()
+                )));
+            }
+        }
+        let lr = apply_clipped(
+            &mut state.weights,
+            &mut state.opt,
+            grads,
+            norm,
+            state.step,
+            t,
+        );
+        state.step += 1;
+        last_loss = loss;
+        if state.step.is_multiple_of(cfg.guard.snapshot_every) && guard.is_calm() && good.is_some()
+        {
+            good = Some(state.clone());
+        }
         let elapsed = start.elapsed().as_secs_f64();
         emit(Event::Step {
-            step: stats.step,
-            loss: stats.loss,
-            lr: stats.lr,
-            grad_norm: stats.grad_norm,
+            step: state.step,
+            loss,
+            lr,
+            grad_norm: norm,
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             elapsed_s: elapsed,
         })?;
@@ -265,13 +388,23 @@ pub fn train(
             })?;
         }
         if state.step.is_multiple_of(t.checkpoint_every) || last {
-            let path = checkpoint::save(run_dir, state, cfg, t.keep_checkpoints)?;
-            emit(Event::Checkpoint {
-                step: state.step,
-                path: path.clone(),
-            })?;
-            last_ckpt = Some(path);
+            // One write in flight at a time; training goes on while it runs.
+            if let Some(path) = writer.wait()? {
+                emit(Event::Checkpoint {
+                    step: checkpoint_step(&path),
+                    path: path.clone(),
+                })?;
+                last_ckpt = Some(path);
+            }
+            writer.start(run_dir, state.clone(), cfg, t.keep_checkpoints);
         }
+    }
+    if let Some(path) = writer.wait()? {
+        emit(Event::Checkpoint {
+            step: checkpoint_step(&path),
+            path: path.clone(),
+        })?;
+        last_ckpt = Some(path);
     }
     let trained_s = start.elapsed().as_secs_f64();
     let r = evaluate(&state.weights, data, cfg, FINAL_EXACT_MATCH_PROBLEMS);
@@ -297,6 +430,8 @@ pub fn train(
         exact_match_problems: r.exact_match_problems,
         checkpoint,
         tokens_per_s: tokens as f64 / trained_s.max(1e-9),
+        skipped_steps: skipped,
+        rollbacks,
     })
 }
 

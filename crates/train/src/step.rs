@@ -5,6 +5,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::TrainSection;
 use crate::data::{Batch, Dataset, Split};
+use holdfast_cluster::chaos::NumberFaults;
 use holdfast_model::Weights;
 
 use crate::optim::{AdamW, clip_grads, grad_norm, learning_rate};
@@ -104,11 +105,23 @@ pub fn apply_grads(
     h: &TrainSection,
 ) -> (f64, f64) {
     let norm = grad_norm(&grads);
+    (norm, apply_clipped(weights, opt, grads, norm, step, h))
+}
+
+/// [`apply_grads`] for a caller that already has the gradients' norm; returns the learning rate.
+pub fn apply_clipped(
+    weights: &mut Weights,
+    opt: &mut AdamW,
+    grads: Vec<Tensor<2>>,
+    norm: f64,
+    step: u64,
+    h: &TrainSection,
+) -> f64 {
     let grads = clip_grads(grads, norm, h.grad_clip);
     let lr = learning_rate(step, h);
     let decay: Vec<bool> = weights.specs.iter().map(|s| s.decay).collect();
     opt.step(&mut weights.tensors, grads, &decay, lr, h);
-    (norm, lr)
+    lr
 }
 
 /// Runs one optimizer step of `worker` (of `world`) on the state's device and advances the
@@ -139,4 +152,21 @@ pub fn train_step(
         lr,
         tokens,
     }
+}
+
+/// Chaos for numbers: makes `step`'s loss and gradients NaN, or scales them, as `faults` say.
+pub fn inject(
+    faults: &NumberFaults,
+    step: u64,
+    grads: Vec<Tensor<2>>,
+    loss: f64,
+) -> (Vec<Tensor<2>>, f64) {
+    if faults.nan_at(step) {
+        return (grads.into_iter().map(|g| g * f32::NAN).collect(), f64::NAN);
+    }
+    let scale = faults.scale_at(step);
+    if scale != 1.0 {
+        return (grads.into_iter().map(|g| g * scale).collect(), loss * scale);
+    }
+    (grads, loss)
 }

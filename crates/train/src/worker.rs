@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
+use holdfast_cluster::chaos::NumberFaults;
 use holdfast_cluster::coordinator::{Reply, Request, StateReport, WorkerRoundStats};
 use holdfast_cluster::diloco::{OuterNesterov, average_in_place, pseudo_gradient};
 use holdfast_cluster::peer::{FetchError, PeerServer, Snapshot, fetch_state};
@@ -19,9 +20,10 @@ use holdfast_cluster::ring::{RingSpec, all_reduce_sum};
 use holdfast_cluster::server::CoordinatorClient;
 use holdfast_cluster::wire::{Auth, WireError};
 
+use crate::optim::grad_norm;
 use crate::replica::{Replica, flatten, unflatten};
 use crate::run::{Prepared, prepare_data};
-use crate::step::{apply_grads, compute_grads};
+use crate::step::{apply_clipped, apply_grads, compute_grads, inject};
 use crate::{RunConfig, TrainError};
 
 const POLL: Duration = Duration::from_millis(10);
@@ -47,6 +49,8 @@ pub struct WorkerOptions {
     pub cache_dir: PathBuf,
     /// Chaos: run this many times slower (1 = normal).
     pub slow_factor: f64,
+    /// Chaos: numeric faults this worker injects into its own training.
+    pub faults: NumberFaults,
 }
 
 enum SessionEnd {
@@ -81,8 +85,10 @@ fn connect(o: &WorkerOptions, auth: &Auth, run_id: u64) -> Result<CoordinatorCli
 pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
     let auth = Auth::new(&o.secret);
     let mut prepared: Option<(RunConfig, Prepared)> = None;
+    // Injected faults fire once each, whatever rounds are retried or redone.
+    let mut faults = o.faults.clone();
     loop {
-        match session(o, &auth, &mut prepared)? {
+        match session(o, &auth, &mut prepared, &mut faults)? {
             SessionEnd::Finished => return Ok(()),
             SessionEnd::Evicted(reason) => {
                 tracing::warn!("{}: out of the quorum ({reason}); rejoining", o.name);
@@ -126,6 +132,7 @@ fn session(
     o: &WorkerOptions,
     auth: &Auth,
     prepared: &mut Option<(RunConfig, Prepared)>,
+    faults: &mut NumberFaults,
 ) -> Result<SessionEnd, TrainError> {
     let mut client = connect(o, auth, 0)?;
     let run_id = client.run_id();
@@ -156,6 +163,7 @@ fn session(
         *prepared = Some((cfg.clone(), prepare_data(&cfg, &o.cache_dir, None)?));
     }
     let (cfg, data) = prepared.as_ref().expect("prepared above");
+    crate::set_flush_denormals(cfg.train.flush_denormals);
     let timeout = Duration::from_millis(cfg.sync.failure_timeout_ms);
     let _heartbeat = start_heartbeat(o, auth, run_id, worker, timeout / 4)?;
     tracing::info!("{} joined as worker {worker} of run {run_id:016x}", o.name);
@@ -227,8 +235,10 @@ fn session(
         };
         let mut loss_sum = 0.0;
         let payload = if diloco {
+            let mut applied = 0u32;
             for (i, ids) in batches.chunks(h.grad_accum).enumerate() {
                 let step_started = Instant::now();
+                let step = round * per_round + i as u64;
                 let (grads, loss, tokens) = compute_grads(
                     &r.weights,
                     &data.dataset,
@@ -236,20 +246,26 @@ fn session(
                     &firsts(ids),
                     h.batch_size,
                 );
-                apply_grads(
-                    &mut r.weights,
-                    &mut r.opt,
-                    grads,
-                    round * per_round + i as u64,
-                    h,
-                );
-                loss_sum += loss;
+                let (grads, loss) = inject(faults, step, grads, loss);
+                faults.nan_steps.retain(|&s| s != step);
                 stats.tokens += tokens as u64;
+                // The non-finite guard: such an update never reaches the replica.
+                let norm = grad_norm(&grads);
+                if cfg.guard.enabled && !(loss.is_finite() && norm.is_finite()) {
+                    tracing::warn!(
+                        "{}: step {step}: non-finite loss or gradients; not applied",
+                        o.name
+                    );
+                    continue;
+                }
+                apply_clipped(&mut r.weights, &mut r.opt, grads, norm, step, h);
+                loss_sum += loss;
+                applied += 1;
                 slow_down(o.slow_factor, step_started.elapsed());
             }
+            loss_sum /= f64::from(applied.max(1));
             let mut d = Vec::new();
             pseudo_gradient(&r.outer, &flatten(&r.weights.tensors), &mut d);
-            loss_sum /= batches.chunks(h.grad_accum).len() as f64;
             d
         } else {
             let step_started = Instant::now();
@@ -260,10 +276,21 @@ fn session(
                 &firsts(&batches),
                 h.batch_size,
             );
+            let (grads, loss) = inject(faults, round, grads, loss);
+            faults.nan_steps.retain(|&s| s != round);
             loss_sum = loss;
             stats.tokens = tokens as u64;
             slow_down(o.slow_factor, step_started.elapsed());
-            flatten(&grads)
+            let mut g = flatten(&grads);
+            if cfg.guard.enabled && !g.iter().all(|v| v.is_finite()) {
+                // One bad replica must not poison the average: it contributes nothing.
+                tracing::warn!(
+                    "{}: round {round}: non-finite gradients; contributing zeros",
+                    o.name
+                );
+                g.iter_mut().for_each(|v| *v = 0.0);
+            }
+            g
         };
         stats.loss = loss_sum;
         stats.compute_s = compute_started.elapsed().as_secs_f64();
@@ -359,6 +386,17 @@ fn session(
             r.outer = flatten(&r.weights.tensors);
         }
         r.next_round = round + 1;
+        if faults.bitflip_after(round) {
+            // Once: a round that is undone and redone is not corrupted again.
+            faults.bitflip_rounds.retain(|&r| r != round);
+            // Chaos: silent data corruption of one parameter of this replica.
+            r.outer[0] = f32::from_bits(r.outer[0].to_bits() ^ (1 << 22));
+            r.reset_local_to_outer();
+            tracing::warn!(
+                "{}: chaos: flipped a bit of parameter 0 after round {round}",
+                o.name
+            );
+        }
         peer.publish(Snapshot {
             next_round: r.next_round,
             bytes: r.encode(),
