@@ -4,7 +4,8 @@
 #   bash bench/cluster.sh sync      # DDP vs DiLoCo H=50/100 on Tiny Shakespeare, 4 workers:
 #                                   #   bytes sent per token and final validation loss
 #   bash bench/cluster.sh goodput   # 4 workers, fault-free vs one kill per minute
-#   bash bench/cluster.sh overhead  # one process vs --workers 1 on the default task
+#   bash bench/cluster.sh overhead  # one process vs --workers 1 on the default task, twice, interleaved
+#   bash bench/cluster.sh guards    # one process with and without the guards, twice, interleaved
 #
 # HOLDFAST (binary), DATA (corpus) and OUT (where runs go) may be set in the environment.
 set -euo pipefail
@@ -46,12 +47,25 @@ goodput)
   summary "$OUT/kill-every-60s" kill-every-60s
   ;;
 overhead)
-  "$BIN" train --steps 1500 --no-progress --run-dir "$OUT/one-process" | grep 'tokens/s'
-  "$BIN" train --workers 1 --steps 1500 --inner-steps 50 --no-progress --run-dir "$OUT/one-worker" > /dev/null
-  summary "$OUT/one-worker" one-worker
+  for rep in 1 2; do
+    # No periodic evaluation in either (the workers' goodput excludes none either).
+    "$BIN" train --steps 1500 --eval-every 1500 --no-progress --run-dir "$OUT/one-process-$rep" 2>/dev/null \
+      | sed -n 's/^trained .* at \([0-9.]*\) tokens\/s/{"run": "one-process", "tokens_per_s": \1}/p'
+    "$BIN" train --workers 1 --steps 1500 --inner-steps 50 --no-progress --run-dir "$OUT/one-worker-$rep" > /dev/null 2>&1
+    summary "$OUT/one-worker-$rep" one-worker
+  done
+  ;;
+guards)
+  for rep in 1 2; do
+    for g in on off; do
+      flag=(); [ "$g" = off ] && flag=(--no-guards)
+      "$BIN" train --steps 1500 --eval-every 1500 "${flag[@]}" --no-progress --run-dir "$OUT/guards-$g-$rep" 2>/dev/null \
+        | sed -n "s/^trained .* at \([0-9.]*\) tokens\/s/{\"run\": \"guards-$g\", \"tokens_per_s\": \1}/p"
+    done
+  done
   ;;
 *)
-  echo "usage: bash bench/cluster.sh sync|goodput|overhead" >&2
+  echo "usage: bash bench/cluster.sh sync|goodput|overhead|guards" >&2
   exit 2
   ;;
 esac

@@ -700,6 +700,24 @@ fn print_cluster_summary(
         "faults {}, aborted attempts {}, discarded batches {} (retrained), replica divergences {}",
         s.faults, s.aborted_attempts, s.discarded_batches, s.divergences
     );
+    if s.guard_skips + s.guard_rollbacks + s.corruptions > 0 {
+        let suspects: Vec<String> = s
+            .suspects
+            .iter()
+            .map(|(n, f)| format!("{n} ({f}x)"))
+            .collect();
+        println!(
+            "guards: {} inner steps not applied, {} rollbacks, {} corrupted replica states{}",
+            s.guard_skips,
+            s.guard_rollbacks,
+            s.corruptions,
+            if suspects.is_empty() {
+                String::new()
+            } else {
+                format!("; suspect hardware: {}", suspects.join(", "))
+            }
+        );
+    }
     println!(
         "sync: {:.1} bytes sent per token; median sync stall {:.3}s, worst with a fault {:.3}s",
         s.bytes_sent_per_token, s.median_sync_s, s.max_fault_sync_s

@@ -456,6 +456,36 @@ fn a_flipped_bit_is_outvoted_and_the_replica_heals() {
 }
 
 #[test]
+fn workers_skip_a_nan_step_and_roll_back_a_spike_within_their_round() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut args = train_args("g", "2", "200");
+    args.extend([
+        "--chaos",
+        "nan:worker=0,at=30;spike:worker=1,at=150,scale=30,steps=5",
+    ]);
+    let out = ok(&holdfast(d, &args));
+    let s = summary(&d.join("g"));
+    // worker-0 skips its NaN step; worker-1 skips two spiking steps, then rolls back to the
+    // start of round 7 on the third.
+    assert_eq!(
+        (s["guard_skips"].as_u64(), s["guard_rollbacks"].as_u64()),
+        (Some(3), Some(1)),
+        "{s}"
+    );
+    assert!(
+        s["eval"]["val_loss"].as_f64().is_some_and(f64::is_finite),
+        "{s}"
+    );
+    assert!(
+        out.contains("3 inner steps not applied, 1 rollbacks"),
+        "{out}"
+    );
+    assert_states_agree(&d.join("g"));
+}
+
+#[test]
 fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

@@ -209,3 +209,64 @@ fn a_run_killed_while_checkpointing_resumes_from_the_last_complete_checkpoint() 
     let v: Value = serde_json::from_slice(&eval.stdout).unwrap();
     assert_eq!(v["step"], 410);
 }
+
+#[test]
+fn a_failed_checkpoint_write_is_a_clear_error_and_the_previous_checkpoint_stays() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&holdfast(
+        d,
+        &[
+            "train",
+            "--run-dir",
+            "full",
+            "--steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--checkpoint-every",
+            "10",
+            "--no-progress",
+        ],
+    ));
+    // A full disk, as the process sees it: writes past 64 KiB fail (EFBIG instead of ENOSPC).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    cmd.args([
+        "train",
+        "--resume",
+        "full",
+        "--steps",
+        "40",
+        "--no-progress",
+    ])
+    .current_dir(d);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64 << 10,
+                rlim_max: 64 << 10,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the write failure must fail the run");
+    assert!(
+        err.contains(".safetensors") && err.contains("too large"),
+        "names the file and the cause: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let eval = holdfast(d, &["eval", "full"]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let v: Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(v["step"], 20, "the previous checkpoint is intact and used");
+}

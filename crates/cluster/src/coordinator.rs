@@ -48,6 +48,11 @@ pub struct WorkerRoundStats {
     pub wait_s: f64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Stability guards: steps not applied, and rollbacks to the round's start.
+    #[serde(default)]
+    pub skipped_steps: u64,
+    #[serde(default)]
+    pub rollbacks: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,6 +179,11 @@ pub struct RoundRecord {
     pub wall_s: f64,
     /// From the first member's `Ready` to the commit: time the sync held training up.
     pub sync_s: f64,
+    /// Stability guards on the members: steps not applied, rollbacks to the round's start.
+    #[serde(default)]
+    pub guard_skips: u64,
+    #[serde(default)]
+    pub guard_rollbacks: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -976,6 +986,8 @@ impl Coordinator {
             comm_s: mean(|s| s.comm_s),
             wait_s: mean(|s| s.wait_s),
             wall_s: now.saturating_duration_since(a.started).as_secs_f64(),
+            guard_skips: reduced.values().map(|s| s.skipped_steps).sum(),
+            guard_rollbacks: reduced.values().map(|s| s.rollbacks).sum(),
             sync_s: a
                 .first_ready
                 .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),

@@ -58,6 +58,9 @@ pub struct ClusterSummary {
     /// often): suspect hardware.
     pub corruptions: u64,
     pub suspects: std::collections::BTreeMap<String, u32>,
+    /// Inner steps the workers' guards did not apply, and their rollbacks.
+    pub guard_skips: u64,
+    pub guard_rollbacks: u64,
     pub bytes_sent: u64,
     pub bytes_sent_per_token: f64,
     /// Median time a clean round's sync held training up, and the worst for a round with a fault.
@@ -426,6 +429,8 @@ impl ClusterRun {
             divergences: self.divergences,
             corruptions: self.corruptions,
             suspects: self.suspects.clone(),
+            guard_skips: self.records.iter().map(|r| r.guard_skips).sum(),
+            guard_rollbacks: self.records.iter().map(|r| r.guard_rollbacks).sum(),
             bytes_sent,
             bytes_sent_per_token: bytes_sent as f64 / committed_tokens.max(1) as f64,
             median_sync_s: clean.get(clean.len() / 2).copied().unwrap_or(0.0),

@@ -22,6 +22,8 @@ pub struct GuardSection {
     pub max_nonfinite_in_a_row: u32,
     /// Mean absolute deviations above the running mean that make a step a spike.
     pub spike_threshold: f64,
+    /// ...and by at least this much (nats): near-zero losses jump by large factors harmlessly.
+    pub spike_min_increase: f64,
     /// Consecutive spiking steps that trigger a rollback.
     pub spike_steps: u32,
     /// Steps before spike detection starts (the loss falls fast at first).
@@ -43,6 +45,7 @@ impl Default for GuardSection {
             enabled: true,
             max_nonfinite_in_a_row: 3,
             spike_threshold: 8.0,
+            spike_min_increase: 0.1,
             spike_steps: 3,
             warmup_steps: 100,
             ema_alpha: 0.02,
@@ -126,7 +129,7 @@ impl Guard {
             // A floor on the deviation keeps a very smooth loss from flagging noise.
             let dev = self.dev.max(1e-3 * mean.abs()).max(1e-6);
             let score = (loss - mean) / dev;
-            if score > self.cfg.spike_threshold {
+            if score > self.cfg.spike_threshold && loss - mean > self.cfg.spike_min_increase {
                 self.spike_run += 1;
                 let what = format!(
                     "loss {loss:.4} is {score:.1} deviations above its running mean {mean:.4}"
@@ -149,6 +152,16 @@ impl Guard {
             }
         }
         Verdict::Apply
+    }
+
+    /// After a rollback to a state kept with a copy of the guard: judge the losses that
+    /// follow against what that state's losses looked like, keeping the rollback history.
+    pub fn restore_statistics(&mut self, saved: &Guard) {
+        self.mean = saved.mean;
+        self.dev = saved.dev;
+        self.healthy_steps = saved.healthy_steps;
+        self.nonfinite_run = 0;
+        self.spike_run = 0;
     }
 
     fn rollback(&mut self, step: u64, reason: String) -> Verdict {
@@ -242,6 +255,31 @@ mod tests {
         assert!(matches!(g.observe(104, 7.0, 0.5), Verdict::Rollback { .. }));
         // Spikes do not drag the running mean up: after the rollback, normal losses pass.
         assert_eq!(g.observe(105, loss_at(105), 0.5), Verdict::Apply);
+    }
+
+    #[test]
+    fn a_converged_run_with_relatively_noisy_tiny_losses_is_not_a_spike() {
+        let mut g = guard();
+        for step in 0..500 {
+            // Loss 0.001 with occasional 50x jumps to 0.05: harmless.
+            let loss = if step % 7 == 0 { 0.05 } else { 0.001 };
+            assert_eq!(g.observe(step, loss, 0.01), Verdict::Apply, "step {step}");
+        }
+    }
+
+    #[test]
+    fn restored_statistics_judge_the_restored_state_fairly() {
+        let mut g = guard();
+        for step in 0..100 {
+            g.observe(step, 3.0 - step as f64 * 0.001, 0.5);
+        }
+        let saved = g.clone();
+        for step in 100..400 {
+            g.observe(step, 3.0 - step as f64 * 0.005, 0.5);
+        }
+        // Rolled back to step 100, the losses are back near 2.9: not spikes.
+        g.restore_statistics(&saved);
+        assert_eq!(g.observe(400, 2.9, 0.5), Verdict::Apply);
     }
 
     #[test]

@@ -299,7 +299,7 @@ pub fn train(
     };
     let mut guard = Guard::new(cfg.guard.clone());
     // The last good state, to roll back to (tensor clones share storage until updated).
-    let mut good = guard.enabled().then(|| state.clone());
+    let mut good = guard.enabled().then(|| (state.clone(), guard.clone()));
     let (mut skipped, mut rollbacks) = (0u64, 0u64);
     while state.step < t.steps {
         let firsts: Vec<u64> = (0..t.grad_accum)
@@ -326,7 +326,8 @@ pub fn train(
                 continue;
             }
             Verdict::Rollback { reason } => {
-                let back = good.clone().expect("guards keep a good state");
+                let (back, saved_guard) = good.clone().expect("guards keep a good state");
+                guard.restore_statistics(&saved_guard);
                 emit(Event::Guard {
                     step: state.step,
                     action: "rollback".into(),
@@ -366,7 +367,7 @@ pub fn train(
         last_loss = loss;
         if state.step.is_multiple_of(cfg.guard.snapshot_every) && guard.is_calm() && good.is_some()
         {
-            good = Some(state.clone());
+            good = Some((state.clone(), guard.clone()));
         }
         let elapsed = start.elapsed().as_secs_f64();
         emit(Event::Step {

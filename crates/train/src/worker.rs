@@ -20,6 +20,7 @@ use holdfast_cluster::ring::{RingSpec, all_reduce_sum};
 use holdfast_cluster::server::CoordinatorClient;
 use holdfast_cluster::wire::{Auth, WireError};
 
+use crate::guard::{Guard, Verdict};
 use crate::optim::grad_norm;
 use crate::replica::{Replica, flatten, unflatten};
 use crate::run::{Prepared, prepare_data};
@@ -177,6 +178,7 @@ fn session(
     };
     let mut replica: Option<Replica> = None;
     let mut report: Option<StateReport> = None;
+    let mut guard = Guard::new(cfg.guard.clone());
     loop {
         let reply = call(
             &mut client,
@@ -236,6 +238,8 @@ fn session(
         let mut loss_sum = 0.0;
         let payload = if diloco {
             let mut applied = 0u32;
+            // What a rollback returns to: this round's start (the outer weights).
+            let round_start = (r.weights.clone(), r.opt.clone(), guard.clone());
             for (i, ids) in batches.chunks(h.grad_accum).enumerate() {
                 let step_started = Instant::now();
                 let step = round * per_round + i as u64;
@@ -249,14 +253,27 @@ fn session(
                 let (grads, loss) = inject(faults, step, grads, loss);
                 faults.nan_steps.retain(|&s| s != step);
                 stats.tokens += tokens as u64;
-                // The non-finite guard: such an update never reaches the replica.
                 let norm = grad_norm(&grads);
-                if cfg.guard.enabled && !(loss.is_finite() && norm.is_finite()) {
-                    tracing::warn!(
-                        "{}: step {step}: non-finite loss or gradients; not applied",
-                        o.name
-                    );
-                    continue;
+                match guard.observe(step, loss, norm) {
+                    Verdict::Apply => {}
+                    Verdict::Skip { reason } => {
+                        tracing::warn!("{}: step {step}: not applied: {reason}", o.name);
+                        stats.skipped_steps += 1;
+                        continue;
+                    }
+                    Verdict::Rollback { reason } => {
+                        // Back to the round's start: this replica contributes no change,
+                        // and the rest of its batches this round are skipped.
+                        tracing::warn!(
+                            "{}: step {step}: rolled back to round {round}'s start: {reason}",
+                            o.name
+                        );
+                        (r.weights, r.opt) = (round_start.0.clone(), round_start.1.clone());
+                        guard.restore_statistics(&round_start.2);
+                        stats.rollbacks += 1;
+                        break;
+                    }
+                    Verdict::Stop { reason } => return Err(TrainError::Unstable(reason)),
                 }
                 apply_clipped(&mut r.weights, &mut r.opt, grads, norm, step, h);
                 loss_sum += loss;
@@ -282,13 +299,17 @@ fn session(
             stats.tokens = tokens as u64;
             slow_down(o.slow_factor, step_started.elapsed());
             let mut g = flatten(&grads);
-            if cfg.guard.enabled && !g.iter().all(|v| v.is_finite()) {
-                // One bad replica must not poison the average: it contributes nothing.
-                tracing::warn!(
-                    "{}: round {round}: non-finite gradients; contributing zeros",
-                    o.name
-                );
-                g.iter_mut().for_each(|v| *v = 0.0);
+            let norm = grad_norm(&grads);
+            match guard.observe(round, loss, norm) {
+                Verdict::Apply => {}
+                // Replicas share one state in DDP: a bad step cannot be undone locally, so
+                // this replica contributes nothing rather than poison the average.
+                Verdict::Skip { reason } | Verdict::Rollback { reason } => {
+                    tracing::warn!("{}: round {round}: contributing zeros: {reason}", o.name);
+                    stats.skipped_steps += 1;
+                    g.iter_mut().for_each(|v| *v = 0.0);
+                }
+                Verdict::Stop { reason } => return Err(TrainError::Unstable(reason)),
             }
             g
         };
