@@ -332,32 +332,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         }
     };
     let (run_dir, cfg, prepared, mut state) = if let Some(run_dir) = &args.resume {
-        let mut cfg = run::read_run_config(run_dir)?;
-        let stored = cfg.clone();
-        apply_train_flags(&mut cfg, &args);
-        let prepared = run::prepare_data(
-            &cfg,
-            &run::token_cache_dir(run_dir),
-            run::run_tokenizer(run_dir).as_deref(),
-        )?;
-        let loaded = checkpoint::load_latest(run_dir, &device)?;
-        for w in &loaded.warnings {
-            tracing::warn!("{w}");
-            eprintln!("warning: {w}");
-        }
-        if loaded.manifest.model != prepared.model {
-            bail!(
-                "checkpoint {} was trained with a different model config than {} now implies",
-                loaded.dir.display(),
-                run_dir.join(run::CONFIG_FILE).display()
-            );
-        }
-        if cfg != stored {
-            holdfast_train::atomic_write(
-                &run_dir.join(run::CONFIG_FILE),
-                cfg.to_toml().as_bytes(),
-            )?;
-        }
+        let (cfg, prepared, loaded) = load_for_resume(run_dir, &args, &device, false)?;
         eprintln!(
             "resuming {} from {} (step {})",
             run_dir.display(),
@@ -599,35 +574,33 @@ fn cmd_bench_train(
 }
 
 /// A new multi-worker run's directory, config and data, checked before anything starts.
-/// A multi-worker run restarted cold from its newest valid checkpoint.
-fn restore_cluster_run(
+/// A run directory's config (flag overrides applied and saved), data and newest valid
+/// checkpoint, checked to fit each other. `workers`: for a multi-worker restart.
+fn load_for_resume(
     run_dir: &Path,
     args: &TrainArgs,
-) -> Result<(
-    RunConfig,
-    run::Prepared,
-    holdfast_train::coordinate::Restore,
-)> {
+    device: &burn::tensor::Device,
+    workers: bool,
+) -> Result<(RunConfig, run::Prepared, checkpoint::Loaded)> {
     let mut cfg = run::read_run_config(run_dir)?;
     let stored = cfg.clone();
     apply_train_flags(&mut cfg, args);
-    cfg.validate()?;
-    let device = device::parse(&args.device)?;
     let prepared = run::prepare_data(
         &cfg,
         &run::token_cache_dir(run_dir),
         run::run_tokenizer(run_dir).as_deref(),
     )?;
-    let loaded = checkpoint::load_latest(run_dir, &device)?;
+    let loaded = checkpoint::load_latest(run_dir, device)?;
     for w in &loaded.warnings {
+        tracing::warn!("{w}");
         eprintln!("warning: {w}");
     }
-    let Some(position) = loaded.manifest.cluster.clone() else {
+    if workers && loaded.manifest.cluster.is_none() {
         bail!(
             "checkpoint {} is from a single-worker run; resume it without --workers",
             loaded.dir.display()
         );
-    };
+    }
     if loaded.manifest.model != prepared.model {
         bail!(
             "checkpoint {} was trained with a different model config than {} now implies",
@@ -638,6 +611,26 @@ fn restore_cluster_run(
     if cfg != stored {
         holdfast_train::atomic_write(&run_dir.join(run::CONFIG_FILE), cfg.to_toml().as_bytes())?;
     }
+    Ok((cfg, prepared, loaded))
+}
+
+/// A multi-worker run restarted cold from its newest valid checkpoint.
+fn restore_cluster_run(
+    run_dir: &Path,
+    args: &TrainArgs,
+) -> Result<(
+    RunConfig,
+    run::Prepared,
+    holdfast_train::coordinate::Restore,
+)> {
+    let device = device::parse(&args.device)?;
+    let (cfg, prepared, loaded) = load_for_resume(run_dir, args, &device, true)?;
+    let position = loaded.manifest.cluster.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "checkpoint {} lacks a multi-worker position",
+            loaded.dir.display()
+        )
+    })?;
     eprintln!(
         "restarting {} from {} (round {}, step {})",
         run_dir.display(),

@@ -265,6 +265,22 @@ impl CheckpointWriter {
     }
 }
 
+/// Reports a finished checkpoint write.
+fn note_checkpoint(
+    written: Option<PathBuf>,
+    emit: &mut dyn FnMut(Event) -> Result<(), TrainError>,
+    last: &mut Option<PathBuf>,
+) -> Result<(), TrainError> {
+    if let Some(path) = written {
+        emit(Event::Checkpoint {
+            step: checkpoint_step(&path),
+            path: path.clone(),
+        })?;
+        *last = Some(path);
+    }
+    Ok(())
+}
+
 /// The step of a checkpoint directory `.../step-NNNNNNNN`.
 fn checkpoint_step(path: &Path) -> u64 {
     path.file_name()
@@ -390,23 +406,13 @@ pub fn train(
         }
         if state.step.is_multiple_of(t.checkpoint_every) || last {
             // One write in flight at a time; training goes on while it runs.
-            if let Some(path) = writer.wait()? {
-                emit(Event::Checkpoint {
-                    step: checkpoint_step(&path),
-                    path: path.clone(),
-                })?;
-                last_ckpt = Some(path);
-            }
+            let written = writer.wait()?;
+            note_checkpoint(written, &mut emit, &mut last_ckpt)?;
             writer.start(run_dir, state.clone(), cfg, t.keep_checkpoints);
         }
     }
-    if let Some(path) = writer.wait()? {
-        emit(Event::Checkpoint {
-            step: checkpoint_step(&path),
-            path: path.clone(),
-        })?;
-        last_ckpt = Some(path);
-    }
+    let written = writer.wait()?;
+    note_checkpoint(written, &mut emit, &mut last_ckpt)?;
     let trained_s = start.elapsed().as_secs_f64();
     let r = evaluate(&state.weights, data, cfg, FINAL_EXACT_MATCH_PROBLEMS);
     emit(Event::Eval {
