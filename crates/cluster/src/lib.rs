@@ -6,6 +6,7 @@
 //!
 //! - [`wire`]: framed, authenticated TCP with bounded lengths and deadlines;
 //! - [`coordinator`]: the quorum and round state machine (pure); [`server`] serves it;
+//! - [`membership`]: the trait a worker sees membership through;
 //! - [`peer`]: a worker's listener for ring neighbours and state transfer (live recovery);
 //! - [`ring`]: fault-tolerant ring all-reduce;
 //! - [`diloco`]: the outer Nesterov step;
@@ -14,6 +15,7 @@
 pub mod chaos;
 pub mod coordinator;
 pub mod diloco;
+pub mod membership;
 pub mod peer;
 pub mod ring;
 pub mod server;

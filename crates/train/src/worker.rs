@@ -15,9 +15,9 @@ use burn::tensor::Device;
 use holdfast_cluster::chaos::NumberFaults;
 use holdfast_cluster::coordinator::{Reply, Request, StateReport, WorkerRoundStats};
 use holdfast_cluster::diloco::{OuterNesterov, average_in_place, pseudo_gradient};
+use holdfast_cluster::membership::{CoordinatorConnector, Membership, MembershipConnector};
 use holdfast_cluster::peer::{FetchError, PeerServer, Snapshot, fetch_state};
 use holdfast_cluster::ring::{RingSpec, all_reduce_sum};
-use holdfast_cluster::server::CoordinatorClient;
 use holdfast_cluster::wire::{Auth, WireError};
 
 use crate::guard::{Guard, Verdict};
@@ -63,12 +63,15 @@ fn cluster_err(context: &str, e: impl std::fmt::Display) -> TrainError {
     TrainError::Cluster(format!("{context}: {e}"))
 }
 
-fn connect(o: &WorkerOptions, auth: &Auth, run_id: u64) -> Result<CoordinatorClient, TrainError> {
+fn connect(
+    membership: &dyn MembershipConnector,
+    run_id: u64,
+) -> Result<Box<dyn Membership>, TrainError> {
     let started = Instant::now();
     loop {
-        match CoordinatorClient::connect(&o.coordinator, auth, run_id, CONNECT_TIMEOUT) {
+        match membership.connect(run_id) {
             Ok(c) => return Ok(c),
-            // A refused connection may be a coordinator still starting; anything else
+            // A refused connection may be a service still starting; anything else
             // (wrong secret, wrong run) will not get better by waiting.
             Err(WireError::Io { ref source, .. })
                 if source.kind() == std::io::ErrorKind::ConnectionRefused
@@ -76,7 +79,7 @@ fn connect(o: &WorkerOptions, auth: &Auth, run_id: u64) -> Result<CoordinatorCli
             {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => return Err(cluster_err(&format!("coordinator {}", o.coordinator), e)),
+            Err(e) => return Err(cluster_err(&membership.describe(), e)),
         }
     }
 }
@@ -85,11 +88,16 @@ fn connect(o: &WorkerOptions, auth: &Auth, run_id: u64) -> Result<CoordinatorCli
 /// or refuses this worker.
 pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
     let auth = Auth::new(&o.secret);
+    let membership = CoordinatorConnector {
+        addr: o.coordinator.clone(),
+        auth: auth.clone(),
+        timeout: CONNECT_TIMEOUT,
+    };
     let mut prepared: Option<(RunConfig, Prepared)> = None;
     // Injected faults fire once each, whatever rounds are retried or redone.
     let mut faults = o.faults.clone();
     loop {
-        match session(o, &auth, &mut prepared, &mut faults)? {
+        match session(o, &membership, &auth, &mut prepared, &mut faults)? {
             SessionEnd::Finished => return Ok(()),
             SessionEnd::Evicted(reason) => {
                 tracing::warn!("{}: out of the quorum ({reason}); rejoining", o.name);
@@ -108,13 +116,12 @@ impl Drop for StopOnDrop {
 }
 
 fn start_heartbeat(
-    o: &WorkerOptions,
-    auth: &Auth,
+    membership: &dyn MembershipConnector,
     run_id: u64,
     worker: u64,
     every: Duration,
 ) -> Result<StopOnDrop, TrainError> {
-    let mut client = connect(o, auth, run_id)?;
+    let mut client = connect(membership, run_id)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {
@@ -131,11 +138,12 @@ fn start_heartbeat(
 
 fn session(
     o: &WorkerOptions,
+    membership: &dyn MembershipConnector,
     auth: &Auth,
     prepared: &mut Option<(RunConfig, Prepared)>,
     faults: &mut NumberFaults,
 ) -> Result<SessionEnd, TrainError> {
-    let mut client = connect(o, auth, 0)?;
+    let mut client = connect(membership, 0)?;
     let run_id = client.run_id();
     let ip = o
         .listen_ip
@@ -144,10 +152,10 @@ fn session(
         .unwrap_or_else(|| "127.0.0.1".into());
     let peer = PeerServer::start(&format!("{ip}:0"), auth.clone(), run_id, PEER_TIMEOUT)
         .map_err(|e| cluster_err(&format!("listening on {ip}"), e))?;
-    let call = |client: &mut CoordinatorClient, req: &Request| {
+    let call = |client: &mut Box<dyn Membership>, req: &Request| {
         client
             .call(req)
-            .map_err(|e| cluster_err(&format!("coordinator {}", o.coordinator), e))
+            .map_err(|e| cluster_err(&membership.describe(), e))
     };
     let (worker, job) = match call(
         &mut client,
@@ -166,7 +174,7 @@ fn session(
     let (cfg, data) = prepared.as_ref().expect("prepared above");
     crate::set_flush_denormals(cfg.train.flush_denormals);
     let timeout = Duration::from_millis(cfg.sync.failure_timeout_ms);
-    let _heartbeat = start_heartbeat(o, auth, run_id, worker, timeout / 4)?;
+    let _heartbeat = start_heartbeat(membership, run_id, worker, timeout / 4)?;
     tracing::info!("{} joined as worker {worker} of run {run_id:016x}", o.name);
 
     let h = &cfg.train;
