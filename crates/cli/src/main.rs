@@ -308,6 +308,19 @@ fn apply_train_flags(cfg: &mut RunConfig, args: &TrainArgs) {
     }
 }
 
+/// A new run's directory (checked not to exist yet), effective config and data.
+fn plan_new_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepared)> {
+    let cfg = effective_config(args)?;
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| default_run_dir(&cfg));
+    // Checked before reading data or loading weights, so a clash fails fast.
+    run::check_new_run_dir(&run_dir)?;
+    let prepared = run::prepare_data(&cfg, &run::token_cache_dir(&run_dir), None)?;
+    Ok((run_dir, cfg, prepared))
+}
+
 fn default_run_dir(cfg: &RunConfig) -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -341,14 +354,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         );
         (run_dir.clone(), cfg, prepared, loaded.state)
     } else {
-        let cfg = effective_config(&args)?;
-        let run_dir = args
-            .run_dir
-            .clone()
-            .unwrap_or_else(|| default_run_dir(&cfg));
-        // Checked before reading data or loading weights, so a clash fails fast.
-        run::check_new_run_dir(&run_dir)?;
-        let prepared = run::prepare_data(&cfg, &run::token_cache_dir(&run_dir), None)?;
+        let (run_dir, cfg, prepared) = plan_new_run(&args)?;
         let state = match &args.init {
             Some(path) => {
                 let weights = holdfast_model::load_safetensors(&prepared.model, path, &device)
@@ -655,13 +661,7 @@ fn new_cluster_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepare
     if args.init.is_some() {
         bail!("--init is not supported with workers yet");
     }
-    let cfg = effective_config(args)?;
-    let run_dir = args
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| default_run_dir(&cfg));
-    run::check_new_run_dir(&run_dir)?;
-    let prepared = run::prepare_data(&cfg, &run::token_cache_dir(&run_dir), None)?;
+    let (run_dir, cfg, prepared) = plan_new_run(args)?;
     run::create_run_dir(&run_dir, &cfg)?;
     Ok((run_dir, cfg, prepared))
 }
