@@ -135,6 +135,7 @@ pub fn run(
     let mut cluster = ClusterRun::start(
         run_dir,
         cfg,
+        &prepared.model,
         "127.0.0.1:0",
         secret.as_bytes(),
         opts.workers,
@@ -156,9 +157,8 @@ pub fn run(
             })
             .collect(),
     );
-    let total = cfg.train.steps.div_ceil(cfg.sync.steps_per_round());
     let bar = if opts.progress {
-        ProgressBar::new(total)
+        ProgressBar::new(cfg.rounds())
     } else {
         ProgressBar::hidden()
     };
@@ -176,7 +176,8 @@ pub fn run(
     let mut chaos_started: Option<Instant> = None;
     loop {
         let p = cluster.poll()?;
-        bar.set_length(total.max(p.committed_rounds));
+        // Rounds that retrain discarded batches may run past the budget.
+        bar.set_length(p.total_rounds.max(p.committed_rounds));
         bar.set_position(p.committed_rounds);
         bar.set_message(format!(
             "loss {}  {} live  {} faults",

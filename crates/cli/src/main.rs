@@ -793,6 +793,7 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
     let mut cluster = holdfast_train::coordinate::ClusterRun::start(
         &run_dir,
         &cfg,
+        &prepared.model,
         &args.listen,
         &secret,
         args.min_workers,

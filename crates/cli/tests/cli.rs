@@ -2,15 +2,10 @@
 //! non-zero exit that leaves existing files alone.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn holdfast(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("holdfast runs")
-}
+mod common;
+use common::holdfast;
 
 fn text(o: &Output) -> (String, String) {
     (

@@ -5,77 +5,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{KillOnDrop, LIMIT, bounded, fails_with, holdfast, ok};
+
 /// Runs of several worker processes share two cores: one at a time, so that load from a
 /// neighbouring test cannot pass for a hung worker.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-const LIMIT: Duration = Duration::from_secs(240);
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bounded(mut cmd: Command, limit: Duration) -> Output {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("holdfast starts");
-    let mut guard = KillOnDrop(child);
-    let started = Instant::now();
-    loop {
-        if guard.0.try_wait().expect("wait").is_some() {
-            break;
-        }
-        assert!(started.elapsed() < limit, "holdfast ran past {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let child = std::mem::replace(&mut guard.0, Command::new("true").spawn().expect("true"));
-    child.wait_with_output().expect("output")
-}
-
-fn holdfast(cwd: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
-    cmd.args(args).current_dir(cwd);
-    bounded(cmd, LIMIT)
-}
-
-fn ok(o: &Output) -> String {
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert!(
-        o.status.success(),
-        "expected success\nstdout:\n{out}\nstderr:\n{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    out.into_owned()
-}
-
-fn fails_with(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success(),
-        "expected failure mentioning '{needle}'"
-    );
-    assert!(
-        err.contains(needle),
-        "stderr should mention '{needle}':\n{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-}
 
 /// A short DiLoCo run of the default task: `steps` inner steps per worker, H = 20.
 fn train_args<'a>(run: &'a str, workers: &'a str, steps: &'a str) -> Vec<&'a str> {
@@ -352,7 +293,14 @@ fn a_run_restarted_cold_from_its_checkpoint_matches_one_that_never_stopped() {
         .unwrap();
     let mut launcher = KillOnDrop(launcher);
     let started = Instant::now();
-    while !d.join("cut/checkpoints/step-00000020").exists() {
+    // The coordinator checkpoints the newest committed round once 20 are done: which one
+    // depends on timing, so any checkpoint will do.
+    let has_checkpoint = || {
+        std::fs::read_dir(d.join("cut/checkpoints")).is_ok_and(|mut r| {
+            r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))
+        })
+    };
+    while !has_checkpoint() {
         assert!(started.elapsed() < LIMIT, "no checkpoint written");
         assert!(
             launcher.0.try_wait().unwrap().is_none(),

@@ -2,29 +2,12 @@
 //! finishes near a clean one, and the guards can be turned off.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
-fn holdfast(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("holdfast runs")
-}
-
-fn ok(o: &Output) -> String {
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert!(
-        o.status.success(),
-        "expected success\nstdout:\n{out}\nstderr:\n{err}"
-    );
-    out.into_owned()
-}
+mod common;
+use common::{KillOnDrop, LIMIT, bounded, holdfast, ok};
 
 /// 200 steps of the default task (loss is on a smooth stretch there), batch 16.
 fn run(d: &Path, name: &str, extra: &[&str]) -> (String, Vec<Value>) {
@@ -154,7 +137,7 @@ fn a_run_killed_while_checkpointing_resumes_from_the_last_complete_checkpoint() 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // A checkpoint after every step, so that a kill lands in a write more often than not.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
         .args([
             "train",
             "--run-dir",
@@ -172,6 +155,7 @@ fn a_run_killed_while_checkpointing_resumes_from_the_last_complete_checkpoint() 
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     let started = std::time::Instant::now();
     let ckpts = d.join("k/checkpoints");
     while std::fs::read_dir(&ckpts).map_or(0, |r| r.count()) < 3 {
@@ -180,14 +164,14 @@ fn a_run_killed_while_checkpointing_resumes_from_the_last_complete_checkpoint() 
             "no checkpoints"
         );
         assert!(
-            child.try_wait().unwrap().is_none(),
+            child.0.try_wait().unwrap().is_none(),
             "finished before the kill"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     std::thread::sleep(std::time::Duration::from_millis(37));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     let out = holdfast(
         d,
         &["train", "--resume", "k", "--steps", "410", "--no-progress"],
@@ -253,7 +237,7 @@ fn a_failed_checkpoint_write_is_a_clear_error_and_the_previous_checkpoint_stays(
             Ok(())
         });
     }
-    let o = cmd.output().unwrap();
+    let o = bounded(cmd, LIMIT);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "the write failure must fail the run");
     assert!(

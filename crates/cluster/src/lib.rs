@@ -12,6 +12,7 @@
 //! - [`diloco`]: the outer Nesterov step;
 //! - [`chaos`]: fault-injection plans.
 
+pub mod acceptor;
 pub mod chaos;
 pub mod coordinator;
 pub mod diloco;

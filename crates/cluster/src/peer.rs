@@ -3,13 +3,12 @@
 //! rejoining worker's live recovery, or the coordinator collecting a checkpoint).
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::acceptor::Acceptor;
 use crate::wire::{self, Auth, Conn, Kind, MAX_DATA_LEN, WireError};
 
 /// First message on a peer connection: what the caller wants.
@@ -89,7 +88,7 @@ pub struct PeerServer {
     pub addr: String,
     pub inbox: Arc<Inbox>,
     snapshots: Arc<Snapshots>,
-    stop: Arc<AtomicBool>,
+    _acceptor: Acceptor,
 }
 
 /// The newest published states, newest last: the previous one stays servable so that replicas
@@ -105,35 +104,19 @@ impl PeerServer {
         run_id: u64,
         timeout: Duration,
     ) -> std::io::Result<PeerServer> {
-        let listener = TcpListener::bind(listen)?;
-        let addr = listener.local_addr()?.to_string();
         let inbox = Arc::new(Inbox::default());
         let snapshots: Arc<Snapshots> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (inbox, snapshots, stop) = (inbox.clone(), snapshots.clone(), stop.clone());
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let (auth, inbox, snapshots) = (auth.clone(), inbox.clone(), snapshots.clone());
-                    std::thread::spawn(move || {
-                        if let Err(e) =
-                            serve_peer(stream, &auth, run_id, timeout, &inbox, &snapshots)
-                        {
-                            tracing::debug!("peer connection: {e}");
-                        }
-                    });
-                }
-            });
-        }
+        let (i, snaps) = (inbox.clone(), snapshots.clone());
+        let acceptor = Acceptor::start(listen, move |stream| {
+            if let Err(e) = serve_peer(stream, &auth, run_id, timeout, &i, &snaps) {
+                tracing::debug!("peer connection: {e}");
+            }
+        })?;
         Ok(PeerServer {
-            addr,
+            addr: acceptor.addr.clone(),
             inbox,
             snapshots,
-            stop,
+            _acceptor: acceptor,
         })
     }
 
@@ -145,17 +128,6 @@ impl PeerServer {
         while s.len() > KEEP_SNAPSHOTS {
             s.pop_front();
         }
-    }
-}
-
-impl Drop for PeerServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loop so it sees the flag.
-        let _ = std::net::TcpStream::connect_timeout(
-            &self.addr.parse().expect("own address parses"),
-            Duration::from_millis(100),
-        );
     }
 }
 

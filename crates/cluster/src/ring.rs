@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::peer::{Inbox, PeerHello};
-use crate::wire::{self, Auth, WireError};
+use crate::wire::{self, Auth, Kind, WireError, f32_le_bytes};
 
 /// Floats per data frame (1 MiB).
 pub const CHUNK: usize = 1 << 18;
@@ -80,17 +80,18 @@ pub fn all_reduce_sum(
     let next_handle = next.try_clone()?;
     let len = buf.len();
     let result = std::thread::scope(|s| {
-        let (tx, rx) = mpsc::channel::<Vec<f32>>();
+        // Chunks travel to the writer already encoded: one copy per chunk on this path.
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let writer = s.spawn(move || -> Result<u64, WireError> {
-            for chunk in rx {
-                next.send_f32(&chunk)?;
+            for frame in rx {
+                next.send(Kind::Data, &frame)?;
             }
             Ok(next.bytes_sent)
         });
         let mut body = || -> Result<(), WireError> {
             let send = |v: &[f32]| {
                 // A closed channel means the writer failed; its error is reported below.
-                let _ = tx.send(v.to_vec());
+                let _ = tx.send(f32_le_bytes(v));
             };
             for c in chunks(segment(len, n, rank)) {
                 send(&buf[c]);

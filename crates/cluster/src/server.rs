@@ -1,11 +1,11 @@
 //! The coordinator over TCP: accepts authenticated workers, feeds their requests to the pure
 //! [`Coordinator`], and ticks it so silent members are removed even when nobody asks.
 
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::acceptor::Acceptor;
 use crate::coordinator::{Coordinator, Reply, Request, WorkerId};
 use crate::wire::{self, Auth, Conn, WireError};
 
@@ -17,7 +17,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct CoordinatorServer {
     pub addr: String,
     pub state: Arc<Mutex<Coordinator>>,
-    stop: Arc<AtomicBool>,
+    _acceptor: Acceptor,
 }
 
 impl CoordinatorServer {
@@ -27,48 +27,26 @@ impl CoordinatorServer {
         run_id: u64,
         coordinator: Coordinator,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(listen)?;
-        let addr = listener.local_addr()?.to_string();
         let state = Arc::new(Mutex::new(coordinator));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (state, stop) = (state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    state.lock().expect("coordinator lock").tick(Instant::now());
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            });
-        }
-        {
-            let (state, stop) = (state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let (auth, state) = (auth.clone(), state.clone());
-                    std::thread::spawn(move || {
-                        match wire::accept(stream, &auth, run_id, HANDSHAKE_TIMEOUT) {
-                            Ok(conn) => serve(conn, &state),
-                            Err(e) => tracing::warn!("refused a connection: {e}"),
-                        }
-                    });
-                }
-            });
-        }
-        Ok(CoordinatorServer { addr, state, stop })
-    }
-}
-
-impl Drop for CoordinatorServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = std::net::TcpStream::connect_timeout(
-            &self.addr.parse().expect("own address parses"),
-            Duration::from_millis(100),
-        );
+        let st = state.clone();
+        let acceptor = Acceptor::start(listen, move |stream| {
+            match wire::accept(stream, &auth, run_id, HANDSHAKE_TIMEOUT) {
+                Ok(conn) => serve(conn, &st),
+                Err(e) => tracing::warn!("refused a connection: {e}"),
+            }
+        })?;
+        let (st, stop) = (state.clone(), acceptor.stop_flag());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                st.lock().expect("coordinator lock").tick(Instant::now());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Ok(CoordinatorServer {
+            addr: acceptor.addr.clone(),
+            state,
+            _acceptor: acceptor,
+        })
     }
 }
 

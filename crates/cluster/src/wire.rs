@@ -113,6 +113,19 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
+/// `values` as little-endian bytes: the payload of a data frame.
+pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The inverse of [`f32_le_bytes`] (a trailing partial value is ignored).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// One authenticated connection. Reads and writes time out after `timeout`.
 pub struct Conn {
     stream: TcpStream,
@@ -282,11 +295,7 @@ impl Conn {
     }
 
     pub fn send_f32(&mut self, values: &[f32]) -> Result<(), WireError> {
-        let mut bytes = Vec::with_capacity(values.len() * 4);
-        for v in values {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        self.send(Kind::Data, &bytes)
+        self.send(Kind::Data, &f32_le_bytes(values))
     }
 
     /// Receives exactly `out.len()` f32 values in one data frame.
@@ -394,9 +403,13 @@ pub fn accept(
 ) -> Result<Conn, WireError> {
     let started = Instant::now();
     let mut conn = Conn::raw(stream, timeout, run_id)?;
-    let hello = conn.expect(Kind::Hello, 32).inspect_err(|_| {
-        conn_refuse_quietly(&conn, "expected an authenticated holdfast hello");
-    })?;
+    let hello = match conn.expect(Kind::Hello, 32) {
+        Ok(h) => h,
+        Err(e) => {
+            conn.refuse("expected an authenticated holdfast hello");
+            return Err(e);
+        }
+    };
     if hello.len() != 32 {
         conn.refuse("malformed hello");
         return Err(conn.protocol("malformed hello"));
@@ -429,12 +442,6 @@ pub fn accept(
     }
     conn.send(Kind::Accepted, &[])?;
     Ok(conn)
-}
-
-fn conn_refuse_quietly(conn: &Conn, why: &str) {
-    if let Ok(mut c) = conn.try_clone() {
-        c.refuse(why);
-    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,15 @@ pub fn serialize(
     })
 }
 
+/// The string metadata of safetensors bytes (empty when there is none).
+pub fn metadata(bytes: &[u8], source: &str) -> Result<HashMap<String, String>, ModelError> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Format {
+        path: source.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// Parses safetensors bytes into f32 host tensors (F32, F16 and BF16 are widened exactly).
 /// `source` names the file in errors.
 pub fn deserialize(bytes: &[u8], source: &str) -> Result<HashMap<String, HostTensor>, ModelError> {

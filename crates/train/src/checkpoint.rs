@@ -111,15 +111,13 @@ pub fn save(
     save_with(run_dir, state, run, keep, None)
 }
 
-fn outer_bytes(velocity: &[f32]) -> Vec<u8> {
-    let bytes: Vec<u8> = velocity.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(
-        safetensors::tensor::Dtype::F32,
-        vec![velocity.len()],
-        &bytes,
-    )
-    .expect("consistent view");
-    safetensors::serialize([("outer_velocity", view)], None).expect("safetensors serialises")
+fn outer_bytes(velocity: &[f32]) -> Result<Vec<u8>, TrainError> {
+    let t = HostTensor {
+        name: "outer_velocity".into(),
+        shape: vec![velocity.len()],
+        data: velocity.to_vec(),
+    };
+    Ok(st::serialize(&[t], BTreeMap::new())?)
 }
 
 /// [`save`], with a multi-worker run's extras.
@@ -157,7 +155,9 @@ pub fn save_with(
     let hf_config =
         serde_json::to_vec_pretty(&state.weights.cfg.to_hf_config_json()).expect("json serialises");
 
-    let outer = cluster.map(|c| outer_bytes(&c.outer_velocity));
+    let outer = cluster
+        .map(|c| outer_bytes(&c.outer_velocity))
+        .transpose()?;
     let mut files = BTreeMap::new();
     let mut contents = vec![
         (MODEL_FILE, &model_bytes),
@@ -301,11 +301,7 @@ pub fn load_dir_with_extras(
             let t = st
                 .tensor("outer_velocity")
                 .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?;
-            let v: Vec<f32> = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
+            let v = holdfast_cluster::wire::f32_from_le_bytes(t.data());
             let n: usize = state.weights.specs.iter().map(|s| s.numel()).sum();
             if t.dtype() != safetensors::tensor::Dtype::F32 || !(v.is_empty() || v.len() == n) {
                 return Err(bad(format!(

@@ -161,6 +161,11 @@ impl RunConfig {
         toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
     }
 
+    /// Sync rounds in the budget of a multi-worker run.
+    pub fn rounds(&self) -> u64 {
+        self.train.steps.div_ceil(self.sync.steps_per_round())
+    }
+
     /// Parses a TOML config received as text (a worker's job from its coordinator).
     pub fn from_toml_str(text: &str, source: &str) -> Result<Self, TrainError> {
         toml::from_str(text).map_err(|e| TrainError::Config(format!("{source}: {e}")))

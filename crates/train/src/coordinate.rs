@@ -14,6 +14,7 @@ use holdfast_cluster::coordinator::{Coordinator, Event, Options, RoundRecord};
 use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state};
 use holdfast_cluster::server::CoordinatorServer;
 use holdfast_cluster::wire::{Auth, random_bytes};
+use holdfast_model::ModelConfig;
 use serde::Serialize;
 
 use crate::checkpoint::{ClusterExtras, ClusterPosition};
@@ -34,7 +35,6 @@ pub struct Progress {
     pub total_rounds: u64,
     pub live_workers: usize,
     pub last_loss: Option<f64>,
-    pub committed_tokens: u64,
     pub faults: u64,
     pub complete: bool,
 }
@@ -84,6 +84,8 @@ pub struct ClusterRun {
     _restored: Option<PeerServer>,
     run_dir: PathBuf,
     cfg: RunConfig,
+    /// The model trained (its vocabulary set by the tokenizer), to read workers' states with.
+    model: ModelConfig,
     auth: Auth,
     run_id: u64,
     device: Device,
@@ -95,6 +97,7 @@ pub struct ClusterRun {
     divergences: u64,
     corruptions: u64,
     suspects: std::collections::BTreeMap<String, u32>,
+    checkpoint_every_rounds: u64,
     next_checkpoint_round: u64,
     pub workers: usize,
 }
@@ -132,10 +135,12 @@ fn truncate_ledger(path: &Path, next_round: u64) -> Result<(), TrainError> {
 
 impl ClusterRun {
     /// Starts serving a run whose directory already exists (see `run::create_run_dir`), from
-    /// scratch or, with `restore`, from a checkpoint.
+    /// scratch or, with `restore`, from a checkpoint. `model` is the prepared run's model.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         run_dir: &Path,
         cfg: &RunConfig,
+        model: &ModelConfig,
         listen: &str,
         secret: &[u8],
         min_workers: usize,
@@ -143,7 +148,7 @@ impl ClusterRun {
         restore: Option<Restore>,
     ) -> Result<ClusterRun, TrainError> {
         let per_round = cfg.sync.steps_per_round();
-        let rounds = cfg.train.steps.div_ceil(per_round);
+        let rounds = cfg.rounds();
         let opts = Options {
             failure_timeout: Duration::from_millis(cfg.sync.failure_timeout_ms),
             min_workers,
@@ -203,6 +208,7 @@ impl ClusterRun {
                 (c, Some(peer))
             }
         };
+        let checkpoint_every_rounds = cfg.train.checkpoint_every.div_ceil(per_round).max(1);
         let server = CoordinatorServer::start(listen, auth.clone(), run_id, coordinator)
             .map_err(|e| TrainError::Cluster(format!("listening on {listen}: {e}")))?;
         Ok(ClusterRun {
@@ -210,6 +216,7 @@ impl ClusterRun {
             _restored: restored,
             run_dir: run_dir.to_path_buf(),
             cfg: cfg.clone(),
+            model: model.clone(),
             auth,
             run_id,
             device,
@@ -221,16 +228,10 @@ impl ClusterRun {
             divergences: 0,
             corruptions: 0,
             suspects: Default::default(),
-            next_checkpoint_round: cfg.train.checkpoint_every.div_ceil(per_round).max(1),
+            checkpoint_every_rounds,
+            next_checkpoint_round: checkpoint_every_rounds,
             workers: min_workers,
         })
-    }
-
-    fn total_rounds(&self) -> u64 {
-        self.cfg
-            .train
-            .steps
-            .div_ceil(self.cfg.sync.steps_per_round())
     }
 
     /// Records what happened since the last call and writes periodic checkpoints.
@@ -240,7 +241,7 @@ impl ClusterRun {
             let events = c.drain_events();
             let progress = Progress {
                 committed_rounds: c.committed_rounds(),
-                total_rounds: self.total_rounds(),
+                total_rounds: c.options().rounds,
                 live_workers: c.live_members(),
                 complete: c.is_complete(),
                 ..Default::default()
@@ -305,18 +306,11 @@ impl ClusterRun {
                 Ok((path, _)) => tracing::info!("checkpoint {}", path.display()),
                 Err(e) => eprintln!("warning: periodic checkpoint failed: {e}"),
             }
-            let every = self
-                .cfg
-                .train
-                .checkpoint_every
-                .div_ceil(self.cfg.sync.steps_per_round())
-                .max(1);
-            self.next_checkpoint_round = progress.committed_rounds + every;
+            self.next_checkpoint_round = progress.committed_rounds + self.checkpoint_every_rounds;
         }
         let last = self.records.last();
         Ok(Progress {
             last_loss: last.map(|r| r.loss),
-            committed_tokens: self.records.iter().map(|r| r.tokens).sum(),
             faults: self.faults,
             ..progress
         })
@@ -354,8 +348,7 @@ impl ClusterRun {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let model = self.cfg_model()?;
-        let replica = Replica::decode(&snap.bytes, &model, &self.device, &peer)?;
+        let replica = Replica::decode(&snap.bytes, &self.model, &self.device, &peer)?;
         let extras = ClusterExtras {
             position: ClusterPosition {
                 next_round,
@@ -377,17 +370,6 @@ impl ClusterRun {
             Some(&extras),
         )?;
         Ok((path, state))
-    }
-
-    fn cfg_model(&self) -> Result<holdfast_model::ModelConfig, TrainError> {
-        // The vocabulary comes from the tokenizer, as in `prepare_data`.
-        let tokenizer = match &self.cfg.data.tokenizer {
-            Some(p) => crate::data::Tokenizer::from_file(p)?,
-            None => crate::data::Tokenizer::Bytes,
-        };
-        let mut m = self.cfg.base_model_config()?;
-        m.vocab_size = tokenizer.vocab_size();
-        Ok(m)
     }
 
     /// Once the run is complete: final checkpoint from a healthy worker, evaluation, summary;

@@ -372,6 +372,19 @@ impl DataCursor {
         self.next_sample + ((micro * world + worker) * rows) as u64
     }
 
+    /// First rows of all `accum` micro-batches of this step, for `worker` of `world`.
+    pub fn micro_batch_starts(
+        &self,
+        accum: usize,
+        worker: usize,
+        world: usize,
+        rows: usize,
+    ) -> Vec<u64> {
+        (0..accum)
+            .map(|micro| self.micro_batch_start(micro, worker, world, rows))
+            .collect()
+    }
+
     pub fn advance(&mut self, rows: usize, accum: usize, world: usize) {
         self.next_sample += (rows * accum * world) as u64;
     }

@@ -4,12 +4,14 @@
 //! tensors `outer`, `velocity`, `exp_avg`, `exp_avg_sq` and the round in the metadata — which
 //! is what a healthy peer sends a rejoining one.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use holdfast_model::weights::{ParamSpec, param_specs};
-use holdfast_model::{ModelConfig, Weights};
-use safetensors::tensor::{Dtype, TensorView};
+use holdfast_model::{HostTensor, ModelConfig, Weights, st};
+use safetensors::tensor::Dtype;
+
+use holdfast_cluster::wire::f32_from_le_bytes;
 
 use crate::data::DataCursor;
 use crate::optim::AdamW;
@@ -47,14 +49,14 @@ pub fn unflatten(flat: &[f32], specs: &[ParamSpec], device: &Device) -> Vec<Tens
         .collect()
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn bytes_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect()
+/// Feeds `values` to `h` as little-endian bytes, a block at a time (no copy of the whole).
+fn hash_f32(h: &mut blake3::Hasher, values: &[f32]) {
+    let mut block = Vec::with_capacity(4 << 16);
+    for chunk in values.chunks(1 << 16) {
+        block.clear();
+        block.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+        h.update(&block);
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -98,37 +100,29 @@ impl Replica {
     /// is in sync, bit for bit.
     pub fn state_hash(&self) -> String {
         let mut h = blake3::Hasher::new();
-        h.update(&f32_bytes(&self.outer));
-        h.update(&f32_bytes(&self.velocity));
+        hash_f32(&mut h, &self.outer);
+        hash_f32(&mut h, &self.velocity);
         h.finalize().to_hex().to_string()
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let tensors: Vec<(&str, Vec<f32>)> = vec![
-            ("outer", self.outer.clone()),
-            ("velocity", self.velocity.clone()),
-            ("exp_avg", flatten(&self.opt.exp_avg)),
-            ("exp_avg_sq", flatten(&self.opt.exp_avg_sq)),
+        let flat = |name: &str, data: Vec<f32>| HostTensor {
+            name: name.into(),
+            shape: vec![data.len()],
+            data,
+        };
+        let tensors = [
+            flat("outer", self.outer.clone()),
+            flat("velocity", self.velocity.clone()),
+            flat("exp_avg", flatten(&self.opt.exp_avg)),
+            flat("exp_avg_sq", flatten(&self.opt.exp_avg_sq)),
         ];
-        let bytes: Vec<(&str, Vec<u8>, usize)> = tensors
-            .iter()
-            .map(|(n, v)| (*n, f32_bytes(v), v.len()))
-            .collect();
-        let views: Vec<(String, TensorView)> = bytes
-            .iter()
-            .map(|(n, b, len)| {
-                (
-                    n.to_string(),
-                    TensorView::new(Dtype::F32, vec![*len], b).expect("consistent view"),
-                )
-            })
-            .collect();
-        let meta = HashMap::from([
+        let meta = BTreeMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("next_round".to_string(), self.next_round.to_string()),
             ("adam_t".to_string(), self.opt.t.to_string()),
         ]);
-        safetensors::serialize(views, Some(meta)).expect("safetensors serialises")
+        st::serialize(&tensors, meta).expect("flat f32 tensors serialise")
     }
 
     /// Reads a replica of model `cfg` sent by `source`, checking every shape.
@@ -158,7 +152,7 @@ impl Replica {
             if t.dtype() != Dtype::F32 {
                 return Err(bad(format!("{name} is {:?}, expected F32", t.dtype())));
             }
-            let v = bytes_f32(t.data());
+            let v = f32_from_le_bytes(t.data());
             if v.len() != n && !(allow_empty && v.is_empty()) {
                 return Err(bad(format!(
                     "{name} has {} values, the model has {n}",
@@ -189,11 +183,10 @@ impl Replica {
         })
     }
 
-    /// The synced model as a single-worker training state (for checkpoints and evaluation):
-    /// the outer weights, this replica's AdamW moments, `steps` optimizer steps taken and the
-    /// data position `next_sample`.
-    pub fn into_train_state(mut self, seed: u64, steps: u64, next_sample: u64) -> TrainState {
-        self.reset_local_to_outer();
+    /// The replica as a single-worker training state (for checkpoints and evaluation): its
+    /// weights — the outer weights for a replica from [`Replica::decode`] —, its AdamW
+    /// moments, `steps` optimizer steps taken and the data position `next_sample`.
+    pub fn into_train_state(self, seed: u64, steps: u64, next_sample: u64) -> TrainState {
         TrainState {
             weights: self.weights,
             opt: self.opt,

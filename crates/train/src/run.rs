@@ -242,52 +242,36 @@ fn append_metrics(run_dir: &Path, event: &Event) -> Result<(), TrainError> {
 /// A failed write is reported when it is next waited for; the previous checkpoint stays.
 #[derive(Default)]
 struct CheckpointWriter {
-    running: Option<std::thread::JoinHandle<Result<PathBuf, TrainError>>>,
+    running: Option<(u64, std::thread::JoinHandle<Result<PathBuf, TrainError>>)>,
 }
 
 impl CheckpointWriter {
     fn start(&mut self, run_dir: &Path, state: TrainState, cfg: &RunConfig, keep: usize) {
-        let (run_dir, cfg) = (run_dir.to_path_buf(), cfg.clone());
-        self.running = Some(std::thread::spawn(move || {
-            checkpoint::save(&run_dir, &state, &cfg, keep)
-        }));
+        let (run_dir, cfg, step) = (run_dir.to_path_buf(), cfg.clone(), state.step);
+        let handle = std::thread::spawn(move || checkpoint::save(&run_dir, &state, &cfg, keep));
+        self.running = Some((step, handle));
     }
 
-    /// Waits for the write in flight, if any, and returns where it went.
-    fn wait(&mut self) -> Result<Option<PathBuf>, TrainError> {
-        match self.running.take() {
-            None => Ok(None),
-            Some(h) => h
-                .join()
-                .map_err(|_| TrainError::Checkpoint("checkpoint writer panicked".into()))?
-                .map(Some),
-        }
-    }
-}
-
-/// Reports a finished checkpoint write.
-fn note_checkpoint(
-    written: Option<PathBuf>,
-    emit: &mut dyn FnMut(Event) -> Result<(), TrainError>,
-    last: &mut Option<PathBuf>,
-) -> Result<(), TrainError> {
-    if let Some(path) = written {
+    /// Waits for the write in flight, if any; reports it through `emit` and remembers it as
+    /// the newest checkpoint in `last`.
+    fn wait(
+        &mut self,
+        emit: &mut dyn FnMut(Event) -> Result<(), TrainError>,
+        last: &mut Option<PathBuf>,
+    ) -> Result<(), TrainError> {
+        let Some((step, handle)) = self.running.take() else {
+            return Ok(());
+        };
+        let path = handle
+            .join()
+            .map_err(|_| TrainError::Checkpoint("checkpoint writer panicked".into()))??;
         emit(Event::Checkpoint {
-            step: checkpoint_step(&path),
+            step,
             path: path.clone(),
         })?;
         *last = Some(path);
+        Ok(())
     }
-    Ok(())
-}
-
-/// The step of a checkpoint directory `.../step-NNNNNNNN`.
-fn checkpoint_step(path: &Path) -> u64 {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("step-"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Trains `state` until `cfg.train.steps`, logging, evaluating and checkpointing as configured.
@@ -318,9 +302,9 @@ pub fn train(
     let mut good = guard.enabled().then(|| (state.clone(), guard.clone()));
     let (mut skipped, mut rollbacks) = (0u64, 0u64);
     while state.step < t.steps {
-        let firsts: Vec<u64> = (0..t.grad_accum)
-            .map(|micro| state.cursor.micro_batch_start(micro, 0, 1, t.batch_size))
-            .collect();
+        let firsts = state
+            .cursor
+            .micro_batch_starts(t.grad_accum, 0, 1, t.batch_size);
         let (grads, loss, n) =
             compute_grads(&state.weights, data, state.seed, &firsts, t.batch_size);
         // Faults are keyed to the batch drawn, which advances even when a step is skipped.
@@ -406,13 +390,11 @@ pub fn train(
         }
         if state.step.is_multiple_of(t.checkpoint_every) || last {
             // One write in flight at a time; training goes on while it runs.
-            let written = writer.wait()?;
-            note_checkpoint(written, &mut emit, &mut last_ckpt)?;
+            writer.wait(&mut emit, &mut last_ckpt)?;
             writer.start(run_dir, state.clone(), cfg, t.keep_checkpoints);
         }
     }
-    let written = writer.wait()?;
-    note_checkpoint(written, &mut emit, &mut last_ckpt)?;
+    writer.wait(&mut emit, &mut last_ckpt)?;
     let trained_s = start.elapsed().as_secs_f64();
     let r = evaluate(&state.weights, data, cfg, FINAL_EXACT_MATCH_PROBLEMS);
     emit(Event::Eval {

@@ -133,13 +133,9 @@ pub fn train_step(
     worker: usize,
     world: usize,
 ) -> StepStats {
-    let firsts: Vec<u64> = (0..h.grad_accum)
-        .map(|micro| {
-            state
-                .cursor
-                .micro_batch_start(micro, worker, world, h.batch_size)
-        })
-        .collect();
+    let firsts = state
+        .cursor
+        .micro_batch_starts(h.grad_accum, worker, world, h.batch_size);
     let (grads, loss, tokens) =
         compute_grads(&state.weights, data, state.seed, &firsts, h.batch_size);
     let (norm, lr) = apply_grads(&mut state.weights, &mut state.opt, grads, state.step, h);

@@ -329,21 +329,19 @@ fn session(
         let mut comm_s = 0.0;
         let (sum, contributors) = loop {
             let waited = Instant::now();
-            let (attempt, rank, members) = loop {
-                match call(&mut client, &Request::Ready { worker, round })? {
+            let (attempt, rank, members) =
+                match poll(&mut client, &Request::Ready { worker, round }, &call)? {
                     Reply::Ring {
                         attempt,
                         rank,
                         members,
                         ..
-                    } => break (attempt, rank, members),
-                    Reply::Wait { .. } => std::thread::sleep(POLL),
+                    } => (attempt, rank, members),
                     Reply::Evicted { reason } => return Ok(SessionEnd::Evicted(reason)),
                     other => {
                         return Err(cluster_err("ready", format!("unexpected reply {other:?}")));
                     }
-                }
-            };
+                };
             wait_s += waited.elapsed().as_secs_f64();
             let n = members.len();
             let spec = RingSpec {
@@ -377,18 +375,13 @@ fn session(
             stats.comm_s = comm_s;
             stats.wait_s = wait_s;
             let waited = Instant::now();
-            let verdict = loop {
-                let req = Request::Reduced {
-                    worker,
-                    round,
-                    attempt,
-                    stats: stats.clone(),
-                };
-                match call(&mut client, &req)? {
-                    Reply::Wait { .. } => std::thread::sleep(POLL),
-                    other => break other,
-                }
+            let req = Request::Reduced {
+                worker,
+                round,
+                attempt,
+                stats: stats.clone(),
             };
+            let verdict = poll(&mut client, &req, &call)?;
             wait_s += waited.elapsed().as_secs_f64();
             match verdict {
                 Reply::Commit { .. } => break (buf, n),
@@ -434,6 +427,20 @@ fn session(
             next_round: r.next_round,
             blake3: r.state_hash(),
         });
+    }
+}
+
+/// Sends `req` until the answer is something other than `Wait`.
+fn poll(
+    client: &mut Box<dyn Membership>,
+    req: &Request,
+    call: &impl Fn(&mut Box<dyn Membership>, &Request) -> Result<Reply, TrainError>,
+) -> Result<Reply, TrainError> {
+    loop {
+        match call(client, req)? {
+            Reply::Wait { .. } => std::thread::sleep(POLL),
+            other => return Ok(other),
+        }
     }
 }
 
