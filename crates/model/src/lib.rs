@@ -6,14 +6,18 @@
 //! (`flex`) or a GPU backend, with or without autodiff.
 
 mod config;
+pub mod gguf;
 mod llama;
 pub mod st;
+mod tokenizer;
 pub mod weights;
 
 use std::path::Path;
 
 pub use config::{ModelConfig, PRESETS};
-pub use llama::{forward, rope_tables};
+pub use gguf::{GgufInfo, GgufModel, load_gguf};
+pub use llama::{KvCache, Logits, forward, forward_cached, rope_tables};
+pub use tokenizer::Tokenizer;
 pub use weights::{HostTensor, ParamSpec, Weights, param_specs};
 
 /// Errors that name the file, field or value at fault.
@@ -29,6 +33,8 @@ pub enum ModelError {
     },
     #[error("{path}: {reason}")]
     Format { path: String, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error("{path}: {source}")]
     Io {
         path: String,

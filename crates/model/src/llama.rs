@@ -10,11 +10,21 @@ use crate::weights::slot;
 /// Rotary tables for positions `0..seq`: `cos` and `sin` of shape `[seq, head_dim]`, each
 /// frequency repeated for both halves (Hugging Face's half-split convention).
 pub fn rope_tables(cfg: &ModelConfig, seq: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+    rope_tables_from(cfg, 0, seq, device)
+}
+
+/// Rotary tables for positions `start..start + seq`.
+fn rope_tables_from(
+    cfg: &ModelConfig,
+    start: usize,
+    seq: usize,
+    device: &Device,
+) -> (Tensor<2>, Tensor<2>) {
     let hd = cfg.head_dim();
     let half = hd / 2;
     let mut cos = Vec::with_capacity(seq * hd);
     let mut sin = Vec::with_capacity(seq * hd);
-    for pos in 0..seq {
+    for pos in start..start + seq {
         for j in 0..hd {
             let i = j % half;
             // Computed in f64 then rounded, as transformers does in float32 for inv_freq·pos.
@@ -54,9 +64,64 @@ fn linear(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
         .reshape([b, t, out])
 }
 
+/// Keys and values of the positions already processed, per layer, each `[batch, kv_heads,
+/// len, head_dim]` (before grouped-query expansion), so decoding a token costs one position.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor<4>, Tensor<4>)>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Which positions [`forward_cached`] returns logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    /// Only the last position: what sampling needs, and it skips the vocabulary projection
+    /// for the rest of a prompt.
+    Last,
+}
+
 /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`, with parameters `w` in the order
 /// of [`param_specs`](crate::param_specs) (plain tensors, or autodiff leaves when training).
 pub fn forward(cfg: &ModelConfig, w: &[Tensor<2>], tokens: Tensor<2, Int>) -> Tensor<3> {
+    decoder(cfg, w, tokens, None, Logits::All)
+}
+
+/// Like [`forward`] for tokens that follow the `cache.len()` positions already in `cache`,
+/// which it extends. Logits are `[batch, seq, vocab]`, or `[batch, 1, vocab]` for
+/// [`Logits::Last`].
+pub fn forward_cached(
+    cfg: &ModelConfig,
+    w: &[Tensor<2>],
+    tokens: Tensor<2, Int>,
+    cache: &mut KvCache,
+    logits: Logits,
+) -> Tensor<3> {
+    decoder(cfg, w, tokens, Some(cache), logits)
+}
+
+fn decoder(
+    cfg: &ModelConfig,
+    w: &[Tensor<2>],
+    tokens: Tensor<2, Int>,
+    mut cache: Option<&mut KvCache>,
+    logits_for: Logits,
+) -> Tensor<3> {
     let device = tokens.device();
     let [b, t] = tokens.dims();
     let (nh, nkv, hd) = (
@@ -65,13 +130,21 @@ pub fn forward(cfg: &ModelConfig, w: &[Tensor<2>], tokens: Tensor<2, Int>) -> Te
         cfg.head_dim(),
     );
     let eps = cfg.rms_norm_eps;
+    let start = cache.as_ref().map_or(0, |c| c.len);
+    let total = start + t;
 
-    let (cos, sin) = rope_tables(cfg, t, &device);
+    let (cos, sin) = rope_tables_from(cfg, start, t, &device);
     let cos = cos.unsqueeze_dims::<4>(&[0, 1]);
     let sin = sin.unsqueeze_dims::<4>(&[0, 1]);
-    // True where attention is forbidden: key position after query position.
-    let causal: Tensor<4, Bool> =
-        Tensor::<2, Bool>::tril_mask([t, t], 0, &device).unsqueeze_dims::<4>(&[0, 1]);
+    // True where attention is forbidden: key position after query position. A single new
+    // token may attend to everything before it.
+    let causal: Option<Tensor<4, Bool>> = (t > 1).then(|| {
+        let forbidden: Vec<bool> = (0..t)
+            .flat_map(|i| (0..total).map(move |j| j > start + i))
+            .collect();
+        Tensor::<2, Bool>::from_data(TensorData::new(forbidden, [t, total]), &device)
+            .unsqueeze_dims::<4>(&[0, 1])
+    });
     let scale = 1.0 / (hd as f64).sqrt();
 
     let mut x = embedding(w[0].clone(), tokens);
@@ -81,8 +154,19 @@ pub fn forward(cfg: &ModelConfig, w: &[Tensor<2>], tokens: Tensor<2, Int>) -> Te
         let h = rms_norm(x.clone(), p(slot::INPUT_NORM), eps);
         let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
         let q = apply_rope(heads(linear(h.clone(), p(slot::Q)), nh), &cos, &sin);
-        let k = apply_rope(heads(linear(h.clone(), p(slot::K)), nkv), &cos, &sin);
-        let v = heads(linear(h, p(slot::V)), nkv);
+        let mut k = apply_rope(heads(linear(h.clone(), p(slot::K)), nkv), &cos, &sin);
+        let mut v = heads(linear(h, p(slot::V)), nkv);
+        if let Some(cache) = cache.as_deref_mut() {
+            if let Some((past_k, past_v)) = cache.layers.get(layer) {
+                k = Tensor::cat(vec![past_k.clone(), k], 2);
+                v = Tensor::cat(vec![past_v.clone(), v], 2);
+            }
+            if layer < cache.layers.len() {
+                cache.layers[layer] = (k.clone(), v.clone());
+            } else {
+                cache.layers.push((k.clone(), v.clone()));
+            }
+        }
         // Grouped-query attention: query head i reads key/value head i / (nh / nkv).
         let (k, v) = if nh == nkv {
             (k, v)
@@ -91,12 +175,15 @@ pub fn forward(cfg: &ModelConfig, w: &[Tensor<2>], tokens: Tensor<2, Int>) -> Te
             let expand = |y: Tensor<4>| {
                 y.unsqueeze_dim::<5>(2)
                     .repeat_dim(2, rep)
-                    .reshape([b, nh, t, hd])
+                    .reshape([b, nh, total, hd])
             };
             (expand(k), expand(v))
         };
         let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        let scores = scores.mask_fill(causal.clone(), f32::NEG_INFINITY);
+        let scores = match &causal {
+            Some(mask) => scores.mask_fill(mask.clone(), f32::NEG_INFINITY),
+            None => scores,
+        };
         let attn = softmax(scores, 3).matmul(v);
         let attn = attn.swap_dims(1, 2).reshape([b, t, nh * hd]);
         x = x + linear(attn, p(slot::O));
@@ -105,14 +192,81 @@ pub fn forward(cfg: &ModelConfig, w: &[Tensor<2>], tokens: Tensor<2, Int>) -> Te
         let gated = silu(linear(h.clone(), p(slot::GATE))) * linear(h, p(slot::UP));
         x = x + linear(gated, p(slot::DOWN));
     }
+    if let Some(cache) = cache {
+        cache.len = total;
+    }
+    let (x, rows) = match logits_for {
+        Logits::All => (x, t),
+        Logits::Last => (x.narrow(1, t - 1, 1), 1),
+    };
     let final_norm = &w[1 + cfg.num_hidden_layers * slot::PER_LAYER];
     let x = rms_norm(x, final_norm, eps);
     let [_, _, hidden] = x.dims();
-    let x2 = x.reshape([b * t, hidden]);
+    let x2 = x.reshape([b * rows, hidden]);
     let logits = if cfg.tie_word_embeddings {
         x2.matmul(w[0].clone().transpose())
     } else {
         x2.matmul(w[w.len() - 1].clone())
     };
-    logits.reshape([b, t, cfg.vocab_size])
+    logits.reshape([b, rows, cfg.vocab_size])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Weights;
+
+    fn max_abs_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn cached_decoding_matches_the_full_forward() {
+        let device = Device::flex();
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let weights = Weights::init(&cfg, 3, &device);
+        let ids: Vec<i64> = vec![5, 17, 200, 3, 99, 42, 7];
+        let full = forward(
+            &cfg,
+            &weights.tensors,
+            Tensor::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device),
+        );
+        // A 4-token prompt, then one token at a time.
+        let mut cache = KvCache::new();
+        let mut pieces = vec![forward_cached(
+            &cfg,
+            &weights.tensors,
+            Tensor::from_data(TensorData::new(ids[..4].to_vec(), [1, 4]), &device),
+            &mut cache,
+            Logits::All,
+        )];
+        for &id in &ids[4..] {
+            pieces.push(forward_cached(
+                &cfg,
+                &weights.tensors,
+                Tensor::from_data(TensorData::new(vec![id], [1, 1]), &device),
+                &mut cache,
+                Logits::All,
+            ));
+        }
+        assert_eq!(cache.len(), ids.len());
+        let stepped = Tensor::cat(pieces, 1);
+        let diff = max_abs_diff(full.clone(), stepped);
+        assert!(
+            diff < 1e-5,
+            "cached decode differs from the full forward by {diff}"
+        );
+
+        let mut cache = KvCache::new();
+        let last = forward_cached(
+            &cfg,
+            &weights.tensors,
+            Tensor::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device),
+            &mut cache,
+            Logits::Last,
+        );
+        assert_eq!(last.dims(), [1, 1, cfg.vocab_size]);
+        let diff = max_abs_diff(full.narrow(1, ids.len() - 1, 1), last);
+        assert!(diff < 1e-5, "last-position logits differ by {diff}");
+    }
 }

@@ -23,62 +23,7 @@ pub enum Split {
     Val,
 }
 
-/// Byte-level (no files) or a Hugging Face `tokenizer.json`.
-pub enum Tokenizer {
-    Bytes,
-    Hf {
-        inner: Box<tokenizers::Tokenizer>,
-        /// BLAKE3 of the tokenizer file: part of the token cache key.
-        hash: String,
-    },
-}
-
-impl Tokenizer {
-    pub fn from_file(path: &Path) -> Result<Self, TrainError> {
-        let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
-            TrainError::Data(format!("{}: not a tokenizer.json: {e}", path.display()))
-        })?;
-        Ok(Tokenizer::Hf {
-            inner: Box::new(inner),
-            hash: blake3::hash(&bytes).to_hex().to_string(),
-        })
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            Tokenizer::Bytes => 256,
-            Tokenizer::Hf { inner, .. } => inner.get_vocab_size(true),
-        }
-    }
-
-    pub fn id(&self) -> String {
-        match self {
-            Tokenizer::Bytes => "bytes".into(),
-            Tokenizer::Hf { hash, .. } => format!("hf-{hash}"),
-        }
-    }
-
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TrainError> {
-        match self {
-            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
-            Tokenizer::Hf { inner, .. } => inner
-                .encode(text, false)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| TrainError::Data(format!("tokenizer failed: {e}"))),
-        }
-    }
-
-    pub fn decode(&self, ids: &[u32]) -> String {
-        match self {
-            Tokenizer::Bytes => {
-                let bytes: Vec<u8> = ids.iter().map(|&i| i.min(255) as u8).collect();
-                String::from_utf8_lossy(&bytes).into_owned()
-            }
-            Tokenizer::Hf { inner, .. } => inner.decode(ids, false).unwrap_or_default(),
-        }
-    }
-}
+pub use holdfast_model::Tokenizer;
 
 /// Files named by a path or a glob, in sorted order; an error names what matched nothing.
 pub fn resolve_data_files(spec: &str) -> Result<Vec<PathBuf>, TrainError> {

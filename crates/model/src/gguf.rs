@@ -1,0 +1,411 @@
+//! Loading llama.cpp's GGUF files: the config from the metadata, the tensors dequantized to
+//! f32 and renamed to Hugging Face's names and layout.
+//!
+//! The container (header, metadata, tensor directory) is parsed by the `gguf-rs` crate; this
+//! module maps it onto the decoder and dequantizes the block formats bit-exactly as ggml does.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::Device;
+use serde_json::Value;
+
+use crate::{HostTensor, ModelConfig, ModelError, Weights};
+
+/// ggml tensor type ids (ggml.h `enum ggml_type`) this loader dequantizes.
+const GGML_F32: u32 = 0;
+const GGML_F16: u32 = 1;
+const GGML_Q4_0: u32 = 2;
+const GGML_Q4_1: u32 = 3;
+const GGML_Q8_0: u32 = 8;
+const GGML_BF16: u32 = 30;
+
+/// Values per quantization block, shared by Q4_0, Q4_1 and Q8_0.
+const BLOCK: usize = 32;
+
+/// What a GGUF file says besides the weights.
+#[derive(Clone, Debug, Default)]
+pub struct GgufInfo {
+    /// `general.name`.
+    pub name: Option<String>,
+    /// `tokenizer.chat_template` (Jinja), for instruct models.
+    pub chat_template: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// A loaded GGUF model.
+pub struct GgufModel {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub info: GgufInfo,
+}
+
+fn format_err(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::Format {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads a Llama-architecture GGUF file onto `device` as f32 weights.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> {
+    if !path.is_file() {
+        return Err(ModelError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        ));
+    }
+    let path_str = path
+        .to_str()
+        .ok_or_else(|| format_err(path, "path is not UTF-8"))?;
+    // Tokenizer arrays (the vocabulary, merges) are not needed: tokenizer.json is the tokenizer.
+    let header = gguf_rs::get_gguf_container_array_size(path_str, 16)
+        .and_then(|mut c| c.decode())
+        .map_err(|e| format_err(path, format!("not a readable GGUF file: {e}")))?;
+    let meta = header.metadata();
+    let tensor = |name: &str| header.tensors().iter().find(|t| t.name == name);
+    // Older converters omit llama.vocab_size; the embedding's outer dimension is the vocabulary.
+    let embedding_rows = tensor("token_embd.weight")
+        .and_then(|t| t.shape.get(1))
+        .map(|&v| v as usize);
+    let tied = tensor("output.weight").is_none();
+    let config = config_from_metadata(meta, embedding_rows, tied, path)?;
+
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let data_start = header.data_offset() as usize;
+    let mut named = HashMap::new();
+    for t in header.tensors() {
+        let Some(hf_name) = hf_name(&t.name) else {
+            // Precomputed rope frequencies and the like are derived from the config.
+            continue;
+        };
+        // GGUF lists dimensions innermost first; Hugging Face outermost first.
+        let shape: Vec<usize> = t.shape.iter().rev().map(|&d| d as usize).collect();
+        let numel: usize = shape.iter().product();
+        let start = data_start + t.offset as usize;
+        let raw = bytes
+            .get(start..start.saturating_add(t.size as usize))
+            .ok_or_else(|| {
+                format_err(
+                    path,
+                    format!("tensor '{}' runs past the end of the file", t.name),
+                )
+            })?;
+        let mut data = dequantize(t.kind, raw, numel)
+            .map_err(|reason| format_err(path, format!("tensor '{}': {reason}", t.name)))?;
+        // convert_hf_to_gguf.py permutes q/k rows for ggml's interleaved rope; the decoder
+        // uses the half-split convention, so the permutation is undone here.
+        if hf_name.ends_with("q_proj.weight") {
+            data = unpermute_rope_rows(&data, config.num_attention_heads, shape[1]);
+        } else if hf_name.ends_with("k_proj.weight") {
+            data = unpermute_rope_rows(&data, config.num_key_value_heads, shape[1]);
+        }
+        named.insert(
+            hf_name.clone(),
+            HostTensor {
+                name: hf_name,
+                shape,
+                data,
+            },
+        );
+    }
+    let weights = Weights::from_named(&config, named, &path.display().to_string(), device)?;
+    let string = |k: &str| meta.get(k).and_then(Value::as_str).map(str::to_string);
+    let id = |k: &str| meta.get(k).and_then(Value::as_u64).map(|v| v as u32);
+    let info = GgufInfo {
+        name: string("general.name"),
+        chat_template: string("tokenizer.chat_template"),
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: id("tokenizer.ggml.eos_token_id"),
+    };
+    Ok(GgufModel {
+        config,
+        weights,
+        info,
+    })
+}
+
+/// The model shape from `general.architecture` and the `<arch>.*` keys.
+fn config_from_metadata(
+    meta: &std::collections::BTreeMap<String, Value>,
+    embedding_rows: Option<usize>,
+    tie_word_embeddings: bool,
+    path: &Path,
+) -> Result<ModelConfig, ModelError> {
+    let arch = meta
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format_err(path, "metadata has no general.architecture"))?;
+    if arch != "llama" {
+        return Err(format_err(
+            path,
+            format!("general.architecture = '{arch}': only 'llama' models are supported"),
+        ));
+    }
+    let uint = |key: &str| -> Result<usize, ModelError> {
+        meta.get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| {
+                format_err(
+                    path,
+                    format!("metadata key {key} is missing or not an integer"),
+                )
+            })
+    };
+    let float = |key: &str, default: f64| meta.get(key).and_then(Value::as_f64).unwrap_or(default);
+    let heads = uint("llama.attention.head_count")?;
+    let hidden = uint("llama.embedding_length")?;
+    if let Ok(rope_dims) = uint("llama.rope.dimension_count")
+        && rope_dims * heads != hidden
+    {
+        return Err(format_err(
+            path,
+            format!(
+                "llama.rope.dimension_count = {rope_dims}: partial rotary embeddings are not supported"
+            ),
+        ));
+    }
+    let cfg = ModelConfig {
+        vocab_size: match embedding_rows {
+            Some(rows) => rows,
+            None => uint("llama.vocab_size")?,
+        },
+        hidden_size: hidden,
+        intermediate_size: uint("llama.feed_forward_length")?,
+        num_hidden_layers: uint("llama.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: uint("llama.attention.head_count_kv").unwrap_or(heads),
+        max_position_embeddings: uint("llama.context_length")?,
+        rope_theta: float("llama.rope.freq_base", 10_000.0),
+        // Stored as f32 in the file (9.99999975e-6 for 1e-5); the f32 value is what ggml uses.
+        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        tie_word_embeddings,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// llama.cpp tensor names to Hugging Face's.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes `numel` values of ggml type `kind` from `raw`, exactly as ggml's
+/// `dequantize_row_*` does (in f32, `d·q` or `d·q + m`).
+pub fn dequantize(kind: u32, raw: &[u8], numel: usize) -> Result<Vec<f32>, String> {
+    let need = |bytes: usize| {
+        if raw.len() < bytes {
+            Err(format!(
+                "{} bytes of data, the shape needs {bytes}",
+                raw.len()
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let blocks = |block_bytes: usize| -> Result<usize, String> {
+        if !numel.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "{numel} values is not a whole number of {BLOCK}-value blocks"
+            ));
+        }
+        need(numel / BLOCK * block_bytes)?;
+        Ok(numel / BLOCK)
+    };
+    let mut out = Vec::with_capacity(numel);
+    match kind {
+        GGML_F32 => {
+            need(numel * 4)?;
+            out.extend(
+                raw[..numel * 4]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        GGML_F16 => {
+            need(numel * 2)?;
+            out.extend((0..numel).map(|i| f16_at(raw, 2 * i)));
+        }
+        GGML_BF16 => {
+            need(numel * 2)?;
+            out.extend(
+                (0..numel)
+                    .map(|i| half::bf16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]).to_f32()),
+            );
+        }
+        GGML_Q8_0 => {
+            // block_q8_0: f16 scale d, then 32 signed bytes.
+            for b in raw.chunks_exact(34).take(blocks(34)?) {
+                let d = f16_at(b, 0);
+                out.extend(b[2..].iter().map(|&q| (q as i8) as f32 * d));
+            }
+        }
+        GGML_Q4_0 => {
+            // block_q4_0: f16 scale d, 16 bytes of nibbles; low nibbles are values 0..16, high
+            // nibbles 16..32; value = (nibble - 8)·d.
+            for b in raw.chunks_exact(18).take(blocks(18)?) {
+                let d = f16_at(b, 0);
+                let qs = &b[2..];
+                out.extend(qs.iter().map(|&q| ((q & 0x0F) as i32 - 8) as f32 * d));
+                out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
+            }
+        }
+        GGML_Q4_1 => {
+            // block_q4_1: f16 scale d and minimum m, 16 bytes of nibbles; value = nibble·d + m.
+            for b in raw.chunks_exact(20).take(blocks(20)?) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qs = &b[4..];
+                out.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + m));
+                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+            }
+        }
+        other => {
+            return Err(format!(
+                "ggml type {other} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Inverts convert_hf_to_gguf.py's `permute`: within each head, GGUF row `2i + j` is Hugging
+/// Face row `j·(head_dim/2) + i`.
+fn unpermute_rope_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = data.len() / cols;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + 2 * i + j;
+                let dst = h * head_dim + j * half + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f16(x: f32) -> [u8; 2] {
+        half::f16::from_f32(x).to_le_bytes()
+    }
+
+    #[test]
+    fn q4_1_block_is_nibble_times_scale_plus_min() {
+        let mut block = Vec::new();
+        block.extend(f16(0.5));
+        block.extend(f16(-1.0));
+        // Byte i holds value i in its low nibble and 15 - i in its high one.
+        block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let v = dequantize(GGML_Q4_1, &block, 32).unwrap();
+        for i in 0..16 {
+            assert_eq!(v[i], i as f32 * 0.5 - 1.0);
+            assert_eq!(v[16 + i], (15 - i) as f32 * 0.5 - 1.0);
+        }
+    }
+
+    #[test]
+    fn q8_0_and_q4_0_blocks() {
+        let mut q8 = Vec::new();
+        q8.extend(f16(0.25));
+        q8.extend((0..32i8).map(|i| (i - 16) as u8));
+        let v = dequantize(GGML_Q8_0, &q8, 32).unwrap();
+        assert_eq!(v[0], -4.0);
+        assert_eq!(v[31], 15.0 * 0.25);
+
+        let mut q4 = Vec::new();
+        q4.extend(f16(2.0));
+        q4.extend([0x8Fu8; 16]);
+        let v = dequantize(GGML_Q4_0, &q4, 32).unwrap();
+        assert_eq!(v[0], (15 - 8) as f32 * 2.0);
+        assert_eq!(v[16], 0.0);
+    }
+
+    #[test]
+    fn short_data_and_unknown_types_are_errors() {
+        assert!(
+            dequantize(GGML_Q4_1, &[0; 19], 32)
+                .unwrap_err()
+                .contains("needs 20")
+        );
+        assert!(
+            dequantize(GGML_Q8_0, &[0; 34], 33)
+                .unwrap_err()
+                .contains("whole number")
+        );
+        assert!(
+            dequantize(12, &[0; 400], 256)
+                .unwrap_err()
+                .contains("ggml type 12")
+        );
+    }
+
+    #[test]
+    fn unpermute_inverts_the_converter_permutation() {
+        // convert_hf_to_gguf.py: w.reshape(heads, 2, hd/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (heads, hd, cols) = (2, 6, 3);
+        let hf: Vec<f32> = (0..heads * hd * cols).map(|x| x as f32).collect();
+        let mut gguf = vec![0.0; hf.len()];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..hd / 2 {
+                    let src = h * hd + j * (hd / 2) + i;
+                    let dst = h * hd + i * 2 + j;
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rope_rows(&gguf, heads, cols), hf);
+    }
+
+    #[test]
+    fn tensor_names_map_to_hugging_face() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").unwrap(),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+}

@@ -1,0 +1,170 @@
+//! Parity with an independent reference: `tools/reference/llama_gguf.py` (numpy float64, the
+//! `gguf` package's parser and dequantizers, llama.cpp's rope layout) against holdfast's GGUF
+//! loader and decoder on SmolLM2-135M-Instruct.
+//!
+//! Needs `../shared/models/smollm2-135m` and python3 with numpy, gguf and tokenizers; skips with
+//! the reason when either is absent, unless HOLDFAST_REQUIRE_REFERENCE=1 (CI sets it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use holdfast_model::{KvCache, Logits, Tokenizer, forward, forward_cached, load_gguf};
+
+const MODEL_DIR: &str = "../../../shared/models/smollm2-135m";
+const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const MAX_ABS_LOGIT_DIFF: f32 = 1e-3;
+const PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "<|im_start|>user\nWhat is the tallest mountain on Earth?<|im_end|>\n<|im_start|>assistant\n",
+];
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL_DIR)
+}
+
+/// Returns why the test cannot run here, or None.
+fn missing_prerequisite() -> Option<String> {
+    if !model_dir().join(GGUF).is_file() {
+        return Some(format!("{} not found", model_dir().join(GGUF).display()));
+    }
+    let python = Command::new("python3")
+        .args(["-c", "import numpy, gguf, tokenizers"])
+        .output();
+    match python {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "python3 lacks numpy/gguf/tokenizers ({})",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )),
+        Err(e) => Some(format!("python3 not runnable: {e}")),
+    }
+}
+
+fn skip_or_fail(reason: &str) {
+    if std::env::var("HOLDFAST_REQUIRE_REFERENCE").as_deref() == Ok("1") {
+        panic!("reference test cannot run: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
+
+fn run_reference(out: &Path) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/reference/llama_gguf.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg("--gguf")
+        .arg(model_dir().join(GGUF))
+        .arg("--tokenizer")
+        .arg(model_dir().join("tokenizer.json"))
+        .arg("--out")
+        .arg(out)
+        .args(PROMPTS)
+        .spawn()
+        .expect("start python3");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for python3") {
+            assert!(status.success(), "reference script failed: {status}");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("reference script ran past 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(out.join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json is JSON")
+}
+
+fn ids_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
+    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let n = ids.len();
+    Tensor::from_data(TensorData::new(ids, [1, n]), device)
+}
+
+#[test]
+fn smollm2_logits_and_greedy_text_match_the_reference() {
+    if let Some(reason) = missing_prerequisite() {
+        return skip_or_fail(&reason);
+    }
+    let out = tempfile::tempdir().unwrap();
+    let reference = run_reference(out.path());
+    let device = Device::flex();
+    let model = load_gguf(&model_dir().join(GGUF), &device).expect("load GGUF");
+    let tokenizer = Tokenizer::from_file(&model_dir().join("tokenizer.json")).unwrap();
+    let cfg = &model.config;
+
+    for p in reference["prompts"].as_array().unwrap() {
+        let text = p["text"].as_str().unwrap();
+        let ref_ids: Vec<u32> = serde_json::from_value(p["ids"].clone()).unwrap();
+        let ids = tokenizer.encode(text).unwrap();
+        assert_eq!(ids, ref_ids, "token ids for {text:?}");
+
+        let raw = std::fs::read(out.path().join(p["logits_file"].as_str().unwrap())).unwrap();
+        let expected: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let ours = forward(cfg, &model.weights.tensors, ids_tensor(&ids, &device))
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+        assert_eq!(ours.len(), expected.len());
+        let max_diff = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!(
+            "{text:?}: {} positions, max |Δlogit| = {max_diff:.2e}",
+            ids.len()
+        );
+        assert!(
+            max_diff <= MAX_ABS_LOGIT_DIFF,
+            "{text:?}: max |Δlogit| {max_diff} > {MAX_ABS_LOGIT_DIFF}"
+        );
+
+        // Greedy continuation through the KV cache must pick the reference's tokens.
+        let want: Vec<u32> = serde_json::from_value(p["greedy_ids"].clone()).unwrap();
+        let mut cache = KvCache::new();
+        let mut next_input = ids.clone();
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let logits = forward_cached(
+                cfg,
+                &model.weights.tensors,
+                ids_tensor(&next_input, &device),
+                &mut cache,
+                Logits::Last,
+            )
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+            let argmax = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32;
+            got.push(argmax);
+            next_input = vec![argmax];
+        }
+        assert_eq!(got, want, "greedy continuation of {text:?}");
+        if text == "The capital of France is" {
+            assert!(
+                tokenizer.decode(&got).starts_with(" Paris."),
+                "got {:?}",
+                tokenizer.decode(&got)
+            );
+        }
+    }
+}
