@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 
-/// Parses `flex`/`cpu`, and `cuda[:N]`, `rocm[:N]`, `vulkan` when built with those features.
+/// Parses `flex`/`cpu`, `ndarray`, and `cuda[:N]`, `rocm[:N]`, `vulkan` when built with those features.
 pub fn parse(name: &str) -> Result<Device> {
     let (kind, index) = match name.split_once(':') {
         Some((k, i)) => match i.parse::<usize>() {
@@ -16,6 +16,10 @@ pub fn parse(name: &str) -> Result<Device> {
     let _ = index;
     match kind {
         "flex" | "cpu" => Ok(Device::flex()),
+        // burn's older CPU backend, deprecated in favour of flex but kept here on purpose: its
+        // kernels are independent of flex's, which is what a cross-backend parity check needs.
+        #[allow(deprecated)]
+        "ndarray" => Ok(Device::ndarray()),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Device::cuda(index)),
         #[cfg(feature = "rocm")]
@@ -25,6 +29,8 @@ pub fn parse(name: &str) -> Result<Device> {
         "cuda" | "rocm" | "vulkan" => bail!(
             "--device {name}: this binary was built without the '{kind}' feature (cargo build --release --features {kind})"
         ),
-        other => bail!("--device {other}: unknown device (known: flex, cuda, rocm, vulkan)"),
+        other => {
+            bail!("--device {other}: unknown device (known: flex, ndarray, cuda, rocm, vulkan)")
+        }
     }
 }

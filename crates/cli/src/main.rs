@@ -2,8 +2,8 @@
 
 mod device;
 mod launch;
+mod serving;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,8 +12,6 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use holdfast_model::ModelConfig;
-use holdfast_serve::{SamplingOptions, generate};
-use holdfast_train::data::Tokenizer;
 use holdfast_train::run::{self, Event};
 use holdfast_train::{RunConfig, TrainState, checkpoint};
 
@@ -38,8 +36,12 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
-    /// Generate text from a run's latest checkpoint.
-    Generate(GenerateArgs),
+    /// Generate text from a run's latest checkpoint, a GGUF file or a Hugging Face directory.
+    Generate(serving::GenerateArgs),
+    /// OpenAI-compatible HTTP server for a model.
+    Serve(serving::ServeArgs),
+    /// Run the same prompts on two backends and compare logits.
+    Parity(serving::ParityArgs),
     /// Serve a multi-worker run to workers that join from other hosts.
     Coordinator(Box<CoordinatorArgs>),
     /// Join a multi-worker run (`holdfast coordinator` or `holdfast train --workers`).
@@ -166,24 +168,6 @@ struct WorkerArgs {
     inject: Option<String>,
 }
 
-#[derive(Args)]
-struct GenerateArgs {
-    run_dir: PathBuf,
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, default_value_t = 200)]
-    max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value = "flex")]
-    device: String,
-}
-
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Training tokens/s, estimated FLOP/s and peak RSS of a preset, as one JSON line.
@@ -202,6 +186,8 @@ enum BenchCommand {
         #[arg(long, default_value = "flex")]
         device: String,
     },
+    /// Prompt-processing and generation tokens/s and peak RSS of a model, as one JSON line.
+    Generate(serving::BenchGenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -216,7 +202,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => cmd_train(*args),
         Command::Eval { run_dir, device } => cmd_eval(&run_dir, &device),
-        Command::Generate(args) => cmd_generate(args),
+        Command::Generate(args) => serving::cmd_generate(args),
+        Command::Serve(args) => serving::cmd_serve(args),
+        Command::Parity(args) => serving::cmd_parity(args),
+        Command::Bench {
+            what: BenchCommand::Generate(args),
+        } => serving::cmd_bench_generate(args),
         Command::Coordinator(args) => cmd_coordinator(*args),
         Command::Worker(args) => cmd_worker(args),
         Command::Bench {
@@ -517,43 +508,6 @@ fn cmd_eval(run_dir: &Path, device: &str) -> Result<()> {
         "exact_match_problems": r.exact_match_problems,
     });
     println!("{report}");
-    Ok(())
-}
-
-fn cmd_generate(args: GenerateArgs) -> Result<()> {
-    let device = device::parse(&args.device)?;
-    let (_, loaded) = load_run(&args.run_dir, &device)?;
-    let tokenizer = match run::run_tokenizer(&args.run_dir) {
-        Some(p) => Tokenizer::from_file(&p)?,
-        None => Tokenizer::Bytes,
-    };
-    let prompt = tokenizer.encode(&args.prompt)?;
-    if prompt.is_empty() {
-        bail!("--prompt is empty");
-    }
-    let opts = SamplingOptions {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        max_new_tokens: args.max_tokens,
-        seed: args.seed,
-        stop_token: None,
-    };
-    let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{}", args.prompt)?;
-    // Decode the growing suffix so multi-byte characters print whole.
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0;
-    generate(&loaded.state.weights, &prompt, &opts, &device, |tok| {
-        generated.push(tok);
-        let text = tokenizer.decode(&generated);
-        let complete = text.trim_end_matches('\u{FFFD}');
-        if complete.len() > printed {
-            let _ = write!(stdout, "{}", &complete[printed..]);
-            let _ = stdout.flush();
-            printed = complete.len();
-        }
-    });
-    writeln!(stdout)?;
     Ok(())
 }
 

@@ -1,0 +1,365 @@
+//! `generate`, `serve`, `parity` and `bench generate`: everything that runs a trained or
+//! published model rather than training one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use clap::Args;
+use holdfast_model::{KvCache, Logits, Tokenizer, forward, forward_cached};
+use holdfast_serve::sampling::argmax;
+use holdfast_serve::server::{ServerOptions, serve};
+use holdfast_serve::{ChatMessage, SamplingOptions, ServedModel, generate};
+use holdfast_train::checkpoint;
+use holdfast_train::run;
+
+use crate::device;
+
+/// What MODEL may be, for every command here.
+const MODEL_HELP: &str = "a holdfast run directory, a .gguf file, or a Hugging Face directory (config.json + model.safetensors)";
+
+#[derive(Args)]
+pub struct ModelArgs {
+    #[arg(help = MODEL_HELP)]
+    pub model: PathBuf,
+    /// tokenizer.json for a .gguf file (default: the one beside it).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// flex or ndarray (CPU), or cuda[:N] / rocm[:N] / vulkan when built with that feature.
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+}
+
+/// Loads MODEL onto `device`: a holdfast run (latest valid checkpoint) or a published model.
+pub fn load_model(path: &Path, tokenizer: Option<&Path>, device: &Device) -> Result<ServedModel> {
+    if path.join(run::CONFIG_FILE).is_file() {
+        let loaded = checkpoint::load_latest(path, device)?;
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+        let tok = match tokenizer
+            .map(Path::to_path_buf)
+            .or_else(|| run::run_tokenizer(path))
+        {
+            Some(p) => Tokenizer::from_file(&p)?,
+            None => Tokenizer::Bytes,
+        };
+        let id = path
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+        return Ok(ServedModel::new(
+            id,
+            loaded.state.weights,
+            tok,
+            device.clone(),
+        ));
+    }
+    ServedModel::load(path, tokenizer, device)
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    let device = device::parse(&args.model.device)?;
+    let model = load_model(&args.model.model, args.model.tokenizer.as_deref(), &device)?;
+    if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
+    }
+    let text = if args.chat {
+        model.render_chat(&[ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }])?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = model.tokenizer.encode(&text)?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty");
+    }
+    if prompt.len() >= model.context() {
+        bail!(
+            "--prompt is {} tokens; the model's context is {}",
+            prompt.len(),
+            model.context()
+        );
+    }
+    let opts = SamplingOptions {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        max_new_tokens: args.max_tokens,
+        seed: args.seed,
+        stop: args.stop,
+        stop_tokens: model.stop_tokens.clone(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    if !args.chat {
+        write!(stdout, "{}", args.prompt)?;
+    }
+    generate(&model, &prompt, &opts, |piece| {
+        let _ = write!(stdout, "{piece}");
+        stdout.flush().is_ok()
+    });
+    writeln!(stdout)?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (port 0 picks a free one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: String,
+    /// Require `Authorization: Bearer <key>` (default: $HOLDFAST_API_KEY when set).
+    #[arg(long, env = "HOLDFAST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests admitted at once, running plus queued; more get 429.
+    #[arg(long, default_value_t = 16)]
+    pub max_pending: usize,
+}
+
+pub fn cmd_serve(args: ServeArgs) -> Result<()> {
+    if args.max_pending == 0 {
+        bail!("--max-pending must be at least 1");
+    }
+    let device = device::parse(&args.model.device)?;
+    let model = load_model(&args.model.model, args.model.tokenizer.as_deref(), &device)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("--listen {}", args.listen))?;
+        eprintln!(
+            "serving '{}' (context {}) on http://{}",
+            model.id,
+            model.context(),
+            listener.local_addr()?
+        );
+        let options = ServerOptions {
+            api_key: args.api_key,
+            max_pending: args.max_pending,
+        };
+        serve(listener, model, options).await?;
+        eprintln!("server stopped");
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct ParityArgs {
+    #[arg(help = MODEL_HELP)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Two backends, comma-separated (e.g. flex,ndarray).
+    #[arg(long, default_value = "flex,ndarray")]
+    pub backends: String,
+    /// Prompts to compare on (repeatable; default: three built-in ones).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// Fail (exit 1) when max |Δlogit| exceeds this.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tolerance: f32,
+}
+
+const PARITY_PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "To be, or not to be, that is the question:",
+];
+
+/// Logits `[positions × vocab]` of a prompt on one backend.
+fn prompt_logits(model: &ServedModel, ids: &[u32]) -> Vec<f32> {
+    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let n = ids.len();
+    let batch: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, n]), &model.device);
+    forward(&model.weights.cfg, &model.weights.tensors, batch)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 logits")
+}
+
+pub fn cmd_parity(args: ParityArgs) -> Result<()> {
+    let backends: Vec<&str> = args.backends.split(',').map(str::trim).collect();
+    let [a, b] = backends[..] else {
+        bail!(
+            "--backends {}: give exactly two, e.g. flex,ndarray",
+            args.backends
+        );
+    };
+    let models = [a, b]
+        .iter()
+        .map(|name| {
+            let device = device::parse(name)?;
+            load_model(&args.model, args.tokenizer.as_deref(), &device)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let prompts: Vec<String> = if args.prompt.is_empty() {
+        PARITY_PROMPTS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.prompt.clone()
+    };
+    let vocab = models[0].weights.cfg.vocab_size;
+    let (mut worst, mut positions, mut agree) = (0.0f32, 0usize, 0usize);
+    for text in &prompts {
+        let mut ids = models[0].tokenizer.encode(text)?;
+        ids.truncate(models[0].context());
+        if ids.is_empty() {
+            bail!("--prompt {text:?} has no tokens");
+        }
+        let la = prompt_logits(&models[0], &ids);
+        let lb = prompt_logits(&models[1], &ids);
+        let diff = la
+            .iter()
+            .zip(&lb)
+            // A NaN on either side is a mismatch, not something `max` may skip.
+            .map(|(x, y)| (x - y).abs())
+            .map(|d| if d.is_nan() { f32::INFINITY } else { d })
+            .fold(0.0f32, f32::max);
+        let same_top1 = la
+            .chunks(vocab)
+            .zip(lb.chunks(vocab))
+            .filter(|(x, y)| argmax(x) == argmax(y))
+            .count();
+        println!(
+            "{text:?}: {} positions, max |Δlogit| {diff:.3e}, top-1 agreement {same_top1}/{}",
+            ids.len(),
+            ids.len()
+        );
+        worst = worst.max(diff);
+        positions += ids.len();
+        agree += same_top1;
+    }
+    println!(
+        "{a} vs {b}: max |Δlogit| {worst:.3e}, top-1 agreement {agree}/{positions} ({:.1}%)",
+        100.0 * agree as f64 / positions as f64
+    );
+    if worst > args.tolerance {
+        bail!(
+            "max |Δlogit| {worst:.3e} exceeds --tolerance {:.1e}",
+            args.tolerance
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchGenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens (Tiny-Shakespeare-like text is synthesized by repetition).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Timed repetitions; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+/// Prompt processing and generation tokens/s (greedy, KV cache, batch 1) and peak RSS.
+pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
+    let device = device::parse(&args.model.device)?;
+    let start = Instant::now();
+    let model = load_model(&args.model.model, args.model.tokenizer.as_deref(), &device)?;
+    let load_s = start.elapsed().as_secs_f64();
+    if args.prompt_tokens == 0 || args.new_tokens == 0 || args.repeats == 0 {
+        bail!("--prompt-tokens, --new-tokens and --repeats must be at least 1");
+    }
+    if args.prompt_tokens + args.new_tokens > model.context() {
+        bail!(
+            "--prompt-tokens + --new-tokens = {} exceeds the context {}",
+            args.prompt_tokens + args.new_tokens,
+            model.context()
+        );
+    }
+    let seed_text = "First Citizen: Before we proceed any further, hear me speak. ";
+    let mut prompt = Vec::new();
+    while prompt.len() < args.prompt_tokens {
+        prompt.extend(model.tokenizer.encode(seed_text)?);
+    }
+    prompt.truncate(args.prompt_tokens);
+    let cfg = &model.weights.cfg;
+    let tensor = |ids: &[u32]| -> Tensor<2, Int> {
+        let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        Tensor::from_data(TensorData::new(v, [1, ids.len()]), &device)
+    };
+    let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..args.repeats + 1 {
+        let mut cache = KvCache::new();
+        let t0 = Instant::now();
+        let logits = forward_cached(
+            cfg,
+            &model.weights.tensors,
+            tensor(&prompt),
+            &mut cache,
+            Logits::Last,
+        )
+        .into_data()
+        .convert::<f32>();
+        let mut next = argmax(logits.as_slice::<f32>().expect("f32"));
+        let prefill = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..args.new_tokens {
+            let logits = forward_cached(
+                cfg,
+                &model.weights.tensors,
+                tensor(&[next]),
+                &mut cache,
+                Logits::Last,
+            )
+            .into_data()
+            .convert::<f32>();
+            next = argmax(logits.as_slice::<f32>().expect("f32"));
+        }
+        let decode = t1.elapsed().as_secs_f64();
+        best_prefill = best_prefill.min(prefill);
+        best_decode = best_decode.min(decode);
+    }
+    let report = serde_json::json!({
+        "model": model.id,
+        "params": cfg.num_params(),
+        "device": args.model.device,
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+        "load_s": load_s,
+        "prompt_tokens": args.prompt_tokens,
+        "prompt_tokens_per_s": args.prompt_tokens as f64 / best_prefill,
+        "new_tokens": args.new_tokens,
+        "generate_tokens_per_s": args.new_tokens as f64 / best_decode,
+        "peak_rss_bytes": run::peak_rss_bytes(),
+    });
+    println!("{report}");
+    Ok(())
+}

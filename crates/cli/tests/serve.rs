@@ -1,0 +1,435 @@
+//! `holdfast serve` over real HTTP on loopback: completions, chat, streaming, concurrent
+//! clients, admission limits, API keys, and every bad request answered 400 with a JSON error
+//! while the server stays healthy. A tiny freshly trained run is the model, so these run
+//! everywhere; the SmolLM2 test needs ../shared and skips with the reason without it.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+mod common;
+use common::{KillOnDrop, holdfast, ok};
+
+struct Server {
+    _child: KillOnDrop,
+    base: String,
+}
+
+/// Starts `holdfast serve MODEL --listen 127.0.0.1:0 EXTRA…` and waits for its address.
+fn start_server(model: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .arg("serve")
+        .arg(model)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("HOLDFAST_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("holdfast serve starts");
+    let stderr = child.stderr.take().unwrap();
+    let child = KillOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("http://").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("server printed its address within 120 s");
+    Server {
+        _child: child,
+        base: format!("http://{addr}"),
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+/// POSTs a JSON body (or raw text); returns status and parsed body.
+fn post(server: &Server, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = agent()
+        .post(format!("{}{path}", server.base))
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let mut resp = req.send(body).expect("HTTP exchange");
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, value)
+}
+
+fn get(server: &Server, path: &str) -> (u16, Value) {
+    let mut resp = agent()
+        .get(format!("{}{path}", server.base))
+        .call()
+        .expect("HTTP exchange");
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_json().unwrap_or(Value::Null))
+}
+
+/// POSTs a streaming request; returns the `data:` payloads in order (the last is `[DONE]`).
+fn post_stream(server: &Server, path: &str, body: &Value) -> Vec<String> {
+    let mut resp = agent()
+        .post(format!("{}{path}", server.base))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("HTTP exchange");
+    assert_eq!(resp.status().as_u16(), 200);
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let mut text = String::new();
+    resp.body_mut()
+        .as_reader()
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+/// A tiny run trained for two steps on a small text file, with a 256-token context.
+fn tiny_run(dir: &Path) -> PathBuf {
+    let data = dir.join("text.txt");
+    std::fs::write(
+        &data,
+        "the quick brown fox jumps over the lazy dog. ".repeat(200),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    ok(&holdfast(
+        dir,
+        &[
+            "train",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--preset",
+            "tiny",
+            "--context",
+            "256",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ],
+    ));
+    run
+}
+
+fn completion(prompt: &str, max_tokens: usize) -> Value {
+    json!({"model": "run", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+}
+
+#[test]
+fn completions_chat_and_streaming_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(&tiny_run(dir.path()), &[]);
+
+    let (status, health) = get(&server, "/health");
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    let (status, models) = get(&server, "/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(models["data"][0]["id"], "run");
+
+    let req = completion("the quick brown", 12);
+    let (status, body) = post(&server, "/v1/completions", &req.to_string(), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    let text = body["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(body["usage"]["prompt_tokens"], 15);
+    let generated = body["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&generated), "{body}");
+
+    // Streaming the same greedy request yields the same text, in pieces, then [DONE].
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let events = post_stream(&server, "/v1/completions", &streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let joined: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, text);
+    assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+
+    // Chat: the same, through the chat template, as message and as deltas.
+    let chat = json!({"model": "run", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 10, "temperature": 0});
+    let (status, body) = post(&server, "/v1/chat/completions", &chat.to_string(), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let content = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut chat_stream = chat.clone();
+    chat_stream["stream"] = json!(true);
+    let events = post_stream(&server, "/v1/chat/completions", &chat_stream);
+    let deltas: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(deltas, content);
+
+    // A stop sequence cuts the text before it.
+    let full = post(
+        &server,
+        "/v1/completions",
+        &completion("the quick brown", 30).to_string(),
+        None,
+    )
+    .1;
+    let full = full["choices"][0]["text"].as_str().unwrap().to_string();
+    if let Some(cut) = full.char_indices().nth(5).map(|(i, _)| i) {
+        let stop = full[cut..].chars().next().unwrap().to_string();
+        let mut req = completion("the quick brown", 30);
+        req["stop"] = json!(stop);
+        let (_, body) = post(&server, "/v1/completions", &req.to_string(), None);
+        let cut_text = body["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(cut_text, &full[..full.find(&stop).unwrap()]);
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[test]
+fn bad_requests_get_400_with_a_json_error_and_the_server_stays_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(&tiny_run(dir.path()), &[]);
+    let long_prompt = "x".repeat(300);
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "invalid_json"),
+        (json!({"prompt": "hi"}).to_string(), "invalid_json"),
+        (
+            json!({"model": "gpt-4", "prompt": "hi"}).to_string(),
+            "model_not_found",
+        ),
+        (
+            json!({"model": "run", "prompt": "hi", "max_tokens": 100000}).to_string(),
+            "invalid_value",
+        ),
+        (
+            json!({"model": "run", "prompt": long_prompt}).to_string(),
+            "context_length_exceeded",
+        ),
+        (
+            json!({"model": "run", "prompt": "hi", "temperature": 9}).to_string(),
+            "invalid_value",
+        ),
+        (
+            json!({"model": "run", "prompt": ""}).to_string(),
+            "invalid_value",
+        ),
+    ];
+    for (body, code) in &cases {
+        let (status, err) = post(&server, "/v1/completions", body, None);
+        assert_eq!(status, 400, "{body} → {err}");
+        assert_eq!(err["error"]["code"], *code, "{body} → {err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    let (status, err) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"model": "run", "messages": []}).to_string(),
+        None,
+    );
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("invalid_value"))
+    );
+    let (status, _) = post(&server, "/v1/nothing", "{}", None);
+    assert_eq!(status, 404);
+
+    assert_eq!(get(&server, "/health").0, 200);
+    let (status, body) = post(
+        &server,
+        "/v1/completions",
+        &completion("the", 3).to_string(),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn concurrent_clients_get_the_same_answers_as_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Arc::new(start_server(&tiny_run(dir.path()), &[]));
+    let prompts = [
+        "the",
+        "quick brown",
+        "fox jumps",
+        "over the lazy",
+        "dog.",
+        "the lazy",
+    ];
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            post(
+                &server,
+                "/v1/completions",
+                &completion(p, 20).to_string(),
+                None,
+            )
+            .1
+        })
+        .collect();
+    let barrier = Arc::new(Barrier::new(prompts.len()));
+    let together: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            let (server, barrier, p) = (server.clone(), barrier.clone(), p.to_string());
+            std::thread::spawn(move || {
+                barrier.wait();
+                post(
+                    &server,
+                    "/v1/completions",
+                    &completion(&p, 20).to_string(),
+                    None,
+                )
+            })
+        })
+        // Every thread must exist before any is joined, or the barrier never opens.
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| {
+            let (status, body) = h.join().unwrap();
+            assert_eq!(status, 200, "{body}");
+            body
+        })
+        .collect();
+    for (a, b) in alone.iter().zip(&together) {
+        assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    }
+}
+
+#[test]
+fn admission_limit_answers_429_and_the_api_key_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Arc::new(start_server(
+        &tiny_run(dir.path()),
+        &["--max-pending", "1", "--api-key", "sesame"],
+    ));
+    let body = completion("the", 200).to_string();
+    let (status, err) = post(&server, "/v1/completions", &body, None);
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+    let (status, _) = post(&server, "/v1/completions", &body, Some("wrong"));
+    assert_eq!(status, 401);
+
+    // Eight clients at once against one slot: some are served, the rest refused at once.
+    let barrier = Arc::new(Barrier::new(8));
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            let (server, barrier, body) = (server.clone(), barrier.clone(), body.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let (status, reply) = post(&server, "/v1/completions", &body, Some("sesame"));
+                if status == 429 {
+                    assert_eq!(reply["error"]["code"], "queue_full");
+                }
+                status
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&200) && statuses.contains(&429),
+        "{statuses:?}"
+    );
+
+    // Slots come back: a later request is served.
+    let started = Instant::now();
+    loop {
+        let (status, _) = post(
+            &server,
+            "/v1/completions",
+            &completion("the", 2).to_string(),
+            Some("sesame"),
+        );
+        if status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "slot never released"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const SMOLLM2: &str = "../../../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[test]
+fn smollm2_answers_over_http() {
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(SMOLLM2);
+    if !gguf.is_file() {
+        eprintln!("SKIPPED: {} not found", gguf.display());
+        return;
+    }
+    let server = start_server(&gguf, &[]);
+    let model = get(&server, "/v1/models").1["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let req = json!({"model": model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0});
+    let (status, body) = post(&server, "/v1/completions", &req.to_string(), None);
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with(" Paris."), "{text:?}");
+
+    let chat = json!({"model": model, "temperature": 0, "max_tokens": 40,
+                      "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+    let (status, body) = post(&server, "/v1/chat/completions", &chat.to_string(), None);
+    assert_eq!(status, 200, "{body}");
+    let answer = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+    // The end-of-turn token stops generation and is not part of the answer.
+    assert!(!answer.contains("<|im_end|>"), "{answer:?}");
+}

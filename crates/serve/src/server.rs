@@ -1,0 +1,594 @@
+//! OpenAI-compatible HTTP server: `/v1/completions`, `/v1/chat/completions` (JSON or SSE
+//! streaming), `/v1/models`, `/health`.
+//!
+//! One thread owns the model and runs one generation at a time; handlers tokenize and validate
+//! first, then queue. Admission is bounded: a request holds a slot from admission until its
+//! response is fully sent (or the client goes away), and a request that finds every slot taken
+//! is answered 429 at once instead of waiting unboundedly.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use holdfast_model::Tokenizer;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::model::render_chat;
+use crate::{ChatMessage, Completion, SamplingOptions, ServedModel, generate};
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Clients must send `Authorization: Bearer <key>` when set.
+    pub api_key: Option<String>,
+    /// Requests admitted at once (running plus queued); more are refused with 429.
+    pub max_pending: usize,
+}
+
+/// What the model thread runs: a validated, tokenized request.
+struct Job {
+    prompt: Vec<u32>,
+    sampling: SamplingOptions,
+    events: mpsc::UnboundedSender<JobEvent>,
+}
+
+enum JobEvent {
+    Text(String),
+    Done(Completion),
+}
+
+/// What handlers need to know about the model, shared with them.
+struct AppState {
+    model_id: String,
+    tokenizer: Arc<Tokenizer>,
+    chat_template: Option<String>,
+    stop_tokens: Vec<u32>,
+    context: usize,
+    jobs: mpsc::UnboundedSender<Job>,
+    options: ServerOptions,
+    pending: Arc<AtomicUsize>,
+}
+
+/// A held admission slot; released on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes a slot when fewer than `max` are held.
+fn admit(pending: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+    pending
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(pending.clone()))
+}
+
+/// An OpenAI-style error: status and `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    code: &'static str,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(
+        message: impl Into<String>,
+        param: Option<&'static str>,
+        code: &'static str,
+    ) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            code,
+            param,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status {
+            StatusCode::BAD_REQUEST => "invalid_request_error",
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            _ => "server_error",
+        };
+        let body = json!({"error": {
+            "message": self.message, "type": kind, "param": self.param, "code": self.code,
+        }});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// `stop` is a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `prompt` is a string or a list holding one string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Fields shared by both endpoints; others that OpenAI clients send are ignored.
+#[derive(Deserialize)]
+struct Common {
+    model: String,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    /// Not in OpenAI's API; accepted as llama.cpp's and vLLM's servers do.
+    top_k: Option<usize>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    seed: Option<u64>,
+    n: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// Default `max_tokens` of `/v1/completions`, as in OpenAI's API.
+const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// Checks a request against the model and turns it into a job's prompt and sampling options.
+fn prepare(
+    state: &AppState,
+    text: &str,
+    common: &Common,
+    default_max_tokens: Option<usize>,
+) -> Result<(Vec<u32>, SamplingOptions), ApiError> {
+    if common.model != state.model_id {
+        return Err(ApiError::invalid(
+            format!(
+                "model '{}' is not served here (available: '{}')",
+                common.model, state.model_id
+            ),
+            Some("model"),
+            "model_not_found",
+        ));
+    }
+    if common.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "only n = 1 is supported",
+            Some("n"),
+            "invalid_value",
+        ));
+    }
+    let temperature = common.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            format!("temperature {temperature} is outside [0, 2]"),
+            Some("temperature"),
+            "invalid_value",
+        ));
+    }
+    let top_p = common.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            format!("top_p {top_p} is outside (0, 1]"),
+            Some("top_p"),
+            "invalid_value",
+        ));
+    }
+    let prompt = state
+        .tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt"), "invalid_value"))?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            "the prompt is empty",
+            Some("prompt"),
+            "invalid_value",
+        ));
+    }
+    if prompt.len() >= state.context {
+        return Err(ApiError::invalid(
+            format!(
+                "the prompt is {} tokens; this model's context is {} tokens",
+                prompt.len(),
+                state.context
+            ),
+            Some("prompt"),
+            "context_length_exceeded",
+        ));
+    }
+    let room = state.context - prompt.len();
+    let max_tokens = common
+        .max_tokens
+        .or(common.max_completion_tokens)
+        .or(default_max_tokens)
+        .unwrap_or(room);
+    if max_tokens == 0 || max_tokens > room {
+        return Err(ApiError::invalid(
+            format!(
+                "max_tokens {max_tokens} is not in 1..={room}: the prompt is {} tokens and the context {}",
+                prompt.len(),
+                state.context
+            ),
+            Some("max_tokens"),
+            "invalid_value",
+        ));
+    }
+    let stop = match &common.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop takes up to 4 non-empty strings",
+            Some("stop"),
+            "invalid_value",
+        ));
+    }
+    let sampling = SamplingOptions {
+        temperature,
+        top_k: common.top_k.unwrap_or(0),
+        top_p,
+        max_new_tokens: max_tokens,
+        seed: common.seed.unwrap_or(0),
+        stop,
+        stop_tokens: state.stop_tokens.clone(),
+    };
+    Ok((prompt, sampling))
+}
+
+fn bad_json(rejection: JsonRejection) -> ApiError {
+    ApiError::invalid(rejection.body_text(), None, "invalid_json")
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Which endpoint a response is for: they differ only in JSON shape.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+impl Kind {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Completion => "cmpl",
+            Kind::Chat => "chatcmpl",
+        }
+    }
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(bad_json)?;
+    let text = match &req.prompt {
+        Prompt::One(s) => s.clone(),
+        Prompt::Many(v) if v.len() == 1 => v[0].clone(),
+        Prompt::Many(_) => {
+            return Err(ApiError::invalid(
+                "prompt must be a string or a list of one string",
+                Some("prompt"),
+                "invalid_value",
+            ));
+        }
+    };
+    let (prompt, sampling) = prepare(
+        &state,
+        &text,
+        &req.common,
+        Some(COMPLETION_DEFAULT_MAX_TOKENS),
+    )?;
+    respond(state, Kind::Completion, prompt, sampling, req.common.stream).await
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(bad_json)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages is empty",
+            Some("messages"),
+            "invalid_value",
+        ));
+    }
+    let text = render_chat(state.chat_template.as_deref(), &req.messages)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages"), "invalid_value"))?;
+    let (prompt, sampling) = prepare(&state, &text, &req.common, None)?;
+    respond(state, Kind::Chat, prompt, sampling, req.common.stream).await
+}
+
+/// Admits and queues a job, then answers with one JSON body or an SSE stream.
+async fn respond(
+    state: Arc<AppState>,
+    kind: Kind,
+    prompt: Vec<u32>,
+    sampling: SamplingOptions,
+    stream: bool,
+) -> Result<Response, ApiError> {
+    let slot = admit(&state.pending, state.options.max_pending).ok_or(ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        message: format!(
+            "the server is busy ({} requests admitted); retry later",
+            state.options.max_pending
+        ),
+        code: "queue_full",
+        param: None,
+    })?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let prompt_tokens = prompt.len();
+    state
+        .jobs
+        .send(Job {
+            prompt,
+            sampling,
+            events: tx,
+        })
+        .map_err(|_| unavailable())?;
+    let id = format!("{}-{:x}", kind.id_prefix(), rand::random::<u64>());
+    let created = now_secs();
+    let model = state.model_id.clone();
+
+    if !stream {
+        let mut done = None;
+        while let Some(ev) = rx.recv().await {
+            if let JobEvent::Done(c) = ev {
+                done = Some(c);
+            }
+        }
+        let c = done.ok_or_else(unavailable)?;
+        drop(slot);
+        let usage = json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": c.tokens.len(),
+            "total_tokens": prompt_tokens + c.tokens.len(),
+        });
+        let choice = match kind {
+            Kind::Completion => json!({
+                "index": 0, "text": c.text, "logprobs": null,
+                "finish_reason": c.finish_reason.as_str(),
+            }),
+            Kind::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason.as_str(),
+            }),
+        };
+        let object = match kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion",
+        };
+        return Ok(Json(json!({
+            "id": id, "object": object, "created": created, "model": model,
+            "choices": [choice], "usage": usage,
+        }))
+        .into_response());
+    }
+
+    let chunk = move |delta: Option<&str>, finish: Option<&str>| -> Event {
+        let choice = match kind {
+            Kind::Completion => json!({
+                "index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+            }),
+            Kind::Chat => {
+                let delta = match delta {
+                    Some(t) => json!({"role": "assistant", "content": t}),
+                    None => json!({}),
+                };
+                json!({"index": 0, "delta": delta, "finish_reason": finish})
+            }
+        };
+        let object = match kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        Event::default().data(
+            json!({
+                "id": id, "object": object, "created": created, "model": model,
+                "choices": [choice],
+            })
+            .to_string(),
+        )
+    };
+    // The slot travels with the stream: it is released when the last event is sent or the
+    // client disconnects (the stream is dropped; the model thread then sees a closed channel
+    // and stops generating).
+    let events = UnboundedReceiverStream::new(rx)
+        .map(move |ev| {
+            let _held = &slot;
+            match ev {
+                JobEvent::Text(t) => chunk(Some(&t), None),
+                JobEvent::Done(c) => chunk(None, Some(c.finish_reason.as_str())),
+            }
+        })
+        .chain(tokio_stream::once(Event::default().data("[DONE]")))
+        .map(Ok::<_, Infallible>);
+    Ok(Sse::new(events).into_response())
+}
+
+fn unavailable() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the model is not running".into(),
+        code: "model_unavailable",
+        param: None,
+    }
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.jobs.is_closed() {
+        return unavailable().into_response();
+    }
+    Json(json!({
+        "status": "ok",
+        "model": state.model_id,
+        "pending": state.pending.load(Ordering::SeqCst),
+        "max_pending": state.options.max_pending,
+    }))
+    .into_response()
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_id, "object": "model", "created": 0, "owned_by": "holdfast",
+            "context_length": state.context,
+        }],
+    }))
+}
+
+async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.options.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "missing or wrong API key (Authorization: Bearer <key>)".into(),
+                code: "invalid_api_key",
+                param: None,
+            }
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint".into(),
+        code: "not_found",
+        param: None,
+    }
+}
+
+/// Starts the model thread and returns the router. The thread ends when the router (and so
+/// every job sender) is dropped.
+pub fn router(model: ServedModel, options: ServerOptions) -> Router {
+    let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+    let state = Arc::new(AppState {
+        model_id: model.id.clone(),
+        tokenizer: model.tokenizer.clone(),
+        chat_template: model.chat_template.clone(),
+        stop_tokens: model.stop_tokens.clone(),
+        context: model.context(),
+        jobs,
+        options,
+        pending: Arc::new(AtomicUsize::new(0)),
+    });
+    std::thread::Builder::new()
+        .name("model".into())
+        .spawn(move || {
+            while let Some(job) = queue.blocking_recv() {
+                // A client that left while queued costs nothing.
+                if job.events.is_closed() {
+                    continue;
+                }
+                let events = job.events.clone();
+                let c = generate(&model, &job.prompt, &job.sampling, |t| {
+                    events.send(JobEvent::Text(t.to_string())).is_ok()
+                });
+                let _ = job.events.send(JobEvent::Done(c));
+            }
+        })
+        .expect("spawn the model thread");
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), require_key))
+        .with_state(state)
+}
+
+/// Serves until Ctrl-C or SIGTERM, finishing requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    model: ServedModel,
+    options: ServerOptions,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(model, options))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_is_bounded_and_slots_are_released_on_drop() {
+        let pending = Arc::new(AtomicUsize::new(0));
+        let a = admit(&pending, 2).unwrap();
+        let b = admit(&pending, 2).unwrap();
+        assert!(admit(&pending, 2).is_none());
+        drop(a);
+        let c = admit(&pending, 2).unwrap();
+        drop((b, c));
+        assert_eq!(pending.load(Ordering::SeqCst), 0);
+    }
+}
