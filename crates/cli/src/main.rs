@@ -76,7 +76,8 @@ struct TrainArgs {
     /// Hugging Face config.json giving the model shape (instead of a preset).
     #[arg(long)]
     model_config: Option<PathBuf>,
-    /// Start from these weights (Hugging Face safetensors matching the model shape).
+    /// Start from these weights: Hugging Face safetensors matching the model shape, or a GGUF
+    /// file (its shape and the tokenizer.json beside it are then the run's defaults).
     #[arg(long)]
     init: Option<PathBuf>,
     #[arg(long)]
@@ -256,6 +257,13 @@ fn effective_config(args: &TrainArgs) -> Result<RunConfig> {
     if args.context.is_some() {
         cfg.model.context = args.context;
     }
+    if let Some(init) = args.init.as_ref().filter(|p| holdfast_model::is_gguf(p)) {
+        cfg.model.config_json.get_or_insert_with(|| init.clone());
+        let beside = init.with_file_name("tokenizer.json");
+        if cfg.data.tokenizer.is_none() && beside.is_file() {
+            cfg.data.tokenizer = Some(beside);
+        }
+    }
     apply_train_flags(&mut cfg, args);
     Ok(cfg)
 }
@@ -348,7 +356,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         let (run_dir, cfg, prepared) = plan_new_run(&args)?;
         let state = match &args.init {
             Some(path) => {
-                let weights = holdfast_model::load_safetensors(&prepared.model, path, &device)
+                let weights = holdfast_model::load_weights(&prepared.model, path, &device)
                     .with_context(|| format!("loading --init {}", path.display()))?;
                 TrainState::from_weights(weights, cfg.train.seed)
             }

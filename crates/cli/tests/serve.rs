@@ -433,3 +433,156 @@ fn smollm2_answers_over_http() {
     // The end-of-turn token stops generation and is not part of the answer.
     assert!(!answer.contains("<|im_end|>"), "{answer:?}");
 }
+
+#[test]
+fn parity_across_cpu_backends_and_clear_errors_for_bad_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path());
+    let out = ok(&holdfast(
+        dir.path(),
+        &[
+            "parity",
+            run.to_str().unwrap(),
+            "--backends",
+            "flex,ndarray",
+        ],
+    ));
+    let summary = out.lines().last().unwrap();
+    assert!(
+        summary.starts_with("flex vs ndarray: max |Δlogit|"),
+        "{out}"
+    );
+    assert!(summary.contains("top-1 agreement"), "{out}");
+    common::fails_with(
+        &holdfast(
+            dir.path(),
+            &["parity", run.to_str().unwrap(), "--backends", "flex"],
+        ),
+        "give exactly two",
+    );
+    common::fails_with(
+        &holdfast(
+            dir.path(),
+            &["parity", run.to_str().unwrap(), "--backends", "flex,tpu"],
+        ),
+        "unknown device",
+    );
+
+    // Not a model, a truncated GGUF, a GGUF without its tokenizer: named, non-zero, no panic.
+    std::fs::write(dir.path().join("junk.gguf"), b"GGUF\x03\x00\x00\x00trunc").unwrap();
+    common::fails_with(
+        &holdfast(
+            dir.path(),
+            &[
+                "generate",
+                "junk.gguf",
+                "--prompt",
+                "hi",
+                "--tokenizer",
+                "junk.gguf",
+            ],
+        ),
+        "junk.gguf",
+    );
+    common::fails_with(&holdfast(dir.path(), &["serve", "missing.gguf"]), "missing");
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(SMOLLM2);
+    if gguf.is_file() {
+        let lonely = dir.path().join("lonely.gguf");
+        std::os::unix::fs::symlink(&gguf, &lonely).unwrap();
+        common::fails_with(
+            &holdfast(dir.path(), &["generate", "lonely.gguf", "--prompt", "hi"]),
+            "tokenizer.json not found",
+        );
+        let cut = dir.path().join("cut.gguf");
+        let bytes = std::fs::read(&gguf).unwrap();
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let tok = gguf.with_file_name("tokenizer.json");
+        common::fails_with(
+            &holdfast(
+                dir.path(),
+                &[
+                    "generate",
+                    "cut.gguf",
+                    "--prompt",
+                    "hi",
+                    "--tokenizer",
+                    tok.to_str().unwrap(),
+                ],
+            ),
+            "runs past the end of the file",
+        );
+    }
+}
+
+#[test]
+fn fine_tune_smollm2_from_gguf_then_generate() {
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(SMOLLM2);
+    if !gguf.is_file() {
+        eprintln!("SKIPPED: {} not found", gguf.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("text.txt"),
+        "To be, or not to be, that is the question. ".repeat(100),
+    )
+    .unwrap();
+    let (_, err) = {
+        let o = holdfast(
+            dir.path(),
+            &[
+                "train",
+                "--init",
+                gguf.to_str().unwrap(),
+                "--data",
+                "text.txt",
+                "--context",
+                "32",
+                "--batch-size",
+                "2",
+                "--steps",
+                "2",
+                "--eval-every",
+                "2",
+                "--lr",
+                "1e-5",
+                "--run-dir",
+                "ft",
+                "--no-progress",
+            ],
+        );
+        let out = ok(&o);
+        (out, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    assert!(
+        err.contains("134515008 parameters (30 layers, width 576)"),
+        "{err}"
+    );
+    // A random start would score about ln(49152) ≈ 10.8 on the first evaluation.
+    let val: f64 = err
+        .lines()
+        .find_map(|l| l.split("val loss ").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no validation loss in:\n{err}"));
+    assert!(
+        val < 4.0,
+        "validation loss {val}: the GGUF weights were not the starting point"
+    );
+    let out = ok(&holdfast(
+        dir.path(),
+        &[
+            "generate",
+            "ft",
+            "--prompt",
+            "To be, or not",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+        ],
+    ));
+    assert!(
+        out.starts_with("To be, or not") && out.trim().len() > "To be, or not".len(),
+        "{out}"
+    );
+}

@@ -48,8 +48,8 @@ fn format_err(path: &Path, reason: impl Into<String>) -> ModelError {
     }
 }
 
-/// Reads a Llama-architecture GGUF file onto `device` as f32 weights.
-pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> {
+/// The container's header: metadata and tensor directory, not the tensor data.
+fn read_header(path: &Path) -> Result<gguf_rs::GGUFModel, ModelError> {
     if !path.is_file() {
         return Err(ModelError::io(
             path,
@@ -60,17 +60,31 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
         .to_str()
         .ok_or_else(|| format_err(path, "path is not UTF-8"))?;
     // Tokenizer arrays (the vocabulary, merges) are not needed: tokenizer.json is the tokenizer.
-    let header = gguf_rs::get_gguf_container_array_size(path_str, 16)
+    gguf_rs::get_gguf_container_array_size(path_str, 16)
         .and_then(|mut c| c.decode())
-        .map_err(|e| format_err(path, format!("not a readable GGUF file: {e}")))?;
-    let meta = header.metadata();
+        .map_err(|e| format_err(path, format!("not a readable GGUF file: {e}")))
+}
+
+fn config_of(header: &gguf_rs::GGUFModel, path: &Path) -> Result<ModelConfig, ModelError> {
     let tensor = |name: &str| header.tensors().iter().find(|t| t.name == name);
     // Older converters omit llama.vocab_size; the embedding's outer dimension is the vocabulary.
     let embedding_rows = tensor("token_embd.weight")
         .and_then(|t| t.shape.get(1))
         .map(|&v| v as usize);
     let tied = tensor("output.weight").is_none();
-    let config = config_from_metadata(meta, embedding_rows, tied, path)?;
+    config_from_metadata(header.metadata(), embedding_rows, tied, path)
+}
+
+/// The model shape a GGUF file describes, without reading its tensors.
+pub fn gguf_config(path: &Path) -> Result<ModelConfig, ModelError> {
+    config_of(&read_header(path)?, path)
+}
+
+/// Reads a Llama-architecture GGUF file onto `device` as f32 weights.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> {
+    let header = read_header(path)?;
+    let meta = header.metadata();
+    let config = config_of(&header, path)?;
 
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
     let data_start = header.data_offset() as usize;

@@ -15,7 +15,7 @@ pub mod weights;
 use std::path::Path;
 
 pub use config::{ModelConfig, PRESETS};
-pub use gguf::{GgufInfo, GgufModel, load_gguf};
+pub use gguf::{GgufInfo, GgufModel, gguf_config, load_gguf};
 pub use llama::{KvCache, Logits, forward, forward_cached, rope_tables};
 pub use tokenizer::Tokenizer;
 pub use weights::{HostTensor, ParamSpec, Weights, param_specs};
@@ -60,6 +60,37 @@ pub fn load_safetensors(
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
     let named = st::deserialize(&bytes, &path.display().to_string())?;
     Weights::from_named(cfg, named, &path.display().to_string(), device)
+}
+
+/// Reads weights for `cfg` from a GGUF file or Hugging Face safetensors, by extension. The
+/// file's shape must be `cfg`'s, except the context, which is a property of the run.
+pub fn load_weights(
+    cfg: &ModelConfig,
+    path: &Path,
+    device: &burn::tensor::Device,
+) -> Result<Weights, ModelError> {
+    if !is_gguf(path) {
+        return load_safetensors(cfg, path, device);
+    }
+    let mut weights = load_gguf(path, device)?.weights;
+    let file_cfg = ModelConfig {
+        max_position_embeddings: cfg.max_position_embeddings,
+        ..weights.cfg.clone()
+    };
+    if &file_cfg != cfg {
+        return Err(ModelError::Format {
+            path: path.display().to_string(),
+            reason: format!("the file's model shape {file_cfg:?} is not the run's {cfg:?}"),
+        });
+    }
+    weights.cfg = cfg.clone();
+    Ok(weights)
+}
+
+/// Whether `path` names a GGUF file (by extension).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// Serialises weights as a Hugging Face safetensors file body (HF names, `[out, in]` layout).

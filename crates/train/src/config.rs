@@ -61,7 +61,7 @@ impl SyncSection {
 pub struct ModelSection {
     /// A built-in shape (`tiny`, `char-small`, `small`), unless `config_json` is set.
     pub preset: String,
-    /// A Hugging Face `config.json` to take the shape from instead of a preset.
+    /// A Hugging Face `config.json`, or a GGUF file, to take the shape from instead of a preset.
     pub config_json: Option<PathBuf>,
     /// Overrides the preset's context length.
     pub context: Option<usize>,
@@ -178,6 +178,7 @@ impl RunConfig {
     /// The model shape this run trains, before the tokenizer sets the vocabulary.
     pub fn base_model_config(&self) -> Result<ModelConfig, TrainError> {
         let mut cfg = match &self.model.config_json {
+            Some(path) if holdfast_model::is_gguf(path) => holdfast_model::gguf_config(path)?,
             Some(path) => ModelConfig::from_hf_config_json(path)?,
             None => ModelConfig::preset(&self.model.preset)?,
         };

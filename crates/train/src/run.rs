@@ -82,7 +82,21 @@ pub fn prepare_data(
             )?)
         }
     };
-    model.vocab_size = tokenizer.vocab_size();
+    if cfg.model.config_json.is_none() {
+        model.vocab_size = tokenizer.vocab_size();
+    } else if tokenizer.vocab_size() > model.vocab_size {
+        // A published shape keeps its (often padded) vocabulary; the tokenizer must fit in it.
+        return Err(TrainError::Config(format!(
+            "the tokenizer has {} tokens but the model's vocabulary ({}) has {}",
+            tokenizer.vocab_size(),
+            cfg.model
+                .config_json
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display(),
+            model.vocab_size
+        )));
+    }
     model.validate()?;
     Ok(Prepared {
         tokenizer,
