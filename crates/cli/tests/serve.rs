@@ -585,4 +585,23 @@ fn fine_tune_smollm2_from_gguf_then_generate() {
         out.starts_with("To be, or not") && out.trim().len() > "To be, or not".len(),
         "{out}"
     );
+    // A checkpoint directory is a Hugging Face model directory: the same weights, the same text.
+    let hf_dir = dir.path().join("ft/checkpoints/step-00000002");
+    let tok = dir.path().join("ft/tokenizer.json");
+    let from_hf = ok(&holdfast(
+        dir.path(),
+        &[
+            "generate",
+            hf_dir.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--prompt",
+            "To be, or not",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+        ],
+    ));
+    assert_eq!(from_hf, out);
 }
