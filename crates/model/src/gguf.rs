@@ -1,14 +1,15 @@
 //! Loading llama.cpp's GGUF files: the config from the metadata, the tensors dequantized to
 //! f32 and renamed to Hugging Face's names and layout.
 //!
-//! The container (header, metadata, tensor directory) is parsed by the `gguf-rs` crate; this
-//! module maps it onto the decoder and dequantizes the block formats bit-exactly as ggml does.
+//! The container (header, metadata, tensor directory) is parsed here rather than by the
+//! `gguf-rs` crate: that crate turns on serde_json's `arbitrary_precision` for the whole build,
+//! which breaks deserializing numbers inside tagged enums elsewhere (the cluster's control
+//! messages). The format is small; every read is bounds-checked and names what is wrong.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::Device;
-use serde_json::Value;
 
 use crate::{HostTensor, ModelConfig, ModelError, Weights};
 
@@ -48,24 +49,207 @@ fn format_err(path: &Path, reason: impl Into<String>) -> ModelError {
     }
 }
 
-/// The container's header: metadata and tensor directory, not the tensor data.
-fn read_header(path: &Path) -> Result<gguf_rs::GGUFModel, ModelError> {
-    if !path.is_file() {
-        return Err(ModelError::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-        ));
-    }
-    let path_str = path
-        .to_str()
-        .ok_or_else(|| format_err(path, "path is not UTF-8"))?;
-    // Tokenizer arrays (the vocabulary, merges) are not needed: tokenizer.json is the tokenizer.
-    gguf_rs::get_gguf_container_array_size(path_str, 16)
-        .and_then(|mut c| c.decode())
-        .map_err(|e| format_err(path, format!("not a readable GGUF file: {e}")))
+/// A metadata value; arrays are skipped (only their length is kept): the loader needs none.
+#[derive(Clone, Debug, PartialEq)]
+enum Value {
+    UInt(u64),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(u64),
 }
 
-fn config_of(header: &gguf_rs::GGUFModel, path: &Path) -> Result<ModelConfig, ModelError> {
+impl Value {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::UInt(v) => Some(v),
+            Value::Int(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+    fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::Float(v) => Some(v),
+            Value::UInt(v) => Some(v as f64),
+            Value::Int(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TensorInfo {
+    name: String,
+    /// Innermost dimension first, as GGUF stores them.
+    shape: Vec<u64>,
+    kind: u32,
+    /// From the start of the data section.
+    offset: u64,
+}
+
+/// Metadata and tensor directory of a GGUF file.
+#[derive(Debug)]
+struct Header {
+    metadata: std::collections::BTreeMap<String, Value>,
+    tensors: Vec<TensorInfo>,
+    /// File offset of the data section.
+    data_offset: u64,
+}
+
+impl Header {
+    fn metadata(&self) -> &std::collections::BTreeMap<String, Value> {
+        &self.metadata
+    }
+    fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+}
+
+/// A bounds-checked little-endian reader over the file's bytes.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: u64) -> Result<&'a [u8], String> {
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.pos.checked_add(n))
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| format!("header truncated at byte {} (wanted {n} more)", self.pos))?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        Ok(self.take(N as u64)?.try_into().expect("length checked"))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let len = self.u64()?;
+        let raw = self.take(len)?;
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| format!("string at byte {} is not UTF-8", self.pos))
+    }
+    fn value(&mut self, kind: u32, depth: u32) -> Result<Value, String> {
+        Ok(match kind {
+            0 => Value::UInt(self.array::<1>()?[0] as u64),
+            1 => Value::Int(self.array::<1>()?[0] as i8 as i64),
+            2 => Value::UInt(u16::from_le_bytes(self.array()?) as u64),
+            3 => Value::Int(i16::from_le_bytes(self.array()?) as i64),
+            4 => Value::UInt(self.u32()? as u64),
+            5 => Value::Int(i32::from_le_bytes(self.array()?) as i64),
+            6 => Value::Float(f32::from_le_bytes(self.array()?) as f64),
+            7 => Value::Bool(self.array::<1>()?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 if depth == 0 => {
+                let item = self.u32()?;
+                let len = self.u64()?;
+                for _ in 0..len {
+                    self.value(item, depth + 1)?;
+                }
+                Value::Array(len)
+            }
+            10 => Value::UInt(self.u64()?),
+            11 => Value::Int(i64::from_le_bytes(self.array()?)),
+            12 => Value::Float(f64::from_le_bytes(self.array()?)),
+            other => {
+                return Err(format!(
+                    "unknown metadata value type {other} at byte {}",
+                    self.pos
+                ));
+            }
+        })
+    }
+}
+
+/// GGUF's magic, "GGUF" read as a little-endian u32.
+const MAGIC: u32 = 0x4655_4747;
+
+fn parse_header(bytes: &[u8]) -> Result<Header, String> {
+    let mut r = Reader { bytes, pos: 0 };
+    if r.u32()? != MAGIC {
+        return Err("not a GGUF file (bad magic)".into());
+    }
+    let version = r.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        ));
+    }
+    let tensor_count = r.u64()?;
+    let kv_count = r.u64()?;
+    let mut metadata = std::collections::BTreeMap::new();
+    for _ in 0..kv_count {
+        let key = r.string()?;
+        let kind = r.u32()?;
+        let value = r.value(kind, 0)?;
+        metadata.insert(key, value);
+    }
+    let mut tensors = Vec::new();
+    for _ in 0..tensor_count {
+        let name = r.string()?;
+        let dims = r.u32()?;
+        if dims > 4 {
+            return Err(format!("tensor '{name}' has {dims} dimensions (at most 4)"));
+        }
+        let shape = (0..dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+        let kind = r.u32()?;
+        let offset = r.u64()?;
+        tensors.push(TensorInfo {
+            name,
+            shape,
+            kind,
+            offset,
+        });
+    }
+    let alignment = metadata
+        .get("general.alignment")
+        .and_then(Value::as_u64)
+        .unwrap_or(32)
+        .max(1);
+    let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
+    Ok(Header {
+        metadata,
+        tensors,
+        data_offset,
+    })
+}
+
+/// Bytes a tensor of `numel` values of ggml type `kind` occupies, for the supported types.
+fn tensor_bytes(kind: u32, numel: u64) -> Option<u64> {
+    let blocks = numel / BLOCK as u64;
+    match kind {
+        GGML_F32 => Some(numel * 4),
+        GGML_F16 | GGML_BF16 => Some(numel * 2),
+        GGML_Q8_0 => Some(blocks * 34),
+        GGML_Q4_0 => Some(blocks * 18),
+        GGML_Q4_1 => Some(blocks * 20),
+        _ => None,
+    }
+}
+
+/// Reads the file and parses its header.
+fn read_file(path: &Path) -> Result<(Vec<u8>, Header), ModelError> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let header = parse_header(&bytes).map_err(|reason| format_err(path, reason))?;
+    Ok((bytes, header))
+}
+
+fn config_of(header: &Header, path: &Path) -> Result<ModelConfig, ModelError> {
     let tensor = |name: &str| header.tensors().iter().find(|t| t.name == name);
     // Older converters omit llama.vocab_size; the embedding's outer dimension is the vocabulary.
     let embedding_rows = tensor("token_embd.weight")
@@ -77,17 +261,16 @@ fn config_of(header: &gguf_rs::GGUFModel, path: &Path) -> Result<ModelConfig, Mo
 
 /// The model shape a GGUF file describes, without reading its tensors.
 pub fn gguf_config(path: &Path) -> Result<ModelConfig, ModelError> {
-    config_of(&read_header(path)?, path)
+    config_of(&read_file(path)?.1, path)
 }
 
 /// Reads a Llama-architecture GGUF file onto `device` as f32 weights.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> {
-    let header = read_header(path)?;
+    let (bytes, header) = read_file(path)?;
     let meta = header.metadata();
     let config = config_of(&header, path)?;
 
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let data_start = header.data_offset() as usize;
+    let data_start = header.data_offset;
     let mut named = HashMap::new();
     for t in header.tensors() {
         let Some(hf_name) = hf_name(&t.name) else {
@@ -96,10 +279,21 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
         };
         // GGUF lists dimensions innermost first; Hugging Face outermost first.
         let shape: Vec<usize> = t.shape.iter().rev().map(|&d| d as usize).collect();
-        let numel: usize = shape.iter().product();
-        let start = data_start + t.offset as usize;
-        let raw = bytes
-            .get(start..start.saturating_add(t.size as usize))
+        let numel = t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        let size = numel.and_then(|n| tensor_bytes(t.kind, n)).ok_or_else(|| {
+            format_err(
+                path,
+                format!(
+                    "tensor '{}': ggml type {} with shape {:?} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                    t.name, t.kind, t.shape
+                ),
+            )
+        })?;
+        let numel = numel.unwrap_or(0) as usize;
+        let raw = data_start
+            .checked_add(t.offset)
+            .and_then(|start| Some(start..start.checked_add(size)?))
+            .and_then(|range| bytes.get(range.start as usize..range.end as usize))
             .ok_or_else(|| {
                 format_err(
                     path,
@@ -421,5 +615,61 @@ mod tests {
             "model.embed_tokens.weight"
         );
         assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+
+    #[test]
+    fn header_is_parsed_and_truncation_is_an_error() {
+        let mut f = Vec::new();
+        f.extend(MAGIC.to_le_bytes());
+        f.extend(3u32.to_le_bytes());
+        f.extend(1u64.to_le_bytes()); // tensors
+        f.extend(3u64.to_le_bytes()); // metadata entries
+        string(&mut f, "general.architecture");
+        f.extend(8u32.to_le_bytes());
+        string(&mut f, "llama");
+        string(&mut f, "llama.rope.freq_base");
+        f.extend(6u32.to_le_bytes());
+        f.extend(100000.0f32.to_le_bytes());
+        string(&mut f, "tokenizer.ggml.tokens");
+        f.extend(9u32.to_le_bytes());
+        f.extend(8u32.to_le_bytes());
+        f.extend(2u64.to_le_bytes());
+        string(&mut f, "a");
+        string(&mut f, "b");
+        string(&mut f, "blk.0.attn_q.weight");
+        f.extend(2u32.to_le_bytes());
+        f.extend(64u64.to_le_bytes());
+        f.extend(8u64.to_le_bytes());
+        f.extend(GGML_Q4_1.to_le_bytes());
+        f.extend(0u64.to_le_bytes());
+        let h = parse_header(&f).unwrap();
+        assert_eq!(h.metadata()["general.architecture"].as_str(), Some("llama"));
+        assert_eq!(
+            h.metadata()["llama.rope.freq_base"].as_f64(),
+            Some(100000.0)
+        );
+        assert_eq!(h.metadata()["tokenizer.ggml.tokens"], Value::Array(2));
+        assert_eq!(h.tensors()[0].shape, vec![64, 8]);
+        assert_eq!(h.data_offset % 32, 0);
+        assert!(h.data_offset >= f.len() as u64);
+        assert_eq!(tensor_bytes(GGML_Q4_1, 512), Some(320));
+        for cut in [3, 10, 30, f.len() - 1] {
+            assert!(
+                parse_header(&f[..cut]).unwrap_err().contains("truncated"),
+                "cut {cut}"
+            );
+        }
+        f[0] = b'X';
+        assert!(parse_header(&f).unwrap_err().contains("bad magic"));
     }
 }
