@@ -6,13 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use clap::Args;
-use holdfast_model::{KvCache, Logits, Tokenizer, forward, forward_cached};
+use holdfast_model::{KvCache, Logits, Tokenizer, forward, forward_cached, token_batch};
 use holdfast_serve::sampling::argmax;
 use holdfast_serve::server::{ServerOptions, serve};
 use holdfast_serve::{ChatMessage, SamplingOptions, ServedModel, generate};
-use holdfast_train::checkpoint;
 use holdfast_train::run;
 
 use crate::device;
@@ -35,10 +34,7 @@ pub struct ModelArgs {
 /// Loads MODEL onto `device`: a holdfast run (latest valid checkpoint) or a published model.
 pub fn load_model(path: &Path, tokenizer: Option<&Path>, device: &Device) -> Result<ServedModel> {
     if path.join(run::CONFIG_FILE).is_file() {
-        let loaded = checkpoint::load_latest(path, device)?;
-        for w in &loaded.warnings {
-            eprintln!("warning: {w}");
-        }
+        let (_, loaded) = crate::load_run(path, device)?;
         let tok = match tokenizer
             .map(Path::to_path_buf)
             .or_else(|| run::run_tokenizer(path))
@@ -201,9 +197,7 @@ const PARITY_PROMPTS: &[&str] = &[
 
 /// Logits `[positions × vocab]` of a prompt on one backend.
 fn prompt_logits(model: &ServedModel, ids: &[u32]) -> Vec<f32> {
-    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let n = ids.len();
-    let batch: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, n]), &model.device);
+    let batch = token_batch(ids, &model.device);
     forward(&model.weights.cfg, &model.weights.tensors, batch)
         .into_data()
         .convert::<f32>()
@@ -312,37 +306,24 @@ pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
     }
     prompt.truncate(args.prompt_tokens);
     let cfg = &model.weights.cfg;
-    let tensor = |ids: &[u32]| -> Tensor<2, Int> {
-        let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        Tensor::from_data(TensorData::new(v, [1, ids.len()]), &device)
+    // Greedy next token after `ids`, extending `cache`.
+    let greedy = |ids: &[u32], cache: &mut KvCache| -> u32 {
+        let batch = token_batch(ids, &device);
+        let logits = forward_cached(cfg, &model.weights.tensors, batch, cache, Logits::Last)
+            .into_data()
+            .convert::<f32>();
+        argmax(logits.as_slice::<f32>().expect("f32 logits"))
     };
     let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+    // One extra pass first warms caches and allocators; every pass counts toward the best.
     for _ in 0..args.repeats + 1 {
         let mut cache = KvCache::new();
         let t0 = Instant::now();
-        let logits = forward_cached(
-            cfg,
-            &model.weights.tensors,
-            tensor(&prompt),
-            &mut cache,
-            Logits::Last,
-        )
-        .into_data()
-        .convert::<f32>();
-        let mut next = argmax(logits.as_slice::<f32>().expect("f32"));
+        let mut next = greedy(&prompt, &mut cache);
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..args.new_tokens {
-            let logits = forward_cached(
-                cfg,
-                &model.weights.tensors,
-                tensor(&[next]),
-                &mut cache,
-                Logits::Last,
-            )
-            .into_data()
-            .convert::<f32>();
-            next = argmax(logits.as_slice::<f32>().expect("f32"));
+            next = greedy(&[next], &mut cache);
         }
         let decode = t1.elapsed().as_secs_f64();
         best_prefill = best_prefill.min(prefill);

@@ -5,36 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
-use common::holdfast;
+use common::{fails_with, holdfast};
 
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
+/// Asserts success without a panic (common::ok); returns stdout and stderr.
 fn ok(o: Output) -> (String, String) {
-    let (out, err) = text(&o);
-    assert!(
-        o.status.success(),
-        "expected success\nstdout:\n{out}\nstderr:\n{err}"
-    );
-    (out, err)
-}
-
-/// Asserts a non-zero exit whose stderr names the problem.
-fn fails_with(o: Output, needle: &str) {
-    let (out, err) = text(&o);
-    assert!(
-        !o.status.success(),
-        "expected failure for '{needle}'\nstdout:\n{out}"
-    );
-    assert!(
-        err.contains(needle),
-        "stderr should mention '{needle}':\n{err}"
-    );
-    assert!(!err.contains("panicked"), "must not panic:\n{err}");
+    let out = common::ok(&o);
+    (out, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 /// A quick run: 12 steps of the default task, checkpoints at 6 and 12.
@@ -145,7 +121,7 @@ fn existing_run_dir_without_resume_is_refused_and_untouched() {
     quick_train(dir.path(), "run");
     let before = snapshot(&dir.path().join("run"));
     fails_with(
-        holdfast(dir.path(), &["train", "--run-dir", "run", "--steps", "3"]),
+        &holdfast(dir.path(), &["train", "--run-dir", "run", "--steps", "3"]),
         "run directory run already exists; pass --resume run",
     );
     assert!(
@@ -193,14 +169,14 @@ fn bad_data_and_config_are_clear_errors() {
     for (args, needle) in cases {
         let mut full = vec!["train", "--run-dir", "r", "--steps", "2"];
         full.extend_from_slice(args);
-        fails_with(holdfast(d, &full), needle);
+        fails_with(&holdfast(d, &full), needle);
         assert!(
             !d.join("r").exists(),
             "{args:?} must not create the run directory"
         );
     }
     fails_with(
-        holdfast(d, &["eval", "no-such-run"]),
+        &holdfast(d, &["eval", "no-such-run"]),
         "run directory no-such-run does not exist",
     );
 }
@@ -231,15 +207,15 @@ fn damaged_checkpoints_are_named_with_fallback_or_failure() {
     std::fs::write(&older, &b[..b.len() - 100]).unwrap();
     let before = snapshot(&d.join("run"));
     fails_with(
-        holdfast(d, &["eval", "run"]),
+        &holdfast(d, &["eval", "run"]),
         "optimizer.safetensors is truncated",
     );
     fails_with(
-        holdfast(d, &["train", "--resume", "run", "--steps", "20"]),
+        &holdfast(d, &["train", "--resume", "run", "--steps", "20"]),
         "no valid checkpoint",
     );
     fails_with(
-        holdfast(d, &["generate", "run", "--prompt", "1"]),
+        &holdfast(d, &["generate", "run", "--prompt", "1"]),
         "model.safetensors is corrupt",
     );
     assert!(

@@ -527,33 +527,31 @@ fn fine_tune_smollm2_from_gguf_then_generate() {
         "To be, or not to be, that is the question. ".repeat(100),
     )
     .unwrap();
-    let (_, err) = {
-        let o = holdfast(
-            dir.path(),
-            &[
-                "train",
-                "--init",
-                gguf.to_str().unwrap(),
-                "--data",
-                "text.txt",
-                "--context",
-                "32",
-                "--batch-size",
-                "2",
-                "--steps",
-                "2",
-                "--eval-every",
-                "2",
-                "--lr",
-                "1e-5",
-                "--run-dir",
-                "ft",
-                "--no-progress",
-            ],
-        );
-        let out = ok(&o);
-        (out, String::from_utf8_lossy(&o.stderr).into_owned())
-    };
+    let o = holdfast(
+        dir.path(),
+        &[
+            "train",
+            "--init",
+            gguf.to_str().unwrap(),
+            "--data",
+            "text.txt",
+            "--context",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--lr",
+            "1e-5",
+            "--run-dir",
+            "ft",
+            "--no-progress",
+        ],
+    );
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(
         err.contains("134515008 parameters (30 layers, width 576)"),
         "{err}"

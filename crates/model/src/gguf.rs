@@ -229,17 +229,29 @@ fn parse_header(bytes: &[u8]) -> Result<Header, String> {
     })
 }
 
-/// Bytes a tensor of `numel` values of ggml type `kind` occupies, for the supported types.
-fn tensor_bytes(kind: u32, numel: u64) -> Option<u64> {
-    let blocks = numel / BLOCK as u64;
+/// Values per block and bytes per block of each supported ggml type (ggml's `type_traits`).
+fn block_layout(kind: u32) -> Result<(u64, u64), String> {
     match kind {
-        GGML_F32 => Some(numel * 4),
-        GGML_F16 | GGML_BF16 => Some(numel * 2),
-        GGML_Q8_0 => Some(blocks * 34),
-        GGML_Q4_0 => Some(blocks * 18),
-        GGML_Q4_1 => Some(blocks * 20),
-        _ => None,
+        GGML_F32 => Ok((1, 4)),
+        GGML_F16 | GGML_BF16 => Ok((1, 2)),
+        GGML_Q8_0 => Ok((BLOCK as u64, 34)),
+        GGML_Q4_0 => Ok((BLOCK as u64, 18)),
+        GGML_Q4_1 => Ok((BLOCK as u64, 20)),
+        other => Err(format!(
+            "ggml type {other} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+        )),
     }
+}
+
+/// Bytes a tensor of `numel` values of ggml type `kind` occupies.
+fn tensor_bytes(kind: u32, numel: u64) -> Result<u64, String> {
+    let (values, bytes) = block_layout(kind)?;
+    if !numel.is_multiple_of(values) {
+        return Err(format!(
+            "{numel} values is not a whole number of {values}-value blocks"
+        ));
+    }
+    Ok(numel / values * bytes)
 }
 
 /// Reads the file and parses its header.
@@ -279,17 +291,13 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
         };
         // GGUF lists dimensions innermost first; Hugging Face outermost first.
         let shape: Vec<usize> = t.shape.iter().rev().map(|&d| d as usize).collect();
-        let numel = t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-        let size = numel.and_then(|n| tensor_bytes(t.kind, n)).ok_or_else(|| {
-            format_err(
-                path,
-                format!(
-                    "tensor '{}': ggml type {} with shape {:?} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-                    t.name, t.kind, t.shape
-                ),
-            )
-        })?;
-        let numel = numel.unwrap_or(0) as usize;
+        let located = |reason: String| format_err(path, format!("tensor '{}': {reason}", t.name));
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| located(format!("shape {:?} overflows", t.shape)))?;
+        let size = tensor_bytes(t.kind, numel).map_err(located)?;
         let raw = data_start
             .checked_add(t.offset)
             .and_then(|start| Some(start..start.checked_add(size)?))
@@ -300,8 +308,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
                     format!("tensor '{}' runs past the end of the file", t.name),
                 )
             })?;
-        let mut data = dequantize(t.kind, raw, numel)
-            .map_err(|reason| format_err(path, format!("tensor '{}': {reason}", t.name)))?;
+        let mut data = dequantize(t.kind, raw, numel as usize).map_err(located)?;
         // convert_hf_to_gguf.py permutes q/k rows for ggml's interleaved rope; the decoder
         // uses the half-split convention, so the permutation is undone here.
         if hf_name.ends_with("q_proj.weight") {
@@ -428,41 +435,26 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Dequantizes `numel` values of ggml type `kind` from `raw`, exactly as ggml's
 /// `dequantize_row_*` does (in f32, `d·q` or `d·q + m`).
 pub fn dequantize(kind: u32, raw: &[u8], numel: usize) -> Result<Vec<f32>, String> {
-    let need = |bytes: usize| {
-        if raw.len() < bytes {
-            Err(format!(
-                "{} bytes of data, the shape needs {bytes}",
-                raw.len()
-            ))
-        } else {
-            Ok(())
-        }
-    };
-    let blocks = |block_bytes: usize| -> Result<usize, String> {
-        if !numel.is_multiple_of(BLOCK) {
-            return Err(format!(
-                "{numel} values is not a whole number of {BLOCK}-value blocks"
-            ));
-        }
-        need(numel / BLOCK * block_bytes)?;
-        Ok(numel / BLOCK)
-    };
+    let need = tensor_bytes(kind, numel as u64)? as usize;
+    if raw.len() < need {
+        return Err(format!(
+            "{} bytes of data, the shape needs {need}",
+            raw.len()
+        ));
+    }
+    let raw = &raw[..need];
     let mut out = Vec::with_capacity(numel);
     match kind {
         GGML_F32 => {
-            need(numel * 4)?;
             out.extend(
-                raw[..numel * 4]
-                    .chunks_exact(4)
+                raw.chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             );
         }
         GGML_F16 => {
-            need(numel * 2)?;
             out.extend((0..numel).map(|i| f16_at(raw, 2 * i)));
         }
         GGML_BF16 => {
-            need(numel * 2)?;
             out.extend(
                 (0..numel)
                     .map(|i| half::bf16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]).to_f32()),
@@ -470,7 +462,7 @@ pub fn dequantize(kind: u32, raw: &[u8], numel: usize) -> Result<Vec<f32>, Strin
         }
         GGML_Q8_0 => {
             // block_q8_0: f16 scale d, then 32 signed bytes.
-            for b in raw.chunks_exact(34).take(blocks(34)?) {
+            for b in raw.chunks_exact(34) {
                 let d = f16_at(b, 0);
                 out.extend(b[2..].iter().map(|&q| (q as i8) as f32 * d));
             }
@@ -478,7 +470,7 @@ pub fn dequantize(kind: u32, raw: &[u8], numel: usize) -> Result<Vec<f32>, Strin
         GGML_Q4_0 => {
             // block_q4_0: f16 scale d, 16 bytes of nibbles; low nibbles are values 0..16, high
             // nibbles 16..32; value = (nibble - 8)·d.
-            for b in raw.chunks_exact(18).take(blocks(18)?) {
+            for b in raw.chunks_exact(18) {
                 let d = f16_at(b, 0);
                 let qs = &b[2..];
                 out.extend(qs.iter().map(|&q| ((q & 0x0F) as i32 - 8) as f32 * d));
@@ -487,18 +479,14 @@ pub fn dequantize(kind: u32, raw: &[u8], numel: usize) -> Result<Vec<f32>, Strin
         }
         GGML_Q4_1 => {
             // block_q4_1: f16 scale d and minimum m, 16 bytes of nibbles; value = nibble·d + m.
-            for b in raw.chunks_exact(20).take(blocks(20)?) {
+            for b in raw.chunks_exact(20) {
                 let (d, m) = (f16_at(b, 0), f16_at(b, 2));
                 let qs = &b[4..];
                 out.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + m));
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
         }
-        other => {
-            return Err(format!(
-                "ggml type {other} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
-            ));
-        }
+        other => unreachable!("block_layout accepted ggml type {other}"),
     }
     Ok(out)
 }
@@ -662,7 +650,7 @@ mod header_tests {
         assert_eq!(h.tensors()[0].shape, vec![64, 8]);
         assert_eq!(h.data_offset % 32, 0);
         assert!(h.data_offset >= f.len() as u64);
-        assert_eq!(tensor_bytes(GGML_Q4_1, 512), Some(320));
+        assert_eq!(tensor_bytes(GGML_Q4_1, 512), Ok(320));
         for cut in [3, 10, 30, f.len() - 1] {
             assert!(
                 parse_header(&f[..cut]).unwrap_err().contains("truncated"),

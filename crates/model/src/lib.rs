@@ -51,6 +51,16 @@ impl ModelError {
     }
 }
 
+/// Token ids as a `[1, len]` batch on `device`: the input of one sequence's forward.
+pub fn token_batch(
+    ids: &[u32],
+    device: &burn::tensor::Device,
+) -> burn::tensor::Tensor<2, burn::tensor::Int> {
+    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let n = ids.len();
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(ids, [1, n]), device)
+}
+
 /// Reads weights from a Hugging Face safetensors file for the given config.
 pub fn load_safetensors(
     cfg: &ModelConfig,

@@ -138,12 +138,9 @@ fn decoder(
     let sin = sin.unsqueeze_dims::<4>(&[0, 1]);
     // True where attention is forbidden: key position after query position. A single new
     // token may attend to everything before it.
+    // tril_mask's offset shifts the diagonal: key j is masked for query i when j > start + i.
     let causal: Option<Tensor<4, Bool>> = (t > 1).then(|| {
-        let forbidden: Vec<bool> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| j > start + i))
-            .collect();
-        Tensor::<2, Bool>::from_data(TensorData::new(forbidden, [t, total]), &device)
-            .unsqueeze_dims::<4>(&[0, 1])
+        Tensor::<2, Bool>::tril_mask([t, total], start as i64, &device).unsqueeze_dims::<4>(&[0, 1])
     });
     let scale = 1.0 / (hd as f64).sqrt();
 

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use holdfast_model::{KvCache, Logits, Tokenizer, forward, forward_cached, load_gguf};
+use burn::tensor::Device;
+use holdfast_model::{KvCache, Logits, Tokenizer, forward, forward_cached, load_gguf, token_batch};
 
 const MODEL_DIR: &str = "../../../shared/models/smollm2-135m";
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -25,37 +25,33 @@ fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL_DIR)
 }
 
-/// Returns why the test cannot run here, or None. A missing ../shared always skips; missing
-/// Python packages fail instead under HOLDFAST_REQUIRE_REFERENCE=1, where CI installed them.
-fn missing_prerequisite() -> Option<String> {
+/// Whether the model and the Python reference can run here; prints why not. A missing
+/// ../shared always skips; missing Python packages fail instead under
+/// HOLDFAST_REQUIRE_REFERENCE=1, where CI installed them.
+fn prerequisites_met() -> bool {
     if !model_dir().join(GGUF).is_file() {
         eprintln!("SKIPPED: {} not found", model_dir().join(GGUF).display());
-        return Some(String::new());
+        return false;
     }
     let python = Command::new("python3")
         .args(["-c", "import numpy, gguf, tokenizers"])
         .output();
-    match python {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!(
+    let reason = match python {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => format!(
             "python3 lacks numpy/gguf/tokenizers ({})",
             String::from_utf8_lossy(&o.stderr)
                 .lines()
                 .last()
                 .unwrap_or("")
-        )),
-        Err(e) => Some(format!("python3 not runnable: {e}")),
-    }
-}
-
-fn skip_or_fail(reason: &str) {
-    if reason.is_empty() {
-        return;
-    }
+        ),
+        Err(e) => format!("python3 not runnable: {e}"),
+    };
     if std::env::var("HOLDFAST_REQUIRE_REFERENCE").as_deref() == Ok("1") {
         panic!("reference test cannot run: {reason}");
     }
     eprintln!("SKIPPED: {reason}");
+    false
 }
 
 /// Runs `python3 tools/reference/SCRIPT ARGS…`, bounded to 300 s.
@@ -99,16 +95,10 @@ fn run_reference(out: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("reference.json is JSON")
 }
 
-fn ids_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
-    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let n = ids.len();
-    Tensor::from_data(TensorData::new(ids, [1, n]), device)
-}
-
 #[test]
 fn smollm2_logits_and_greedy_text_match_the_reference() {
-    if let Some(reason) = missing_prerequisite() {
-        return skip_or_fail(&reason);
+    if !prerequisites_met() {
+        return;
     }
     let out = tempfile::tempdir().unwrap();
     let reference = run_reference(out.path());
@@ -128,7 +118,7 @@ fn smollm2_logits_and_greedy_text_match_the_reference() {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let ours = forward(cfg, &model.weights.tensors, ids_tensor(&ids, &device))
+        let ours = forward(cfg, &model.weights.tensors, token_batch(&ids, &device))
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
@@ -157,7 +147,7 @@ fn smollm2_logits_and_greedy_text_match_the_reference() {
             let logits = forward_cached(
                 cfg,
                 &model.weights.tensors,
-                ids_tensor(&next_input, &device),
+                token_batch(&next_input, &device),
                 &mut cache,
                 Logits::Last,
             )
@@ -187,8 +177,8 @@ fn smollm2_logits_and_greedy_text_match_the_reference() {
 
 #[test]
 fn tokenizer_matches_hugging_face_on_tiny_shakespeare() {
-    if let Some(reason) = missing_prerequisite() {
-        return skip_or_fail(&reason);
+    if !prerequisites_met() {
+        return;
     }
     let corpus =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt");

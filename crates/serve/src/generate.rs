@@ -1,8 +1,7 @@
 //! The decode loop: prompt through the KV cache once, then one token at a time, streaming
 //! text as it becomes final.
 
-use burn::tensor::{Int, Tensor, TensorData};
-use holdfast_model::{KvCache, Logits, forward_cached};
+use holdfast_model::{KvCache, Logits, forward_cached, token_batch};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -57,9 +56,7 @@ pub fn generate(
     let mut emitted = 0;
     let mut finish = FinishReason::Length;
     for _ in 0..budget {
-        let ids: Vec<i64> = input.iter().map(|&t| t as i64).collect();
-        let n = ids.len();
-        let batch: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, n]), &model.device);
+        let batch = token_batch(&input, &model.device);
         let logits = forward_cached(cfg, &model.weights.tensors, batch, &mut cache, Logits::Last)
             .into_data()
             .convert::<f32>();

@@ -142,32 +142,30 @@ impl ServedModel {
 /// Renders messages with a Jinja chat template (ChatML when None), ready for the assistant's
 /// turn.
 pub fn render_chat(template: Option<&str>, messages: &[ChatMessage]) -> Result<String, ServeError> {
-    {
-        let source = template.unwrap_or(FALLBACK_CHAT_TEMPLATE);
-        let mut env = minijinja::Environment::new();
-        // Hugging Face templates call raise_exception() to reject a conversation.
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", source)
-            .map_err(|e| ServeError::Template(e.to_string()))?;
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => true,
-                    bos_token => "",
-                    eos_token => "",
-                })
+    let source = template.unwrap_or(FALLBACK_CHAT_TEMPLATE);
+    let mut env = minijinja::Environment::new();
+    // Hugging Face templates call raise_exception() to reject a conversation.
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", source)
+        .map_err(|e| ServeError::Template(e.to_string()))?;
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => "",
+                eos_token => "",
             })
-            .map_err(|e| ServeError::Template(e.to_string()))
-    }
+        })
+        .map_err(|e| ServeError::Template(e.to_string()))
 }
 
 fn require(p: PathBuf, model: &Path, what: &str) -> Result<PathBuf, ServeError> {

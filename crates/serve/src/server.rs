@@ -296,6 +296,15 @@ impl Kind {
             Kind::Chat => "chatcmpl",
         }
     }
+
+    /// The `object` of a whole response, or of one streamed chunk.
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
 }
 
 async fn completions(
@@ -397,10 +406,7 @@ async fn respond(
                 "finish_reason": c.finish_reason.as_str(),
             }),
         };
-        let object = match kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion",
-        };
+        let object = kind.object(false);
         return Ok(Json(json!({
             "id": id, "object": object, "created": created, "model": model,
             "choices": [choice], "usage": usage,
@@ -421,10 +427,7 @@ async fn respond(
                 json!({"index": 0, "delta": delta, "finish_reason": finish})
             }
         };
-        let object = match kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
-        };
+        let object = kind.object(true);
         Event::default().data(
             json!({
                 "id": id, "object": object, "created": created, "model": model,

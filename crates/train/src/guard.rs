@@ -293,12 +293,16 @@ mod tests {
 
     #[test]
     fn too_many_rollbacks_in_a_window_stop_the_run() {
-        let mut g = Guard::new(GuardSection {
-            max_nonfinite_in_a_row: 1,
-            max_rollbacks: 2,
-            rollback_window: 100,
-            ..Default::default()
-        });
+        // Every non-finite loss rolls back at once; rollbacks are counted over 100 steps.
+        let rolling_back = |max_rollbacks| {
+            Guard::new(GuardSection {
+                max_nonfinite_in_a_row: 1,
+                max_rollbacks,
+                rollback_window: 100,
+                ..Default::default()
+            })
+        };
+        let mut g = rolling_back(2);
         assert!(matches!(
             g.observe(10, f64::NAN, 1.0),
             Verdict::Rollback { .. }
@@ -311,12 +315,7 @@ mod tests {
             matches!(g.observe(30, f64::NAN, 1.0), Verdict::Stop { reason } if reason.contains("3 rollbacks within 100 steps"))
         );
         // Old rollbacks age out of the window.
-        let mut g = Guard::new(GuardSection {
-            max_nonfinite_in_a_row: 1,
-            max_rollbacks: 1,
-            rollback_window: 100,
-            ..Default::default()
-        });
+        let mut g = rolling_back(1);
         assert!(matches!(
             g.observe(10, f64::NAN, 1.0),
             Verdict::Rollback { .. }
