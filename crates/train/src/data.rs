@@ -120,6 +120,20 @@ pub struct Batch {
     pub loss_mask: Vec<f32>,
 }
 
+impl Batch {
+    /// Rows `start..start + count` as a batch of their own.
+    pub fn rows(&self, start: usize, count: usize) -> Batch {
+        let span = start * self.seq..(start + count) * self.seq;
+        Batch {
+            batch: count,
+            seq: self.seq,
+            inputs: self.inputs[span.clone()].to_vec(),
+            targets: self.targets[span.clone()].to_vec(),
+            loss_mask: self.loss_mask[span].to_vec(),
+        }
+    }
+}
+
 /// A token stream split into train and validation parts; rows are random windows.
 pub struct TextData {
     pub train: Vec<u32>,

@@ -40,12 +40,30 @@ pub fn masked_cross_entropy(
     targets: Tensor<2, Int>,
     mask: Tensor<2>,
 ) -> Tensor<1> {
+    let count = mask.clone().sum();
+    masked_nll_sum(logits, targets, mask) / count
+}
+
+/// Summed negative log-likelihood of `targets` over the positions where `mask` is 1.
+fn masked_nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
     let [b, t, v] = logits.dims();
     let logp = log_softmax(logits.reshape([b * t, v]), 1);
     let picked = logp.gather(1, targets.reshape([b * t, 1])).reshape([b * t]);
-    let mask = mask.reshape([b * t]);
-    let count = mask.clone().sum();
-    (picked * mask).sum().neg() / count
+    (picked * mask.reshape([b * t])).sum().neg()
+}
+
+/// How many row groups of a micro-batch [`compute_grads`] runs on threads of their own.
+///
+/// burn's CPU backends run element-wise ops (norms, RoPE, softmax, activations and their
+/// backward) on the calling thread; only matrix multiplies use every core. Two groups keep
+/// both of a 2-core machine's cores busy through those ops as well (measured: README,
+/// "Performance"). A fixed count, not the machine's core count, because the split decides the
+/// order of float additions, and replicas on different machines must agree bit for bit. GPU
+/// devices take one group: their kernels are already parallel.
+pub fn row_groups(device: &Device, rows: usize) -> usize {
+    #[allow(deprecated)] // ndarray stays selectable for cross-backend parity checks
+    let cpu = *device == Device::flex() || *device == Device::ndarray();
+    if cpu { 2.min(rows) } else { 1 }
 }
 
 /// Gradients of the mean loss over the micro-batches starting at `firsts` (`rows` each),
@@ -57,7 +75,6 @@ pub fn compute_grads(
     firsts: &[u64],
     rows: usize,
 ) -> (Vec<Tensor<2>>, f64, usize) {
-    let device = weights.tensors[0].device();
     let accum = firsts.len();
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut loss_sum = 0.0;
@@ -65,34 +82,79 @@ pub fn compute_grads(
     for &first in firsts {
         let batch = data.batch(Split::Train, seed, first, rows);
         tokens += batch.batch * batch.seq;
-        let (inputs, targets, mask) = batch_tensors(&batch, &device);
-        let leaves: Vec<Tensor<2>> = weights
-            .tensors
-            .iter()
-            .map(|t| t.clone().autodiff().require_grad())
-            .collect();
-        let logits = holdfast_model::forward(&weights.cfg, &leaves, inputs.autodiff());
-        let loss = masked_cross_entropy(logits, targets.autodiff(), mask.autodiff());
-        loss_sum += loss.clone().inner().into_scalar::<f32>() as f64;
-        let mut g = (loss / accum as f64).backward();
-        let micro_grads: Vec<Tensor<2>> = leaves
-            .iter()
-            .map(|leaf| {
-                leaf.grad_remove(&mut g)
-                    .unwrap_or_else(|| leaf.clone().inner().zeros_like())
-            })
-            .collect();
+        let (micro_grads, loss) = batch_grads(weights, &batch, 1.0 / accum as f64);
+        loss_sum += loss;
         grads = Some(match grads {
             None => micro_grads,
-            Some(acc) => acc
-                .into_iter()
-                .zip(micro_grads)
-                .map(|(a, b)| a + b)
-                .collect(),
+            Some(acc) => add_grads(acc, micro_grads),
         });
     }
     let grads = grads.expect("at least one micro-batch");
     (grads, loss_sum / accum as f64, tokens)
+}
+
+/// Gradients of `scale` × the batch's mean masked cross-entropy, and that mean. The rows are
+/// split into [`row_groups`], each normalised by the whole batch's token count, so the sum of
+/// the groups' gradients is the whole batch's gradient.
+fn batch_grads(weights: &Weights, batch: &Batch, scale: f64) -> (Vec<Tensor<2>>, f64) {
+    let device = weights.tensors[0].device();
+    let count: f64 = batch.loss_mask.iter().map(|&m| m as f64).sum();
+    let groups = row_groups(&device, batch.batch);
+    let group_rows = batch.batch.div_ceil(groups);
+    let parts: Vec<Batch> = (0..batch.batch)
+        .step_by(group_rows)
+        .map(|start| batch.rows(start, group_rows.min(batch.batch - start)))
+        .collect();
+    let results: Vec<(Vec<Tensor<2>>, f64)> = std::thread::scope(|s| {
+        let (first, rest) = parts.split_first().expect("a batch has rows");
+        let others: Vec<_> = rest
+            .iter()
+            .map(|part| s.spawn(|| group_grads(weights, part, count, scale)))
+            .collect();
+        let mut results = vec![group_grads(weights, first, count, scale)];
+        for handle in others {
+            match handle.join() {
+                Ok(result) => results.push(result),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        results
+    });
+    // Summed in group order, so the result does not depend on which thread finished first.
+    let mut results = results.into_iter();
+    let (mut grads, mut loss) = results.next().expect("one group at least");
+    for (g, l) in results {
+        grads = add_grads(grads, g);
+        loss += l;
+    }
+    (grads, loss)
+}
+
+/// Gradients of `scale` × (`part`'s summed token loss / `count`), and that loss unscaled.
+fn group_grads(weights: &Weights, part: &Batch, count: f64, scale: f64) -> (Vec<Tensor<2>>, f64) {
+    let device = weights.tensors[0].device();
+    let (inputs, targets, mask) = batch_tensors(part, &device);
+    let leaves: Vec<Tensor<2>> = weights
+        .tensors
+        .iter()
+        .map(|t| t.clone().autodiff().require_grad())
+        .collect();
+    let logits = holdfast_model::forward(&weights.cfg, &leaves, inputs.autodiff());
+    let loss = masked_nll_sum(logits, targets.autodiff(), mask.autodiff()) / count;
+    let loss_value = loss.clone().inner().into_scalar::<f32>() as f64;
+    let mut g = (loss * scale).backward();
+    let grads = leaves
+        .iter()
+        .map(|leaf| {
+            leaf.grad_remove(&mut g)
+                .unwrap_or_else(|| leaf.clone().inner().zeros_like())
+        })
+        .collect();
+    (grads, loss_value)
+}
+
+fn add_grads(a: Vec<Tensor<2>>, b: Vec<Tensor<2>>) -> Vec<Tensor<2>> {
+    a.into_iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
 /// Clips `grads` and applies AdamW with the learning rate of optimizer step `step`; returns
