@@ -41,12 +41,30 @@ fn rope_tables_from(
 }
 
 /// `x·cos + rotate_half(x)·sin` with `rotate_half([a, b]) = [-b, a]`; `x` is `[b, heads, t, hd]`.
-fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+/// `signed_sin` is `sin` with its first half negated, which turns `rotate_half` into a swap
+/// of the halves (one op fewer, forward and backward).
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, signed_sin: &Tensor<4>) -> Tensor<4> {
     let hd = x.dims()[3];
     let first = x.clone().narrow(3, 0, hd / 2);
     let second = x.clone().narrow(3, hd / 2, hd / 2);
-    let rotated = Tensor::cat(vec![second.neg(), first], 3);
-    x * cos.clone() + rotated * sin.clone()
+    let swapped = Tensor::cat(vec![second, first], 3);
+    x * cos.clone() + swapped * signed_sin.clone()
+}
+
+/// `[cos, signed_sin]` as `[1, 1, t, hd]`, each multiplied by `scale`.
+fn rope_factors(cos: &Tensor<2>, sin: &Tensor<2>, scale: f64) -> (Tensor<4>, Tensor<4>) {
+    let half = sin.dims()[1] / 2;
+    let signed_sin = Tensor::cat(
+        vec![
+            sin.clone().narrow(1, 0, half).neg(),
+            sin.clone().narrow(1, half, half),
+        ],
+        1,
+    );
+    (
+        (cos.clone() * scale).unsqueeze_dims::<4>(&[0, 1]),
+        (signed_sin * scale).unsqueeze_dims::<4>(&[0, 1]),
+    )
 }
 
 /// RMSNorm over the last dimension with gain `w` stored as `[1, n]`.
@@ -134,15 +152,22 @@ fn decoder(
     let total = start + t;
 
     let (cos, sin) = rope_tables_from(cfg, start, t, &device);
-    let cos = cos.unsqueeze_dims::<4>(&[0, 1]);
-    let sin = sin.unsqueeze_dims::<4>(&[0, 1]);
+    // The attention scale 1/√hd is folded into the queries' rotary factors: no pass over the
+    // scores for it.
+    let (q_cos, q_sin) = rope_factors(&cos, &sin, 1.0 / (hd as f64).sqrt());
+    let (k_cos, k_sin) = rope_factors(&cos, &sin, 1.0);
+    // Grouped-query attention without copying keys and values per query head: the `rep`
+    // query heads that share key/value head g (heads g·rep .. g·rep + rep, as in Hugging Face's
+    // repeat_kv) are stacked along the position axis, so scores are
+    // [b, nkv, rep·t, total] and come from one matrix multiply per key/value head.
+    let rep = nh / nkv;
     // True where attention is forbidden: key position after query position. A single new
     // token may attend to everything before it.
     // tril_mask's offset shifts the diagonal: key j is masked for query i when j > start + i.
-    let causal: Option<Tensor<4, Bool>> = (t > 1).then(|| {
-        Tensor::<2, Bool>::tril_mask([t, total], start as i64, &device).unsqueeze_dims::<4>(&[0, 1])
+    let causal: Option<Tensor<5, Bool>> = (t > 1).then(|| {
+        Tensor::<2, Bool>::tril_mask([t, total], start as i64, &device)
+            .unsqueeze_dims::<5>(&[0, 1, 2])
     });
-    let scale = 1.0 / (hd as f64).sqrt();
 
     let mut x = embedding(w[0].clone(), tokens);
     for layer in 0..cfg.num_hidden_layers {
@@ -150,8 +175,8 @@ fn decoder(
 
         let h = rms_norm(x.clone(), p(slot::INPUT_NORM), eps);
         let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = apply_rope(heads(linear(h.clone(), p(slot::Q)), nh), &cos, &sin);
-        let mut k = apply_rope(heads(linear(h.clone(), p(slot::K)), nkv), &cos, &sin);
+        let q = apply_rope(heads(linear(h.clone(), p(slot::Q)), nh), &q_cos, &q_sin);
+        let mut k = apply_rope(heads(linear(h.clone(), p(slot::K)), nkv), &k_cos, &k_sin);
         let mut v = heads(linear(h, p(slot::V)), nkv);
         if let Some(cache) = cache.as_deref_mut() {
             if let Some((past_k, past_v)) = cache.layers.get(layer) {
@@ -164,24 +189,16 @@ fn decoder(
                 cache.layers.push((k.clone(), v.clone()));
             }
         }
-        // Grouped-query attention: query head i reads key/value head i / (nh / nkv).
-        let (k, v) = if nh == nkv {
-            (k, v)
-        } else {
-            let rep = nh / nkv;
-            let expand = |y: Tensor<4>| {
-                y.unsqueeze_dim::<5>(2)
-                    .repeat_dim(2, rep)
-                    .reshape([b, nh, total, hd])
-            };
-            (expand(k), expand(v))
-        };
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        let scores = q
+            .reshape([b, nkv, rep * t, hd])
+            .matmul(k.swap_dims(2, 3))
+            .reshape([b, nkv, rep, t, total]);
         let scores = match &causal {
             Some(mask) => scores.mask_fill(mask.clone(), f32::NEG_INFINITY),
             None => scores,
         };
-        let attn = softmax(scores, 3).matmul(v);
+        let probs = softmax(scores, 4).reshape([b, nkv, rep * t, total]);
+        let attn = probs.matmul(v).reshape([b, nh, t, hd]);
         let attn = attn.swap_dims(1, 2).reshape([b, t, nh * hd]);
         x = x + linear(attn, p(slot::O));
 
