@@ -248,6 +248,12 @@ fn bench_prints_one_json_line_and_writes_nothing() {
     let expected_flops = 6.0 * r["params"].as_f64().unwrap() * r["tokens_per_s"].as_f64().unwrap();
     assert!((r["est_flop_per_s"].as_f64().unwrap() - expected_flops).abs() < 1e-6 * expected_flops);
     assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(r["cpu_ms_per_step"].as_f64().unwrap() > 0.0);
+    // f32 weights, gradients and two AdamW moments.
+    assert_eq!(
+        r["train_state_bytes"].as_u64().unwrap(),
+        16 * r["params"].as_u64().unwrap()
+    );
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
         0,

@@ -451,7 +451,13 @@ pub struct BenchReport {
     /// 6 · parameters · tokens per second (forward + backward matmul FLOPs, no attention term).
     pub est_flop_per_s: f64,
     pub step_ms: f64,
+    /// CPU time of all threads per timed step; `cpu_ms_per_step / step_ms` is how many cores
+    /// the step kept busy.
+    pub cpu_ms_per_step: f64,
     pub peak_rss_bytes: Option<u64>,
+    /// Weights, gradients and AdamW's two moments, f32: what peak RSS holds besides
+    /// activations, the token data and the program itself.
+    pub train_state_bytes: u64,
     pub threads: usize,
 }
 
@@ -461,6 +467,18 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// User plus system CPU time of this process, all threads.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Runs `warmup + steps` training steps of `model` on random byte windows and times the last
@@ -489,11 +507,13 @@ pub fn bench_train(
         train_step(&mut state, &data, &h, 0, 1);
     }
     let start = Instant::now();
+    let cpu_start = process_cpu_seconds();
     let mut tokens = 0;
     for _ in 0..steps {
         tokens += train_step(&mut state, &data, &h, 0, 1).tokens;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = process_cpu_seconds() - cpu_start;
     let tokens_per_s = tokens as f64 / secs;
     let params = model.num_params();
     BenchReport {
@@ -506,7 +526,9 @@ pub fn bench_train(
         tokens_per_s,
         est_flop_per_s: 6.0 * params as f64 * tokens_per_s,
         step_ms: secs * 1000.0 / steps as f64,
+        cpu_ms_per_step: cpu_secs * 1000.0 / steps as f64,
         peak_rss_bytes: peak_rss_bytes(),
+        train_state_bytes: 4 * 4 * params as u64,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
 }

@@ -228,3 +228,66 @@ pub fn inject(
     }
     (grads, loss)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast_model::ModelConfig;
+
+    /// Rows of different lengths of loss, as the addition task's masks are.
+    fn uneven_batch(rows: usize, seq: usize, vocab: i64) -> Batch {
+        let n = rows * seq;
+        Batch {
+            batch: rows,
+            seq,
+            inputs: (0..n as i64).map(|i| (i * 7 + 3) % vocab).collect(),
+            targets: (0..n as i64).map(|i| (i * 11 + 5) % vocab).collect(),
+            loss_mask: (0..n)
+                .map(|i| {
+                    if i % seq < 1 + (i / seq) * 3 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn row_groups_give_the_whole_batch_gradient() {
+        let device = Device::flex();
+        assert_eq!(row_groups(&device, 5), 2, "CPU devices split rows in two");
+        assert_eq!(row_groups(&device, 1), 1);
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let weights = Weights::init(&cfg, 7, &device);
+        let batch = uneven_batch(5, 16, cfg.vocab_size as i64);
+        let count: f64 = batch.loss_mask.iter().map(|&m| m as f64).sum();
+
+        let (whole, whole_loss) = group_grads(&weights, &batch, count, 0.5);
+        let (split, split_loss) = batch_grads(&weights, &batch, 0.5);
+        assert!(
+            (whole_loss - split_loss).abs() < 1e-5 * whole_loss.abs(),
+            "loss {whole_loss} whole vs {split_loss} in row groups"
+        );
+        for (i, (a, b)) in whole.into_iter().zip(split).enumerate() {
+            let scale: f32 = a.clone().abs().max().into_scalar();
+            let diff: f32 = (a - b).abs().max().into_scalar();
+            assert!(
+                diff <= 1e-5 * scale.max(1e-6),
+                "parameter {i}: max |Δgrad| {diff} (largest {scale})"
+            );
+        }
+
+        // The same split twice is bit-identical, whichever thread finishes first.
+        let bytes = |g: Vec<Tensor<2>>| -> Vec<Vec<f32>> {
+            g.into_iter()
+                .map(|t| t.into_data().try_into_vec::<f32>().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            bytes(batch_grads(&weights, &batch, 0.5).0),
+            bytes(batch_grads(&weights, &batch, 0.5).0)
+        );
+    }
+}
