@@ -28,8 +28,9 @@ VOCAB = 256
 
 
 class Llama(torch.nn.Module):
-    def __init__(self, hidden, ffn, layers, heads, kv_heads, context, theta=10_000.0, eps=1e-5):
+    def __init__(self, hidden, ffn, layers, heads, kv_heads, context, fused, theta=1e4, eps=1e-5):
         super().__init__()
+        self.fused = fused
         self.heads, self.kv_heads, self.hd, self.eps = heads, kv_heads, hidden // heads, eps
         self.embed = torch.nn.Parameter(torch.randn(VOCAB, hidden) * 0.02)
         lin = lambda i, o: torch.nn.Parameter(torch.randn(i, o) * 0.02)
@@ -76,11 +77,14 @@ class Llama(torch.nn.Module):
             k = (h @ p["k"]).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
             v = (h @ p["v"]).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
             q, k = self.rope(q, t), self.rope(k, t)
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-            scores = (q @ k.transpose(2, 3)) / math.sqrt(self.hd)
-            scores = scores.masked_fill(mask, float("-inf"))
-            attn = scores.softmax(-1) @ v
+            if self.fused:
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+                scores = (q @ k.transpose(2, 3)) / math.sqrt(self.hd)
+                scores = scores.masked_fill(mask, float("-inf"))
+                attn = scores.softmax(-1) @ v
             x = x + attn.transpose(1, 2).reshape(b, t, -1) @ p["o"]
             h = self.rms(x, p["post_norm"])
             x = x + (F.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
@@ -105,9 +109,7 @@ def main():
     torch.manual_seed(0)
     hidden, ffn, layers, heads, kv, context = PRESETS[args.preset]
     seq = args.context or context
-    model = Llama(hidden, ffn, layers, heads, kv, seq)
-    if args.fused_attention:
-        model.forward = fused_forward.__get__(model)
+    model = Llama(hidden, ffn, layers, heads, kv, seq, args.fused_attention)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     data = torch.randint(0, VOCAB, (64, seq + 1))
@@ -151,21 +153,6 @@ def main():
         )
     )
 
-
-def fused_forward(self, tokens):
-    b, t = tokens.shape
-    x = self.embed[tokens]
-    for p in self.layers:
-        h = self.rms(x, p["in_norm"])
-        q = (h @ p["q"]).view(b, t, self.heads, self.hd).transpose(1, 2)
-        k = (h @ p["k"]).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
-        v = (h @ p["v"]).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
-        q, k = self.rope(q, t), self.rope(k, t)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        x = x + attn.transpose(1, 2).reshape(b, t, -1) @ p["o"]
-        h = self.rms(x, p["post_norm"])
-        x = x + (F.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
-    return self.rms(x, self.final_norm) @ self.embed.T
 
 
 if __name__ == "__main__":
