@@ -55,16 +55,25 @@ fn masked_nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -
 /// How many row groups of a micro-batch [`compute_grads`] runs on threads of their own.
 ///
 /// burn's CPU backends run element-wise ops (norms, RoPE, softmax, activations and their
-/// backward) on the calling thread; only matrix multiplies use every core. Two groups keep
-/// both of a 2-core machine's cores busy through those ops as well (measured: README,
-/// "Performance"). A fixed count, not the machine's core count, because the split decides the
-/// order of float additions, and replicas on different machines must agree bit for bit. GPU
-/// devices take one group: their kernels are already parallel.
+/// backward) on the calling thread; only matrix multiplies use every core. One group per core
+/// this process may use (its rayon pool: `RAYON_NUM_THREADS`, which a local multi-worker
+/// launch sets to each worker's share, or every core), at most [`MAX_ROW_GROUPS`], keeps the
+/// cores busy through those ops too (measured: README, "Performance"). GPU devices take one
+/// group: their kernels are already parallel. The count orders the float additions of the
+/// gradient, so a run is bit-reproducible under the same thread budget, not across budgets.
 pub fn row_groups(device: &Device, rows: usize) -> usize {
     #[allow(deprecated)] // ndarray stays selectable for cross-backend parity checks
     let cpu = *device == Device::flex() || *device == Device::ndarray();
-    if cpu { 2.min(rows) } else { 1 }
+    if !cpu {
+        return 1;
+    }
+    rayon::current_num_threads()
+        .clamp(1, MAX_ROW_GROUPS)
+        .min(rows)
 }
+
+/// Measured on 2 cores: four groups did no better than two; more cores are untested.
+pub const MAX_ROW_GROUPS: usize = 2;
 
 /// Gradients of the mean loss over the micro-batches starting at `firsts` (`rows` each),
 /// with their mean loss and token count. Weights are not changed.
@@ -82,7 +91,8 @@ pub fn compute_grads(
     for &first in firsts {
         let batch = data.batch(Split::Train, seed, first, rows);
         tokens += batch.batch * batch.seq;
-        let (micro_grads, loss) = batch_grads(weights, &batch, 1.0 / accum as f64);
+        let groups = row_groups(&weights.tensors[0].device(), batch.batch);
+        let (micro_grads, loss) = batch_grads(weights, &batch, 1.0 / accum as f64, groups);
         loss_sum += loss;
         grads = Some(match grads {
             None => micro_grads,
@@ -94,12 +104,15 @@ pub fn compute_grads(
 }
 
 /// Gradients of `scale` × the batch's mean masked cross-entropy, and that mean. The rows are
-/// split into [`row_groups`], each normalised by the whole batch's token count, so the sum of
-/// the groups' gradients is the whole batch's gradient.
-fn batch_grads(weights: &Weights, batch: &Batch, scale: f64) -> (Vec<Tensor<2>>, f64) {
-    let device = weights.tensors[0].device();
+/// split into `groups`, each normalised by the whole batch's token count, so the sum of the
+/// groups' gradients is the whole batch's gradient.
+fn batch_grads(
+    weights: &Weights,
+    batch: &Batch,
+    scale: f64,
+    groups: usize,
+) -> (Vec<Tensor<2>>, f64) {
     let count: f64 = batch.loss_mask.iter().map(|&m| m as f64).sum();
-    let groups = row_groups(&device, batch.batch);
     let group_rows = batch.batch.div_ceil(groups);
     let parts: Vec<Batch> = (0..batch.batch)
         .step_by(group_rows)
@@ -257,7 +270,8 @@ mod tests {
     #[test]
     fn row_groups_give_the_whole_batch_gradient() {
         let device = Device::flex();
-        assert_eq!(row_groups(&device, 5), 2, "CPU devices split rows in two");
+        let budget = rayon::current_num_threads().min(MAX_ROW_GROUPS);
+        assert_eq!(row_groups(&device, 5), budget, "one group per usable core");
         assert_eq!(row_groups(&device, 1), 1);
         let cfg = ModelConfig::preset("tiny").unwrap();
         let weights = Weights::init(&cfg, 7, &device);
@@ -265,7 +279,7 @@ mod tests {
         let count: f64 = batch.loss_mask.iter().map(|&m| m as f64).sum();
 
         let (whole, whole_loss) = group_grads(&weights, &batch, count, 0.5);
-        let (split, split_loss) = batch_grads(&weights, &batch, 0.5);
+        let (split, split_loss) = batch_grads(&weights, &batch, 0.5, 2);
         assert!(
             (whole_loss - split_loss).abs() < 1e-5 * whole_loss.abs(),
             "loss {whole_loss} whole vs {split_loss} in row groups"
@@ -286,8 +300,8 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            bytes(batch_grads(&weights, &batch, 0.5).0),
-            bytes(batch_grads(&weights, &batch, 0.5).0)
+            bytes(batch_grads(&weights, &batch, 0.5, 2).0),
+            bytes(batch_grads(&weights, &batch, 0.5, 2).0)
         );
     }
 }
