@@ -458,6 +458,7 @@ pub struct BenchReport {
     /// Weights, gradients and AdamW's two moments, f32: what peak RSS holds besides
     /// activations, the token data and the program itself.
     pub train_state_bytes: u64,
+    /// Threads of the compute pool (`RAYON_NUM_THREADS`, or every core).
     pub threads: usize,
 }
 
@@ -529,6 +530,6 @@ pub fn bench_train(
         cpu_ms_per_step: cpu_secs * 1000.0 / steps as f64,
         peak_rss_bytes: peak_rss_bytes(),
         train_state_bytes: 4 * 4 * params as u64,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads: rayon::current_num_threads(),
     }
 }
