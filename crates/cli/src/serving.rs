@@ -333,7 +333,7 @@ pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
         "model": model.id,
         "params": cfg.num_params(),
         "device": args.model.device,
-        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+        "threads": run::compute_threads(),
         "load_s": load_s,
         "prompt_tokens": args.prompt_tokens,
         "prompt_tokens_per_s": args.prompt_tokens as f64 / best_prefill,

@@ -566,19 +566,21 @@ fn fine_tune_smollm2_from_gguf_then_generate() {
         val < 4.0,
         "validation loss {val}: the GGUF weights were not the starting point"
     );
-    let out = ok(&holdfast(
-        dir.path(),
-        &[
-            "generate",
-            "ft",
+    // Four greedy tokens after the same prompt, from `model` (plus `extra` flags).
+    let greedy = |model: &str, extra: &[&str]| {
+        let mut args = vec!["generate", model];
+        args.extend_from_slice(extra);
+        args.extend([
             "--prompt",
             "To be, or not",
             "--temperature",
             "0",
             "--max-tokens",
             "4",
-        ],
-    ));
+        ]);
+        ok(&holdfast(dir.path(), &args))
+    };
+    let out = greedy("ft", &[]);
     assert!(
         out.starts_with("To be, or not") && out.trim().len() > "To be, or not".len(),
         "{out}"
@@ -586,20 +588,9 @@ fn fine_tune_smollm2_from_gguf_then_generate() {
     // A checkpoint directory is a Hugging Face model directory: the same weights, the same text.
     let hf_dir = dir.path().join("ft/checkpoints/step-00000002");
     let tok = dir.path().join("ft/tokenizer.json");
-    let from_hf = ok(&holdfast(
-        dir.path(),
-        &[
-            "generate",
-            hf_dir.to_str().unwrap(),
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "--prompt",
-            "To be, or not",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "4",
-        ],
-    ));
+    let from_hf = greedy(
+        hf_dir.to_str().unwrap(),
+        &["--tokenizer", tok.to_str().unwrap()],
+    );
     assert_eq!(from_hf, out);
 }

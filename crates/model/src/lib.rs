@@ -16,7 +16,7 @@ use std::path::Path;
 
 pub use config::{ModelConfig, PRESETS};
 pub use gguf::{GgufInfo, GgufModel, gguf_config, load_gguf};
-pub use llama::{KvCache, Logits, forward, forward_cached, rope_tables};
+pub use llama::{KvCache, Logits, forward, forward_cached};
 pub use tokenizer::Tokenizer;
 pub use weights::{HostTensor, ParamSpec, Weights, param_specs};
 

@@ -7,64 +7,46 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use crate::ModelConfig;
 use crate::weights::slot;
 
-/// Rotary tables for positions `0..seq`: `cos` and `sin` of shape `[seq, head_dim]`, each
-/// frequency repeated for both halves (Hugging Face's half-split convention).
-pub fn rope_tables(cfg: &ModelConfig, seq: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
-    rope_tables_from(cfg, 0, seq, device)
-}
-
-/// Rotary tables for positions `start..start + seq`.
-fn rope_tables_from(
+/// Rotary factors for positions `start..start + seq`, each `[1, 1, seq, head_dim]` and
+/// multiplied by `scale`: `cos`, and `sin` with its first half negated. Hugging Face's
+/// half-split convention repeats each frequency in both halves and rotates with
+/// `rotate_half([a, b]) = [-b, a]`; the negated half turns that rotation into a plain swap of
+/// the halves (see [`apply_rope`]).
+fn rotary_factors(
     cfg: &ModelConfig,
     start: usize,
     seq: usize,
+    scale: f32,
     device: &Device,
-) -> (Tensor<2>, Tensor<2>) {
+) -> (Tensor<4>, Tensor<4>) {
     let hd = cfg.head_dim();
     let half = hd / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64))
+        .collect();
     let mut cos = Vec::with_capacity(seq * hd);
-    let mut sin = Vec::with_capacity(seq * hd);
+    let mut signed_sin = Vec::with_capacity(seq * hd);
     for pos in start..start + seq {
         for j in 0..hd {
-            let i = j % half;
             // Computed in f64 then rounded, as transformers does in float32 for inv_freq·pos.
-            let inv_freq = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64);
-            let angle = (pos as f64 * inv_freq) as f32;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
+            let angle = (pos as f64 * inv_freq[j % half]) as f32;
+            let sign = if j < half { -1.0 } else { 1.0 };
+            cos.push(angle.cos() * scale);
+            signed_sin.push(sign * angle.sin() * scale);
         }
     }
-    (
-        Tensor::from_data(TensorData::new(cos, [seq, hd]), device),
-        Tensor::from_data(TensorData::new(sin, [seq, hd]), device),
-    )
+    let factor = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [1, 1, seq, hd]), device);
+    (factor(cos), factor(signed_sin))
 }
 
-/// `x·cos + rotate_half(x)·sin` with `rotate_half([a, b]) = [-b, a]`; `x` is `[b, heads, t, hd]`.
-/// `signed_sin` is `sin` with its first half negated, which turns `rotate_half` into a swap
-/// of the halves (one op fewer, forward and backward).
+/// `x·cos + rotate_half(x)·sin` for `x: [b, heads, t, hd]`, as `x·cos + swap_halves(x)·signed_sin`
+/// with the factors of [`rotary_factors`].
 fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, signed_sin: &Tensor<4>) -> Tensor<4> {
     let hd = x.dims()[3];
     let first = x.clone().narrow(3, 0, hd / 2);
     let second = x.clone().narrow(3, hd / 2, hd / 2);
     let swapped = Tensor::cat(vec![second, first], 3);
     x * cos.clone() + swapped * signed_sin.clone()
-}
-
-/// `[cos, signed_sin]` as `[1, 1, t, hd]`, each multiplied by `scale`.
-fn rope_factors(cos: &Tensor<2>, sin: &Tensor<2>, scale: f64) -> (Tensor<4>, Tensor<4>) {
-    let half = sin.dims()[1] / 2;
-    let signed_sin = Tensor::cat(
-        vec![
-            sin.clone().narrow(1, 0, half).neg(),
-            sin.clone().narrow(1, half, half),
-        ],
-        1,
-    );
-    (
-        (cos.clone() * scale).unsqueeze_dims::<4>(&[0, 1]),
-        (signed_sin * scale).unsqueeze_dims::<4>(&[0, 1]),
-    )
 }
 
 /// RMSNorm over the last dimension with gain `w` stored as `[1, n]`.
@@ -151,15 +133,10 @@ fn decoder(
     let start = cache.as_ref().map_or(0, |c| c.len);
     let total = start + t;
 
-    let (cos, sin) = rope_tables_from(cfg, start, t, &device);
     // The attention scale 1/√hd is folded into the queries' rotary factors: no pass over the
     // scores for it.
-    let (q_cos, q_sin) = rope_factors(&cos, &sin, 1.0 / (hd as f64).sqrt());
-    let (k_cos, k_sin) = rope_factors(&cos, &sin, 1.0);
-    // Grouped-query attention without copying keys and values per query head: the `rep`
-    // query heads that share key/value head g (heads g·rep .. g·rep + rep, as in Hugging Face's
-    // repeat_kv) are stacked along the position axis, so scores are
-    // [b, nkv, rep·t, total] and come from one matrix multiply per key/value head.
+    let (q_cos, q_sin) = rotary_factors(cfg, start, t, 1.0 / (hd as f32).sqrt(), &device);
+    let (k_cos, k_sin) = rotary_factors(cfg, start, t, 1.0, &device);
     let rep = nh / nkv;
     // True where attention is forbidden: key position after query position. A single new
     // token may attend to everything before it.
@@ -189,6 +166,10 @@ fn decoder(
                 cache.layers.push((k.clone(), v.clone()));
             }
         }
+        // Grouped-query attention without copying keys and values per query head: the `rep`
+        // query heads that share key/value head g (heads g·rep .. g·rep + rep, as in Hugging
+        // Face's repeat_kv) are stacked along the position axis, so the scores
+        // [b, nkv, rep·t, total] come from one matrix multiply per key/value head.
         let scores = q
             .reshape([b, nkv, rep * t, hd])
             .matmul(k.swap_dims(2, 3))

@@ -458,7 +458,7 @@ pub struct BenchReport {
     /// Weights, gradients and AdamW's two moments, f32: what peak RSS holds besides
     /// activations, the token data and the program itself.
     pub train_state_bytes: u64,
-    /// Threads of the compute pool (`RAYON_NUM_THREADS`, or every core).
+    /// [`compute_threads`].
     pub threads: usize,
 }
 
@@ -468,6 +468,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Threads of the compute pool that burn's CPU backends use: `RAYON_NUM_THREADS`, or every core.
+pub fn compute_threads() -> usize {
+    rayon::current_num_threads()
 }
 
 /// User plus system CPU time of this process, all threads.
@@ -530,6 +535,6 @@ pub fn bench_train(
         cpu_ms_per_step: cpu_secs * 1000.0 / steps as f64,
         peak_rss_bytes: peak_rss_bytes(),
         train_state_bytes: 4 * 4 * params as u64,
-        threads: rayon::current_num_threads(),
+        threads: compute_threads(),
     }
 }

@@ -85,13 +85,13 @@ pub fn compute_grads(
     rows: usize,
 ) -> (Vec<Tensor<2>>, f64, usize) {
     let accum = firsts.len();
+    let groups = row_groups(&weights.tensors[0].device(), rows);
     let mut grads: Option<Vec<Tensor<2>>> = None;
     let mut loss_sum = 0.0;
     let mut tokens = 0;
     for &first in firsts {
         let batch = data.batch(Split::Train, seed, first, rows);
         tokens += batch.batch * batch.seq;
-        let groups = row_groups(&weights.tensors[0].device(), batch.batch);
         let (micro_grads, loss) = batch_grads(weights, &batch, 1.0 / accum as f64, groups);
         loss_sum += loss;
         grads = Some(match grads {
@@ -273,6 +273,16 @@ mod tests {
         let budget = rayon::current_num_threads().min(MAX_ROW_GROUPS);
         assert_eq!(row_groups(&device, 5), budget, "one group per usable core");
         assert_eq!(row_groups(&device, 1), 1);
+        // The budget is the rayon pool the step runs in, whatever the machine's core count.
+        let in_pool = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| row_groups(&device, 5))
+        };
+        assert_eq!(in_pool(1), 1);
+        assert_eq!(in_pool(3), MAX_ROW_GROUPS);
         let cfg = ModelConfig::preset("tiny").unwrap();
         let weights = Weights::init(&cfg, 7, &device);
         let batch = uneven_batch(5, 16, cfg.vocab_size as i64);
