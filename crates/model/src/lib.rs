@@ -6,7 +6,9 @@
 //! (`flex`) or a GPU backend, with or without autodiff.
 
 mod config;
+mod fused;
 pub mod gguf;
+pub mod kernels;
 mod llama;
 pub mod st;
 mod tokenizer;

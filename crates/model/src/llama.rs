@@ -4,10 +4,10 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use crate::ModelConfig;
 use crate::weights::slot;
+use crate::{ModelConfig, fused};
 
-/// Rotary factors for positions `start..start + seq`, each `[1, 1, seq, head_dim]` and
+/// Rotary factors for positions `start..start + seq`, each `[seq, head_dim]` and
 /// multiplied by `scale`: `cos`, and `sin` with its first half negated. Hugging Face's
 /// half-split convention repeats each frequency in both halves and rotates with
 /// `rotate_half([a, b]) = [-b, a]`; the negated half turns that rotation into a plain swap of
@@ -18,7 +18,7 @@ fn rotary_factors(
     seq: usize,
     scale: f32,
     device: &Device,
-) -> (Tensor<4>, Tensor<4>) {
+) -> (Tensor<2>, Tensor<2>) {
     let hd = cfg.head_dim();
     let half = hd / 2;
     let inv_freq: Vec<f64> = (0..half)
@@ -35,22 +35,27 @@ fn rotary_factors(
             signed_sin.push(sign * angle.sin() * scale);
         }
     }
-    let factor = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [1, 1, seq, hd]), device);
+    let factor = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [seq, hd]), device);
     (factor(cos), factor(signed_sin))
 }
 
 /// `x·cos + rotate_half(x)·sin` for `x: [b, heads, t, hd]`, as `x·cos + swap_halves(x)·signed_sin`
 /// with the factors of [`rotary_factors`].
-fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, signed_sin: &Tensor<4>) -> Tensor<4> {
-    let hd = x.dims()[3];
+fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, signed_sin: &Tensor<2>) -> Tensor<4> {
+    let [t, hd] = cos.dims();
+    let cos = cos.clone().reshape([1, 1, t, hd]);
+    let signed_sin = signed_sin.clone().reshape([1, 1, t, hd]);
     let first = x.clone().narrow(3, 0, hd / 2);
     let second = x.clone().narrow(3, hd / 2, hd / 2);
     let swapped = Tensor::cat(vec![second, first], 3);
-    x * cos.clone() + swapped * signed_sin.clone()
+    x * cos + swapped * signed_sin
 }
 
 /// RMSNorm over the last dimension with gain `w` stored as `[1, n]`.
-fn rms_norm(x: Tensor<3>, w: &Tensor<2>, eps: f64) -> Tensor<3> {
+fn rms_norm(x: Tensor<3>, w: &Tensor<2>, eps: f64, fused: bool) -> Tensor<3> {
+    if fused {
+        return fused::rms_norm(x, w, eps);
+    }
     let inv_rms = (x.clone().square().mean_dim(2) + eps).sqrt().recip();
     x * inv_rms * w.clone().unsqueeze_dim::<3>(0)
 }
@@ -135,26 +140,38 @@ fn decoder(
 
     // The attention scale 1/√hd is folded into the queries' rotary factors: no pass over the
     // scores for it.
-    let (q_cos, q_sin) = rotary_factors(cfg, start, t, 1.0 / (hd as f32).sqrt(), &device);
-    let (k_cos, k_sin) = rotary_factors(cfg, start, t, 1.0, &device);
+    let q_rot = rotary_factors(cfg, start, t, 1.0 / (hd as f32).sqrt(), &device);
+    let k_rot = rotary_factors(cfg, start, t, 1.0, &device);
     let rep = nh / nkv;
+    // CPU kernels that fuse the element-wise work where the backend has them (see `fused`).
+    let fused = fused::available(&device, w[0].dtype());
     // True where attention is forbidden: key position after query position. A single new
-    // token may attend to everything before it.
+    // token may attend to everything before it. (The fused softmax masks by position.)
     // tril_mask's offset shifts the diagonal: key j is masked for query i when j > start + i.
-    let causal: Option<Tensor<5, Bool>> = (t > 1).then(|| {
+    let causal: Option<Tensor<5, Bool>> = (t > 1 && !fused).then(|| {
         Tensor::<2, Bool>::tril_mask([t, total], start as i64, &device)
             .unsqueeze_dims::<5>(&[0, 1, 2])
     });
+    // [b, t, n·hd] → [b, n, t, hd], rotated.
+    let rotated_heads = |y: Tensor<3>, n: usize, (cos, sin): &(Tensor<2>, Tensor<2>)| {
+        let y = y.reshape([b, t, n, hd]);
+        if fused {
+            fused::rope_heads(y, cos, sin)
+        } else {
+            apply_rope(y.swap_dims(1, 2), cos, sin)
+        }
+    };
 
     let mut x = embedding(w[0].clone(), tokens);
     for layer in 0..cfg.num_hidden_layers {
         let p = |s: usize| &w[1 + layer * slot::PER_LAYER + s];
 
-        let h = rms_norm(x.clone(), p(slot::INPUT_NORM), eps);
-        let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = apply_rope(heads(linear(h.clone(), p(slot::Q)), nh), &q_cos, &q_sin);
-        let mut k = apply_rope(heads(linear(h.clone(), p(slot::K)), nkv), &k_cos, &k_sin);
-        let mut v = heads(linear(h, p(slot::V)), nkv);
+        let h = rms_norm(x.clone(), p(slot::INPUT_NORM), eps, fused);
+        let q = rotated_heads(linear(h.clone(), p(slot::Q)), nh, &q_rot);
+        let mut k = rotated_heads(linear(h.clone(), p(slot::K)), nkv, &k_rot);
+        let mut v = linear(h, p(slot::V))
+            .reshape([b, t, nkv, hd])
+            .swap_dims(1, 2);
         if let Some(cache) = cache.as_deref_mut() {
             if let Some((past_k, past_v)) = cache.layers.get(layer) {
                 k = Tensor::cat(vec![past_k.clone(), k], 2);
@@ -170,21 +187,28 @@ fn decoder(
         // query heads that share key/value head g (heads g·rep .. g·rep + rep, as in Hugging
         // Face's repeat_kv) are stacked along the position axis, so the scores
         // [b, nkv, rep·t, total] come from one matrix multiply per key/value head.
-        let scores = q
-            .reshape([b, nkv, rep * t, hd])
-            .matmul(k.swap_dims(2, 3))
-            .reshape([b, nkv, rep, t, total]);
-        let scores = match &causal {
-            Some(mask) => scores.mask_fill(mask.clone(), f32::NEG_INFINITY),
-            None => scores,
+        let scores = q.reshape([b, nkv, rep * t, hd]).matmul(k.swap_dims(2, 3));
+        let probs = if fused {
+            fused::causal_softmax(scores, t, start)
+        } else {
+            let scores = scores.reshape([b, nkv, rep, t, total]);
+            let scores = match &causal {
+                Some(mask) => scores.mask_fill(mask.clone(), f32::NEG_INFINITY),
+                None => scores,
+            };
+            softmax(scores, 4).reshape([b, nkv, rep * t, total])
         };
-        let probs = softmax(scores, 4).reshape([b, nkv, rep * t, total]);
         let attn = probs.matmul(v).reshape([b, nh, t, hd]);
         let attn = attn.swap_dims(1, 2).reshape([b, t, nh * hd]);
         x = x + linear(attn, p(slot::O));
 
-        let h = rms_norm(x.clone(), p(slot::POST_NORM), eps);
-        let gated = silu(linear(h.clone(), p(slot::GATE))) * linear(h, p(slot::UP));
+        let h = rms_norm(x.clone(), p(slot::POST_NORM), eps, fused);
+        let (gate, up) = (linear(h.clone(), p(slot::GATE)), linear(h, p(slot::UP)));
+        let gated = if fused {
+            fused::swiglu(gate, up)
+        } else {
+            silu(gate) * up
+        };
         x = x + linear(gated, p(slot::DOWN));
     }
     if let Some(cache) = cache {
@@ -195,7 +219,7 @@ fn decoder(
         Logits::Last => (x.narrow(1, t - 1, 1), 1),
     };
     let final_norm = &w[1 + cfg.num_hidden_layers * slot::PER_LAYER];
-    let x = rms_norm(x, final_norm, eps);
+    let x = rms_norm(x, final_norm, eps, fused);
     let [_, _, hidden] = x.dims();
     let x2 = x.reshape([b * rows, hidden]);
     let logits = if cfg.tie_word_embeddings {
@@ -210,9 +234,65 @@ fn decoder(
 mod tests {
     use super::*;
     use crate::Weights;
+    use burn::tensor::DType;
 
     fn max_abs_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
         (a - b).abs().max().into_scalar()
+    }
+
+    /// Logits and the gradient of every parameter for Σ logits·probe, with autodiff on `device`.
+    fn logits_and_grads(cfg: &ModelConfig, device: &Device) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let device = device.clone().autodiff();
+        let leaves: Vec<Tensor<2>> = Weights::init(cfg, 3, &device)
+            .tensors
+            .into_iter()
+            .map(|t| t.require_grad())
+            .collect();
+        let ids: Vec<i64> = (0..2 * 9).map(|i| (i * 37 + 5) % 256).collect();
+        let tokens = Tensor::from_data(TensorData::new(ids, [2, 9]), &device);
+        let logits = forward(cfg, &leaves, tokens);
+        let n = logits.dims().iter().product::<usize>();
+        let probe: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        let probe = Tensor::<3>::from_data(TensorData::new(probe, logits.dims()), &device);
+        let grads = (logits.clone() * probe).sum().backward();
+        let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        let grads = leaves
+            .iter()
+            .map(|leaf| values(leaf.grad(&grads).expect("every parameter gets a gradient")))
+            .collect();
+        (logits.inner().into_data().try_to_vec().unwrap(), grads)
+    }
+
+    #[test]
+    #[allow(deprecated)] // ndarray: the plain-ops reference for the fused flex kernels
+    fn fused_kernels_match_plain_ops_in_logits_and_every_gradient() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        assert!(fused::available(&Device::flex(), DType::F32));
+        assert!(!fused::available(&Device::ndarray(), DType::F32));
+        let (fused_logits, fused_grads) = logits_and_grads(&cfg, &Device::flex());
+        let (plain_logits, plain_grads) = logits_and_grads(&cfg, &Device::ndarray());
+        let worst = |a: &[f32], b: &[f32]| {
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            diff / scale.max(1e-6)
+        };
+        let logits_diff = worst(&fused_logits, &plain_logits);
+        assert!(
+            logits_diff < 1e-5,
+            "logits differ by {logits_diff} (relative)"
+        );
+        let specs = crate::param_specs(&cfg);
+        for ((spec, f), p) in specs.iter().zip(&fused_grads).zip(&plain_grads) {
+            let diff = worst(f, p);
+            assert!(
+                diff < 1e-4,
+                "{}: gradient differs by {diff} (relative)",
+                spec.name
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,500 @@
+//! Fused CPU kernels on contiguous f32 slices: RMSNorm, SwiGLU, rotary embedding and the causal
+//! softmax of attention, each with the backward pass autodiff needs.
+//!
+//! burn's CPU backends run each element-wise op as its own pass, with a fresh buffer and a
+//! scalar `expf`, and autodiff adds several more passes per op in the backward; these do one
+//! pass each way. They are plain loops written so the compiler vectorizes them; [`simd`] runs
+//! them compiled for AVX-512 or AVX2+FMA when the CPU has it. The arithmetic is the same on
+//! every path (Rust does not contract `a * b + c` into an FMA), so results do not depend on
+//! the CPU's vector width.
+
+/// Accumulators per reduction: sums and maxima run in this many independent lanes, which the
+/// compiler maps onto vector registers.
+const LANES: usize = 16;
+
+/// Runs `f`, compiled with AVX-512 or AVX2+FMA enabled when this CPU has them.
+///
+/// The kernels below are `#[inline(always)]`, so their loops are inlined into, and
+/// vectorized for, the instruction set of the wrapper that calls them.
+#[inline(always)]
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the wrapper is compiled for.
+            return unsafe { with_avx512(f) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// `e^x` within 2 ulp for finite `x`, branch-free so that loops over it vectorize. Inputs
+/// beyond f32's range are clamped (below: a tiny normal number instead of 0; above: about
+/// 1.6e38 instead of ∞), which is what softmax and sigmoid need; NaN stays NaN.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n·LN2_HI is exact for the n that occur (Cody–Waite).
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2^23 rounds to an integer and leaves it in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // e^r on |r| ≤ ln2/2: Taylor to degree 7 (error ~1e-9 relative).
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    let int_n = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    let two_n = f32::from_bits(((int_n + 127) << 23) as u32);
+    p * two_n
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+/// Σ a·b.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let a_chunks = a.chunks_exact(LANES);
+    let b_chunks = b.chunks_exact(LANES);
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (ca, cb) in a_chunks.zip(b_chunks) {
+        for l in 0..LANES {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a·b·c.
+#[inline(always)]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let tail: f32 = (ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder()))
+    .map(|((x, y), z)| x * y * z)
+    .sum();
+    for ((xa, xb), xc) in ca.zip(cb).zip(cc) {
+        for l in 0..LANES {
+            acc[l] += xa[l] * xb[l] * xc[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// 1 / √(mean(x²) + eps) of one row.
+#[inline(always)]
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    1.0 / (dot(row, row) / row.len() as f32 + eps).sqrt()
+}
+
+/// RMSNorm of each row of `x` (rows of `weight.len()`): `x / √(mean(x²) + eps) · weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    simd(|| {
+        for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let inv = inv_rms(xr, eps);
+            for ((y, &xv), &w) in yr.iter_mut().zip(xr).zip(weight) {
+                *y = xv * inv * w;
+            }
+        }
+    })
+}
+
+/// Gradients of [`rms_norm`] for output gradient `dy`: writes `dx`, adds to `dweight`.
+pub fn rms_norm_backward(
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dweight: &mut [f32],
+) {
+    let n = weight.len();
+    simd(|| {
+        let rows = x.chunks_exact(n).zip(dy.chunks_exact(n));
+        for ((xr, dyr), dxr) in rows.zip(dx.chunks_exact_mut(n)) {
+            let inv = inv_rms(xr, eps);
+            // y_j = x_j·inv·w_j and ∂inv/∂x_i = −inv³·x_i/n, so
+            // dx_i = inv·dy_i·w_i − x_i·inv³·Σ_j(dy_j·w_j·x_j)/n.
+            let weighted = dot3(dyr, weight, xr);
+            let c = weighted * inv * inv * inv / n as f32;
+            for ((((g, &d), &w), &xv), dw) in dxr
+                .iter_mut()
+                .zip(dyr)
+                .zip(weight)
+                .zip(xr)
+                .zip(dweight.iter_mut())
+            {
+                *g = inv * d * w - c * xv;
+                *dw += d * xv * inv;
+            }
+        }
+    })
+}
+
+/// SwiGLU's gate: `silu(gate) · up`, with silu(g) = g·sigmoid(g).
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    simd(|| {
+        for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *y = g * sigmoid(g) * u;
+        }
+    })
+}
+
+/// Gradients of [`swiglu`] for output gradient `dy`.
+pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    simd(|| {
+        let inputs = gate.iter().zip(up).zip(dy);
+        for (((&g, &u), &d), (dg, du)) in inputs.zip(dgate.iter_mut().zip(dup.iter_mut())) {
+            let s = sigmoid(g);
+            *du = d * g * s;
+            // d silu/dg = s + g·s·(1 − s)
+            *dg = d * u * s * (1.0 + g * (1.0 - s));
+        }
+    })
+}
+
+/// Shape of the rotary kernels' input `[batch, seq, heads, head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadsShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// Rotary embedding in Hugging Face's half-split convention, with the move of the heads axis
+/// in front of the positions: `x` is `[b, t, h, d]` (a projection's output), `out` is
+/// `[b, h, t, d]` with `out = x·cos + swap_halves(x)·signed_sin`, where `cos` and
+/// `signed_sin` are `[t, d]` (the sine's first half negated, both already scaled).
+pub fn rope(x: &[f32], cos: &[f32], signed_sin: &[f32], shape: HeadsShape, out: &mut [f32]) {
+    let HeadsShape {
+        batch,
+        seq,
+        heads,
+        head_dim: d,
+    } = shape;
+    let half = d / 2;
+    simd(|| {
+        for b in 0..batch {
+            for t in 0..seq {
+                let (c, s) = (&cos[t * d..][..d], &signed_sin[t * d..][..d]);
+                for h in 0..heads {
+                    let src = &x[((b * seq + t) * heads + h) * d..][..d];
+                    let dst = &mut out[((b * heads + h) * seq + t) * d..][..d];
+                    let (lo, hi) = src.split_at(half);
+                    let (dlo, dhi) = dst.split_at_mut(half);
+                    for j in 0..half {
+                        dlo[j] = lo[j] * c[j] + hi[j] * s[j];
+                        dhi[j] = hi[j] * c[half + j] + lo[j] * s[half + j];
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Gradient of [`rope`]'s input for output gradient `dy` (`[b, h, t, d]`); `dx` is
+/// `[b, t, h, d]`.
+pub fn rope_backward(
+    dy: &[f32],
+    cos: &[f32],
+    signed_sin: &[f32],
+    shape: HeadsShape,
+    dx: &mut [f32],
+) {
+    let HeadsShape {
+        batch,
+        seq,
+        heads,
+        head_dim: d,
+    } = shape;
+    let half = d / 2;
+    simd(|| {
+        for b in 0..batch {
+            for t in 0..seq {
+                let (c, s) = (&cos[t * d..][..d], &signed_sin[t * d..][..d]);
+                for h in 0..heads {
+                    let src = &dy[((b * heads + h) * seq + t) * d..][..d];
+                    let dst = &mut dx[((b * seq + t) * heads + h) * d..][..d];
+                    let (lo, hi) = src.split_at(half);
+                    let (dlo, dhi) = dst.split_at_mut(half);
+                    // out_lo = x_lo·c_lo + x_hi·s_lo and out_hi = x_hi·c_hi + x_lo·s_hi.
+                    for j in 0..half {
+                        dlo[j] = lo[j] * c[j] + hi[j] * s[half + j];
+                        dhi[j] = hi[j] * c[half + j] + lo[j] * s[j];
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Softmax of each row of `scores` (rows of `keys` scores) over the keys a causal mask
+/// allows: row `r` is query `r % queries` of a block of `queries` consecutive positions that
+/// follow `start` cached ones, and may attend to keys `0..=start + r % queries`. Masked
+/// entries of `out` are 0.
+pub fn causal_softmax(scores: &[f32], keys: usize, queries: usize, start: usize, out: &mut [f32]) {
+    simd(|| {
+        for (r, (sr, pr)) in scores
+            .chunks_exact(keys)
+            .zip(out.chunks_exact_mut(keys))
+            .enumerate()
+        {
+            let allowed = (start + r % queries + 1).min(keys);
+            let (s, p) = (&sr[..allowed], &mut pr[..allowed]);
+            let m = max(s);
+            for (pv, &sv) in p.iter_mut().zip(s) {
+                *pv = exp(sv - m);
+            }
+            let inv = 1.0 / sum(p);
+            for pv in p.iter_mut() {
+                *pv *= inv;
+            }
+            pr[allowed..].fill(0.0);
+        }
+    })
+}
+
+/// Gradient of [`causal_softmax`]'s scores from its output `probs` and output gradient `dy`:
+/// `probs · (dy − Σ probs·dy)` per row, 0 where masked.
+pub fn causal_softmax_backward(
+    probs: &[f32],
+    dy: &[f32],
+    keys: usize,
+    queries: usize,
+    start: usize,
+    dscores: &mut [f32],
+) {
+    simd(|| {
+        let rows = probs.chunks_exact(keys).zip(dy.chunks_exact(keys));
+        for (r, ((pr, dr), gr)) in rows.zip(dscores.chunks_exact_mut(keys)).enumerate() {
+            let allowed = (start + r % queries + 1).min(keys);
+            let (p, d) = (&pr[..allowed], &dr[..allowed]);
+            let centre = dot(p, d);
+            for ((g, &pv), &dv) in gr[..allowed].iter_mut().zip(p).zip(d) {
+                *g = pv * (dv - centre);
+            }
+            gr[allowed..].fill(0.0);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_std_over_the_range_used() {
+        let mut worst = 0.0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+            x += 0.001_7;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert!(exp(f32::NEG_INFINITY) < 1e-37);
+        assert!(exp(1000.0).is_finite());
+    }
+
+    /// Central differences of a scalar function of `x`, for checking a backward pass.
+    fn numeric_grad(x: &[f32], f: impl Fn(&[f32]) -> f64) -> Vec<f64> {
+        let h = 1e-2f32;
+        (0..x.len())
+            .map(|i| {
+                let mut plus = x.to_vec();
+                let mut minus = x.to_vec();
+                plus[i] += h;
+                minus[i] -= h;
+                (f(&plus) - f(&minus)) / (2.0 * h as f64)
+            })
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 2e-3 * (1.0 + w.abs()),
+                "{what}[{i}]: kernel {g}, numeric {w}"
+            );
+        }
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// Σ y·probe, the scalar whose gradient the backward kernels compute for dy = probe.
+    fn probed(y: &[f32], probe: &[f32]) -> f64 {
+        y.iter()
+            .zip(probe)
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum()
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_numeric_gradients() {
+        let n = 20; // not a multiple of LANES: the tail path runs too
+        let (x, w, dy) = (values(3 * n, 1), values(n, 2), values(3 * n, 3));
+        let eps = 1e-5;
+        let forward = |x: &[f32], w: &[f32]| {
+            let mut y = vec![0.0; x.len()];
+            rms_norm(x, w, eps, &mut y);
+            probed(&y, &dy)
+        };
+        let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; n]);
+        rms_norm_backward(&x, &w, &dy, eps, &mut dx, &mut dw);
+        assert_close(&dx, &numeric_grad(&x, |x| forward(x, &w)), "dx");
+        assert_close(&dw, &numeric_grad(&w, |w| forward(&x, w)), "dweight");
+    }
+
+    #[test]
+    fn swiglu_backward_matches_numeric_gradients() {
+        let (g, u, dy) = (values(37, 4), values(37, 5), values(37, 6));
+        let forward = |g: &[f32], u: &[f32]| {
+            let mut y = vec![0.0; g.len()];
+            swiglu(g, u, &mut y);
+            probed(&y, &dy)
+        };
+        let (mut dg, mut du) = (vec![0.0; 37], vec![0.0; 37]);
+        swiglu_backward(&g, &u, &dy, &mut dg, &mut du);
+        assert_close(&dg, &numeric_grad(&g, |g| forward(g, &u)), "dgate");
+        assert_close(&du, &numeric_grad(&u, |u| forward(&g, u)), "dup");
+    }
+
+    #[test]
+    fn rope_backward_matches_numeric_gradients_and_moves_the_heads_axis() {
+        let shape = HeadsShape {
+            batch: 2,
+            seq: 3,
+            heads: 2,
+            head_dim: 4,
+        };
+        let len = 2 * 3 * 2 * 4;
+        let (x, dy) = (values(len, 7), values(len, 8));
+        let (cos, sin) = (values(3 * 4, 9), values(3 * 4, 10));
+        let forward = |x: &[f32]| {
+            let mut y = vec![0.0; len];
+            rope(x, &cos, &sin, shape, &mut y);
+            probed(&y, &dy)
+        };
+        let mut dx = vec![0.0; len];
+        rope_backward(&dy, &cos, &sin, shape, &mut dx);
+        assert_close(&dx, &numeric_grad(&x, forward), "dx");
+
+        // Batch 1, position 2, head 1 lands at [1, 1, 2, :].
+        let mut y = vec![0.0; len];
+        rope(&x, &cos, &sin, shape, &mut y);
+        let src = &x[((3 + 2) * 2 + 1) * 4..][..4];
+        let (c, s) = (&cos[2 * 4..][..4], &sin[2 * 4..][..4]);
+        let want = [
+            src[0] * c[0] + src[2] * s[0],
+            src[1] * c[1] + src[3] * s[1],
+            src[2] * c[2] + src[0] * s[2],
+            src[3] * c[3] + src[1] * s[3],
+        ];
+        assert_eq!(&y[((2 + 1) * 3 + 2) * 4..][..4], &want);
+    }
+
+    #[test]
+    fn causal_softmax_masks_future_keys_and_its_backward_matches_numeric_gradients() {
+        // Two queries following 3 cached positions, 5 keys; two heads stacked as rows.
+        let (keys, queries, start) = (5, 2, 3);
+        let (s, dy) = (values(4 * keys, 11), values(4 * keys, 12));
+        let mut p = vec![0.0; s.len()];
+        causal_softmax(&s, keys, queries, start, &mut p);
+        for (r, row) in p.chunks(keys).enumerate() {
+            let allowed = start + r % queries + 1;
+            assert!(row[allowed..].iter().all(|&v| v == 0.0), "row {r}: {row:?}");
+            let total: f32 = row.iter().sum();
+            assert!((total - 1.0).abs() < 1e-6, "row {r} sums to {total}");
+            let m = s[r * keys..][..allowed]
+                .iter()
+                .fold(f32::MIN, |a, &b| a.max(b));
+            let z: f32 = s[r * keys..][..allowed].iter().map(|v| (v - m).exp()).sum();
+            assert!((row[0] - (s[r * keys] - m).exp() / z).abs() < 1e-6);
+        }
+        let forward = |s: &[f32]| {
+            let mut p = vec![0.0; s.len()];
+            causal_softmax(s, keys, queries, start, &mut p);
+            probed(&p, &dy)
+        };
+        let mut ds = vec![0.0; s.len()];
+        causal_softmax_backward(&p, &dy, keys, queries, start, &mut ds);
+        assert_close(&ds, &numeric_grad(&s, forward), "dscores");
+    }
+}
