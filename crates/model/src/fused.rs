@@ -15,8 +15,8 @@ use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
 
 use crate::kernels::{self, HeadsShape};
 
-/// Whether the fused operations run for a tensor of `dtype` on `device`.
-pub(crate) fn available(device: &Device, dtype: DType) -> bool {
+/// Whether the fused CPU kernels run for a tensor of `dtype` on `device`: f32 on flex.
+pub fn available(device: &Device, dtype: DType) -> bool {
     dtype == DType::F32 && device.clone().inner() == Device::flex()
 }
 

@@ -4,7 +4,8 @@
 //! The moments are plain tensors in the same order as the parameters, so the optimizer state
 //! is as explicit (saveable, comparable, shippable to a peer) as the weights.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::config::TrainSection;
 
@@ -37,24 +38,114 @@ impl AdamW {
     ) {
         self.t += 1;
         let bias1 = 1.0 - h.beta1.powi(self.t as i32);
-        let bias2 = 1.0 - h.beta2.powi(self.t as i32);
-        let step_size = lr / bias1;
+        let step = Scalars {
+            beta1: h.beta1,
+            beta2: h.beta2,
+            bias2: 1.0 - h.beta2.powi(self.t as i32),
+            eps: h.eps,
+            step_size: lr / bias1,
+            decay_factor: 1.0 - lr * h.weight_decay,
+        };
         for (i, g) in grads.into_iter().enumerate() {
-            let m = self.exp_avg[i].clone() * h.beta1 + g.clone() * (1.0 - h.beta1);
-            let v = self.exp_avg_sq[i].clone() * h.beta2 + g.square() * (1.0 - h.beta2);
-            let denom = (v.clone() / bias2).sqrt() + h.eps;
-            let mut p = params[i].clone();
-            if decay[i] && h.weight_decay > 0.0 {
-                p = p * (1.0 - lr * h.weight_decay);
+            let decays = decay[i] && h.weight_decay > 0.0;
+            let (p, m, v) = (
+                &mut params[i],
+                &mut self.exp_avg[i],
+                &mut self.exp_avg_sq[i],
+            );
+            if holdfast_model::fused_kernels_available(&p.device(), p.dtype()) {
+                update_on_host(p, g, m, v, &step, decays);
+            } else {
+                update_with_tensor_ops(p, g, m, v, &step, decays);
             }
-            params[i] = p - m.clone() / denom * step_size;
-            self.exp_avg[i] = m;
-            self.exp_avg_sq[i] = v;
         }
     }
 }
 
-/// Global L2 norm of all gradients.
+/// The scalars of one AdamW step.
+struct Scalars {
+    beta1: f64,
+    beta2: f64,
+    /// 1 − β2^t
+    bias2: f64,
+    eps: f64,
+    /// lr / (1 − β1^t)
+    step_size: f64,
+    /// 1 − lr·weight_decay
+    decay_factor: f64,
+}
+
+/// One parameter's update as tensor ops (any backend).
+fn update_with_tensor_ops(
+    p: &mut Tensor<2>,
+    g: Tensor<2>,
+    m: &mut Tensor<2>,
+    v: &mut Tensor<2>,
+    s: &Scalars,
+    decays: bool,
+) {
+    let new_m = m.clone() * s.beta1 + g.clone() * (1.0 - s.beta1);
+    let new_v = v.clone() * s.beta2 + g.square() * (1.0 - s.beta2);
+    let denom = (new_v.clone() / s.bias2).sqrt() + s.eps;
+    let mut new_p = p.clone();
+    if decays {
+        new_p = new_p * s.decay_factor;
+    }
+    *p = new_p - new_m.clone() / denom * s.step_size;
+    *m = new_m;
+    *v = new_v;
+}
+
+/// The same update in one pass over host memory, split across the compute pool: on CPU the
+/// tensor ops above are a dozen single-threaded passes over the parameters. Each operation
+/// is the tensor path's, in its order and in f32, so the results are bit-identical to it.
+fn update_on_host(
+    p: &mut Tensor<2>,
+    g: Tensor<2>,
+    m: &mut Tensor<2>,
+    v: &mut Tensor<2>,
+    s: &Scalars,
+    decays: bool,
+) {
+    let (device, shape) = (p.device(), p.dims());
+    // Taking the tensors out lets a buffer nothing else holds be updated without a copy.
+    let take = |t: &mut Tensor<2>| std::mem::replace(t, Tensor::empty([0, 0], &device)).into_data();
+    let (mut pd, mut md, mut vd) = (take(p), take(m), take(v));
+    let gd = g.into_data();
+    let f32s = "AdamW's host path takes f32 tensors (checked by fused_kernels_available)";
+    {
+        let (ps, ms, vs) = (
+            pd.as_mut_slice::<f32>().expect(f32s),
+            md.as_mut_slice::<f32>().expect(f32s),
+            vd.as_mut_slice::<f32>().expect(f32s),
+        );
+        let gs = gd.as_slice::<f32>().expect(f32s);
+        let (b1, c1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
+        let (b2, c2) = (s.beta2 as f32, (1.0 - s.beta2) as f32);
+        let (bias2, eps) = (s.bias2 as f32, s.eps as f32);
+        let (step_size, decay_factor) = (s.step_size as f32, s.decay_factor as f32);
+        const CHUNK: usize = 1 << 15;
+        ps.par_chunks_mut(CHUNK)
+            .zip(ms.par_chunks_mut(CHUNK))
+            .zip(vs.par_chunks_mut(CHUNK))
+            .zip(gs.par_chunks(CHUNK))
+            .for_each(|(((pc, mc), vc), gc)| {
+                holdfast_model::kernels::simd(|| {
+                    for (((pe, me), ve), &ge) in pc.iter_mut().zip(mc).zip(vc).zip(gc) {
+                        *me = *me * b1 + ge * c1;
+                        *ve = *ve * b2 + ge * ge * c2;
+                        let denom = (*ve / bias2).sqrt() + eps;
+                        let decayed = if decays { *pe * decay_factor } else { *pe };
+                        *pe = decayed - *me / denom * step_size;
+                    }
+                })
+            });
+    }
+    let back = |d: TensorData| Tensor::from_data(d, &device);
+    (*p, *m, *v) = (back(pd), back(md), back(vd));
+    debug_assert_eq!(p.dims(), shape);
+}
+
 pub fn grad_norm(grads: &[Tensor<2>]) -> f64 {
     let total = grads
         .iter()
@@ -89,6 +180,49 @@ pub fn learning_rate(step: u64, h: &TrainSection) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_update_is_bit_identical_to_the_tensor_ops() {
+        let device = burn::tensor::Device::flex();
+        // More elements than one chunk of the parallel split, and not a multiple of it.
+        let shape = [3, 40_001];
+        let n = shape[0] * shape[1];
+        let tensor = |seed: u64, positive: bool| {
+            let values: Vec<f32> = (0..n as u64)
+                .map(|i| {
+                    let x = ((i * 2_654_435_761 + seed * 97) % 10_007) as f32 / 10_007.0 - 0.5;
+                    if positive { x.abs() * 1e-3 } else { x }
+                })
+                .collect();
+            Tensor::<2>::from_data(TensorData::new(values, shape), &device)
+        };
+        let s = Scalars {
+            beta1: 0.9,
+            beta2: 0.95,
+            bias2: 1.0 - 0.95f64.powi(7),
+            eps: 1e-8,
+            step_size: 3e-4 / (1.0 - 0.9f64.powi(7)),
+            decay_factor: 1.0 - 3e-4 * 0.1,
+        };
+        for decays in [false, true] {
+            let (p, g, m, v) = (
+                tensor(1, false),
+                tensor(2, false),
+                tensor(3, false),
+                tensor(4, true),
+            );
+            let (mut p1, mut m1, mut v1) = (p.clone(), m.clone(), v.clone());
+            update_with_tensor_ops(&mut p1, g.clone(), &mut m1, &mut v1, &s, decays);
+            let (mut p2, mut m2, mut v2) = (p.clone(), m, v);
+            update_on_host(&mut p2, g, &mut m2, &mut v2, &s, decays);
+            for (a, b) in [(p1, p2.clone()), (m1, m2), (v1, v2)] {
+                assert_eq!(a.into_data(), b.into_data(), "decays = {decays}");
+            }
+            // The parameters moved (and the input tensor, which p2 shared, is unchanged).
+            assert_ne!(p.clone().into_data(), p2.into_data());
+            assert_eq!(p.into_data(), tensor(1, false).into_data());
+        }
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_min() {

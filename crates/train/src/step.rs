@@ -2,6 +2,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::config::TrainSection;
 use crate::data::{Batch, Dataset, Split};
@@ -52,7 +53,7 @@ fn masked_nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -
     (picked * mask.reshape([b * t])).sum().neg()
 }
 
-/// How many row groups of a micro-batch [`compute_grads`] runs on threads of their own.
+/// How many row groups of a micro-batch [`compute_grads`] runs in parallel.
 ///
 /// burn's CPU backends run element-wise ops (norms, RoPE, softmax, activations and their
 /// backward) on the calling thread; only matrix multiplies use every core. One group per core
@@ -118,21 +119,13 @@ fn batch_grads(
         .step_by(group_rows)
         .map(|start| batch.rows(start, group_rows.min(batch.batch - start)))
         .collect();
-    let results: Vec<(Vec<Tensor<2>>, f64)> = std::thread::scope(|s| {
-        let (first, rest) = parts.split_first().expect("a batch has rows");
-        let others: Vec<_> = rest
-            .iter()
-            .map(|part| s.spawn(|| group_grads(weights, part, count, scale)))
-            .collect();
-        let mut results = vec![group_grads(weights, first, count, scale)];
-        for handle in others {
-            match handle.join() {
-                Ok(result) => results.push(result),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        results
-    });
+    // Tasks of the compute pool rather than threads of their own: a group's matrix multiplies
+    // split into tasks that an idle pool thread takes over, so the cores stay busy without
+    // oversubscribing them (measured: README, "Performance").
+    let results: Vec<(Vec<Tensor<2>>, f64)> = parts
+        .par_iter()
+        .map(|part| group_grads(weights, part, count, scale))
+        .collect();
     // Summed in group order, so the result does not depend on which thread finished first.
     let mut results = results.into_iter();
     let (mut grads, mut loss) = results.next().expect("one group at least");
