@@ -29,6 +29,14 @@ pub(crate) fn rms_norm(x: Tensor<3>, weight: &Tensor<2>, eps: f64) -> Tensor<3> 
     ))
 }
 
+/// `x · w` for `x: [m, k]` and `w: [k, n]`, either possibly a strided view (a transpose).
+pub(crate) fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
 /// `silu(gate) · up`.
 pub(crate) fn swiglu(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_swiglu(
@@ -61,6 +69,7 @@ pub(crate) fn causal_softmax(scores: Tensor<4>, queries: usize, start: usize) ->
 /// autodiff also records their backward passes. Other backends do not take this path.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
+    fn fused_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_rms_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -120,6 +129,89 @@ fn keys(scores: &FlexTensor) -> usize {
         .expect("scores have a key axis")
 }
 
+/// A 2-D f32 operand of a matrix multiply, read through its strides (no copy for a view).
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    storage: &'a [f32],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> Operand<'a> {
+    fn of(t: &'a FlexTensor) -> Self {
+        let [rows, cols] = t.layout().shape().dims();
+        let strides = t.layout().strides();
+        Operand {
+            storage: t.storage::<f32>(),
+            offset: t.layout().start_offset(),
+            rows,
+            cols,
+            row_stride: strides[0],
+            col_stride: strides[1],
+        }
+    }
+
+    fn transposed(self) -> Self {
+        Operand {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `a · b` into a fresh row-major buffer, with the `gemm` crate (which flex's own matmul also
+/// uses). flex zero-fills its output and then copies it into an aligned allocation before
+/// the multiply overwrites it; this writes the product straight into a new buffer.
+fn matmul_f32(a: Operand, b: Operand) -> FlexTensor {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    if k == 0 {
+        out.resize(m * n, 0.0);
+    } else if m * n > 0 {
+        // Same threshold as flex: below it, splitting costs more than it saves.
+        let parallelism = if m * n * k >= 192 * 192 * 192 {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: each operand's view lies inside its storage (its layout says so), and with
+        // `read_dst = false` gemm writes every element of the m×n row-major output before
+        // the length is set; nothing reads the buffer before that.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.storage.as_ptr().add(a.offset),
+                a.col_stride,
+                a.row_stride,
+                b.storage.as_ptr().add(b.offset),
+                b.col_stride,
+                b.row_stride,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            out.set_len(m * n);
+        }
+    }
+    tensor(out, Shape::new([m, n]))
+}
+
 fn rms_norm_backward(x: &FlexTensor, w: &FlexTensor, dy: FlexTensor, eps: f32) -> [FlexTensor; 2] {
     let dy = dense(dy);
     let mut dx = vec![0.0; values(x).len()];
@@ -174,6 +266,10 @@ fn causal_softmax_backward(
 }
 
 impl FusedOps for Flex {
+    fn fused_matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        matmul_f32(Operand::of(&x), Operand::of(&w))
+    }
+
     fn fused_rms_norm(x: FlexTensor, weight: FlexTensor, eps: f32) -> FlexTensor {
         let (x, weight) = (dense(x), dense(weight));
         let mut y = vec![0.0; values(&x).len()];
@@ -201,6 +297,26 @@ impl FusedOps for Flex {
         let mut p = vec![0.0; values(&scores).len()];
         kernels::causal_softmax(values(&scores), keys(&scores), queries, start, &mut p);
         tensor(p, shape(&scores))
+    }
+}
+
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl Backward<Flex, 2> for MatmulBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, w) = ops.state;
+        let dy_op = Operand::of(&dy);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, matmul_f32(dy_op, Operand::of(&w).transposed()));
+        }
+        if let Some(node) = node_w {
+            grads.register::<Flex>(node.id, matmul_f32(Operand::of(&x).transposed(), dy_op));
+        }
     }
 }
 
@@ -280,6 +396,16 @@ impl Backward<Flex, 1> for CausalSoftmaxBackward {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = MatmulBackward.prepare::<C>([x.node(), w.node()]);
+        let (x, w) = (x.into_primitive(), w.into_primitive());
+        let y = Flex::fused_matmul(x.clone(), w.clone());
+        match prep.compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x, w), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn fused_rms_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

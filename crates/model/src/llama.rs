@@ -61,12 +61,18 @@ fn rms_norm(x: Tensor<3>, w: &Tensor<2>, eps: f64, fused: bool) -> Tensor<3> {
 }
 
 /// `x · W` for `x: [b, t, in]` and stored `W: [in, out]`.
-fn linear(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
+fn linear(x: Tensor<3>, w: &Tensor<2>, fused: bool) -> Tensor<3> {
     let [b, t, inp] = x.dims();
     let out = w.dims()[1];
-    x.reshape([b * t, inp])
-        .matmul(w.clone())
-        .reshape([b, t, out])
+    matmul(x.reshape([b * t, inp]), w.clone(), fused).reshape([b, t, out])
+}
+
+fn matmul(x: Tensor<2>, w: Tensor<2>, fused: bool) -> Tensor<2> {
+    if fused {
+        fused::matmul(x, w)
+    } else {
+        x.matmul(w)
+    }
 }
 
 /// Keys and values of the positions already processed, per layer, each `[batch, kv_heads,
@@ -167,9 +173,9 @@ fn decoder(
         let p = |s: usize| &w[1 + layer * slot::PER_LAYER + s];
 
         let h = rms_norm(x.clone(), p(slot::INPUT_NORM), eps, fused);
-        let q = rotated_heads(linear(h.clone(), p(slot::Q)), nh, &q_rot);
-        let mut k = rotated_heads(linear(h.clone(), p(slot::K)), nkv, &k_rot);
-        let mut v = linear(h, p(slot::V))
+        let q = rotated_heads(linear(h.clone(), p(slot::Q), fused), nh, &q_rot);
+        let mut k = rotated_heads(linear(h.clone(), p(slot::K), fused), nkv, &k_rot);
+        let mut v = linear(h, p(slot::V), fused)
             .reshape([b, t, nkv, hd])
             .swap_dims(1, 2);
         if let Some(cache) = cache.as_deref_mut() {
@@ -200,16 +206,19 @@ fn decoder(
         };
         let attn = probs.matmul(v).reshape([b, nh, t, hd]);
         let attn = attn.swap_dims(1, 2).reshape([b, t, nh * hd]);
-        x = x + linear(attn, p(slot::O));
+        x = x + linear(attn, p(slot::O), fused);
 
         let h = rms_norm(x.clone(), p(slot::POST_NORM), eps, fused);
-        let (gate, up) = (linear(h.clone(), p(slot::GATE)), linear(h, p(slot::UP)));
+        let (gate, up) = (
+            linear(h.clone(), p(slot::GATE), fused),
+            linear(h, p(slot::UP), fused),
+        );
         let gated = if fused {
             fused::swiglu(gate, up)
         } else {
             silu(gate) * up
         };
-        x = x + linear(gated, p(slot::DOWN));
+        x = x + linear(gated, p(slot::DOWN), fused);
     }
     if let Some(cache) = cache {
         cache.len = total;
@@ -223,9 +232,9 @@ fn decoder(
     let [_, _, hidden] = x.dims();
     let x2 = x.reshape([b * rows, hidden]);
     let logits = if cfg.tie_word_embeddings {
-        x2.matmul(w[0].clone().transpose())
+        matmul(x2, w[0].clone().transpose(), fused)
     } else {
-        x2.matmul(w[w.len() - 1].clone())
+        matmul(x2, w[w.len() - 1].clone(), fused)
     };
     logits.reshape([b, rows, cfg.vocab_size])
 }
