@@ -3,8 +3,8 @@
 //!
 //! burn's CPU backends run each element-wise op as its own pass, with a fresh buffer and a
 //! scalar `expf`, and autodiff adds several more passes per op in the backward; these do one
-//! pass each way. They are plain loops written so the compiler vectorizes them; [`simd`] runs
-//! them compiled for AVX-512 or AVX2+FMA when the CPU has it. The arithmetic is the same on
+//! pass each way. They are plain loops written so the compiler vectorizes them, each compiled
+//! for AVX-512, AVX2+FMA and the baseline and chosen at run time (`vectorized!`). The arithmetic is the same on
 //! every path (Rust does not contract `a * b + c` into an FMA), so results do not depend on
 //! the CPU's vector width.
 
@@ -12,36 +12,38 @@
 /// compiler maps onto vector registers.
 const LANES: usize = 16;
 
-/// Runs `f`, compiled with AVX-512 or AVX2+FMA enabled when this CPU has them.
-///
-/// The kernels below are `#[inline(always)]`, so their loops are inlined into, and
-/// vectorized for, the instruction set of the wrapper that calls them.
-#[inline(always)]
-pub fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the wrapper is compiled for.
-            return unsafe { with_avx512(f) };
+/// Defines `fn name(args) body` so that it runs compiled for AVX-512, or AVX2+FMA, when this
+/// CPU has it (checked at run time), and for the baseline instruction set otherwise. The body
+/// and the `#[inline(always)]` helpers it calls are inlined into each of the three versions,
+/// so their loops are vectorized for that instruction set.
+macro_rules! vectorized {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn kernel($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    kernel($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    kernel($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for `avx2`.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            kernel($($arg),*)
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { with_avx2(f) };
-        }
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+    };
 }
 
 /// `e^x` within 2 ulp for finite `x`, branch-free so that loops over it vectorize. Inputs
@@ -156,30 +158,30 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (dot(row, row) / row.len() as f32 + eps).sqrt()
 }
 
-/// RMSNorm of each row of `x` (rows of `weight.len()`): `x / √(mean(x²) + eps) · weight`.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let n = weight.len();
-    simd(|| {
+vectorized! {
+    /// RMSNorm of each row of `x` (rows of `weight.len()`): `x / √(mean(x²) + eps) · weight`.
+    pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        let n = weight.len();
         for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
             let inv = inv_rms(xr, eps);
             for ((y, &xv), &w) in yr.iter_mut().zip(xr).zip(weight) {
                 *y = xv * inv * w;
             }
         }
-    })
+    }
 }
 
-/// Gradients of [`rms_norm`] for output gradient `dy`: writes `dx`, adds to `dweight`.
-pub fn rms_norm_backward(
-    x: &[f32],
-    weight: &[f32],
-    dy: &[f32],
-    eps: f32,
-    dx: &mut [f32],
-    dweight: &mut [f32],
-) {
-    let n = weight.len();
-    simd(|| {
+vectorized! {
+    /// Gradients of [`rms_norm`] for output gradient `dy`: writes `dx`, adds to `dweight`.
+    pub fn rms_norm_backward(
+        x: &[f32],
+        weight: &[f32],
+        dy: &[f32],
+        eps: f32,
+        dx: &mut [f32],
+        dweight: &mut [f32],
+    ) {
+        let n = weight.len();
         let rows = x.chunks_exact(n).zip(dy.chunks_exact(n));
         for ((xr, dyr), dxr) in rows.zip(dx.chunks_exact_mut(n)) {
             let inv = inv_rms(xr, eps);
@@ -198,21 +200,21 @@ pub fn rms_norm_backward(
                 *dw += d * xv * inv;
             }
         }
-    })
+    }
 }
 
-/// SwiGLU's gate: `silu(gate) · up`, with silu(g) = g·sigmoid(g).
-pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    simd(|| {
+vectorized! {
+    /// SwiGLU's gate: `silu(gate) · up`, with silu(g) = g·sigmoid(g).
+    pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
             *y = g * sigmoid(g) * u;
         }
-    })
+    }
 }
 
-/// Gradients of [`swiglu`] for output gradient `dy`.
-pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-    simd(|| {
+vectorized! {
+    /// Gradients of [`swiglu`] for output gradient `dy`.
+    pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
         let inputs = gate.iter().zip(up).zip(dy);
         for (((&g, &u), &d), (dg, du)) in inputs.zip(dgate.iter_mut().zip(dup.iter_mut())) {
             let s = sigmoid(g);
@@ -220,7 +222,39 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], 
             // d silu/dg = s + g·s·(1 − s)
             *dg = d * u * s * (1.0 + g * (1.0 - s));
         }
-    })
+    }
+}
+
+/// The scalars of one AdamW step, as the f32 values the update uses.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    pub beta1: f32,
+    /// 1 − β1
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    /// 1 − β2
+    pub one_minus_beta2: f32,
+    /// 1 − β2^t
+    pub bias2: f32,
+    pub eps: f32,
+    /// lr / (1 − β1^t)
+    pub step_size: f32,
+    /// 1 − lr·weight_decay, or 1 for parameters without decay
+    pub decay_factor: f32,
+}
+
+vectorized! {
+    /// AdamW (PyTorch's update order) on one slice of parameters `p` with gradients `g` and
+    /// moments `m`, `v`, in place; each operation in the order and precision of the tensor-op
+    /// version in `holdfast-train`, so the two agree bit for bit.
+    pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: AdamStep) {
+        for (((pe, me), ve), &ge) in p.iter_mut().zip(m).zip(v).zip(g) {
+            *me = *me * s.beta1 + ge * s.one_minus_beta1;
+            *ve = *ve * s.beta2 + ge * ge * s.one_minus_beta2;
+            let denom = (*ve / s.bias2).sqrt() + s.eps;
+            *pe = *pe * s.decay_factor - *me / denom * s.step_size;
+        }
+    }
 }
 
 /// Shape of the rotary kernels' input `[batch, seq, heads, head_dim]`.
@@ -232,19 +266,19 @@ pub struct HeadsShape {
     pub head_dim: usize,
 }
 
-/// Rotary embedding in Hugging Face's half-split convention, with the move of the heads axis
-/// in front of the positions: `x` is `[b, t, h, d]` (a projection's output), `out` is
-/// `[b, h, t, d]` with `out = x·cos + swap_halves(x)·signed_sin`, where `cos` and
-/// `signed_sin` are `[t, d]` (the sine's first half negated, both already scaled).
-pub fn rope(x: &[f32], cos: &[f32], signed_sin: &[f32], shape: HeadsShape, out: &mut [f32]) {
-    let HeadsShape {
-        batch,
-        seq,
-        heads,
-        head_dim: d,
-    } = shape;
-    let half = d / 2;
-    simd(|| {
+vectorized! {
+    /// Rotary embedding in Hugging Face's half-split convention, with the move of the heads axis
+    /// in front of the positions: `x` is `[b, t, h, d]` (a projection's output), `out` is
+    /// `[b, h, t, d]` with `out = x·cos + swap_halves(x)·signed_sin`, where `cos` and
+    /// `signed_sin` are `[t, d]` (the sine's first half negated, both already scaled).
+    pub fn rope(x: &[f32], cos: &[f32], signed_sin: &[f32], shape: HeadsShape, out: &mut [f32]) {
+        let HeadsShape {
+            batch,
+            seq,
+            heads,
+            head_dim: d,
+        } = shape;
+        let half = d / 2;
         for b in 0..batch {
             for t in 0..seq {
                 let (c, s) = (&cos[t * d..][..d], &signed_sin[t * d..][..d]);
@@ -260,26 +294,26 @@ pub fn rope(x: &[f32], cos: &[f32], signed_sin: &[f32], shape: HeadsShape, out: 
                 }
             }
         }
-    })
+    }
 }
 
-/// Gradient of [`rope`]'s input for output gradient `dy` (`[b, h, t, d]`); `dx` is
-/// `[b, t, h, d]`.
-pub fn rope_backward(
-    dy: &[f32],
-    cos: &[f32],
-    signed_sin: &[f32],
-    shape: HeadsShape,
-    dx: &mut [f32],
-) {
-    let HeadsShape {
-        batch,
-        seq,
-        heads,
-        head_dim: d,
-    } = shape;
-    let half = d / 2;
-    simd(|| {
+vectorized! {
+    /// Gradient of [`rope`]'s input for output gradient `dy` (`[b, h, t, d]`); `dx` is
+    /// `[b, t, h, d]`.
+    pub fn rope_backward(
+        dy: &[f32],
+        cos: &[f32],
+        signed_sin: &[f32],
+        shape: HeadsShape,
+        dx: &mut [f32],
+    ) {
+        let HeadsShape {
+            batch,
+            seq,
+            heads,
+            head_dim: d,
+        } = shape;
+        let half = d / 2;
         for b in 0..batch {
             for t in 0..seq {
                 let (c, s) = (&cos[t * d..][..d], &signed_sin[t * d..][..d]);
@@ -296,15 +330,15 @@ pub fn rope_backward(
                 }
             }
         }
-    })
+    }
 }
 
-/// Softmax of each row of `scores` (rows of `keys` scores) over the keys a causal mask
-/// allows: row `r` is query `r % queries` of a block of `queries` consecutive positions that
-/// follow `start` cached ones, and may attend to keys `0..=start + r % queries`. Masked
-/// entries of `out` are 0.
-pub fn causal_softmax(scores: &[f32], keys: usize, queries: usize, start: usize, out: &mut [f32]) {
-    simd(|| {
+vectorized! {
+    /// Softmax of each row of `scores` (rows of `keys` scores) over the keys a causal mask
+    /// allows: row `r` is query `r % queries` of a block of `queries` consecutive positions that
+    /// follow `start` cached ones, and may attend to keys `0..=start + r % queries`. Masked
+    /// entries of `out` are 0.
+    pub fn causal_softmax(scores: &[f32], keys: usize, queries: usize, start: usize, out: &mut [f32]) {
         for (r, (sr, pr)) in scores
             .chunks_exact(keys)
             .zip(out.chunks_exact_mut(keys))
@@ -322,20 +356,20 @@ pub fn causal_softmax(scores: &[f32], keys: usize, queries: usize, start: usize,
             }
             pr[allowed..].fill(0.0);
         }
-    })
+    }
 }
 
-/// Gradient of [`causal_softmax`]'s scores from its output `probs` and output gradient `dy`:
-/// `probs · (dy − Σ probs·dy)` per row, 0 where masked.
-pub fn causal_softmax_backward(
-    probs: &[f32],
-    dy: &[f32],
-    keys: usize,
-    queries: usize,
-    start: usize,
-    dscores: &mut [f32],
-) {
-    simd(|| {
+vectorized! {
+    /// Gradient of [`causal_softmax`]'s scores from its output `probs` and output gradient `dy`:
+    /// `probs · (dy − Σ probs·dy)` per row, 0 where masked.
+    pub fn causal_softmax_backward(
+        probs: &[f32],
+        dy: &[f32],
+        keys: usize,
+        queries: usize,
+        start: usize,
+        dscores: &mut [f32],
+    ) {
         let rows = probs.chunks_exact(keys).zip(dy.chunks_exact(keys));
         for (r, ((pr, dr), gr)) in rows.zip(dscores.chunks_exact_mut(keys)).enumerate() {
             let allowed = (start + r % queries + 1).min(keys);
@@ -346,7 +380,7 @@ pub fn causal_softmax_backward(
             }
             gr[allowed..].fill(0.0);
         }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! is as explicit (saveable, comparable, shippable to a peer) as the weights.
 
 use burn::tensor::{Tensor, TensorData};
+use holdfast_model::kernels::{self, AdamStep};
 use rayon::prelude::*;
 
 use crate::config::TrainSection;
@@ -120,26 +121,23 @@ fn update_on_host(
             vd.as_mut_slice::<f32>().expect(f32s),
         );
         let gs = gd.as_slice::<f32>().expect(f32s);
-        let (b1, c1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
-        let (b2, c2) = (s.beta2 as f32, (1.0 - s.beta2) as f32);
-        let (bias2, eps) = (s.bias2 as f32, s.eps as f32);
-        let (step_size, decay_factor) = (s.step_size as f32, s.decay_factor as f32);
+        let step = AdamStep {
+            beta1: s.beta1 as f32,
+            one_minus_beta1: (1.0 - s.beta1) as f32,
+            beta2: s.beta2 as f32,
+            one_minus_beta2: (1.0 - s.beta2) as f32,
+            bias2: s.bias2 as f32,
+            eps: s.eps as f32,
+            step_size: s.step_size as f32,
+            // × 1 leaves every value as it is: the same as skipping the multiply.
+            decay_factor: if decays { s.decay_factor as f32 } else { 1.0 },
+        };
         const CHUNK: usize = 1 << 15;
         ps.par_chunks_mut(CHUNK)
             .zip(ms.par_chunks_mut(CHUNK))
             .zip(vs.par_chunks_mut(CHUNK))
             .zip(gs.par_chunks(CHUNK))
-            .for_each(|(((pc, mc), vc), gc)| {
-                holdfast_model::kernels::simd(|| {
-                    for (((pe, me), ve), &ge) in pc.iter_mut().zip(mc).zip(vc).zip(gc) {
-                        *me = *me * b1 + ge * c1;
-                        *ve = *ve * b2 + ge * ge * c2;
-                        let denom = (*ve / bias2).sqrt() + eps;
-                        let decayed = if decays { *pe * decay_factor } else { *pe };
-                        *pe = decayed - *me / denom * step_size;
-                    }
-                })
-            });
+            .for_each(|(((pc, mc), vc), gc)| kernels::adamw(pc, mc, vc, gc, step));
     }
     let back = |d: TensorData| Tensor::from_data(d, &device);
     (*p, *m, *v) = (back(pd), back(md), back(vd));
