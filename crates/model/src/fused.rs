@@ -55,12 +55,16 @@ pub(crate) fn rope_heads(x: Tensor<4>, cos: &Tensor<2>, signed_sin: &Tensor<2>) 
     ))
 }
 
-/// Causally masked softmax over the last axis of attention scores whose rows are blocks of
-/// `queries` positions following `start` cached ones (see [`kernels::causal_softmax`]).
-pub(crate) fn causal_softmax(scores: Tensor<4>, queries: usize, start: usize) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_causal_softmax(
-        scores.into_dispatch(),
-        queries,
+/// Causal grouped-query attention: `softmax(q·kᵀ, causally masked) · v` for queries
+/// `q: [b, heads, t, hd]` (already scaled) following `start` cached positions, and keys and
+/// values `[b, kv_heads, start + t, hd]` (any strides); query head `h` reads key/value head
+/// `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`. Returns `[b, t, heads·hd]`: the
+/// heads side by side, ready for the output projection.
+pub(crate) fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
         start,
     ))
 }
@@ -81,9 +85,10 @@ pub trait FusedOps: Backend {
         cos: FloatTensor<Self>,
         signed_sin: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-    fn fused_causal_softmax(
-        scores: FloatTensor<Self>,
-        queries: usize,
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
         start: usize,
     ) -> FloatTensor<Self>;
 }
@@ -120,33 +125,24 @@ fn heads_shape(x: &FlexTensor) -> HeadsShape {
     }
 }
 
-/// Rows of a `[.., keys]` score tensor and its key count.
-fn keys(scores: &FlexTensor) -> usize {
-    *scores
-        .layout()
-        .shape()
-        .last()
-        .expect("scores have a key axis")
-}
-
-/// A 2-D f32 operand of a matrix multiply, read through its strides (no copy for a view).
+/// A strided f32 matrix inside a tensor's storage: element (r, c) at `ptr + r·row_stride +
+/// c·col_stride`. A view (a transpose, a head of a larger tensor) needs no copy.
 #[derive(Clone, Copy)]
-struct Operand<'a> {
-    storage: &'a [f32],
-    offset: usize,
+struct Matrix {
+    ptr: *const f32,
     rows: usize,
     cols: usize,
     row_stride: isize,
     col_stride: isize,
 }
 
-impl<'a> Operand<'a> {
-    fn of(t: &'a FlexTensor) -> Self {
+impl Matrix {
+    /// A 2-D tensor as a matrix.
+    fn of(t: &FlexTensor) -> Self {
         let [rows, cols] = t.layout().shape().dims();
         let strides = t.layout().strides();
-        Operand {
-            storage: t.storage::<f32>(),
-            offset: t.layout().start_offset(),
+        Matrix {
+            ptr: first_element(t),
             rows,
             cols,
             row_stride: strides[0],
@@ -154,8 +150,24 @@ impl<'a> Operand<'a> {
         }
     }
 
+    /// Matrix `[i, j]` of a 4-D tensor: its last two axes at index `i` of the first and `j` of
+    /// the second.
+    fn of_4d(t: &FlexTensor, i: usize, j: usize) -> Self {
+        let [_, _, rows, cols] = t.layout().shape().dims();
+        let s = t.layout().strides();
+        Matrix {
+            // SAFETY: (i, j) is inside the tensor's first two axes, so the offset stays inside
+            // its storage.
+            ptr: unsafe { first_element(t).offset(i as isize * s[0] + j as isize * s[1]) },
+            rows,
+            cols,
+            row_stride: s[2],
+            col_stride: s[3],
+        }
+    }
+
     fn transposed(self) -> Self {
-        Operand {
+        Matrix {
             rows: self.cols,
             cols: self.rows,
             row_stride: self.col_stride,
@@ -163,49 +175,102 @@ impl<'a> Operand<'a> {
             ..self
         }
     }
+
+    /// Rows `r0..r1` and columns `0..cols`.
+    fn block(self, r0: usize, r1: usize, cols: usize) -> Self {
+        debug_assert!(r0 <= r1 && r1 <= self.rows && cols <= self.cols);
+        Matrix {
+            // SAFETY: row r0 ≤ rows is inside (or one past) the matrix.
+            ptr: unsafe { self.ptr.offset(r0 as isize * self.row_stride) },
+            rows: r1 - r0,
+            cols,
+            ..self
+        }
+    }
 }
 
-/// `a · b` into a fresh row-major buffer, with the `gemm` crate (which flex's own matmul also
-/// uses). flex zero-fills its output and then copies it into an aligned allocation before
-/// the multiply overwrites it; this writes the product straight into a new buffer.
-fn matmul_f32(a: Operand, b: Operand) -> FlexTensor {
+fn first_element(t: &FlexTensor) -> *const f32 {
+    t.storage::<f32>()[t.layout().start_offset()..].as_ptr()
+}
+
+/// `dst = a · b`, or `dst += a · b` with `accumulate`, through the `gemm` crate (which flex's own
+/// matmul also uses). `dst` is a matrix of a buffer the caller owns mutably.
+///
+/// # Safety
+/// `a` and `b` point into live storage; `dst` points into a live, mutable, row-major-or-strided
+/// buffer that nothing else accesses during the call; shapes agree.
+unsafe fn gemm_into(dst: Matrix, a: Matrix, b: Matrix, accumulate: bool, parallel: bool) {
+    debug_assert!(a.cols == b.rows && dst.rows == a.rows && dst.cols == b.cols);
+    if dst.rows == 0 || dst.cols == 0 || a.cols == 0 {
+        return;
+    }
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            dst.rows,
+            dst.cols,
+            a.cols,
+            dst.ptr as *mut f32,
+            dst.col_stride,
+            dst.row_stride,
+            accumulate,
+            a.ptr,
+            a.col_stride,
+            a.row_stride,
+            b.ptr,
+            b.col_stride,
+            b.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// A row-major `rows × cols` matrix over `buf` (which must hold it).
+fn row_major(buf: &mut [f32], rows: usize, cols: usize) -> Matrix {
+    assert!(buf.len() >= rows * cols);
+    Matrix {
+        ptr: buf.as_mut_ptr(),
+        rows,
+        cols,
+        row_stride: cols as isize,
+        col_stride: 1,
+    }
+}
+
+/// `a · b` into a fresh row-major buffer. flex's own matmul zero-fills its output and then
+/// copies it into an aligned allocation before the multiply overwrites it; this writes the
+/// product straight into a new buffer.
+fn matmul_f32(a: Matrix, b: Matrix) -> FlexTensor {
     assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let mut out = Vec::<f32>::with_capacity(m * n);
     if k == 0 {
         out.resize(m * n, 0.0);
-    } else if m * n > 0 {
-        // Same threshold as flex: below it, splitting costs more than it saves.
-        let parallelism = if m * n * k >= 192 * 192 * 192 {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
+    } else {
+        let dst = Matrix {
+            ptr: out.as_mut_ptr(),
+            rows: m,
+            cols: n,
+            row_stride: n as isize,
+            col_stride: 1,
         };
-        // SAFETY: each operand's view lies inside its storage (its layout says so), and with
-        // `read_dst = false` gemm writes every element of the m×n row-major output before
-        // the length is set; nothing reads the buffer before that.
+        // Same threshold as flex: below it, splitting costs more than it saves.
+        let parallel = m * n * k >= 192 * 192 * 192;
+        // SAFETY: the operands are views of live tensors with these shapes; `out` has room for
+        // m·n elements, and with `accumulate = false` gemm writes every one of them before the
+        // length is set; nothing reads the buffer before that.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.storage.as_ptr().add(a.offset),
-                a.col_stride,
-                a.row_stride,
-                b.storage.as_ptr().add(b.offset),
-                b.col_stride,
-                b.row_stride,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
+            gemm_into(dst, a, b, false, parallel);
             out.set_len(m * n);
         }
     }
@@ -252,22 +317,235 @@ fn rope_backward(
     tensor(dx, Shape::new([batch, seq, heads, head_dim]))
 }
 
-fn causal_softmax_backward(
-    probs: &FlexTensor,
+/// Queries per block of the attention's score products: a block needs the keys up to its
+/// last query's position, so later blocks skip most of the masked keys.
+const QUERY_BLOCK: usize = 32;
+
+/// Shapes of an attention call: `[b, heads, t, hd]` queries, `[b, kv_heads, keys, hd]` keys.
+#[derive(Clone, Copy, Debug)]
+struct AttentionShape {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
     queries: usize,
+    keys: usize,
+    head_dim: usize,
+    start: usize,
+}
+
+impl AttentionShape {
+    fn of(q: &FlexTensor, k: &FlexTensor, start: usize) -> Self {
+        let [batch, heads, queries, head_dim] = q.layout().shape().dims();
+        let [_, kv_heads, keys, _] = k.layout().shape().dims();
+        assert_eq!(
+            keys,
+            start + queries,
+            "attention: keys are the cached and the new positions"
+        );
+        assert_eq!(
+            heads % kv_heads,
+            0,
+            "attention: heads must be a multiple of kv heads"
+        );
+        AttentionShape {
+            batch,
+            heads,
+            kv_heads,
+            queries,
+            keys,
+            head_dim,
+            start,
+        }
+    }
+
+    /// (first query, one past the last, keys the block may see) for each query block.
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (0..self.queries).step_by(QUERY_BLOCK).map(|i0| {
+            let i1 = (i0 + QUERY_BLOCK).min(self.queries);
+            (i0, i1, (self.start + i1).min(self.keys))
+        })
+    }
+
+    fn kv_head(&self, head: usize) -> usize {
+        head / (self.heads / self.kv_heads)
+    }
+
+    fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.queries * self.keys
+    }
+}
+
+/// The attention's output `[b, t, heads·hd]` and its probabilities `[b, heads, t, keys]`.
+fn attention_forward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    start: usize,
+) -> [FlexTensor; 2] {
+    let s = AttentionShape::of(q, k, start);
+    let (t, keys, hd) = (s.queries, s.keys, s.head_dim);
+    let width = s.heads * hd;
+    let mut probs = vec![0.0f32; s.probs_len()];
+    let mut out = vec![0.0f32; s.batch * t * width];
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let g = s.kv_head(h);
+            let (qm, km, vm) = (
+                Matrix::of_4d(q, b, h),
+                Matrix::of_4d(k, b, g),
+                Matrix::of_4d(v, b, g),
+            );
+            let p = &mut probs[(b * s.heads + h) * t * keys..][..t * keys];
+            let pm = row_major(p, t, keys);
+            for (i0, i1, seen) in s.blocks() {
+                // SAFETY: views of live tensors and of `probs`, which only this loop touches.
+                unsafe {
+                    gemm_into(
+                        pm.block(i0, i1, seen),
+                        qm.block(i0, i1, hd),
+                        km.block(0, seen, hd).transposed(),
+                        false,
+                        false,
+                    )
+                };
+            }
+            // Entries a block did not compute are masked: the softmax overwrites them with 0.
+            kernels::causal_softmax(p, keys, t, start);
+            let om = Matrix {
+                ptr: out[(b * t) * width + h * hd..].as_mut_ptr(),
+                rows: t,
+                cols: hd,
+                row_stride: width as isize,
+                col_stride: 1,
+            };
+            let pm = row_major(p, t, keys);
+            for (i0, i1, seen) in s.blocks() {
+                // SAFETY: as above; `out` is written only here.
+                unsafe {
+                    gemm_into(
+                        om.block(i0, i1, hd),
+                        pm.block(i0, i1, seen),
+                        vm.block(0, seen, hd),
+                        false,
+                        false,
+                    )
+                };
+            }
+        }
+    }
+    [
+        tensor(out, Shape::new([s.batch, t, width])),
+        tensor(probs, Shape::new([s.batch, s.heads, t, keys])),
+    ]
+}
+
+/// Gradients of [`attention_forward`]'s q, k and v for its output gradient `dy`.
+fn attention_backward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    probs: &FlexTensor,
     start: usize,
     dy: FlexTensor,
-) -> FlexTensor {
+) -> [FlexTensor; 3] {
+    let s = AttentionShape::of(q, k, start);
+    let (t, keys, hd) = (s.queries, s.keys, s.head_dim);
+    let width = s.heads * hd;
     let dy = dense(dy);
-    let mut ds = vec![0.0; values(probs).len()];
-    let k = keys(probs);
-    kernels::causal_softmax_backward(values(probs), values(&dy), k, queries, start, &mut ds);
-    tensor(ds, shape(probs))
+    let (dyv, pv) = (values(&dy), values(probs));
+    let mut dq = vec![0.0f32; s.batch * s.heads * t * hd];
+    let mut dk = vec![0.0f32; s.batch * s.kv_heads * keys * hd];
+    let mut dv = vec![0.0f32; s.batch * s.kv_heads * keys * hd];
+    let mut ds = vec![0.0f32; t * keys];
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let g = s.kv_head(h);
+            let (qm, km, vm) = (
+                Matrix::of_4d(q, b, h),
+                Matrix::of_4d(k, b, g),
+                Matrix::of_4d(v, b, g),
+            );
+            let p = &pv[(b * s.heads + h) * t * keys..][..t * keys];
+            let pm = Matrix {
+                ptr: p.as_ptr(),
+                rows: t,
+                cols: keys,
+                row_stride: keys as isize,
+                col_stride: 1,
+            };
+            let dym = Matrix {
+                ptr: dyv[(b * t) * width + h * hd..].as_ptr(),
+                rows: t,
+                cols: hd,
+                row_stride: width as isize,
+                col_stride: 1,
+            };
+            let dsm = row_major(&mut ds, t, keys);
+            let dqm = row_major(&mut dq[(b * s.heads + h) * t * hd..], t, hd);
+            let kv_offset = (b * s.kv_heads + g) * keys * hd;
+            let dkm = row_major(&mut dk[kv_offset..], keys, hd);
+            let dvm = row_major(&mut dv[kv_offset..], keys, hd);
+            // SAFETY (all gemm_into calls below): views of live tensors and of this function's
+            // own buffers, each written by one call at a time.
+            for (i0, i1, seen) in s.blocks() {
+                // dP = dy · vᵀ over the keys the block saw.
+                unsafe {
+                    gemm_into(
+                        dsm.block(i0, i1, seen),
+                        dym.block(i0, i1, hd),
+                        vm.block(0, seen, hd).transposed(),
+                        false,
+                        false,
+                    )
+                };
+                // dv += Pᵀ · dy
+                unsafe {
+                    gemm_into(
+                        dvm.block(0, seen, hd),
+                        pm.block(i0, i1, seen).transposed(),
+                        dym.block(i0, i1, hd),
+                        true,
+                        false,
+                    )
+                };
+            }
+            // dS = P · (dP − Σ P·dP), 0 where masked (so the blocks' unseen keys are 0 too).
+            kernels::causal_softmax_backward(p, &mut ds, keys, t, start);
+            let dsm = row_major(&mut ds, t, keys);
+            for (i0, i1, seen) in s.blocks() {
+                // dq = dS · k;  dk += dSᵀ · q
+                unsafe {
+                    gemm_into(
+                        dqm.block(i0, i1, hd),
+                        dsm.block(i0, i1, seen),
+                        km.block(0, seen, hd),
+                        false,
+                        false,
+                    )
+                };
+                unsafe {
+                    gemm_into(
+                        dkm.block(0, seen, hd),
+                        dsm.block(i0, i1, seen).transposed(),
+                        qm.block(i0, i1, hd),
+                        true,
+                        false,
+                    )
+                };
+            }
+        }
+    }
+    let kv_shape = || Shape::new([s.batch, s.kv_heads, keys, hd]);
+    [
+        tensor(dq, Shape::new([s.batch, s.heads, t, hd])),
+        tensor(dk, kv_shape()),
+        tensor(dv, kv_shape()),
+    ]
 }
 
 impl FusedOps for Flex {
     fn fused_matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
-        matmul_f32(Operand::of(&x), Operand::of(&w))
+        matmul_f32(Matrix::of(&x), Matrix::of(&w))
     }
 
     fn fused_rms_norm(x: FlexTensor, weight: FlexTensor, eps: f32) -> FlexTensor {
@@ -292,11 +570,9 @@ impl FusedOps for Flex {
         tensor(y, Shape::new([s.batch, s.heads, s.seq, s.head_dim]))
     }
 
-    fn fused_causal_softmax(scores: FlexTensor, queries: usize, start: usize) -> FlexTensor {
-        let scores = dense(scores);
-        let mut p = vec![0.0; values(&scores).len()];
-        kernels::causal_softmax(values(&scores), keys(&scores), queries, start, &mut p);
-        tensor(p, shape(&scores))
+    fn fused_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, start: usize) -> FlexTensor {
+        let [out, _] = attention_forward(&q, &k, &v, start);
+        out
     }
 }
 
@@ -310,12 +586,12 @@ impl Backward<Flex, 2> for MatmulBackward {
         let [node_x, node_w] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let (x, w) = ops.state;
-        let dy_op = Operand::of(&dy);
+        let dy_m = Matrix::of(&dy);
         if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, matmul_f32(dy_op, Operand::of(&w).transposed()));
+            grads.register::<Flex>(node.id, matmul_f32(dy_m, Matrix::of(&w).transposed()));
         }
         if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, matmul_f32(Operand::of(&x).transposed(), dy_op));
+            grads.register::<Flex>(node.id, matmul_f32(Matrix::of(&x).transposed(), dy_m));
         }
     }
 }
@@ -378,19 +654,20 @@ impl Backward<Flex, 1> for RopeBackward {
 }
 
 #[derive(Debug)]
-struct CausalSoftmaxBackward;
+struct AttentionBackward;
 
-impl Backward<Flex, 1> for CausalSoftmaxBackward {
-    /// The probabilities (the forward's output), queries per block, cached positions.
-    type State = (FlexTensor, usize, usize);
+impl Backward<Flex, 3> for AttentionBackward {
+    /// q, k, v, the probabilities, and the cached positions.
+    type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, usize);
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_scores] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Flex>(&ops.node);
-        let (probs, queries, start) = ops.state;
-        if let Some(node) = node_scores {
-            let ds = causal_softmax_backward(&probs, queries, start, dy);
-            grads.register::<Flex>(node.id, ds);
+        let (q, k, v, probs, start) = ops.state;
+        let grads_qkv = attention_backward(&q, &k, &v, &probs, start, dy);
+        for (node, grad) in ops.parents.into_iter().zip(grads_qkv) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, grad);
+            }
         }
     }
 }
@@ -449,16 +726,18 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_causal_softmax(
-        scores: FloatTensor<Self>,
-        queries: usize,
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
         start: usize,
     ) -> FloatTensor<Self> {
-        let prep = CausalSoftmaxBackward.prepare::<C>([scores.node()]);
-        let probs = Flex::fused_causal_softmax(scores.into_primitive(), queries, start);
+        let prep = AttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]);
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        let [out, probs] = attention_forward(&q, &k, &v, start);
         match prep.compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((probs.clone(), queries, start), probs),
-            OpsKind::UnTracked(prep) => prep.finish(probs),
+            OpsKind::Tracked(prep) => prep.finish((q, k, v, probs, start), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 }

@@ -334,51 +334,46 @@ vectorized! {
 }
 
 vectorized! {
-    /// Softmax of each row of `scores` (rows of `keys` scores) over the keys a causal mask
-    /// allows: row `r` is query `r % queries` of a block of `queries` consecutive positions that
-    /// follow `start` cached ones, and may attend to keys `0..=start + r % queries`. Masked
-    /// entries of `out` are 0.
-    pub fn causal_softmax(scores: &[f32], keys: usize, queries: usize, start: usize, out: &mut [f32]) {
-        for (r, (sr, pr)) in scores
-            .chunks_exact(keys)
-            .zip(out.chunks_exact_mut(keys))
-            .enumerate()
-        {
+    /// Softmax, in place, of each row of `scores` (rows of `keys` scores) over the keys a causal
+    /// mask allows: row `r` is query `r % queries` of a block of `queries` consecutive
+    /// positions that follow `start` cached ones, and may attend to keys `0..=start + r %
+    /// queries`. Masked entries become 0 (whatever they held).
+    pub fn causal_softmax(scores: &mut [f32], keys: usize, queries: usize, start: usize) {
+        for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
             let allowed = (start + r % queries + 1).min(keys);
-            let (s, p) = (&sr[..allowed], &mut pr[..allowed]);
-            let m = max(s);
-            for (pv, &sv) in p.iter_mut().zip(s) {
-                *pv = exp(sv - m);
+            let (p, masked) = row.split_at_mut(allowed);
+            let m = max(p);
+            for v in p.iter_mut() {
+                *v = exp(*v - m);
             }
             let inv = 1.0 / sum(p);
-            for pv in p.iter_mut() {
-                *pv *= inv;
+            for v in p.iter_mut() {
+                *v *= inv;
             }
-            pr[allowed..].fill(0.0);
+            masked.fill(0.0);
         }
     }
 }
 
 vectorized! {
-    /// Gradient of [`causal_softmax`]'s scores from its output `probs` and output gradient `dy`:
-    /// `probs · (dy − Σ probs·dy)` per row, 0 where masked.
+    /// Gradient of [`causal_softmax`]'s scores, in place of its output gradient `grad`, from
+    /// its output `probs`: `probs · (grad − Σ probs·grad)` per row, 0 where masked.
     pub fn causal_softmax_backward(
         probs: &[f32],
-        dy: &[f32],
+        grad: &mut [f32],
         keys: usize,
         queries: usize,
         start: usize,
-        dscores: &mut [f32],
     ) {
-        let rows = probs.chunks_exact(keys).zip(dy.chunks_exact(keys));
-        for (r, ((pr, dr), gr)) in rows.zip(dscores.chunks_exact_mut(keys)).enumerate() {
+        for (r, (pr, gr)) in probs.chunks_exact(keys).zip(grad.chunks_exact_mut(keys)).enumerate() {
             let allowed = (start + r % queries + 1).min(keys);
-            let (p, d) = (&pr[..allowed], &dr[..allowed]);
-            let centre = dot(p, d);
-            for ((g, &pv), &dv) in gr[..allowed].iter_mut().zip(p).zip(d) {
-                *g = pv * (dv - centre);
+            let (g, masked) = gr.split_at_mut(allowed);
+            let p = &pr[..allowed];
+            let centre = dot(p, g);
+            for (gv, &pv) in g.iter_mut().zip(p) {
+                *gv = pv * (*gv - centre);
             }
-            gr[allowed..].fill(0.0);
+            masked.fill(0.0);
         }
     }
 }
@@ -509,8 +504,8 @@ mod tests {
         // Two queries following 3 cached positions, 5 keys; two heads stacked as rows.
         let (keys, queries, start) = (5, 2, 3);
         let (s, dy) = (values(4 * keys, 11), values(4 * keys, 12));
-        let mut p = vec![0.0; s.len()];
-        causal_softmax(&s, keys, queries, start, &mut p);
+        let mut p = s.clone();
+        causal_softmax(&mut p, keys, queries, start);
         for (r, row) in p.chunks(keys).enumerate() {
             let allowed = start + r % queries + 1;
             assert!(row[allowed..].iter().all(|&v| v == 0.0), "row {r}: {row:?}");
@@ -523,12 +518,12 @@ mod tests {
             assert!((row[0] - (s[r * keys] - m).exp() / z).abs() < 1e-6);
         }
         let forward = |s: &[f32]| {
-            let mut p = vec![0.0; s.len()];
-            causal_softmax(s, keys, queries, start, &mut p);
+            let mut p = s.to_vec();
+            causal_softmax(&mut p, keys, queries, start);
             probed(&p, &dy)
         };
-        let mut ds = vec![0.0; s.len()];
-        causal_softmax_backward(&p, &dy, keys, queries, start, &mut ds);
+        let mut ds = dy.clone();
+        causal_softmax_backward(&p, &mut ds, keys, queries, start);
         assert_close(&ds, &numeric_grad(&s, forward), "dscores");
     }
 }

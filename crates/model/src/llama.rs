@@ -189,23 +189,25 @@ fn decoder(
                 cache.layers.push((k.clone(), v.clone()));
             }
         }
-        // Grouped-query attention without copying keys and values per query head: the `rep`
-        // query heads that share key/value head g (heads g·rep .. g·rep + rep, as in Hugging
-        // Face's repeat_kv) are stacked along the position axis, so the scores
-        // [b, nkv, rep·t, total] come from one matrix multiply per key/value head.
-        let scores = q.reshape([b, nkv, rep * t, hd]).matmul(k.swap_dims(2, 3));
-        let probs = if fused {
-            fused::causal_softmax(scores, t, start)
+        let attn = if fused {
+            fused::attention(q, k, v, start)
         } else {
-            let scores = scores.reshape([b, nkv, rep, t, total]);
+            // Grouped-query attention without copying keys and values per query head: the
+            // `rep` query heads that share key/value head g (heads g·rep .. g·rep + rep, as in
+            // Hugging Face's repeat_kv) are stacked along the position axis, so the scores
+            // [b, nkv, rep·t, total] come from one matrix multiply per key/value head.
+            let scores = q
+                .reshape([b, nkv, rep * t, hd])
+                .matmul(k.swap_dims(2, 3))
+                .reshape([b, nkv, rep, t, total]);
             let scores = match &causal {
                 Some(mask) => scores.mask_fill(mask.clone(), f32::NEG_INFINITY),
                 None => scores,
             };
-            softmax(scores, 4).reshape([b, nkv, rep * t, total])
+            let probs = softmax(scores, 4).reshape([b, nkv, rep * t, total]);
+            let attn = probs.matmul(v).reshape([b, nh, t, hd]);
+            attn.swap_dims(1, 2).reshape([b, t, nh * hd])
         };
-        let attn = probs.matmul(v).reshape([b, nh, t, hd]);
-        let attn = attn.swap_dims(1, 2).reshape([b, t, nh * hd]);
         x = x + linear(attn, p(slot::O), fused);
 
         let h = rms_norm(x.clone(), p(slot::POST_NORM), eps, fused);
@@ -257,8 +259,10 @@ mod tests {
             .into_iter()
             .map(|t| t.require_grad())
             .collect();
-        let ids: Vec<i64> = (0..2 * 9).map(|i| (i * 37 + 5) % 256).collect();
-        let tokens = Tensor::from_data(TensorData::new(ids, [2, 9]), &device);
+        // More positions than one query block of the fused attention, and not a multiple of it.
+        let seq = 45;
+        let ids: Vec<i64> = (0..2 * seq as i64).map(|i| (i * 37 + 5) % 256).collect();
+        let tokens = Tensor::from_data(TensorData::new(ids, [2, seq]), &device);
         let logits = forward(cfg, &leaves, tokens);
         let n = logits.dims().iter().product::<usize>();
         let probe: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
