@@ -7,7 +7,7 @@
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, OpsPrep};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
@@ -576,6 +576,34 @@ impl FusedOps for Flex {
     }
 }
 
+/// Gives each parent that autodiff tracks its gradient from `computed`, in parent order.
+macro_rules! register {
+    ($grads:expr, $parents:expr, $computed:expr) => {
+        for (node, grad) in $parents.into_iter().zip($computed) {
+            if let Some(node) = node {
+                $grads.register::<Flex>(node.id, grad);
+            }
+        }
+    };
+}
+
+/// Records `output` in the autodiff graph, keeping `state` for the backward when an input is
+/// tracked.
+fn record<BO, C, const N: usize>(
+    prep: OpsPrep<BO, Flex, BO::State, C, N>,
+    state: BO::State,
+    output: FlexTensor,
+) -> FloatTensor<Autodiff<Flex, C>>
+where
+    BO: Backward<Flex, N>,
+    C: CheckpointStrategy,
+{
+    match prep.compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
 #[derive(Debug)]
 struct MatmulBackward;
 
@@ -603,16 +631,9 @@ impl Backward<Flex, 2> for RmsNormBackward {
     type State = (FlexTensor, FlexTensor, f32);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_w] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let (x, w, eps) = ops.state;
-        let [dx, dw] = rms_norm_backward(&x, &w, dy, eps);
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, dx);
-        }
-        if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, dw);
-        }
+        register!(grads, ops.parents, rms_norm_backward(&x, &w, dy, eps));
     }
 }
 
@@ -623,16 +644,9 @@ impl Backward<Flex, 2> for SwigluBackward {
     type State = (FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_gate, node_up] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let (gate, up) = ops.state;
-        let [dgate, dup] = swiglu_backward(&gate, &up, dy);
-        if let Some(node) = node_gate {
-            grads.register::<Flex>(node.id, dgate);
-        }
-        if let Some(node) = node_up {
-            grads.register::<Flex>(node.id, dup);
-        }
+        register!(grads, ops.parents, swiglu_backward(&gate, &up, dy));
     }
 }
 
@@ -644,12 +658,13 @@ impl Backward<Flex, 1> for RopeBackward {
     type State = (FlexTensor, FlexTensor, HeadsShape);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let (cos, signed_sin, x_shape) = ops.state;
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, rope_backward(&cos, &signed_sin, x_shape, dy));
-        }
+        register!(
+            grads,
+            ops.parents,
+            [rope_backward(&cos, &signed_sin, x_shape, dy)]
+        );
     }
 }
 
@@ -663,12 +678,11 @@ impl Backward<Flex, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Flex>(&ops.node);
         let (q, k, v, probs, start) = ops.state;
-        let grads_qkv = attention_backward(&q, &k, &v, &probs, start, dy);
-        for (node, grad) in ops.parents.into_iter().zip(grads_qkv) {
-            if let Some(node) = node {
-                grads.register::<Flex>(node.id, grad);
-            }
-        }
+        register!(
+            grads,
+            ops.parents,
+            attention_backward(&q, &k, &v, &probs, start, dy)
+        );
     }
 }
 
@@ -677,10 +691,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let prep = MatmulBackward.prepare::<C>([x.node(), w.node()]);
         let (x, w) = (x.into_primitive(), w.into_primitive());
         let y = Flex::fused_matmul(x.clone(), w.clone());
-        match prep.compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((x, w), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        record(prep, (x, w), y)
     }
 
     fn fused_rms_norm(
@@ -691,20 +702,14 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let prep = RmsNormBackward.prepare::<C>([x.node(), weight.node()]);
         let (x, weight) = (dense(x.into_primitive()), dense(weight.into_primitive()));
         let y = Flex::fused_rms_norm(x.clone(), weight.clone(), eps);
-        match prep.compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((x, weight, eps), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        record(prep, (x, weight, eps), y)
     }
 
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let prep = SwigluBackward.prepare::<C>([gate.node(), up.node()]);
         let (gate, up) = (dense(gate.into_primitive()), dense(up.into_primitive()));
         let y = Flex::fused_swiglu(gate.clone(), up.clone());
-        match prep.compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((gate, up), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        record(prep, (gate, up), y)
     }
 
     fn fused_rope_heads(
@@ -720,10 +725,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         );
         let x_shape = heads_shape(&x);
         let y = Flex::fused_rope_heads(x, cos.clone(), signed_sin.clone());
-        match prep.compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((cos, signed_sin, x_shape), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        record(prep, (cos, signed_sin, x_shape), y)
     }
 
     fn fused_attention(
@@ -735,9 +737,6 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let prep = AttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]);
         let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
         let [out, probs] = attention_forward(&q, &k, &v, start);
-        match prep.compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((q, k, v, probs, start), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        record(prep, (q, k, v, probs, start), out)
     }
 }
