@@ -1,5 +1,7 @@
-//! The [`kernels`](crate::kernels) as burn operations on the flex backend, with their backward
-//! passes registered with autodiff, so that training and inference on CPU both use them.
+//! The [`kernels`](crate::kernels), the linear layers' matrix products and causal attention as
+//! burn operations on the flex backend, with their backward passes registered with autodiff,
+//! so that training and inference on CPU both use them. The products call the `gemm` crate
+//! (flex's own matmul kernel) on strided views, writing straight into fresh buffers.
 //!
 //! Only flex on f32 has them; [`available`] says when a tensor can take this path, and the
 //! model composes the same functions from plain tensor ops otherwise (GPU backends, ndarray).

@@ -55,8 +55,9 @@ fn masked_nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -
 
 /// How many row groups of a micro-batch [`compute_grads`] runs in parallel.
 ///
-/// burn's CPU backends run element-wise ops (norms, RoPE, softmax, activations and their
-/// backward) on the calling thread; only matrix multiplies use every core. One group per core
+/// On CPU, element-wise work (burn's ops, and the model's fused kernels for norms, RoPE,
+/// softmax and SwiGLU with their backward) runs on the calling thread; only matrix multiplies
+/// use every core. One group per core
 /// this process may use (its rayon pool: `RAYON_NUM_THREADS`, which a local multi-worker
 /// launch sets to each worker's share, or every core), at most [`MAX_ROW_GROUPS`], keeps the
 /// cores busy through those ops too (measured: README, "Performance"). GPU devices take one
