@@ -32,11 +32,15 @@ macro_rules! vectorized {
                 unsafe fn avx2($($arg: $ty),*) {
                     kernel($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f") {
+                let widest = isa_limit();
+                if widest >= Isa::Avx512 && std::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has the features `avx512` is compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if widest >= Isa::Avx2
+                    && std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                {
                     // SAFETY: as above, for `avx2`.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -44,6 +48,29 @@ macro_rules! vectorized {
             kernel($($arg),*)
         }
     };
+}
+
+/// Instruction sets the kernels are compiled for, narrowest first.
+#[allow(dead_code)] // only x86-64 builds select the wider ones
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Isa {
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+/// The widest instruction set a kernel may use: every one the CPU has, except where a test
+/// narrows it to check that all versions compute the same bits.
+#[allow(dead_code)]
+fn isa_limit() -> Isa {
+    #[cfg(test)]
+    {
+        tests::ISA_LIMIT.with(|l| l.get())
+    }
+    #[cfg(not(test))]
+    {
+        Isa::Avx512
+    }
 }
 
 /// `e^x` within 2 ulp for finite `x`, branch-free so that loops over it vectorize. Inputs
@@ -381,6 +408,82 @@ vectorized! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        pub(super) static ISA_LIMIT: Cell<Isa> = const { Cell::new(Isa::Avx512) };
+    }
+
+    /// Every kernel's outputs under each instruction set, as bits.
+    fn all_outputs() -> Vec<Vec<u32>> {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let n = 67; // rows of 67: vector bodies and scalar tails both run
+        let (x, w, dy) = (values(3 * n, 1), values(n, 2), values(3 * n, 3));
+        let mut out = vec![];
+        let mut y = vec![0.0; 3 * n];
+        rms_norm(&x, &w, 1e-5, &mut y);
+        out.push(bits(&y));
+        let (mut dx, mut dw) = (vec![0.0; 3 * n], vec![0.0; n]);
+        rms_norm_backward(&x, &w, &dy, 1e-5, &mut dx, &mut dw);
+        out.extend([bits(&dx), bits(&dw)]);
+        swiglu(&x, &dy, &mut y);
+        out.push(bits(&y));
+        let (mut dg, mut du) = (vec![0.0; 3 * n], vec![0.0; 3 * n]);
+        swiglu_backward(&x, &dy, &y, &mut dg, &mut du);
+        out.extend([bits(&dg), bits(&du)]);
+        let shape = HeadsShape {
+            batch: 2,
+            seq: 5,
+            heads: 3,
+            head_dim: 22,
+        };
+        let len = 2 * 5 * 3 * 22;
+        let (r, cos, sin) = (values(len, 4), values(5 * 22, 5), values(5 * 22, 6));
+        let mut ry = vec![0.0; len];
+        rope(&r, &cos, &sin, shape, &mut ry);
+        let mut rdx = vec![0.0; len];
+        rope_backward(&r, &cos, &sin, shape, &mut rdx);
+        out.extend([bits(&ry), bits(&rdx)]);
+        let mut p = x.clone();
+        causal_softmax(&mut p, n, 3, 40);
+        let mut g = dy.clone();
+        causal_softmax_backward(&p, &mut g, n, 3, 40);
+        out.extend([bits(&p), bits(&g)]);
+        let (mut ap, mut am, mut av) = (
+            x.clone(),
+            dy.clone(),
+            y.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+        );
+        let step = AdamStep {
+            beta1: 0.9,
+            one_minus_beta1: 0.1,
+            beta2: 0.95,
+            one_minus_beta2: 0.05,
+            bias2: 0.3,
+            eps: 1e-8,
+            step_size: 1e-3,
+            decay_factor: 0.999,
+        };
+        adamw(&mut ap, &mut am, &mut av, &w.repeat(3), step);
+        out.extend([bits(&ap), bits(&am), bits(&av)]);
+        out
+    }
+
+    #[test]
+    fn every_instruction_set_computes_the_same_bits() {
+        let widest = all_outputs();
+        for isa in [Isa::Avx2, Isa::Baseline] {
+            ISA_LIMIT.with(|l| l.set(isa));
+            let narrower = all_outputs();
+            ISA_LIMIT.with(|l| l.set(Isa::Avx512));
+            for (i, (a, b)) in widest.iter().zip(&narrower).enumerate() {
+                assert!(
+                    a == b,
+                    "output {i} differs between the widest set and {isa:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_of_std_over_the_range_used() {
