@@ -1,8 +1,10 @@
 //! `holdfast train --workers N`: an embedded coordinator in this process and N worker
 //! processes of this same binary, supervised (a worker that dies is started again after a
 //! delay, and rejoins through live recovery), with chaos faults delivered as real signals.
+//! A worker that exits on its own with an error (unstable training, bad input) is not
+//! restarted: a restart would meet the same error. One killed by a signal or a panic is.
 
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,6 +19,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub const SECRET_ENV: &str = "HOLDFAST_SECRET";
 const SUPERVISE_EVERY: Duration = Duration::from_millis(50);
+/// How long the launcher waits, with no live worker holding the committed state and none of
+/// them stopped (which could come back with it), before it ends the run.
+const STATE_LOST_GRACE: Duration = Duration::from_secs(5);
+/// The status a Rust process exits with when a thread's panic ends it.
+const RUST_PANIC_EXIT_CODE: i32 = 101;
 /// How long finished workers get to exit before they are killed.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 
@@ -36,6 +43,8 @@ struct Slot {
     /// Numeric faults for the worker to inject, as a spec (empty: none).
     inject: String,
     stopped: bool,
+    /// Why the worker gave up, when it exited on its own with an error.
+    failure: Option<String>,
 }
 
 /// Kills every worker still running when the launcher leaves, however it leaves.
@@ -154,6 +163,7 @@ pub fn run(
                 slow_factor: opts.chaos.slow_factor(i),
                 inject: opts.chaos.number_faults(i).to_spec(),
                 stopped: false,
+                failure: None,
             })
             .collect(),
     );
@@ -174,6 +184,7 @@ pub fn run(
     let started = Instant::now();
     let mut chaos_clock = Duration::ZERO;
     let mut chaos_started: Option<Instant> = None;
+    let mut state_lost_since: Option<Instant> = None;
     loop {
         let p = cluster.poll()?;
         // Rounds that retrain discarded batches may run past the budget.
@@ -187,6 +198,33 @@ pub fn run(
         ));
         if p.complete {
             break;
+        }
+        // Every replica of the state is gone (all workers died within one round): restarted
+        // workers cannot rebuild it, so say so instead of waiting for ever.
+        if p.state_lost && !workers.0.iter().any(|s| s.stopped) {
+            let since = *state_lost_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= STATE_LOST_GRACE {
+                let lost = format!(
+                    "every worker holding the training state after round {} was lost at once, so \
+                     the run cannot go on live",
+                    p.committed_rounds
+                );
+                if run_dir
+                    .join("checkpoints")
+                    .read_dir()
+                    .is_ok_and(|mut d| d.next().is_some())
+                {
+                    bail!(
+                        "{lost}; restart it from its newest checkpoint with `holdfast train \
+                         --resume {} --workers {}`",
+                        run_dir.display(),
+                        opts.workers
+                    );
+                }
+                bail!("{lost}, and no checkpoint had been written yet; start it again");
+            }
+        } else {
+            state_lost_since = None;
         }
         // Chaos time starts with the first round, so `at=` means "into training".
         if p.committed_rounds > 0 || p.live_workers >= opts.workers {
@@ -219,7 +257,12 @@ pub fn run(
                     slot.name
                 );
                 slot.child = None;
-                slot.respawn_at = opts.respawn_after.map(|d| Instant::now() + d);
+                if restarts_after(status) {
+                    slot.respawn_at = opts.respawn_after.map(|d| Instant::now() + d);
+                } else if !status.success() {
+                    slot.failure =
+                        Some(last_error_line(&log_dir.join(format!("{}.log", slot.name))));
+                }
             }
             if slot.child.is_none() && slot.respawn_at.is_some_and(|t| Instant::now() >= t) {
                 match spawn_worker(
@@ -249,10 +292,20 @@ pub fn run(
             .iter()
             .all(|s| s.child.is_none() && s.respawn_at.is_none())
         {
-            bail!(
-                "every worker has exited and none will be restarted; see {}",
-                log_dir.display()
-            );
+            match workers
+                .0
+                .iter()
+                .find_map(|s| s.failure.as_ref().map(|f| (&s.name, f)))
+            {
+                Some((name, failure)) => bail!(
+                    "every worker has exited and none will be restarted; {name}: {failure} (logs: {})",
+                    log_dir.display()
+                ),
+                None => bail!(
+                    "every worker has exited and none will be restarted; see {}",
+                    log_dir.display()
+                ),
+            }
         }
         std::thread::sleep(SUPERVISE_EVERY);
     }
@@ -278,6 +331,26 @@ pub fn run(
     Ok(summary)
 }
 
+/// Whether a worker that exited with `status` is started again: yes when it was killed (a
+/// crash, the OOM killer, chaos) or panicked; no when it exited with an error of its own (it
+/// said why in its log, and would say it again) or finished.
+fn restarts_after(status: std::process::ExitStatus) -> bool {
+    status.signal().is_some() || status.code() == Some(RUST_PANIC_EXIT_CODE)
+}
+
+/// The last line of a worker's log that starts with `error`, or a pointer to the log.
+fn last_error_line(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .rev()
+                .find(|l| l.starts_with("error"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("exited with an error; see {}", log.display()))
+}
+
 pub fn secret_from_env_or_file(file: Option<&PathBuf>) -> Result<Vec<u8>> {
     if let Some(path) = file {
         let s = std::fs::read_to_string(path)
@@ -293,5 +366,38 @@ pub fn secret_from_env_or_file(file: Option<&PathBuf>) -> Result<Vec<u8>> {
         _ => bail!(
             "no shared secret: set {SECRET_ENV} or pass --secret-file (every peer of a run needs the same one)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::ExitStatus;
+
+    #[test]
+    fn killed_or_panicked_workers_restart_and_ones_that_gave_up_do_not() {
+        // Raw wait statuses: a signal number in the low bits, an exit code in the next byte.
+        let killed = ExitStatus::from_raw(9);
+        let panicked = ExitStatus::from_raw(101 << 8);
+        let gave_up = ExitStatus::from_raw(1 << 8);
+        let finished = ExitStatus::from_raw(0);
+        assert!(restarts_after(killed));
+        assert!(restarts_after(panicked));
+        assert!(!restarts_after(gave_up));
+        assert!(!restarts_after(finished));
+    }
+
+    #[test]
+    fn a_failed_worker_is_reported_by_its_last_error_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("worker-1.log");
+        std::fs::write(
+            &log,
+            "warn: a\nerror: first\nmore\nerror: training is unstable: x\n",
+        )
+        .unwrap();
+        assert_eq!(last_error_line(&log), "error: training is unstable: x");
+        let missing = last_error_line(&dir.path().join("none.log"));
+        assert!(missing.contains("none.log"), "{missing}");
     }
 }

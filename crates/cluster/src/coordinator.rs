@@ -419,6 +419,21 @@ impl Coordinator {
     }
 
     /// The budget is spent and no discarded batch waits to be retrained.
+    /// No live member holds the state the next round starts from, and nothing else serves it:
+    /// every replica that trained left (a member that comes back with it, e.g. after a hang,
+    /// ends this). The run cannot continue live; the caller decides how long to wait.
+    pub fn state_lost(&self) -> bool {
+        !self.fresh_start()
+            && self.active.is_none()
+            && !self.is_complete()
+            && self
+                .donor_for(
+                    self.round,
+                    &self.members.keys().copied().collect::<Vec<_>>(),
+                )
+                .is_none()
+    }
+
     pub fn is_complete(&self) -> bool {
         self.active.is_none() && self.round >= self.opts.rounds && self.pool.returned.is_empty()
     }
@@ -1281,6 +1296,35 @@ mod tests {
             ready(&mut c, t0, b, 0),
             Reply::Ring { attempt: 2, .. }
         ));
+    }
+
+    #[test]
+    fn the_state_is_lost_only_when_every_holder_has_left_after_a_commit() {
+        let (mut c, t0) = coord(2, 10);
+        let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        // Before anyone trained, everyone starts from the seeded state: nothing to lose.
+        c.handle(t0, Request::Leave { worker: a });
+        assert!(!c.state_lost());
+        let a = join(&mut c, t0, "w0");
+        for w in [a, b] {
+            next(&mut c, t0, w);
+        }
+        for w in [a, b] {
+            ready(&mut c, t0, w, 0);
+        }
+        for w in [a, b] {
+            reduced(&mut c, t0, w, 0, 1);
+        }
+        assert_eq!(c.committed_rounds(), 1);
+        assert!(!c.state_lost(), "both members hold round 1's state");
+        c.handle(t0, Request::Leave { worker: a });
+        assert!(!c.state_lost(), "b still holds it and can serve a newcomer");
+        let fresh = join(&mut c, t0, "w2");
+        c.handle(t0, Request::Leave { worker: b });
+        assert!(c.state_lost(), "only a member that never trained is left");
+        assert!(
+            matches!(next(&mut c, t0, fresh), Reply::Wait { reason } if reason.contains("no live member holds"))
+        );
     }
 
     #[test]

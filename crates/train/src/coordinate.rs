@@ -37,6 +37,8 @@ pub struct Progress {
     pub last_loss: Option<f64>,
     pub faults: u64,
     pub complete: bool,
+    /// No live worker holds the committed state (see the coordinator's `state_lost`).
+    pub state_lost: bool,
 }
 
 /// A finished multi-worker run.
@@ -244,6 +246,7 @@ impl ClusterRun {
                 total_rounds: c.options().rounds,
                 live_workers: c.live_members(),
                 complete: c.is_complete(),
+                state_lost: c.state_lost(),
                 ..Default::default()
             };
             (events, progress)
