@@ -375,6 +375,49 @@ impl AttentionShape {
     fn probs_len(&self) -> usize {
         self.batch * self.heads * self.queries * self.keys
     }
+
+    /// Query head `h` of batch row `b`, and the key and value matrices of its key/value head.
+    fn head_views(&self, [q, k, v]: [&FlexTensor; 3], b: usize, h: usize) -> [Matrix; 3] {
+        let g = self.kv_head(h);
+        [
+            Matrix::of_4d(q, b, h),
+            Matrix::of_4d(k, b, g),
+            Matrix::of_4d(v, b, g),
+        ]
+    }
+
+    /// Head `h`'s `[t, hd]` columns of row `b` of a `[b, t, heads·hd]` buffer starting at
+    /// `base` (the attention's output and its gradient).
+    fn head_columns(&self, base: *const f32, b: usize, h: usize) -> Matrix {
+        let width = self.heads * self.head_dim;
+        Matrix {
+            // SAFETY: (b, h) is inside the buffer the caller holds.
+            ptr: unsafe { base.add(b * self.queries * width + h * self.head_dim) },
+            rows: self.queries,
+            cols: self.head_dim,
+            row_stride: width as isize,
+            col_stride: 1,
+        }
+    }
+}
+
+/// `dst = a · b` on the calling thread: the attention's products are small, and row groups
+/// already keep the cores busy.
+///
+/// # Safety
+/// As [`gemm_into`].
+unsafe fn product(dst: Matrix, a: Matrix, b: Matrix) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_into(dst, a, b, false, false) }
+}
+
+/// `dst += a · b`, as [`product`].
+///
+/// # Safety
+/// As [`gemm_into`].
+unsafe fn add_product(dst: Matrix, a: Matrix, b: Matrix) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_into(dst, a, b, true, false) }
 }
 
 /// The attention's output `[b, t, heads·hd]` and its probabilities `[b, heads, t, keys]`.
@@ -386,57 +429,33 @@ fn attention_forward(
 ) -> [FlexTensor; 2] {
     let s = AttentionShape::of(q, k, start);
     let (t, keys, hd) = (s.queries, s.keys, s.head_dim);
-    let width = s.heads * hd;
     let mut probs = vec![0.0f32; s.probs_len()];
-    let mut out = vec![0.0f32; s.batch * t * width];
+    let mut out = vec![0.0f32; s.batch * t * s.heads * hd];
     for b in 0..s.batch {
         for h in 0..s.heads {
-            let g = s.kv_head(h);
-            let (qm, km, vm) = (
-                Matrix::of_4d(q, b, h),
-                Matrix::of_4d(k, b, g),
-                Matrix::of_4d(v, b, g),
-            );
+            let [qm, km, vm] = s.head_views([q, k, v], b, h);
             let p = &mut probs[(b * s.heads + h) * t * keys..][..t * keys];
             let pm = row_major(p, t, keys);
+            // SAFETY (every product here): views of live tensors and of this function's own
+            // buffers, each written by one call at a time.
             for (i0, i1, seen) in s.blocks() {
-                // SAFETY: views of live tensors and of `probs`, which only this loop touches.
-                unsafe {
-                    gemm_into(
-                        pm.block(i0, i1, seen),
-                        qm.block(i0, i1, hd),
-                        km.block(0, seen, hd).transposed(),
-                        false,
-                        false,
-                    )
-                };
+                let (qb, kb) = (qm.block(i0, i1, hd), km.block(0, seen, hd));
+                unsafe { product(pm.block(i0, i1, seen), qb, kb.transposed()) };
             }
             // Entries a block did not compute are masked: the softmax overwrites them with 0.
             kernels::causal_softmax(p, keys, t, start);
-            let om = Matrix {
-                ptr: out[(b * t) * width + h * hd..].as_mut_ptr(),
-                rows: t,
-                cols: hd,
-                row_stride: width as isize,
-                col_stride: 1,
-            };
-            let pm = row_major(p, t, keys);
+            let (pm, om) = (
+                row_major(p, t, keys),
+                s.head_columns(out.as_mut_ptr(), b, h),
+            );
             for (i0, i1, seen) in s.blocks() {
-                // SAFETY: as above; `out` is written only here.
-                unsafe {
-                    gemm_into(
-                        om.block(i0, i1, hd),
-                        pm.block(i0, i1, seen),
-                        vm.block(0, seen, hd),
-                        false,
-                        false,
-                    )
-                };
+                let (pb, vb) = (pm.block(i0, i1, seen), vm.block(0, seen, hd));
+                unsafe { product(om.block(i0, i1, hd), pb, vb) };
             }
         }
     }
     [
-        tensor(out, Shape::new([s.batch, t, width])),
+        tensor(out, Shape::new([s.batch, t, s.heads * hd])),
         tensor(probs, Shape::new([s.batch, s.heads, t, keys])),
     ]
 }
@@ -452,22 +471,15 @@ fn attention_backward(
 ) -> [FlexTensor; 3] {
     let s = AttentionShape::of(q, k, start);
     let (t, keys, hd) = (s.queries, s.keys, s.head_dim);
-    let width = s.heads * hd;
     let dy = dense(dy);
-    let (dyv, pv) = (values(&dy), values(probs));
     let mut dq = vec![0.0f32; s.batch * s.heads * t * hd];
     let mut dk = vec![0.0f32; s.batch * s.kv_heads * keys * hd];
     let mut dv = vec![0.0f32; s.batch * s.kv_heads * keys * hd];
     let mut ds = vec![0.0f32; t * keys];
     for b in 0..s.batch {
         for h in 0..s.heads {
-            let g = s.kv_head(h);
-            let (qm, km, vm) = (
-                Matrix::of_4d(q, b, h),
-                Matrix::of_4d(k, b, g),
-                Matrix::of_4d(v, b, g),
-            );
-            let p = &pv[(b * s.heads + h) * t * keys..][..t * keys];
+            let [qm, km, vm] = s.head_views([q, k, v], b, h);
+            let p = &values(probs)[(b * s.heads + h) * t * keys..][..t * keys];
             let pm = Matrix {
                 ptr: p.as_ptr(),
                 rows: t,
@@ -475,63 +487,38 @@ fn attention_backward(
                 row_stride: keys as isize,
                 col_stride: 1,
             };
-            let dym = Matrix {
-                ptr: dyv[(b * t) * width + h * hd..].as_ptr(),
-                rows: t,
-                cols: hd,
-                row_stride: width as isize,
-                col_stride: 1,
-            };
+            let dym = s.head_columns(values(&dy).as_ptr(), b, h);
             let dsm = row_major(&mut ds, t, keys);
             let dqm = row_major(&mut dq[(b * s.heads + h) * t * hd..], t, hd);
-            let kv_offset = (b * s.kv_heads + g) * keys * hd;
+            let kv_offset = (b * s.kv_heads + s.kv_head(h)) * keys * hd;
             let dkm = row_major(&mut dk[kv_offset..], keys, hd);
             let dvm = row_major(&mut dv[kv_offset..], keys, hd);
-            // SAFETY (all gemm_into calls below): views of live tensors and of this function's
-            // own buffers, each written by one call at a time.
+            // SAFETY (every product here): views of live tensors and of this function's own
+            // buffers, each written by one call at a time.
             for (i0, i1, seen) in s.blocks() {
-                // dP = dy · vᵀ over the keys the block saw.
+                let (dyb, pb) = (dym.block(i0, i1, hd), pm.block(i0, i1, seen));
+                // dP = dy · vᵀ over the keys the block saw; dv += Pᵀ · dy.
                 unsafe {
-                    gemm_into(
+                    product(
                         dsm.block(i0, i1, seen),
-                        dym.block(i0, i1, hd),
+                        dyb,
                         vm.block(0, seen, hd).transposed(),
-                        false,
-                        false,
                     )
                 };
-                // dv += Pᵀ · dy
-                unsafe {
-                    gemm_into(
-                        dvm.block(0, seen, hd),
-                        pm.block(i0, i1, seen).transposed(),
-                        dym.block(i0, i1, hd),
-                        true,
-                        false,
-                    )
-                };
+                unsafe { add_product(dvm.block(0, seen, hd), pb.transposed(), dyb) };
             }
             // dS = P · (dP − Σ P·dP), 0 where masked (so the blocks' unseen keys are 0 too).
             kernels::causal_softmax_backward(p, &mut ds, keys, t, start);
             let dsm = row_major(&mut ds, t, keys);
             for (i0, i1, seen) in s.blocks() {
-                // dq = dS · k;  dk += dSᵀ · q
+                let dsb = dsm.block(i0, i1, seen);
+                // dq = dS · k;  dk += dSᵀ · q.
+                unsafe { product(dqm.block(i0, i1, hd), dsb, km.block(0, seen, hd)) };
                 unsafe {
-                    gemm_into(
-                        dqm.block(i0, i1, hd),
-                        dsm.block(i0, i1, seen),
-                        km.block(0, seen, hd),
-                        false,
-                        false,
-                    )
-                };
-                unsafe {
-                    gemm_into(
+                    add_product(
                         dkm.block(0, seen, hd),
-                        dsm.block(i0, i1, seen).transposed(),
+                        dsb.transposed(),
                         qm.block(i0, i1, hd),
-                        true,
-                        false,
                     )
                 };
             }
