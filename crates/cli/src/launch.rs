@@ -204,24 +204,7 @@ pub fn run(
         if p.state_lost && !workers.0.iter().any(|s| s.stopped) {
             let since = *state_lost_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= STATE_LOST_GRACE {
-                let lost = format!(
-                    "every worker holding the training state after round {} was lost at once, so \
-                     the run cannot go on live",
-                    p.committed_rounds
-                );
-                if run_dir
-                    .join("checkpoints")
-                    .read_dir()
-                    .is_ok_and(|mut d| d.next().is_some())
-                {
-                    bail!(
-                        "{lost}; restart it from its newest checkpoint with `holdfast train \
-                         --resume {} --workers {}`",
-                        run_dir.display(),
-                        opts.workers
-                    );
-                }
-                bail!("{lost}, and no checkpoint had been written yet; start it again");
+                return Err(state_lost_error(run_dir, p.committed_rounds, opts.workers));
             }
         } else {
             state_lost_since = None;
@@ -292,20 +275,16 @@ pub fn run(
             .iter()
             .all(|s| s.child.is_none() && s.respawn_at.is_none())
         {
-            match workers
+            let logs = log_dir.display();
+            let why = match workers
                 .0
                 .iter()
-                .find_map(|s| s.failure.as_ref().map(|f| (&s.name, f)))
+                .find_map(|s| Some((&s.name, s.failure.as_ref()?)))
             {
-                Some((name, failure)) => bail!(
-                    "every worker has exited and none will be restarted; {name}: {failure} (logs: {})",
-                    log_dir.display()
-                ),
-                None => bail!(
-                    "every worker has exited and none will be restarted; see {}",
-                    log_dir.display()
-                ),
-            }
+                Some((name, failure)) => format!("{name}: {failure} (logs: {logs})"),
+                None => format!("see {logs}"),
+            };
+            bail!("every worker has exited and none will be restarted; {why}");
         }
         std::thread::sleep(SUPERVISE_EVERY);
     }
@@ -329,6 +308,28 @@ pub fn run(
         }
     }
     Ok(summary)
+}
+
+/// The run's end when no live worker holds the state after `rounds` committed rounds: the way
+/// to go on from the newest checkpoint, if one was written.
+fn state_lost_error(run_dir: &Path, rounds: u64, workers: usize) -> anyhow::Error {
+    let lost = format!(
+        "every worker holding the training state after round {rounds} was lost at once, so the \
+         run cannot go on live"
+    );
+    let checkpointed = run_dir
+        .join("checkpoints")
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some());
+    if checkpointed {
+        anyhow::anyhow!(
+            "{lost}; restart it from its newest checkpoint with `holdfast train --resume {} \
+             --workers {workers}`",
+            run_dir.display()
+        )
+    } else {
+        anyhow::anyhow!("{lost}, and no checkpoint had been written yet; start it again")
+    }
 }
 
 /// Whether a worker that exited with `status` is started again: yes when it was killed (a

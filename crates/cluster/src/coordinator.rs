@@ -418,7 +418,6 @@ impl Coordinator {
         self.members.len()
     }
 
-    /// The budget is spent and no discarded batch waits to be retrained.
     /// No live member holds the state the next round starts from, and nothing else serves it:
     /// every replica that trained left (a member that comes back with it, e.g. after a hang,
     /// ends this). The run cannot continue live; the caller decides how long to wait.
@@ -434,6 +433,7 @@ impl Coordinator {
                 .is_none()
     }
 
+    /// The budget is spent and no discarded batch waits to be retrained.
     pub fn is_complete(&self) -> bool {
         self.active.is_none() && self.round >= self.opts.rounds && self.pool.returned.is_empty()
     }

@@ -299,28 +299,7 @@ vectorized! {
     /// `[b, h, t, d]` with `out = x·cos + swap_halves(x)·signed_sin`, where `cos` and
     /// `signed_sin` are `[t, d]` (the sine's first half negated, both already scaled).
     pub fn rope(x: &[f32], cos: &[f32], signed_sin: &[f32], shape: HeadsShape, out: &mut [f32]) {
-        let HeadsShape {
-            batch,
-            seq,
-            heads,
-            head_dim: d,
-        } = shape;
-        let half = d / 2;
-        for b in 0..batch {
-            for t in 0..seq {
-                let (c, s) = (&cos[t * d..][..d], &signed_sin[t * d..][..d]);
-                for h in 0..heads {
-                    let src = &x[((b * seq + t) * heads + h) * d..][..d];
-                    let dst = &mut out[((b * heads + h) * seq + t) * d..][..d];
-                    let (lo, hi) = src.split_at(half);
-                    let (dlo, dhi) = dst.split_at_mut(half);
-                    for j in 0..half {
-                        dlo[j] = lo[j] * c[j] + hi[j] * s[j];
-                        dhi[j] = hi[j] * c[half + j] + lo[j] * s[half + j];
-                    }
-                }
-            }
-        }
+        rotate(x, cos, signed_sin, shape, out, false)
     }
 }
 
@@ -334,26 +313,44 @@ vectorized! {
         shape: HeadsShape,
         dx: &mut [f32],
     ) {
-        let HeadsShape {
-            batch,
-            seq,
-            heads,
-            head_dim: d,
-        } = shape;
-        let half = d / 2;
-        for b in 0..batch {
-            for t in 0..seq {
-                let (c, s) = (&cos[t * d..][..d], &signed_sin[t * d..][..d]);
-                for h in 0..heads {
-                    let src = &dy[((b * heads + h) * seq + t) * d..][..d];
-                    let dst = &mut dx[((b * seq + t) * heads + h) * d..][..d];
-                    let (lo, hi) = src.split_at(half);
-                    let (dlo, dhi) = dst.split_at_mut(half);
-                    // out_lo = x_lo·c_lo + x_hi·s_lo and out_hi = x_hi·c_hi + x_lo·s_hi.
-                    for j in 0..half {
-                        dlo[j] = lo[j] * c[j] + hi[j] * s[half + j];
-                        dhi[j] = hi[j] * c[half + j] + lo[j] * s[j];
-                    }
+        rotate(dy, cos, signed_sin, shape, dx, true)
+    }
+}
+
+/// [`rope`], or with `backward` [`rope_backward`]. The forward gives
+/// `out_lo = x_lo·c_lo + x_hi·s_lo` and `out_hi = x_hi·c_hi + x_lo·s_hi`, so the backward is
+/// the same rotation with the sine's halves exchanged, read from `[b, h, t, d]` and written to
+/// `[b, t, h, d]`.
+#[inline(always)]
+fn rotate(
+    src: &[f32],
+    cos: &[f32],
+    signed_sin: &[f32],
+    shape: HeadsShape,
+    dst: &mut [f32],
+    backward: bool,
+) {
+    let HeadsShape {
+        batch,
+        seq,
+        heads,
+        head_dim: d,
+    } = shape;
+    let half = d / 2;
+    for b in 0..batch {
+        for t in 0..seq {
+            let (c_lo, c_hi) = cos[t * d..][..d].split_at(half);
+            let (s_lo, s_hi) = signed_sin[t * d..][..d].split_at(half);
+            let (s_lo, s_hi) = if backward { (s_hi, s_lo) } else { (s_lo, s_hi) };
+            for h in 0..heads {
+                let bthd = ((b * seq + t) * heads + h) * d;
+                let bhtd = ((b * heads + h) * seq + t) * d;
+                let (from, to) = if backward { (bhtd, bthd) } else { (bthd, bhtd) };
+                let (lo, hi) = src[from..][..d].split_at(half);
+                let (dlo, dhi) = dst[to..][..d].split_at_mut(half);
+                for j in 0..half {
+                    dlo[j] = lo[j] * c_lo[j] + hi[j] * s_lo[j];
+                    dhi[j] = hi[j] * c_hi[j] + lo[j] * s_hi[j];
                 }
             }
         }

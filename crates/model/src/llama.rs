@@ -60,6 +60,45 @@ fn rms_norm(x: Tensor<3>, w: &Tensor<2>, eps: f64, fused: bool) -> Tensor<3> {
     x * inv_rms * w.clone().unsqueeze_dim::<3>(0)
 }
 
+/// `silu(gate) · up`.
+fn swiglu(gate: Tensor<3>, up: Tensor<3>, fused: bool) -> Tensor<3> {
+    if fused {
+        fused::swiglu(gate, up)
+    } else {
+        silu(gate) * up
+    }
+}
+
+/// Causal attention from plain tensor ops, for queries `[b, heads, t, hd]` and keys and
+/// values `[b, kv_heads, total, hd]`; `causal` masks future keys (`None` for one new token).
+/// Returns `[b, t, heads·hd]`.
+///
+/// Grouped-query attention without copying keys and values per query head: the `rep` query
+/// heads that share key/value head g (heads g·rep .. g·rep + rep, as in Hugging Face's
+/// repeat_kv) are stacked along the position axis, so the scores [b, nkv, rep·t, total] come
+/// from one matrix multiply per key/value head.
+fn plain_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    causal: Option<&Tensor<5, Bool>>,
+) -> Tensor<3> {
+    let [b, nh, t, hd] = q.dims();
+    let [_, nkv, total, _] = k.dims();
+    let rep = nh / nkv;
+    let scores = q
+        .reshape([b, nkv, rep * t, hd])
+        .matmul(k.swap_dims(2, 3))
+        .reshape([b, nkv, rep, t, total]);
+    let scores = match causal {
+        Some(mask) => scores.mask_fill(mask.clone(), f32::NEG_INFINITY),
+        None => scores,
+    };
+    let probs = softmax(scores, 4).reshape([b, nkv, rep * t, total]);
+    let attn = probs.matmul(v).reshape([b, nh, t, hd]);
+    attn.swap_dims(1, 2).reshape([b, t, nh * hd])
+}
+
 /// `x · W` for `x: [b, t, in]` and stored `W: [in, out]`.
 fn linear(x: Tensor<3>, w: &Tensor<2>, fused: bool) -> Tensor<3> {
     let [b, t, inp] = x.dims();
@@ -148,7 +187,6 @@ fn decoder(
     // scores for it.
     let q_rot = rotary_factors(cfg, start, t, 1.0 / (hd as f32).sqrt(), &device);
     let k_rot = rotary_factors(cfg, start, t, 1.0, &device);
-    let rep = nh / nkv;
     // CPU kernels that fuse the element-wise work where the backend has them (see `fused`).
     let fused = fused::available(&device, w[0].dtype());
     // True where attention is forbidden: key position after query position. A single new
@@ -192,34 +230,13 @@ fn decoder(
         let attn = if fused {
             fused::attention(q, k, v, start)
         } else {
-            // Grouped-query attention without copying keys and values per query head: the
-            // `rep` query heads that share key/value head g (heads g·rep .. g·rep + rep, as in
-            // Hugging Face's repeat_kv) are stacked along the position axis, so the scores
-            // [b, nkv, rep·t, total] come from one matrix multiply per key/value head.
-            let scores = q
-                .reshape([b, nkv, rep * t, hd])
-                .matmul(k.swap_dims(2, 3))
-                .reshape([b, nkv, rep, t, total]);
-            let scores = match &causal {
-                Some(mask) => scores.mask_fill(mask.clone(), f32::NEG_INFINITY),
-                None => scores,
-            };
-            let probs = softmax(scores, 4).reshape([b, nkv, rep * t, total]);
-            let attn = probs.matmul(v).reshape([b, nh, t, hd]);
-            attn.swap_dims(1, 2).reshape([b, t, nh * hd])
+            plain_attention(q, k, v, causal.as_ref())
         };
         x = x + linear(attn, p(slot::O), fused);
 
         let h = rms_norm(x.clone(), p(slot::POST_NORM), eps, fused);
-        let (gate, up) = (
-            linear(h.clone(), p(slot::GATE), fused),
-            linear(h, p(slot::UP), fused),
-        );
-        let gated = if fused {
-            fused::swiglu(gate, up)
-        } else {
-            silu(gate) * up
-        };
+        let gate = linear(h.clone(), p(slot::GATE), fused);
+        let gated = swiglu(gate, linear(h, p(slot::UP), fused), fused);
         x = x + linear(gated, p(slot::DOWN), fused);
     }
     if let Some(cache) = cache {

@@ -39,41 +39,37 @@ impl AdamW {
     ) {
         self.t += 1;
         let bias1 = 1.0 - h.beta1.powi(self.t as i32);
-        let step = Scalars {
-            beta1: h.beta1,
-            beta2: h.beta2,
-            bias2: 1.0 - h.beta2.powi(self.t as i32),
-            eps: h.eps,
-            step_size: lr / bias1,
-            decay_factor: 1.0 - lr * h.weight_decay,
+        // The f64 hyper-parameters rounded to f32 once, as burn rounds a scalar operand.
+        let step = |decays: bool| AdamStep {
+            beta1: h.beta1 as f32,
+            one_minus_beta1: (1.0 - h.beta1) as f32,
+            beta2: h.beta2 as f32,
+            one_minus_beta2: (1.0 - h.beta2) as f32,
+            bias2: (1.0 - h.beta2.powi(self.t as i32)) as f32,
+            eps: h.eps as f32,
+            step_size: (lr / bias1) as f32,
+            decay_factor: if decays && h.weight_decay > 0.0 {
+                (1.0 - lr * h.weight_decay) as f32
+            } else {
+                1.0
+            },
         };
+        let on_host = params
+            .first()
+            .is_some_and(|p| holdfast_model::fused_kernels_available(&p.device(), p.dtype()));
         for (i, g) in grads.into_iter().enumerate() {
-            let decays = decay[i] && h.weight_decay > 0.0;
             let (p, m, v) = (
                 &mut params[i],
                 &mut self.exp_avg[i],
                 &mut self.exp_avg_sq[i],
             );
-            if holdfast_model::fused_kernels_available(&p.device(), p.dtype()) {
-                update_on_host(p, g, m, v, &step, decays);
+            if on_host {
+                update_on_host(p, g, m, v, step(decay[i]));
             } else {
-                update_with_tensor_ops(p, g, m, v, &step, decays);
+                update_with_tensor_ops(p, g, m, v, step(decay[i]));
             }
         }
     }
-}
-
-/// The scalars of one AdamW step.
-struct Scalars {
-    beta1: f64,
-    beta2: f64,
-    /// 1 − β2^t
-    bias2: f64,
-    eps: f64,
-    /// lr / (1 − β1^t)
-    step_size: f64,
-    /// 1 − lr·weight_decay
-    decay_factor: f64,
 }
 
 /// One parameter's update as tensor ops (any backend).
@@ -82,14 +78,14 @@ fn update_with_tensor_ops(
     g: Tensor<2>,
     m: &mut Tensor<2>,
     v: &mut Tensor<2>,
-    s: &Scalars,
-    decays: bool,
+    s: AdamStep,
 ) {
-    let new_m = m.clone() * s.beta1 + g.clone() * (1.0 - s.beta1);
-    let new_v = v.clone() * s.beta2 + g.square() * (1.0 - s.beta2);
+    let new_m = m.clone() * s.beta1 + g.clone() * s.one_minus_beta1;
+    let new_v = v.clone() * s.beta2 + g.square() * s.one_minus_beta2;
     let denom = (new_v.clone() / s.bias2).sqrt() + s.eps;
     let mut new_p = p.clone();
-    if decays {
+    // Without decay the factor is 1: skipping the multiply gives the same values.
+    if s.decay_factor != 1.0 {
         new_p = new_p * s.decay_factor;
     }
     *p = new_p - new_m.clone() / denom * s.step_size;
@@ -99,16 +95,16 @@ fn update_with_tensor_ops(
 
 /// The same update in one pass over host memory, split across the compute pool: on CPU the
 /// tensor ops above are a dozen single-threaded passes over the parameters. Each operation
-/// is the tensor path's, in its order and in f32, so the results are bit-identical to it.
+/// is the tensor path's, in its order and in f32 ([`kernels::adamw`]), so the results are
+/// bit-identical to it.
 fn update_on_host(
     p: &mut Tensor<2>,
     g: Tensor<2>,
     m: &mut Tensor<2>,
     v: &mut Tensor<2>,
-    s: &Scalars,
-    decays: bool,
+    s: AdamStep,
 ) {
-    let (device, shape) = (p.device(), p.dims());
+    let device = p.device();
     // Taking the tensors out lets a buffer nothing else holds be updated without a copy.
     let take = |t: &mut Tensor<2>| std::mem::replace(t, Tensor::empty([0, 0], &device)).into_data();
     let (mut pd, mut md, mut vd) = (take(p), take(m), take(v));
@@ -121,29 +117,18 @@ fn update_on_host(
             vd.as_mut_slice::<f32>().expect(f32s),
         );
         let gs = gd.as_slice::<f32>().expect(f32s);
-        let step = AdamStep {
-            beta1: s.beta1 as f32,
-            one_minus_beta1: (1.0 - s.beta1) as f32,
-            beta2: s.beta2 as f32,
-            one_minus_beta2: (1.0 - s.beta2) as f32,
-            bias2: s.bias2 as f32,
-            eps: s.eps as f32,
-            step_size: s.step_size as f32,
-            // × 1 leaves every value as it is: the same as skipping the multiply.
-            decay_factor: if decays { s.decay_factor as f32 } else { 1.0 },
-        };
         const CHUNK: usize = 1 << 15;
         ps.par_chunks_mut(CHUNK)
             .zip(ms.par_chunks_mut(CHUNK))
             .zip(vs.par_chunks_mut(CHUNK))
             .zip(gs.par_chunks(CHUNK))
-            .for_each(|(((pc, mc), vc), gc)| kernels::adamw(pc, mc, vc, gc, step));
+            .for_each(|(((pc, mc), vc), gc)| kernels::adamw(pc, mc, vc, gc, s));
     }
     let back = |d: TensorData| Tensor::from_data(d, &device);
     (*p, *m, *v) = (back(pd), back(md), back(vd));
-    debug_assert_eq!(p.dims(), shape);
 }
 
+/// Global L2 norm of all gradients.
 pub fn grad_norm(grads: &[Tensor<2>]) -> f64 {
     let total = grads
         .iter()
@@ -194,13 +179,19 @@ mod tests {
                 .collect();
             Tensor::<2>::from_data(TensorData::new(values, shape), &device)
         };
-        let s = Scalars {
+        let step = |decays: bool| AdamStep {
             beta1: 0.9,
+            one_minus_beta1: (1.0f64 - 0.9) as f32,
             beta2: 0.95,
-            bias2: 1.0 - 0.95f64.powi(7),
+            one_minus_beta2: (1.0f64 - 0.95) as f32,
+            bias2: (1.0 - 0.95f64.powi(7)) as f32,
             eps: 1e-8,
-            step_size: 3e-4 / (1.0 - 0.9f64.powi(7)),
-            decay_factor: 1.0 - 3e-4 * 0.1,
+            step_size: (3e-4 / (1.0 - 0.9f64.powi(7))) as f32,
+            decay_factor: if decays {
+                (1.0 - 3e-4 * 0.1f64) as f32
+            } else {
+                1.0
+            },
         };
         for decays in [false, true] {
             let (p, g, m, v) = (
@@ -210,9 +201,9 @@ mod tests {
                 tensor(4, true),
             );
             let (mut p1, mut m1, mut v1) = (p.clone(), m.clone(), v.clone());
-            update_with_tensor_ops(&mut p1, g.clone(), &mut m1, &mut v1, &s, decays);
+            update_with_tensor_ops(&mut p1, g.clone(), &mut m1, &mut v1, step(decays));
             let (mut p2, mut m2, mut v2) = (p.clone(), m, v);
-            update_on_host(&mut p2, g, &mut m2, &mut v2, &s, decays);
+            update_on_host(&mut p2, g, &mut m2, &mut v2, step(decays));
             for (a, b) in [(p1, p2.clone()), (m1, m2), (v1, v2)] {
                 assert_eq!(a.into_data(), b.into_data(), "decays = {decays}");
             }
