@@ -175,6 +175,71 @@ fn same_seed_gives_identical_weights_and_a_killed_worker_does_not_stop_the_run()
     );
 }
 
+/// A fault-free DiLoCo run of the default task, long enough to pass the task's learning
+/// transition (its loss leaves the 1.39 plateau around step 450), with no guard action.
+fn assert_passes_the_transition_cleanly(d: &Path, name: &str, shape: &[&str]) -> Value {
+    let mut args = vec![
+        "train",
+        "--workers",
+        "3",
+        "--run-dir",
+        name,
+        "--no-progress",
+    ];
+    args.extend(shape);
+    ok(&holdfast(d, &args));
+    let run = d.join(name);
+    let s = summary(&run);
+    assert_eq!(
+        (s["guard_skips"].as_u64(), s["guard_rollbacks"].as_u64()),
+        (Some(0), Some(0)),
+        "{name}: a fault-free run needed its guards: {s}"
+    );
+    assert_exactly_once(&run);
+    assert_states_agree(&run);
+    // Past the transition: the plateau's model gets no addition right.
+    let exact = s["eval"]["exact_match"].as_f64().unwrap();
+    assert!(exact >= 0.9, "{name}: held-out exact match {exact}: {s}");
+    s
+}
+
+#[test]
+fn fault_free_runs_pass_the_learning_transition_without_a_guard_action() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Both shapes died at the transition with the outer momentum of 0.9 (every replica
+    // diverged, rolled back four times and exited).
+    assert_passes_the_transition_cleanly(
+        d,
+        "b32",
+        &[
+            "--steps",
+            "800",
+            "--inner-steps",
+            "20",
+            "--batch-size",
+            "32",
+            "--seed",
+            "102",
+        ],
+    );
+    assert_passes_the_transition_cleanly(
+        d,
+        "b16",
+        &[
+            "--steps",
+            "1600",
+            "--inner-steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--seed",
+            "8",
+        ],
+    );
+}
+
 #[test]
 fn a_hung_worker_is_dropped_within_the_timeout_and_rejoins_with_identical_state() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -228,6 +293,57 @@ fn a_hung_worker_is_dropped_within_the_timeout_and_rejoins_with_identical_state(
     );
     let s = summary(&h);
     assert!(s["max_fault_sync_s"].as_f64().unwrap() < 3.0, "{s}");
+}
+
+#[test]
+fn survivors_of_a_long_hang_train_through_the_transition_without_waiting_for_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Worker 1 stops for 40 s, longer than the rest of the run: the survivors used to diverge
+    // at the transition and exit, and it woke to a dead run.
+    let args = [
+        "train",
+        "--workers",
+        "3",
+        "--run-dir",
+        "h",
+        "--no-progress",
+        "--steps",
+        "1600",
+        "--inner-steps",
+        "20",
+        "--batch-size",
+        "16",
+        "--seed",
+        "7",
+        "--chaos",
+        "hang:worker=1,at=3s,for=40s",
+    ];
+    ok(&holdfast(d, &args));
+    let h = d.join("h");
+    let removed = events(&h, "removed");
+    assert!(
+        removed
+            .iter()
+            .any(|e| e["name"] == "worker-1" && e["reason"].as_str().unwrap().contains("silent")),
+        "{removed:?}"
+    );
+    assert_exactly_once(&h);
+    let s = summary(&h);
+    assert_eq!(
+        (s["guard_skips"].as_u64(), s["guard_rollbacks"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+    // Held up at most the failure timeout (2 s) and one clean round, never the hang's 40 s.
+    let stall = s["max_fault_sync_s"].as_f64().unwrap();
+    assert!(
+        stall <= 3.0,
+        "the survivors waited {stall} s for the hung worker: {s}"
+    );
+    let exact = s["eval"]["exact_match"].as_f64().unwrap();
+    assert!(exact >= 0.9, "held-out exact match {exact}: {s}");
 }
 
 #[test]

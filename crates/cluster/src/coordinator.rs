@@ -37,6 +37,9 @@ pub struct Options {
     pub vote: bool,
     /// A worker caught this many times is removed as suspect hardware.
     pub max_corruption_flags: u32,
+    /// The run is declared unstable after more than this many consecutive rounds in which
+    /// every member's guard rolled its replica back (no replica could make progress).
+    pub max_unstable_rounds: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -229,6 +232,13 @@ pub enum Event {
         to: u64,
         reason: String,
     },
+    /// Every replica rolled back in each of these consecutive rounds (with their mean
+    /// losses): no replica can make progress, so the run stops instead of looping.
+    RunUnstable {
+        rounds: Vec<u64>,
+        losses: Vec<f64>,
+        reason: String,
+    },
     /// Replicas reported different states for the same round: they are not in sync.
     Divergence {
         next_round: u64,
@@ -318,6 +328,10 @@ pub struct Coordinator {
     /// Batch ids of recently committed rounds, by round, for undoing them.
     recent_batches: BTreeMap<u64, Vec<u64>>,
     corruption_flags: BTreeMap<String, u32>,
+    /// The latest consecutive rounds in which every member rolled back, with their losses.
+    unstable_streak: Vec<(u64, f64)>,
+    /// Why the run was declared unstable, once it has been.
+    unstable: Option<String>,
 }
 
 impl Coordinator {
@@ -341,6 +355,8 @@ impl Coordinator {
             voted: None,
             recent_batches: BTreeMap::new(),
             corruption_flags: BTreeMap::new(),
+            unstable_streak: Vec::new(),
+            unstable: None,
         }
     }
 
@@ -438,6 +454,12 @@ impl Coordinator {
         self.active.is_none() && self.round >= self.opts.rounds && self.pool.returned.is_empty()
     }
 
+    /// Why the run cannot go on, when every replica kept rolling back (see
+    /// [`Options::max_unstable_rounds`]). No round starts after that.
+    pub fn unstable(&self) -> Option<&str> {
+        self.unstable.as_deref()
+    }
+
     /// Lets workers go once the caller has what it needs from them (the final state).
     pub fn release(&mut self) {
         self.released = true;
@@ -533,7 +555,7 @@ impl Coordinator {
     }
 
     fn maybe_start_round(&mut self, now: Instant) {
-        if self.active.is_some() || self.is_complete() {
+        if self.active.is_some() || self.is_complete() || self.unstable.is_some() {
             return;
         }
         if self.opts.vote && self.voted != Some(self.round) && !self.vote(now) {
@@ -1026,7 +1048,41 @@ impl Coordinator {
         while self.recent_batches.len() > 8 {
             self.recent_batches.pop_first();
         }
+        let every_member_rolled_back = reduced.values().all(|s| s.rollbacks > 0);
+        self.judge_stability(every_member_rolled_back, &record);
         self.events.push(Event::Committed(record));
+    }
+
+    /// The run's stability is the coordinator's call, not each worker's: one replica that
+    /// rolls back contributes nothing to its round and the others carry the run; only when
+    /// every replica rolled back in more than `max_unstable_rounds` rounds in a row does the
+    /// run stop, naming those rounds and their losses.
+    fn judge_stability(&mut self, every_member_rolled_back: bool, record: &RoundRecord) {
+        if !every_member_rolled_back {
+            self.unstable_streak.clear();
+            return;
+        }
+        self.unstable_streak.push((record.round, record.loss));
+        if self.unstable_streak.len() as u32 <= self.opts.max_unstable_rounds {
+            return;
+        }
+        let (rounds, losses): (Vec<u64>, Vec<f64>) = self.unstable_streak.iter().copied().unzip();
+        let reason = format!(
+            "every replica rolled back in {} consecutive rounds {rounds:?} (mean losses {:?}; \
+             limit {}): stopping instead of looping",
+            rounds.len(),
+            losses
+                .iter()
+                .map(|l| (l * 1e4).round() / 1e4)
+                .collect::<Vec<_>>(),
+            self.opts.max_unstable_rounds
+        );
+        self.unstable = Some(reason.clone());
+        self.events.push(Event::RunUnstable {
+            rounds,
+            losses,
+            reason,
+        });
     }
 }
 
@@ -1044,6 +1100,7 @@ mod tests {
             rounds,
             vote: false,
             max_corruption_flags: 2,
+            max_unstable_rounds: 2,
         };
         (Coordinator::new(opts, 77, "job".into()), Instant::now())
     }
@@ -1123,6 +1180,68 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Runs `round` to its commit with every member reporting `rollbacks`.
+    fn round_with_rollbacks(
+        c: &mut Coordinator,
+        now: Instant,
+        ws: &[WorkerId],
+        round: u64,
+        rollbacks: &[u64],
+    ) {
+        for &w in ws {
+            assert!(matches!(next(c, now, w), Reply::Round { round: r, .. } if r == round));
+        }
+        let mut attempt = 0;
+        for &w in ws {
+            if let Reply::Ring { attempt: a, .. } = ready(c, now, w, round) {
+                attempt = a;
+            }
+        }
+        for (&w, &rollbacks) in ws.iter().zip(rollbacks) {
+            let stats = WorkerRoundStats {
+                loss: 4.5,
+                rollbacks,
+                ..Default::default()
+            };
+            let req = Request::Reduced {
+                worker: w,
+                round,
+                attempt,
+                stats,
+            };
+            c.handle(now, req);
+        }
+    }
+
+    #[test]
+    fn the_run_is_declared_unstable_only_when_every_replica_keeps_rolling_back() {
+        let (mut c, t0) = coord(2, 20);
+        let ws = [join(&mut c, t0, "w0"), join(&mut c, t0, "w1")];
+        // One replica rolling back, round after round, does not stop the run: the other
+        // carries it.
+        for round in 0..4 {
+            round_with_rollbacks(&mut c, t0, &ws, round, &[1, 0]);
+        }
+        // Every replica rolled back twice in a row, then a round with progress: the count
+        // starts again.
+        round_with_rollbacks(&mut c, t0, &ws, 4, &[1, 2]);
+        round_with_rollbacks(&mut c, t0, &ws, 5, &[1, 1]);
+        round_with_rollbacks(&mut c, t0, &ws, 6, &[0, 1]);
+        assert_eq!(c.unstable(), None);
+        for round in 7..10 {
+            round_with_rollbacks(&mut c, t0, &ws, round, &[1, 1]);
+        }
+        let why = c.unstable().expect("three such rounds in a row, limit 2");
+        assert!(why.contains("[7, 8, 9]") && why.contains("4.5"), "{why}");
+        assert!(
+            c.drain_events().iter().any(
+                |e| matches!(e, Event::RunUnstable { rounds, .. } if *rounds == vec![7, 8, 9])
+            )
+        );
+        // No round starts after that.
+        assert!(matches!(next(&mut c, t0, ws[0]), Reply::Wait { .. }));
     }
 
     #[test]
@@ -1522,6 +1641,7 @@ mod tests {
             rounds: 10,
             vote: false,
             max_corruption_flags: 2,
+            max_unstable_rounds: 2,
         };
         let t0 = Instant::now();
         let mut c =
@@ -1585,6 +1705,7 @@ mod tests {
             rounds: 10,
             vote: true,
             max_corruption_flags: 2,
+            max_unstable_rounds: 2,
         };
         let t0 = Instant::now();
         let mut c = Coordinator::new(opts, 77, "job".into());

@@ -9,15 +9,6 @@ pub struct OuterNesterov {
     pub momentum: f32,
 }
 
-impl Default for OuterNesterov {
-    fn default() -> Self {
-        OuterNesterov {
-            lr: 0.7,
-            momentum: 0.9,
-        }
-    }
-}
-
 /// Writes `outer − local` into `out`.
 pub fn pseudo_gradient(outer: &[f32], local: &[f32], out: &mut Vec<f32>) {
     assert_eq!(outer.len(), local.len(), "replicas have the same shape");
@@ -74,7 +65,10 @@ mod tests {
 
     #[test]
     fn nesterov_matches_the_torch_formula() {
-        let opt = OuterNesterov::default();
+        let opt = OuterNesterov {
+            lr: 0.7,
+            momentum: 0.9,
+        };
         let (mut p, mut v) = (vec![1.0f32], vec![0.5f32]);
         opt.step(&mut p, &mut v, &[0.2]);
         let v1 = 0.9 * 0.5 + 0.2;

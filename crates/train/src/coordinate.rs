@@ -158,6 +158,7 @@ impl ClusterRun {
             rounds,
             vote: cfg.guard.enabled,
             max_corruption_flags: cfg.guard.max_corruption_flags.max(1),
+            max_unstable_rounds: cfg.guard.max_rollbacks,
         };
         let run_id = u64::from_le_bytes(random_bytes());
         let auth = Auth::new(secret);
@@ -238,9 +239,10 @@ impl ClusterRun {
 
     /// Records what happened since the last call and writes periodic checkpoints.
     pub fn poll(&mut self) -> Result<Progress, TrainError> {
-        let (events, progress) = {
+        let (events, progress, unstable) = {
             let mut c = self.server.state.lock().expect("coordinator lock");
             let events = c.drain_events();
+            let unstable = c.unstable().map(str::to_string);
             let progress = Progress {
                 committed_rounds: c.committed_rounds(),
                 total_rounds: c.options().rounds,
@@ -249,7 +251,7 @@ impl ClusterRun {
                 state_lost: c.state_lost(),
                 ..Default::default()
             };
-            (events, progress)
+            (events, progress, unstable)
         };
         for e in events {
             let elapsed_s = self.started.elapsed().as_secs_f64();
@@ -268,7 +270,8 @@ impl ClusterRun {
                     eprintln!("[{elapsed_s:7.1}s] {name} left the quorum: {reason}");
                 }
                 Event::Joined { name, .. } => tracing::info!("{name} joined"),
-                Event::StateReported { .. } => {}
+                // Reported as this call's error, once the event is written.
+                Event::StateReported { .. } | Event::RunUnstable { .. } => {}
                 Event::AttemptAborted { round, reason, .. } => {
                     self.aborted += 1;
                     tracing::info!("round {round}: attempt aborted: {reason}");
@@ -302,6 +305,9 @@ impl ClusterRun {
                 &self.run_dir.join(EVENTS_FILE),
                 &serde_json::json!({"elapsed_s": elapsed_s, "detail": e}),
             )?;
+        }
+        if let Some(why) = unstable {
+            return Err(TrainError::Unstable(why));
         }
         if progress.committed_rounds >= self.next_checkpoint_round && !progress.complete {
             // A failed periodic checkpoint is worth a warning, not the run.

@@ -6,7 +6,9 @@
 //!   in a row means the state itself is bad: roll back.
 //! - A loss spike is a loss more than `spike_threshold` mean absolute deviations above its
 //!   running mean (both exponential moving averages over healthy steps, after
-//!   `warmup_steps`). A spiking step is not applied; `spike_steps` in a row roll back to the
+//!   `warmup_steps`), and above it by at least `spike_min_increase` nats and
+//!   `spike_min_ratio` of the mean: on a flat plateau the deviation shrinks until the batches
+//!   that begin a learning transition look like spikes. A spiking step is not applied; `spike_steps` in a row roll back to the
 //!   last good state and skip the data seen since (PaLM's manual fix, automated).
 //! - More than `max_rollbacks` rollbacks within `rollback_window` steps: stop and say so,
 //!   rather than loop.
@@ -24,6 +26,10 @@ pub struct GuardSection {
     pub spike_threshold: f64,
     /// ...and by at least this much (nats): near-zero losses jump by large factors harmlessly.
     pub spike_min_increase: f64,
+    /// ...and by at least this fraction of the mean. Measured on the default task at batch 16:
+    /// batches at the onset of its learning transition ran 9-38% above the plateau's mean;
+    /// divergences ran 190% and more above it.
+    pub spike_min_ratio: f64,
     /// Consecutive spiking steps that trigger a rollback.
     pub spike_steps: u32,
     /// Steps before spike detection starts (the loss falls fast at first).
@@ -45,7 +51,8 @@ impl Default for GuardSection {
             enabled: true,
             max_nonfinite_in_a_row: 3,
             spike_threshold: 8.0,
-            spike_min_increase: 0.1,
+            spike_min_increase: 0.25,
+            spike_min_ratio: 0.5,
             spike_steps: 3,
             warmup_steps: 100,
             ema_alpha: 0.02,
@@ -129,7 +136,11 @@ impl Guard {
             // A floor on the deviation keeps a very smooth loss from flagging noise.
             let dev = self.dev.max(1e-3 * mean.abs()).max(1e-6);
             let score = (loss - mean) / dev;
-            if score > self.cfg.spike_threshold && loss - mean > self.cfg.spike_min_increase {
+            let floor = self
+                .cfg
+                .spike_min_increase
+                .max(self.cfg.spike_min_ratio * mean.abs());
+            if score > self.cfg.spike_threshold && loss - mean > floor {
                 self.spike_run += 1;
                 let what = format!(
                     "loss {loss:.4} is {score:.1} deviations above its running mean {mean:.4}"
@@ -265,6 +276,26 @@ mod tests {
             let loss = if step % 7 == 0 { 0.05 } else { 0.001 };
             assert_eq!(g.observe(step, loss, 0.01), Verdict::Apply, "step {step}");
         }
+    }
+
+    #[test]
+    fn the_onset_of_a_learning_transition_is_not_a_spike_a_divergence_is() {
+        let mut g = guard();
+        // A plateau at ln 4 with little batch-to-batch noise...
+        for step in 0..400 {
+            let loss = 1.39 + 0.01 * ((step * 7919 % 13) as f64 / 13.0 - 0.5);
+            assert_eq!(g.observe(step, loss, 0.5), Verdict::Apply, "step {step}");
+        }
+        // ...then batches 9-38% above it as the model starts to commit (measured, batch 16).
+        for (i, loss) in [1.51, 1.63, 1.89, 1.55, 1.91].into_iter().enumerate() {
+            assert_eq!(
+                g.observe(400 + i as u64, loss, 0.5),
+                Verdict::Apply,
+                "{loss}"
+            );
+        }
+        // What the outer momentum of 0.9 did to every replica at that point.
+        assert!(matches!(g.observe(405, 4.2, 0.5), Verdict::Skip { .. }));
     }
 
     #[test]

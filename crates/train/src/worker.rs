@@ -245,7 +245,9 @@ fn session(
         };
         let mut loss_sum = 0.0;
         let payload = if diloco {
-            let mut applied = 0u32;
+            // The round's loss is the mean of every finite loss its steps measured, applied or
+            // not: a round whose steps were all refused must not report a loss of 0.
+            let mut measured = 0u32;
             // What a rollback returns to: this round's start (the outer weights).
             let round_start = (r.weights.clone(), r.opt.clone(), guard.clone());
             for (i, ids) in batches.chunks(h.grad_accum).enumerate() {
@@ -261,6 +263,10 @@ fn session(
                 let (grads, loss) = inject(faults, step, grads, loss);
                 faults.nan_steps.retain(|&s| s != step);
                 stats.tokens += tokens as u64;
+                if loss.is_finite() {
+                    loss_sum += loss;
+                    measured += 1;
+                }
                 let norm = grad_norm(&grads);
                 match guard.observe(step, loss, norm) {
                     Verdict::Apply => {}
@@ -269,7 +275,9 @@ fn session(
                         stats.skipped_steps += 1;
                         continue;
                     }
-                    Verdict::Rollback { reason } => {
+                    // Past its rollback limit a replica goes on rolling back: whether the
+                    // run is unstable is the coordinator's call, from every replica's rounds.
+                    Verdict::Rollback { reason } | Verdict::Stop { reason } => {
                         // Back to the round's start: this replica contributes no change,
                         // and the rest of its batches this round are skipped.
                         tracing::warn!(
@@ -281,14 +289,11 @@ fn session(
                         stats.rollbacks += 1;
                         break;
                     }
-                    Verdict::Stop { reason } => return Err(TrainError::Unstable(reason)),
                 }
                 apply_clipped(&mut r.weights, &mut r.opt, grads, norm, step, h);
-                loss_sum += loss;
-                applied += 1;
                 slow_down(o.slow_factor, step_started.elapsed());
             }
-            loss_sum /= f64::from(applied.max(1));
+            loss_sum /= f64::from(measured.max(1));
             let mut d = Vec::new();
             pseudo_gradient(&r.outer, &flatten(&r.weights.tensors), &mut d);
             d
@@ -312,12 +317,19 @@ fn session(
                 Verdict::Apply => {}
                 // Replicas share one state in DDP: a bad step cannot be undone locally, so
                 // this replica contributes nothing rather than poison the average.
-                Verdict::Skip { reason } | Verdict::Rollback { reason } => {
+                // Past its rollback limit it goes on contributing zeros: whether the run is
+                // unstable is the coordinator's call.
+                Verdict::Skip { reason } => {
                     tracing::warn!("{}: round {round}: contributing zeros: {reason}", o.name);
                     stats.skipped_steps += 1;
                     g.iter_mut().for_each(|v| *v = 0.0);
                 }
-                Verdict::Stop { reason } => return Err(TrainError::Unstable(reason)),
+                Verdict::Rollback { reason } | Verdict::Stop { reason } => {
+                    tracing::warn!("{}: round {round}: contributing zeros: {reason}", o.name);
+                    stats.skipped_steps += 1;
+                    stats.rollbacks += 1;
+                    g.iter_mut().for_each(|v| *v = 0.0);
+                }
             }
             g
         };

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Chaos soak: N seeded random fault schedules on multi-worker runs of the default task long
+# enough to pass its learning transition (loss leaves its 1.39 plateau around step 450).
+#
+#   bash bench/chaos-soak.sh [N] [BASE]     # N schedules (default 10) from seed BASE (default 1)
+#
+# Schedule i draws 1-3 faults from seed BASE+i: kills, hangs of 0.5-60 s, slow workers (2-3x),
+# NaN steps, loss spikes, bit flips. Its training seed is one of SEEDS (default "101 102 103"),
+# each trained once without faults as the baseline. A schedule passes when the run
+#   - completes (exit 0),
+#   - commits every batch exactly once (ledger.jsonl, voided rounds excluded),
+#   - ends with a validation loss at most 5% (plus 0.01 nats: converged losses are ~1e-3)
+#     above the fault-free run of its seed,
+#   - never held training up longer than the failure timeout plus one clean round
+#     (summary.json max_fault_sync_s against the median clean round's wall time).
+# Prints one row per schedule and, for each failure, the command that reproduces it.
+# Exits 1 if any schedule failed. HOLDFAST (binary) and OUT (where runs go) may be set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-10}
+BASE=${2:-1}
+BIN=${HOLDFAST:-${CARGO_TARGET_DIR:-target}/release/holdfast}
+OUT=${OUT:-$(mktemp -d -t holdfast-soak.XXXXXX)}
+SEEDS=(${SEEDS:-101 102 103})
+SHAPE=(--workers 3 --steps 800 --inner-steps 20 --batch-size 32 --no-progress)
+TIMEOUT_S=2.0 # the default failure_timeout_ms
+PER_RUN_LIMIT=600
+[ -x "$BIN" ] || { echo "chaos-soak: no holdfast binary at $BIN (build with cargo build --release)" >&2; exit 2; }
+mkdir -p "$OUT"
+echo "chaos-soak: $N schedules from seed $BASE, runs in $OUT"
+
+schedule() { # schedule-seed -> chaos spec
+  python3 - "$1" <<'PY'
+import random, sys
+r = random.Random(int(sys.argv[1]))
+faults = []
+for _ in range(r.randint(1, 3)):
+    kind = r.choice(["kill", "hang", "hang", "slow", "nan", "spike", "bitflip"])
+    w = r.randrange(3)
+    if kind == "kill":
+        faults.append(f"kill:worker={w},at={r.uniform(1, 15):.1f}s")
+    elif kind == "hang":
+        faults.append(f"hang:worker={w},at={r.uniform(1, 15):.1f}s,for={r.uniform(0.5, 60):.1f}s")
+    elif kind == "slow":
+        faults.append(f"slow:worker={w},factor={r.choice([2, 3])}")
+    elif kind == "nan":
+        faults.append(f"nan:worker={w},at={r.randrange(50, 800)}")
+    elif kind == "spike":
+        faults.append(f"spike:worker={w},at={r.randrange(150, 780)},scale={r.choice([10, 30, 100])},steps={r.randint(1, 5)}")
+    else:
+        faults.append(f"bitflip:worker={w},at={r.randrange(1, 38)}")
+# One slow fault per worker at most (the launcher takes one factor per worker).
+seen, kept = set(), []
+for f in faults:
+    key = f.split(",")[0] if f.startswith("slow") else f
+    if key not in seen:
+        seen.add(key); kept.append(f)
+print(";".join(kept))
+PY
+}
+
+check() { # run-dir baseline-dir rc -> "ok" or the reasons, then the figures
+  python3 - "$@" "$TIMEOUT_S" <<'PY'
+import json, os, statistics, sys
+run, base, rc, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+why = []
+def lines(p):
+    return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
+if rc != 0:
+    why.append(f"exit {rc}")
+rounds = []
+for r in lines(os.path.join(run, "ledger.jsonl")):
+    if "voided_rounds" in r:
+        lo, hi = r["voided_rounds"]
+        rounds = [x for x in rounds if not lo <= x["round"] < hi]
+    else:
+        rounds.append(r)
+ids = [b for r in rounds for m in r["members"] for b in m["batches"]]
+if len(ids) != len(set(ids)):
+    why.append("a batch committed twice")
+elif ids and sorted(ids) != list(range(len(ids))):
+    why.append("a batch skipped")
+def summary(d):
+    p = os.path.join(d, "summary.json")
+    return json.load(open(p)) if os.path.exists(p) else None
+s, b = summary(run), summary(base)
+ratio = stall = limit = None
+if s is None:
+    why.append("no summary.json")
+else:
+    v, v0 = s["eval"]["val_loss"], b["eval"]["val_loss"]
+    ratio = v / v0
+    if v > 1.05 * v0 + 0.01:
+        why.append(f"val loss {v:.4f} vs fault-free {v0:.4f}")
+    clean = [r["wall_s"] for r in lines(os.path.join(base, "ledger.jsonl"))]
+    stall = s["max_fault_sync_s"]
+    limit = timeout + statistics.median(clean)
+    if stall > limit:
+        why.append(f"stalled {stall:.2f} s (limit {limit:.2f} s)")
+fmt = lambda x, f: "-" if x is None else format(x, f)
+print(("ok" if not why else "FAIL: " + "; ".join(why)) + "\t" + fmt(ratio, ".3f") + "\t" + fmt(stall, ".2f"))
+PY
+}
+
+for seed in "${SEEDS[@]}"; do
+  base="$OUT/fault-free-$seed"
+  [ -f "$base/summary.json" ] && continue
+  timeout "$PER_RUN_LIMIT" "$BIN" train "${SHAPE[@]}" --seed "$seed" --run-dir "$base" > "$base.log" 2>&1 \
+    || { echo "chaos-soak: the fault-free run of seed $seed failed; see $base.log" >&2; exit 1; }
+done
+
+printf '%-9s %-5s %-8s %-7s %s\n' schedule seed ratio stall_s result
+failed=()
+worst_ratio=0 worst_stall=0 passed=0
+for ((i = 0; i < N; i++)); do
+  sseed=$((BASE + i))
+  seed=${SEEDS[$((sseed % ${#SEEDS[@]}))]}
+  chaos=$(schedule "$sseed")
+  run="$OUT/schedule-$sseed"
+  rc=0
+  timeout "$PER_RUN_LIMIT" "$BIN" train "${SHAPE[@]}" --seed "$seed" --chaos "$chaos" --run-dir "$run" \
+    > "$run.log" 2>&1 || rc=$?
+  IFS=$'\t' read -r verdict ratio stall < <(check "$run" "$OUT/fault-free-$seed" "$rc")
+  printf '%-9s %-5s %-8s %-7s %s  [%s]\n' "$sseed" "$seed" "$ratio" "$stall" "$verdict" "$chaos"
+  if [ "$verdict" = ok ]; then
+    passed=$((passed + 1))
+  else
+    failed+=("$BIN train ${SHAPE[*]} --seed $seed --chaos '$chaos' --run-dir soak-$sseed   # $verdict")
+  fi
+  worst_ratio=$(python3 -c "print(max($worst_ratio, ${ratio/-/0}))")
+  worst_stall=$(python3 -c "print(max($worst_stall, ${stall/-/0}))")
+done
+echo "chaos-soak: $passed of $N schedules passed; worst val-loss ratio $worst_ratio, worst stall $worst_stall s"
+for f in "${failed[@]}"; do echo "reproduce: $f"; done
+[ ${#failed[@]} -eq 0 ]
