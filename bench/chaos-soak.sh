@@ -20,6 +20,7 @@ cd "$(dirname "$0")/.."
 N=${1:-10}
 BASE=${2:-1}
 BIN=${HOLDFAST:-${CARGO_TARGET_DIR:-target}/release/holdfast}
+KEEP_OUT=${OUT:+yes}
 OUT=${OUT:-$(mktemp -d -t holdfast-soak.XXXXXX)}
 SEEDS=(${SEEDS:-101 102 103})
 SHAPE=(--workers 3 --steps 800 --inner-steps 20 --batch-size 32 --no-progress)
@@ -130,6 +131,11 @@ for ((i = 0; i < N; i++)); do
   worst_ratio=$(python3 -c "print(max($worst_ratio, ${ratio/-/0}))")
   worst_stall=$(python3 -c "print(max($worst_stall, ${stall/-/0}))")
 done
-echo "chaos-soak: $passed of $N schedules passed; worst val-loss ratio $worst_ratio, worst stall $worst_stall s"
+echo "worst val-loss ratio $worst_ratio, worst stall $worst_stall s"
 for f in "${failed[@]}"; do echo "reproduce: $f"; done
-[ ${#failed[@]} -eq 0 ]
+echo "chaos-soak: $passed passed, ${#failed[@]} failed"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "chaos-soak: runs and logs kept in $OUT"
+  exit 1
+fi
+[ -n "$KEEP_OUT" ] || rm -rf "$OUT"

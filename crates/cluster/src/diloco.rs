@@ -26,6 +26,19 @@ impl OuterNesterov {
             *p -= self.lr * (g + self.momentum * *v);
         }
     }
+
+    /// Applies a committed round's averaged pseudo-gradient; returns whether the outer weights
+    /// moved. A round in which no replica made progress (every one rolled back, so `avg` is
+    /// all zeros, bit for bit on every replica) takes no step and clears the momentum, which
+    /// would otherwise carry the outer weights on along the direction that just failed.
+    pub fn apply_round(&self, outer: &mut [f32], velocity: &mut [f32], avg: &[f32]) -> bool {
+        if avg.iter().all(|&g| g == 0.0) {
+            velocity.fill(0.0);
+            return false;
+        }
+        self.step(outer, velocity, avg);
+        true
+    }
 }
 
 /// Divides a summed buffer by the number of contributors.
@@ -61,6 +74,26 @@ mod tests {
         }
         .step(&mut o, &mut v, &sum);
         assert_eq!(o, vec![1.0, 1.0, 5.0]);
+    }
+
+    #[test]
+    fn a_round_without_progress_takes_no_step_and_clears_the_momentum() {
+        let opt = OuterNesterov {
+            lr: 0.7,
+            momentum: 0.9,
+        };
+        let (mut p, mut v) = (vec![1.0f32, 2.0], vec![0.5f32, -0.25]);
+        // A plain step with a zero gradient still moves by lr * momentum^2 * v.
+        let (mut q, mut w) = (p.clone(), v.clone());
+        opt.step(&mut q, &mut w, &[0.0, 0.0]);
+        assert_ne!(q, p);
+        assert!(!opt.apply_round(&mut p, &mut v, &[0.0, 0.0]));
+        assert_eq!(
+            (p.as_slice(), v.as_slice()),
+            ([1.0, 2.0].as_slice(), [0.0, 0.0].as_slice())
+        );
+        assert!(opt.apply_round(&mut p, &mut v, &[0.5, 0.0]));
+        assert_eq!(p[0], 1.0 - 0.7 * (0.5 + 0.9 * 0.5));
     }
 
     #[test]

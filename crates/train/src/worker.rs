@@ -412,7 +412,12 @@ fn session(
         let mut avg = sum;
         average_in_place(&mut avg, contributors);
         if diloco {
-            outer_opt.step(&mut r.outer, &mut r.velocity, &avg);
+            if !outer_opt.apply_round(&mut r.outer, &mut r.velocity, &avg) {
+                tracing::warn!(
+                    "{}: round {round}: no replica made progress; no outer step, momentum cleared",
+                    o.name
+                );
+            }
             r.reset_local_to_outer();
         } else {
             let grads = unflatten(&avg, &r.weights.specs, &o.device);
