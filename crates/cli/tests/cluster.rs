@@ -591,6 +591,28 @@ fn workers_skip_a_nan_step_and_roll_back_a_spike_within_their_round() {
 }
 
 #[test]
+fn the_coordinator_ends_a_run_whose_every_replica_keeps_rolling_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Every worker's losses and gradients times 50 from step 120 on: from round 6, every
+    // replica rolls back in every round. No worker gives up on its own (it would have after
+    // its fourth rollback); the coordinator stops the run after the fourth such round.
+    let mut args = train_args("u", "2", "400");
+    args.extend(["--chaos", "spike:at=120,scale=50,steps=400"]);
+    let out = holdfast(d, &args);
+    fails_with(
+        &out,
+        "training is unstable: every replica rolled back in 4 consecutive rounds [6, 7, 8, 9]",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("exited (exit status"), "{err}");
+    let unstable = events(&d.join("u"), "run_unstable");
+    assert_eq!(unstable.len(), 1, "{unstable:?}");
+    assert_eq!(unstable[0]["losses"].as_array().unwrap().len(), 4);
+}
+
+#[test]
 fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
