@@ -1,8 +1,9 @@
 //! `holdfast train --workers N`: an embedded coordinator in this process and N worker
 //! processes of this same binary, supervised (a worker that dies is started again after a
 //! delay, and rejoins through live recovery), with chaos faults delivered as real signals.
-//! A worker that exits on its own with an error (unstable training, bad input) is not
-//! restarted: a restart would meet the same error. One killed by a signal or a panic is.
+//! A worker that exits on its own with an error (bad input, say) is not restarted: a restart
+//! would meet the same error. One killed by a signal or a panic is. Unstable training is not
+//! such an error: the coordinator judges it from every replica's rounds and ends the run.
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};

@@ -1155,8 +1155,24 @@ mod tests {
         )
     }
 
-    /// Drives every worker in `ws` through one clean round; returns the attempt used.
+    /// Drives every worker in `ws` through one clean round.
     fn clean_round(c: &mut Coordinator, now: Instant, ws: &[WorkerId], round: u64) {
+        let stats = WorkerRoundStats {
+            tokens: 10,
+            ..Default::default()
+        };
+        round_reporting(c, now, ws, round, &vec![stats; ws.len()]);
+        assert_eq!(c.committed_rounds(), round + 1);
+    }
+
+    /// Runs `round` to its commit, each member of `ws` reporting its `stats`.
+    fn round_reporting(
+        c: &mut Coordinator,
+        now: Instant,
+        ws: &[WorkerId],
+        round: u64,
+        stats: &[WorkerRoundStats],
+    ) {
         for &w in ws {
             assert!(matches!(next(c, now, w), Reply::Round { round: r, .. } if r == round));
         }
@@ -1166,10 +1182,15 @@ mod tests {
                 attempt = a;
             }
         }
-        for &w in ws {
-            reduced(c, now, w, round, attempt);
+        for (&w, stats) in ws.iter().zip(stats) {
+            let req = Request::Reduced {
+                worker: w,
+                round,
+                attempt,
+                stats: stats.clone(),
+            };
+            c.handle(now, req);
         }
-        assert_eq!(c.committed_rounds(), round + 1);
     }
 
     fn committed(c: &mut Coordinator) -> Vec<RoundRecord> {
@@ -1190,29 +1211,15 @@ mod tests {
         round: u64,
         rollbacks: &[u64],
     ) {
-        for &w in ws {
-            assert!(matches!(next(c, now, w), Reply::Round { round: r, .. } if r == round));
-        }
-        let mut attempt = 0;
-        for &w in ws {
-            if let Reply::Ring { attempt: a, .. } = ready(c, now, w, round) {
-                attempt = a;
-            }
-        }
-        for (&w, &rollbacks) in ws.iter().zip(rollbacks) {
-            let stats = WorkerRoundStats {
+        let stats: Vec<WorkerRoundStats> = rollbacks
+            .iter()
+            .map(|&rollbacks| WorkerRoundStats {
                 loss: 4.5,
                 rollbacks,
                 ..Default::default()
-            };
-            let req = Request::Reduced {
-                worker: w,
-                round,
-                attempt,
-                stats,
-            };
-            c.handle(now, req);
-        }
+            })
+            .collect();
+        round_reporting(c, now, ws, round, &stats);
     }
 
     #[test]

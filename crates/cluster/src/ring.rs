@@ -77,6 +77,9 @@ pub fn all_reduce_sum(
             what: format!("ring predecessor claims rank {from}, expected {prev_rank}"),
         });
     }
+    // The peer server accepted this connection with its own deadline (a state transfer's,
+    // longer): a predecessor that hangs mid-collective must cost this one's timeout, no more.
+    prev.set_timeout(timeout)?;
     let next_handle = next.try_clone()?;
     let len = buf.len();
     let result = std::thread::scope(|s| {
@@ -150,10 +153,12 @@ mod tests {
     use crate::peer::PeerServer;
 
     fn servers(n: usize, auth: &Auth) -> Vec<PeerServer> {
+        servers_with_deadline(n, auth, Duration::from_secs(2))
+    }
+
+    fn servers_with_deadline(n: usize, auth: &Auth, deadline: Duration) -> Vec<PeerServer> {
         (0..n)
-            .map(|_| {
-                PeerServer::start("127.0.0.1:0", auth.clone(), 9, Duration::from_secs(2)).unwrap()
-            })
+            .map(|_| PeerServer::start("127.0.0.1:0", auth.clone(), 9, deadline).unwrap())
             .collect()
     }
 
@@ -220,6 +225,57 @@ mod tests {
             let again = run(&srv, data, 1, Duration::from_secs(5));
             assert_eq!(again[0].as_ref().unwrap(), first);
         }
+    }
+
+    #[test]
+    fn a_peer_that_hangs_after_connecting_fails_every_survivor_within_the_timeout() {
+        let auth = Auth::new(b"ring");
+        // The servers' own deadline (a worker's is a state transfer's, 10 s) is far longer
+        // than the collective's: the collective's must rule.
+        let srv = servers_with_deadline(3, &auth, Duration::from_secs(30));
+        let members: Vec<String> = srv.iter().map(|s| s.addr.clone()).collect();
+        let timeout = Duration::from_millis(300);
+        // Rank 2 joins the ring (connects to rank 0 as its predecessor) and then hangs: it
+        // holds the connection open for 10 s and sends nothing.
+        let hung_addr = members[0].clone();
+        let hung_auth = auth.clone();
+        let _hung = std::thread::spawn(move || {
+            let mut conn = wire::connect(&hung_addr, &hung_auth, 9, Duration::from_secs(5))?;
+            conn.send_json(&PeerHello::Ring {
+                round: 1,
+                attempt: 0,
+                from_rank: 2,
+            })?;
+            std::thread::sleep(Duration::from_secs(10));
+            Ok::<_, WireError>(())
+        });
+        let started = Instant::now();
+        let results: Vec<_> = std::thread::scope(|s| {
+            (0..2)
+                .map(|rank| {
+                    let spec = RingSpec {
+                        round: 1,
+                        attempt: 0,
+                        members: members.clone(),
+                        rank,
+                    };
+                    let (auth, inbox) = (auth.clone(), srv[rank].inbox.clone());
+                    s.spawn(move || {
+                        let mut buf = vec![1.0f32; 1000];
+                        all_reduce_sum(&mut buf, &spec, &auth, 9, &inbox, timeout)
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect()
+        });
+        let took = started.elapsed();
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "survivors gave up after {took:?}"
+        );
     }
 
     #[test]
