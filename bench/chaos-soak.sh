@@ -5,8 +5,9 @@
 #   bash bench/chaos-soak.sh [N] [BASE]     # N schedules (default 10) from seed BASE (default 1)
 #
 # Schedule i draws 1-3 faults from seed BASE+i: kills, hangs of 0.5-60 s, slow workers (2-3x),
-# NaN steps, loss spikes, bit flips. Its training seed is one of SEEDS (default "101 102 103"),
-# each trained once without faults as the baseline. A schedule passes when the run
+# NaN steps, loss spikes, bit flips. Its training seed is one of SEEDS (default "21 22 23", which
+# pass the transition in this shape: 99.7-100% held-out exact match), each trained once without
+# faults as the baseline; a baseline still on the plateau is refused. A schedule passes when the run
 #   - completes (exit 0),
 #   - commits every batch exactly once (ledger.jsonl, voided rounds excluded),
 #   - ends with a validation loss at most 5% (plus 0.01 nats: converged losses are ~1e-3)
@@ -23,7 +24,7 @@ BASE=${2:-1}
 BIN=${HOLDFAST:-${CARGO_TARGET_DIR:-target}/release/holdfast}
 KEEP_OUT=${OUT:+yes}
 OUT=${OUT:-$(mktemp -d -t holdfast-soak.XXXXXX)}
-SEEDS=(${SEEDS:-101 102 103})
+SEEDS=(${SEEDS:-21 22 23})
 SHAPE=(--workers 3 --steps 800 --inner-steps 20 --batch-size 32 --no-progress)
 TIMEOUT_S=2.0 # the default failure_timeout_ms
 PER_RUN_LIMIT=600
@@ -109,6 +110,11 @@ for seed in "${SEEDS[@]}"; do
   [ -f "$base/summary.json" ] && continue
   timeout "$PER_RUN_LIMIT" "$BIN" train "${SHAPE[@]}" --seed "$seed" --run-dir "$base" > "$base.log" 2>&1 \
     || { echo "chaos-soak: the fault-free run of seed $seed failed; see $base.log" >&2; exit 1; }
+  # The plateau's loss is ln 4 = 1.39: a baseline above 1.0 never learned, and faults could
+  # not make it worse.
+  python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["eval"]["val_loss"] > 1.0)' \
+    "$base/summary.json" \
+    || { echo "chaos-soak: seed $seed does not pass the learning transition in this shape; choose other SEEDS" >&2; exit 2; }
 done
 
 printf '%-9s %-5s %-8s %-7s %s\n' schedule seed ratio stall_s result
