@@ -227,17 +227,46 @@ mod tests {
         }
     }
 
+    /// Ranks 0 and 1 of a three-rank ring of `srv` run round 1's collective; rank 2 is up to
+    /// the test.
+    fn survivors_of_a_three_rank_ring(
+        srv: &[PeerServer],
+        auth: &Auth,
+        timeout: Duration,
+    ) -> Vec<Result<RingStats, WireError>> {
+        let members: Vec<String> = srv.iter().map(|s| s.addr.clone()).collect();
+        std::thread::scope(|s| {
+            (0..2)
+                .map(|rank| {
+                    let spec = RingSpec {
+                        round: 1,
+                        attempt: 0,
+                        members: members.clone(),
+                        rank,
+                    };
+                    let (auth, inbox) = (auth.clone(), srv[rank].inbox.clone());
+                    s.spawn(move || {
+                        let mut buf = vec![1.0f32; 1000];
+                        all_reduce_sum(&mut buf, &spec, &auth, 9, &inbox, timeout)
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect()
+        })
+    }
+
     #[test]
     fn a_peer_that_hangs_after_connecting_fails_every_survivor_within_the_timeout() {
         let auth = Auth::new(b"ring");
         // The servers' own deadline (a worker's is a state transfer's, 10 s) is far longer
         // than the collective's: the collective's must rule.
         let srv = servers_with_deadline(3, &auth, Duration::from_secs(30));
-        let members: Vec<String> = srv.iter().map(|s| s.addr.clone()).collect();
         let timeout = Duration::from_millis(300);
         // Rank 2 joins the ring (connects to rank 0 as its predecessor) and then hangs: it
         // holds the connection open for 10 s and sends nothing.
-        let hung_addr = members[0].clone();
+        let hung_addr = srv[0].addr.clone();
         let hung_auth = auth.clone();
         let _hung = std::thread::spawn(move || {
             let mut conn = wire::connect(&hung_addr, &hung_auth, 9, Duration::from_secs(5))?;
@@ -250,26 +279,7 @@ mod tests {
             Ok::<_, WireError>(())
         });
         let started = Instant::now();
-        let results: Vec<_> = std::thread::scope(|s| {
-            (0..2)
-                .map(|rank| {
-                    let spec = RingSpec {
-                        round: 1,
-                        attempt: 0,
-                        members: members.clone(),
-                        rank,
-                    };
-                    let (auth, inbox) = (auth.clone(), srv[rank].inbox.clone());
-                    s.spawn(move || {
-                        let mut buf = vec![1.0f32; 1000];
-                        all_reduce_sum(&mut buf, &spec, &auth, 9, &inbox, timeout)
-                    })
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .collect()
-        });
+        let results = survivors_of_a_three_rank_ring(&srv, &auth, timeout);
         let took = started.elapsed();
         assert!(results.iter().all(|r| r.is_err()), "{results:?}");
         assert!(
@@ -282,30 +292,10 @@ mod tests {
     fn a_missing_peer_fails_every_survivor_within_the_timeout() {
         let auth = Auth::new(b"ring");
         let srv = servers(3, &auth);
-        let members: Vec<String> = srv.iter().map(|s| s.addr.clone()).collect();
         let timeout = Duration::from_millis(300);
         let started = Instant::now();
         // Rank 2 never shows up (hung before the collective): ranks 0 and 1 must give up.
-        let results: Vec<_> = std::thread::scope(|s| {
-            (0..2)
-                .map(|rank| {
-                    let spec = RingSpec {
-                        round: 1,
-                        attempt: 0,
-                        members: members.clone(),
-                        rank,
-                    };
-                    let (auth, inbox) = (auth.clone(), srv[rank].inbox.clone());
-                    s.spawn(move || {
-                        let mut buf = vec![1.0f32; 1000];
-                        all_reduce_sum(&mut buf, &spec, &auth, 9, &inbox, timeout)
-                    })
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .collect()
-        });
+        let results = survivors_of_a_three_rank_ring(&srv, &auth, timeout);
         assert!(results.iter().all(|r| r.is_err()), "{results:?}");
         assert!(
             started.elapsed() < Duration::from_secs(3),
