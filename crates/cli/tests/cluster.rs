@@ -188,7 +188,7 @@ fn same_seed_gives_identical_weights_and_a_killed_worker_does_not_stop_the_run()
 
 /// A fault-free DiLoCo run of the default task, long enough to pass the task's learning
 /// transition (its loss leaves the 1.39 plateau around step 450), with no guard action.
-fn assert_passes_the_transition_cleanly(d: &Path, name: &str, shape: &[&str]) -> Value {
+fn assert_passes_the_transition_cleanly(d: &Path, name: &str, shape: &[&str]) {
     let mut args = vec![
         "train",
         "--workers",
@@ -201,7 +201,7 @@ fn assert_passes_the_transition_cleanly(d: &Path, name: &str, shape: &[&str]) ->
     ok(&holdfast(d, &args));
     let run = d.join(name);
     assert_states_agree(&run);
-    assert_learned_without_a_guard_action(&run)
+    assert_learned_without_a_guard_action(&run);
 }
 
 /// The run committed every batch once, its guards never acted, and its model is past the

@@ -8,8 +8,9 @@
 //!   running mean (both exponential moving averages over healthy steps, after
 //!   `warmup_steps`), and above it by at least `spike_min_increase` nats and
 //!   `spike_min_ratio` of the mean: on a flat plateau the deviation shrinks until the batches
-//!   that begin a learning transition look like spikes. A spiking step is not applied; `spike_steps` in a row roll back to the
-//!   last good state and skip the data seen since (PaLM's manual fix, automated).
+//!   that begin a learning transition look like spikes. A spiking step is not applied;
+//!   `spike_steps` in a row roll back to the last good state and skip the data seen since
+//!   (PaLM's manual fix, automated).
 //! - More than `max_rollbacks` rollbacks within `rollback_window` steps: stop and say so,
 //!   rather than loop.
 

@@ -313,21 +313,20 @@ fn session(
             slow_down(o.slow_factor, step_started.elapsed());
             let mut g = flatten(&grads);
             let norm = grad_norm(&grads);
-            match guard.observe(round, loss, norm) {
+            let verdict = guard.observe(round, loss, norm);
+            let rolled_back = matches!(verdict, Verdict::Rollback { .. } | Verdict::Stop { .. });
+            match verdict {
                 Verdict::Apply => {}
                 // Replicas share one state in DDP: a bad step cannot be undone locally, so
-                // this replica contributes nothing rather than poison the average.
-                // Past its rollback limit it goes on contributing zeros: whether the run is
-                // unstable is the coordinator's call.
-                Verdict::Skip { reason } => {
+                // this replica contributes nothing rather than poison the average. Past its
+                // rollback limit it goes on doing so: whether the run is unstable is the
+                // coordinator's call.
+                Verdict::Skip { reason }
+                | Verdict::Rollback { reason }
+                | Verdict::Stop { reason } => {
                     tracing::warn!("{}: round {round}: contributing zeros: {reason}", o.name);
                     stats.skipped_steps += 1;
-                    g.iter_mut().for_each(|v| *v = 0.0);
-                }
-                Verdict::Rollback { reason } | Verdict::Stop { reason } => {
-                    tracing::warn!("{}: round {round}: contributing zeros: {reason}", o.name);
-                    stats.skipped_steps += 1;
-                    stats.rollbacks += 1;
+                    stats.rollbacks += u64::from(rolled_back);
                     g.iter_mut().for_each(|v| *v = 0.0);
                 }
             }
