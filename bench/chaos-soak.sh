@@ -9,7 +9,7 @@
 # pass the transition in this shape: 99.7-100% held-out exact match), each trained once without
 # faults as the baseline; a baseline still on the plateau is refused. A schedule passes when the run
 #   - completes (exit 0),
-#   - commits every batch exactly once (ledger.jsonl, voided rounds excluded),
+#   - commits every batch of its budget exactly once (ledger.jsonl, voided rounds excluded),
 #   - ends with a validation loss at most 5% (plus 0.01 nats: converged losses are ~1e-3)
 #     above the fault-free run of its seed,
 #   - never held training up longer than the failure timeout plus one clean round
@@ -26,6 +26,7 @@ KEEP_OUT=${OUT:+yes}
 OUT=${OUT:-$(mktemp -d -t holdfast-soak.XXXXXX)}
 SEEDS=(${SEEDS:-21 22 23})
 SHAPE=(--workers 3 --steps 800 --inner-steps 20 --batch-size 32 --no-progress)
+BUDGET=$((3 * 800)) # batches: workers x steps
 TIMEOUT_S=2.0 # the default failure_timeout_ms
 PER_RUN_LIMIT=600
 [ -x "$BIN" ] || { echo "chaos-soak: no holdfast binary at $BIN (build with cargo build --release)" >&2; exit 2; }
@@ -63,9 +64,10 @@ PY
 }
 
 check() { # run-dir baseline-dir rc -> "ok" or the reasons, then the figures
-  python3 - "$@" "$TIMEOUT_S" <<'PY'
+  python3 - "$@" "$TIMEOUT_S" "$BUDGET" <<'PY'
 import json, os, statistics, sys
 run, base, rc, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+budget = int(sys.argv[5])
 why = []
 def lines(p):
     return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
@@ -83,6 +85,8 @@ if len(ids) != len(set(ids)):
     why.append("a batch committed twice")
 elif ids and sorted(ids) != list(range(len(ids))):
     why.append("a batch skipped")
+elif rc == 0 and len(ids) != budget:
+    why.append(f"{len(ids)} of {budget} batches committed")
 def summary(d):
     p = os.path.join(d, "summary.json")
     return json.load(open(p)) if os.path.exists(p) else None

@@ -169,13 +169,13 @@ pub fn run(
             .collect(),
     );
     let bar = if opts.progress {
-        ProgressBar::new(cfg.rounds())
+        ProgressBar::new(cfg.cluster_steps())
     } else {
         ProgressBar::hidden()
     };
     bar.set_style(
         ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} rounds  {msg}  [{elapsed_precise} < {eta_precise}]",
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
         )
         .expect("valid template"),
     );
@@ -188,9 +188,7 @@ pub fn run(
     let mut state_lost_since: Option<Instant> = None;
     loop {
         let p = cluster.poll()?;
-        // Rounds that retrain discarded batches may run past the budget.
-        bar.set_length(p.total_rounds.max(p.committed_rounds));
-        bar.set_position(p.committed_rounds);
+        bar.set_position(p.step);
         bar.set_message(format!(
             "loss {}  {} live  {} faults",
             p.last_loss.map_or("-".into(), |l| format!("{l:.4}")),

@@ -644,27 +644,24 @@ fn print_cluster_summary(
     cfg: &RunConfig,
 ) {
     println!(
-        "committed {} rounds ({} steps per worker) in {:.1}s: {} tokens, goodput {:.0} tokens/s",
-        s.rounds,
-        s.rounds * s.steps_per_round,
-        s.wall_s,
-        s.committed_tokens,
-        s.goodput_tokens_per_s
+        "committed {} rounds ({} batches) in {:.1}s: {} tokens, goodput {:.0} tokens/s",
+        s.rounds, s.committed_batches, s.wall_s, s.committed_tokens, s.goodput_tokens_per_s
     );
     println!(
         "faults {}, aborted attempts {}, discarded batches {} (retrained), replica divergences {}",
         s.faults, s.aborted_attempts, s.discarded_batches, s.divergences
     );
-    if s.guard_skips + s.guard_rollbacks + s.corruptions > 0 {
+    if s.guard_skips + s.guard_rollbacks + s.corruptions + s.rewinds > 0 {
         let suspects: Vec<String> = s
             .suspects
             .iter()
             .map(|(n, f)| format!("{n} ({f}x)"))
             .collect();
         println!(
-            "guards: {} inner steps not applied, {} rollbacks, {} corrupted replica states{}",
+            "guards: {} inner steps not applied, {} rollbacks, {} rewinds of the run, {} corrupted replica states{}",
             s.guard_skips,
             s.guard_rollbacks,
+            s.rewinds,
             s.corruptions,
             if suspects.is_empty() {
                 String::new()

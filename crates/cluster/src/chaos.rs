@@ -15,7 +15,9 @@
 //!   that worker's replica.
 //!
 //! Durations: `500ms`, `30s`, `2m`, or a bare number of seconds. Rounds count from 0; steps
-//! count batches drawn from 0 (a skipped or rolled-back step still drew its batch).
+//! count batches drawn from 0 (a skipped or rolled-back step still drew its batch). A step's
+//! fault fires once: in a multi-worker run a step trained again (its round redone after a
+//! rollback or a rewind) runs clean, as after a transient hardware fault.
 
 use std::time::Duration;
 
@@ -86,6 +88,25 @@ impl NumberFaults {
             .filter(|(s, _, n)| step >= *s && step < s + n)
             .map(|(_, x, _)| x)
             .product()
+    }
+
+    /// Marks `step`'s faults as delivered: a step that is trained again (its round retried,
+    /// rolled back or rewound) runs clean, as after a transient hardware fault.
+    pub fn spend(&mut self, step: u64) {
+        self.nan_steps.retain(|&s| s != step);
+        self.spikes = self
+            .spikes
+            .iter()
+            .flat_map(|&(s, x, n)| {
+                if step < s || step >= s + n {
+                    return vec![(s, x, n)];
+                }
+                [(s, x, step - s), (step + 1, x, s + n - step - 1)]
+                    .into_iter()
+                    .filter(|w| w.2 > 0)
+                    .collect()
+            })
+            .collect();
     }
 
     pub fn bitflip_after(&self, round: u64) -> bool {
@@ -467,6 +488,25 @@ mod tests {
             p.due(Duration::ZERO, Duration::from_secs(100), 3)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_spent_step_runs_clean_and_the_rest_of_its_window_still_fires() {
+        let mut f = NumberFaults {
+            nan_steps: vec![3, 9],
+            spikes: vec![(10, 50.0, 4)],
+            bitflip_rounds: vec![],
+        };
+        f.spend(3);
+        f.spend(11);
+        assert!(!f.nan_at(3) && f.nan_at(9));
+        assert_eq!(f.spikes, vec![(10, 50.0, 1), (12, 50.0, 2)]);
+        assert_eq!(
+            (10..15).map(|s| f.scale_at(s)).collect::<Vec<_>>(),
+            vec![50.0, 1.0, 50.0, 50.0, 1.0]
+        );
+        f.spend(10);
+        assert_eq!(f.spikes, vec![(12, 50.0, 2)]);
     }
 
     #[test]

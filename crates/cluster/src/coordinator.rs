@@ -28,18 +28,26 @@ pub struct Options {
     pub min_workers: usize,
     /// Batch ids each member trains on per round.
     pub batches_per_round: u64,
-    /// Rounds in the run's budget. Batches discarded by faults are trained in extra rounds
-    /// after it, so that none is skipped.
-    pub rounds: u64,
+    /// The run's budget: batch ids `0..budget_batches`, each committed exactly once. It is
+    /// counted in batches, not rounds: a round a fault shrank (a member removed, its batches
+    /// handed back) commits fewer, and the run goes on until all are in.
+    pub budget_batches: u64,
+    /// The learning-rate schedule's length in steps that budget spans: a round's first step
+    /// is `committed batches × schedule_steps / budget_batches`, so the schedule follows the
+    /// data trained, not the rounds run.
+    pub schedule_steps: u64,
     /// Compare the replicas' state hashes after every round before starting the next: a
     /// minority is quarantined (re-fetches the majority's state); without a majority, the
     /// rounds since the last agreed state are undone.
     pub vote: bool,
     /// A worker caught this many times is removed as suspect hardware.
     pub max_corruption_flags: u32,
-    /// The run is declared unstable after more than this many consecutive rounds in which
-    /// every member's guard rolled its replica back (no replica could make progress).
-    pub max_unstable_rounds: u32,
+    /// A round in which every member's guard rolled its replica back (no replica could make
+    /// progress) rewinds the run to before the outer step that led there and damps the next
+    /// `damp_rounds` rounds' steps; the run is declared unstable when such a round comes
+    /// again after this many rewinds with no clean damped stretch between them.
+    pub max_rewinds: u32,
+    pub damp_rounds: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -136,6 +144,14 @@ pub enum Reply {
         /// Where to fetch the state that starts this round, when this worker lacks it.
         /// `None` in round 0: everyone starts from the seeded initial state.
         donor: Option<String>,
+        /// The learning-rate schedule's step this round starts at (see
+        /// [`Options::schedule_steps`]).
+        #[serde(default)]
+        first_step: u64,
+        /// Below 1 after a rewind (see [`Options::max_rewinds`]): the factor on this round's
+        /// step (DiLoCo's outer learning rate, taken without momentum; DDP's learning rate).
+        #[serde(default = "full_step")]
+        step_scale: f64,
     },
     Ring {
         round: u64,
@@ -154,6 +170,10 @@ pub enum Reply {
         reason: String,
     },
     Finished,
+}
+
+fn full_step() -> f64 {
+    1.0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -232,8 +252,18 @@ pub enum Event {
         to: u64,
         reason: String,
     },
-    /// Every replica rolled back in each of these consecutive rounds (with their mean
-    /// losses): no replica can make progress, so the run stops instead of looping.
+    /// Every replica rolled back in `round` (mean loss `loss`): the run goes back to the
+    /// state that starts `from` (a `RoundsVoided` follows when that undoes rounds) and rounds
+    /// up to `damped_until` take `step_scale` × their step.
+    Rewound {
+        round: u64,
+        loss: f64,
+        from: u64,
+        step_scale: f64,
+        damped_until: u64,
+    },
+    /// Every replica rolled back again after `max_rewinds` rewinds (the rounds, with their
+    /// mean losses, each rewind tried included): the run stops instead of looping.
     RunUnstable {
         rounds: Vec<u64>,
         losses: Vec<f64>,
@@ -253,6 +283,10 @@ struct Member {
     last_seen: Instant,
     /// The round the state this member holds starts (set when it commits a round).
     state_round: Option<u64>,
+    /// The oldest state this member can serve: the one it started its latest unbroken run of
+    /// committed rounds from (a worker serves the state it fetched or built from the seed,
+    /// and the newest few it committed since).
+    serves_from: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -277,6 +311,7 @@ struct ActiveRound {
     started: Instant,
     first_ready: Option<Instant>,
     discarded: u64,
+    first_step: u64,
 }
 
 /// Batch ids not yet committed: fresh ones, and ones handed back by a member that failed.
@@ -287,18 +322,29 @@ struct BatchPool {
 }
 
 impl BatchPool {
-    fn take(&mut self, k: u64) -> Vec<u64> {
-        let mut out = Vec::with_capacity(k as usize);
+    /// Up to `k` ids: handed-back ones first, then fresh ones below `budget`.
+    fn take(&mut self, k: u64, budget: u64) -> Vec<u64> {
+        let mut out = Vec::new();
         while (out.len() as u64) < k {
             match self.returned.pop_first() {
                 Some(b) => out.push(b),
-                None => {
+                None if self.next_fresh < budget => {
                     out.push(self.next_fresh);
                     self.next_fresh += 1;
                 }
+                None => break,
             }
         }
         out
+    }
+
+    /// Ids committed, when none is handed out (between rounds).
+    fn committed(&self) -> u64 {
+        self.next_fresh - self.returned.len() as u64
+    }
+
+    fn exhausted(&self, budget: u64) -> bool {
+        self.next_fresh >= budget && self.returned.is_empty()
     }
 }
 
@@ -328,8 +374,14 @@ pub struct Coordinator {
     /// Batch ids of recently committed rounds, by round, for undoing them.
     recent_batches: BTreeMap<u64, Vec<u64>>,
     corruption_flags: BTreeMap<String, u32>,
-    /// The latest consecutive rounds in which every member rolled back, with their losses.
-    unstable_streak: Vec<(u64, f64)>,
+    /// A cold restart from a checkpoint, until its first commit: round 0 of it waits for
+    /// the expected workers.
+    cold_restart: bool,
+    /// The rewinds of the current unstable episode: (round every replica rolled back in, its
+    /// mean loss, the round rewound to, the step scale from then on).
+    rewinds: Vec<(u64, f64, u64, f64)>,
+    /// Rounds before this one take the last rewind's step scale.
+    damped_until: u64,
     /// Why the run was declared unstable, once it has been.
     unstable: Option<String>,
 }
@@ -355,7 +407,9 @@ impl Coordinator {
             voted: None,
             recent_batches: BTreeMap::new(),
             corruption_flags: BTreeMap::new(),
-            unstable_streak: Vec::new(),
+            cold_restart: false,
+            rewinds: Vec::new(),
+            damped_until: 0,
             unstable: None,
         }
     }
@@ -384,6 +438,7 @@ impl Coordinator {
         };
         c.pool_at_commit = c.pool.clone();
         c.restored = Some((next_round, state_addr));
+        c.cold_restart = true;
         c.last_agreed = Some(next_round);
         c.voted = Some(next_round);
         c
@@ -449,13 +504,26 @@ impl Coordinator {
                 .is_none()
     }
 
-    /// The budget is spent and no discarded batch waits to be retrained.
+    /// Every batch of the budget is committed.
     pub fn is_complete(&self) -> bool {
-        self.active.is_none() && self.round >= self.opts.rounds && self.pool.returned.is_empty()
+        self.active.is_none() && self.pool.exhausted(self.opts.budget_batches)
+    }
+
+    /// Batch ids committed so far.
+    pub fn committed_batches(&self) -> u64 {
+        self.pool_at_commit.committed()
+    }
+
+    /// The schedule step the committed batches have reached (see [`Options::schedule_steps`]).
+    pub fn schedule_step(&self) -> u64 {
+        let o = &self.opts;
+        let step = u128::from(self.committed_batches()) * u128::from(o.schedule_steps)
+            / u128::from(o.budget_batches.max(1));
+        step as u64
     }
 
     /// Why the run cannot go on, when every replica kept rolling back (see
-    /// [`Options::max_unstable_rounds`]). No round starts after that.
+    /// [`Options::max_rewinds`]). No round starts after that.
     pub fn unstable(&self) -> Option<&str> {
         self.unstable.as_deref()
     }
@@ -572,15 +640,25 @@ impl Coordinator {
         } else if self.fresh_start() {
             quorate
         } else {
-            // A cold restart: wait for the expected workers, then all load the checkpoint.
-            quorate && self.donor_for(self.round, &ids).is_some()
+            // A cold restart waits for the expected workers, then all load the checkpoint;
+            // after an undo the live members load the state it went back to.
+            (quorate || !self.cold_restart) && self.donor_for(self.round, &ids).is_some()
         };
         if !enough {
             return;
         }
-        let batches = ids
+        let first_step = self.schedule_step();
+        let (k, budget) = (self.opts.batches_per_round, self.opts.budget_batches);
+        // Near the budget's end some members may get fewer batches, or none: those sit the
+        // round out (they fetch its state when the next one starts).
+        let batches: BTreeMap<WorkerId, Vec<u64>> = ids
             .iter()
-            .map(|&id| (id, self.pool.take(self.opts.batches_per_round)))
+            .map(|&id| (id, self.pool.take(k, budget)))
+            .filter(|(_, b)| !b.is_empty())
+            .collect();
+        let ids: Vec<WorkerId> = ids
+            .into_iter()
+            .filter(|id| batches.contains_key(id))
             .collect();
         self.events.push(Event::RoundStarted {
             round: self.round,
@@ -597,6 +675,7 @@ impl Coordinator {
             started: now,
             first_ready: None,
             discarded: 0,
+            first_step,
         });
     }
 
@@ -683,31 +762,34 @@ impl Coordinator {
                     "no majority among {} replica states {counts:?}",
                     holders.len()
                 );
-                for r in from..round {
-                    if let Some(b) = self.recent_batches.remove(&r) {
-                        self.pool.returned.extend(b);
-                    }
-                }
-                self.pool_at_commit = self.pool.clone();
-                // Reports of the undone states must not be counted again.
-                self.state_hashes.retain(|r, _| *r <= from);
-                self.round = from;
-                self.last_commit = None;
-                for id in &holders {
-                    if let Some(m) = self.members.get_mut(id) {
-                        m.state_round = None;
-                    }
-                }
-                self.restored = Some((from, self.members[&holders[0]].data_addr.clone()));
-                self.voted = Some(from);
-                self.events.push(Event::RoundsVoided {
-                    from,
-                    to: round,
-                    reason,
-                });
+                self.undo_to(from, holders[0], reason);
                 true
             }
         }
+    }
+
+    /// Undoes the committed rounds from `from` on: their batches go back to the pool and
+    /// every member reloads the state that starts `from`, served by `donor`.
+    fn undo_to(&mut self, from: u64, donor: WorkerId, reason: String) {
+        let to = self.round;
+        for r in from..to {
+            if let Some(b) = self.recent_batches.remove(&r) {
+                self.pool.returned.extend(b);
+            }
+        }
+        self.pool_at_commit = self.pool.clone();
+        // Reports of the undone states must not be counted again.
+        self.state_hashes.retain(|r, _| *r <= from);
+        // `last_commit` stays: a member still waiting on the round that led to a rewind
+        // learns it committed, then fetches the state rewound to.
+        self.round = from;
+        self.restored = Some((from, self.members[&donor].data_addr.clone()));
+        for m in self.members.values_mut() {
+            m.state_round = None;
+        }
+        self.voted = Some(from);
+        self.last_agreed = self.last_agreed.map(|a| a.min(from));
+        self.events.push(Event::RoundsVoided { from, to, reason });
     }
 
     fn maybe_start_attempt(&mut self, _now: Instant) {
@@ -753,18 +835,22 @@ impl Coordinator {
             .worker()
             .expect("every request but a join names its worker");
         // A Reduced for a round that already committed may come from a member that has
-        // been removed since: it still learns the round committed.
+        // been removed since, or that was still waiting when a rewind undid the round: it
+        // still learns the round committed. (A round being redone is not that round.)
         if let Request::Reduced { round, .. } = &req
-            && *round < self.round
+            && self.active.as_ref().is_none_or(|a| a.round != *round)
         {
-            return match &self.last_commit {
+            match &self.last_commit {
                 Some((r, ids)) if r == round && ids.contains(&worker) => {
-                    Reply::Commit { round: *round }
+                    return Reply::Commit { round: *round };
                 }
-                _ => Reply::Evicted {
-                    reason: format!("round {round} committed without you"),
-                },
-            };
+                _ if *round < self.round => {
+                    return Reply::Evicted {
+                        reason: format!("round {round} committed without you"),
+                    };
+                }
+                _ => {}
+            }
         }
         let Some(member) = self.members.get_mut(&worker) else {
             return Reply::Evicted {
@@ -823,6 +909,7 @@ impl Coordinator {
                 data_addr,
                 last_seen: now,
                 state_round: None,
+                serves_from: None,
             },
         );
         Reply::Welcome {
@@ -833,6 +920,10 @@ impl Coordinator {
     }
 
     fn record_state(&mut self, worker: WorkerId, report: StateReport) {
+        if self.members[&worker].state_round != Some(report.next_round) {
+            // A state the run no longer holds (its round was undone): not a vote.
+            return;
+        }
         let name = self.members[&worker].name.clone();
         self.events.push(Event::StateReported {
             next_round: report.next_round,
@@ -898,6 +989,8 @@ impl Coordinator {
             quorum: active.members.len(),
             batches: active.batches[&worker].clone(),
             donor,
+            first_step: active.first_step,
+            step_scale: self.step_scale(active.round),
         }
     }
 
@@ -1031,9 +1124,14 @@ impl Coordinator {
         };
         for id in &ring {
             if let Some(m) = self.members.get_mut(id) {
+                if m.state_round != Some(a.round) {
+                    // It fetched this round's state, or built it from the seed.
+                    m.serves_from = Some(a.round);
+                }
                 m.state_round = Some(a.round + 1);
             }
         }
+        self.cold_restart = false;
         self.last_commit = Some((a.round, ring.iter().copied().collect()));
         self.round = a.round + 1;
         self.pool_at_commit = self.pool.clone();
@@ -1049,33 +1147,99 @@ impl Coordinator {
             self.recent_batches.pop_first();
         }
         let every_member_rolled_back = reduced.values().all(|s| s.rollbacks > 0);
-        self.judge_stability(every_member_rolled_back, &record);
+        let (round, loss) = (record.round, record.loss);
+        // Committed first: a rewind that undoes this round is recorded after it.
         self.events.push(Event::Committed(record));
+        self.judge_stability(every_member_rolled_back, round, loss);
     }
 
     /// The run's stability is the coordinator's call, not each worker's: one replica that
-    /// rolls back contributes nothing to its round and the others carry the run; only when
-    /// every replica rolled back in more than `max_unstable_rounds` rounds in a row does the
-    /// run stop, naming those rounds and their losses.
-    fn judge_stability(&mut self, every_member_rolled_back: bool, record: &RoundRecord) {
+    /// rolls back contributes nothing to its round and the others carry the run. When every
+    /// replica rolled back, the state they all started from is the suspect: the run rewinds
+    /// to before the outer step that made it and damps the steps that follow (halving them
+    /// with each rewind of the episode). Only when that fails `max_rewinds` times does it
+    /// stop, naming the rounds, their losses and what was tried.
+    fn judge_stability(&mut self, every_member_rolled_back: bool, round: u64, loss: f64) {
         if !every_member_rolled_back {
-            self.unstable_streak.clear();
+            if round + 1 >= self.damped_until {
+                // The damped stretch passed cleanly: the episode is over.
+                self.rewinds.clear();
+            }
             return;
         }
-        self.unstable_streak.push((record.round, record.loss));
-        if self.unstable_streak.len() as u32 <= self.opts.max_unstable_rounds {
+        if self.rewinds.len() as u32 >= self.opts.max_rewinds {
+            self.declare_unstable(round, loss);
             return;
         }
-        let (rounds, losses): (Vec<u64>, Vec<f64>) = self.unstable_streak.iter().copied().unzip();
+        let Some((donor, from)) = self.rewind_target(round) else {
+            self.declare_unstable(round, loss);
+            return;
+        };
+        let step_scale = 0.5f64.powi(self.rewinds.len() as i32 + 1);
+        self.damped_until = round + 1 + self.opts.damp_rounds;
+        self.rewinds.push((round, loss, from, step_scale));
+        self.events.push(Event::Rewound {
+            round,
+            loss,
+            from,
+            step_scale,
+            damped_until: self.damped_until,
+        });
+        if from < self.round {
+            let reason = format!(
+                "every replica rolled back in round {round} (mean loss {loss:.4}): rewinding to round \
+                 {from}, steps ×{step_scale} until round {}",
+                self.damped_until
+            );
+            self.undo_to(from, donor, reason);
+        }
+    }
+
+    /// The state to rewind to after every replica rolled back in `round` (just committed):
+    /// the one before the outer step that led to it (the previous round's; the failed round
+    /// took none), as far back as a member can still serve.
+    fn rewind_target(&self, round: u64) -> Option<(WorkerId, u64)> {
+        let (donor, oldest) = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.state_round == Some(self.round))
+            .filter_map(|(id, m)| m.serves_from.map(|r| (*id, r)))
+            .min_by_key(|(id, r)| (*r, *id))?;
+        let from = round.saturating_sub(1).max(oldest).min(self.round);
+        Some((donor, from))
+    }
+
+    /// The factor on `round`'s step: below 1 while a rewind's damping lasts.
+    fn step_scale(&self, round: u64) -> f64 {
+        match self.rewinds.last() {
+            Some(&(_, _, _, scale)) if round < self.damped_until => scale,
+            _ => 1.0,
+        }
+    }
+
+    fn declare_unstable(&mut self, round: u64, loss: f64) {
+        let mut rounds: Vec<u64> = self.rewinds.iter().map(|r| r.0).collect();
+        let mut losses: Vec<f64> = self.rewinds.iter().map(|r| r.1).collect();
+        rounds.push(round);
+        losses.push(loss);
+        let tried: Vec<String> = self
+            .rewinds
+            .iter()
+            .map(|(_, _, from, scale)| format!("rewound to round {from} with steps ×{scale}"))
+            .collect();
         let reason = format!(
-            "every replica rolled back in {} consecutive rounds {rounds:?} (mean losses {:?}; \
-             limit {}): stopping instead of looping",
-            rounds.len(),
+            "every replica rolled back in rounds {rounds:?} (mean losses {:?}); tried: {}; \
+             limit {} rewinds: stopping instead of looping",
             losses
                 .iter()
                 .map(|l| (l * 1e4).round() / 1e4)
                 .collect::<Vec<_>>(),
-            self.opts.max_unstable_rounds
+            if tried.is_empty() {
+                "nothing (no member could serve an earlier state)".to_string()
+            } else {
+                tried.join(", ")
+            },
+            self.opts.max_rewinds
         );
         self.unstable = Some(reason.clone());
         self.events.push(Event::RunUnstable {
@@ -1097,10 +1261,12 @@ mod tests {
             failure_timeout: T,
             min_workers,
             batches_per_round: 2,
-            rounds,
+            budget_batches: rounds * 2 * min_workers as u64,
+            schedule_steps: rounds,
             vote: false,
             max_corruption_flags: 2,
-            max_unstable_rounds: 2,
+            max_rewinds: 2,
+            damp_rounds: 3,
         };
         (Coordinator::new(opts, 77, "job".into()), Instant::now())
     }
@@ -1222,33 +1388,161 @@ mod tests {
         round_reporting(c, now, ws, round, &stats);
     }
 
+    /// The round's reply to `w`: (first step, step scale, donor).
+    fn round_reply(c: &mut Coordinator, now: Instant, w: WorkerId) -> (u64, f64, Option<String>) {
+        match next(c, now, w) {
+            Reply::Round {
+                first_step,
+                step_scale,
+                donor,
+                ..
+            } => (first_step, step_scale, donor),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn rewinds(c: &mut Coordinator) -> Vec<(u64, u64, f64, u64)> {
+        c.drain_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Rewound {
+                    round,
+                    from,
+                    step_scale,
+                    damped_until,
+                    ..
+                } => Some((round, from, step_scale, damped_until)),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn the_run_is_declared_unstable_only_when_every_replica_keeps_rolling_back() {
+    fn a_round_every_replica_rolled_back_in_rewinds_the_run_and_damps_what_follows() {
         let (mut c, t0) = coord(2, 20);
         let ws = [join(&mut c, t0, "w0"), join(&mut c, t0, "w1")];
-        // One replica rolling back, round after round, does not stop the run: the other
-        // carries it.
+        // One replica rolling back, round after round, changes nothing: the other carries it.
         for round in 0..4 {
             round_with_rollbacks(&mut c, t0, &ws, round, &[1, 0]);
         }
-        // Every replica rolled back twice in a row, then a round with progress: the count
-        // starts again.
+        assert!(rewinds(&mut c).is_empty());
+        // Every replica rolled back in round 4: back to the state before round 3's outer step,
+        // rounds 3 and 4 undone (their batches trained again), steps halved up to round 8.
         round_with_rollbacks(&mut c, t0, &ws, 4, &[1, 2]);
-        round_with_rollbacks(&mut c, t0, &ws, 5, &[1, 1]);
-        round_with_rollbacks(&mut c, t0, &ws, 6, &[0, 1]);
-        assert_eq!(c.unstable(), None);
-        for round in 7..10 {
-            round_with_rollbacks(&mut c, t0, &ws, round, &[1, 1]);
+        let events = c.drain_events();
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::Rewound {
+                round: 4,
+                from: 3,
+                step_scale: 0.5,
+                damped_until: 8,
+                ..
+            }
+        )));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::RoundsVoided { from: 3, to: 5, .. }))
+        );
+        assert_eq!(c.committed_rounds(), 3);
+        assert_eq!(c.committed_batches(), 12);
+        // w0 was still waiting on round 4 when it committed: it learns so (it must not be
+        // evicted), and its report of the state round 4 made does not count.
+        assert_eq!(reduced(&mut c, t0, ws[0], 4, 1), Reply::Commit { round: 4 });
+        let stale = Some(StateReport {
+            next_round: 5,
+            blake3: "undone".into(),
+        });
+        let req = Request::NextRound {
+            worker: ws[0],
+            state: stale,
+        };
+        assert!(matches!(c.handle(t0, req), Reply::Round { round: 3, .. }));
+        assert!(
+            !c.drain_events()
+                .iter()
+                .any(|e| matches!(e, Event::StateReported { .. }))
+        );
+        let (first_step, scale, donor) = round_reply(&mut c, t0, ws[0]);
+        assert_eq!(
+            (first_step, scale, donor.as_deref()),
+            (3, 0.5, Some("w0:1"))
+        );
+        for round in 3..8 {
+            assert_eq!(round_reply(&mut c, t0, ws[1]).1, 0.5, "round {round}");
+            round_with_rollbacks(&mut c, t0, &ws, round, &[0, 1]);
         }
-        let why = c.unstable().expect("three such rounds in a row, limit 2");
-        assert!(why.contains("[7, 8, 9]") && why.contains("4.5"), "{why}");
+        assert_eq!(round_reply(&mut c, t0, ws[0]).1, 1.0, "damping over");
+        // The damped stretch passed cleanly: a later failure starts a new episode.
+        round_with_rollbacks(&mut c, t0, &ws, 8, &[1, 1]);
+        assert_eq!(rewinds(&mut c), vec![(8, 7, 0.5, 12)]);
+        assert_eq!(c.unstable(), None);
+    }
+
+    #[test]
+    fn the_run_is_declared_unstable_when_its_rewinds_do_not_help() {
+        let (mut c, t0) = coord(2, 20);
+        let ws = [join(&mut c, t0, "w0"), join(&mut c, t0, "w1")];
+        for round in 0..4 {
+            clean_round(&mut c, t0, &ws, round);
+        }
+        // Round 4 fails after each of the two rewinds the limit allows, each damping harder.
+        for (scale, _) in [(0.5, 1), (0.25, 2)] {
+            round_with_rollbacks(&mut c, t0, &ws, 4, &[1, 1]);
+            assert_eq!(rewinds(&mut c), vec![(4, 3, scale, 8)]);
+            clean_round(&mut c, t0, &ws, 3);
+            assert_eq!(round_reply(&mut c, t0, ws[0]).1, scale);
+        }
+        round_with_rollbacks(&mut c, t0, &ws, 4, &[1, 1]);
+        let why = c.unstable().expect("a third failure, limit 2 rewinds");
+        assert!(
+            why.contains("rounds [4, 4, 4]")
+                && why.contains("4.5")
+                && why.contains(
+                    "rewound to round 3 with steps ×0.5, rewound to round 3 with steps ×0.25"
+                ),
+            "{why}"
+        );
         assert!(
             c.drain_events().iter().any(
-                |e| matches!(e, Event::RunUnstable { rounds, .. } if *rounds == vec![7, 8, 9])
+                |e| matches!(e, Event::RunUnstable { rounds, .. } if *rounds == vec![4, 4, 4])
             )
         );
         // No round starts after that.
         assert!(matches!(next(&mut c, t0, ws[0]), Reply::Wait { .. }));
+    }
+
+    #[test]
+    fn a_failed_first_round_is_redone_from_the_seeded_state_with_a_damped_step() {
+        let (mut c, t0) = coord(2, 20);
+        let ws = [join(&mut c, t0, "w0"), join(&mut c, t0, "w1")];
+        round_with_rollbacks(&mut c, t0, &ws, 0, &[1, 1]);
+        assert_eq!(rewinds(&mut c), vec![(0, 0, 0.5, 4)]);
+        assert_eq!(c.committed_rounds(), 0);
+        assert_eq!(c.committed_batches(), 0);
+        assert_eq!(
+            round_reply(&mut c, t0, ws[1]),
+            (0, 0.5, Some("w0:1".into()))
+        );
+    }
+
+    #[test]
+    fn a_rewind_goes_no_further_back_than_a_member_can_serve() {
+        let (mut c, t0) = coord(2, 20);
+        let ws = [join(&mut c, t0, "w0"), join(&mut c, t0, "w1")];
+        for round in 0..3 {
+            clean_round(&mut c, t0, &ws, round);
+        }
+        // w0 comes back: its new incarnation fetches the state of round 3 from w1.
+        let ws = [join(&mut c, t0, "w0"), ws[1]];
+        clean_round(&mut c, t0, &ws, 3);
+        round_with_rollbacks(&mut c, t0, &ws, 4, &[1, 1]);
+        assert_eq!(rewinds(&mut c), vec![(4, 3, 0.5, 8)]);
+        // Both fetched the state of round 3: that is as far back as they serve, even when
+        // round 3 is the one that fails.
+        round_with_rollbacks(&mut c, t0, &ws, 3, &[1, 1]);
+        assert_eq!(rewinds(&mut c), vec![(3, 3, 0.25, 7)]);
     }
 
     #[test]
@@ -1541,14 +1835,31 @@ mod tests {
             reduced(&mut c, t1, w, 1, 1);
         }
         let mut t = t1;
-        let mut round = 2;
-        while !c.is_complete() {
-            clean_round(&mut c, t, &[ws[0], ws[2]], round);
-            round += 1;
+        let mut first_steps = vec![];
+        for round in 2.. {
+            if c.is_complete() {
+                break;
+            }
+            // Near the budget's end a member may get no batches: it sits the round out.
+            let mut members = vec![];
+            for w in [ws[0], ws[2]] {
+                if let Reply::Round { first_step, .. } = next(&mut c, t, w) {
+                    members.push(w);
+                    first_steps.push(first_step);
+                }
+            }
+            let stats = vec![WorkerRoundStats::default(); members.len()];
+            round_reporting(&mut c, t, &members, round, &stats);
             t += Duration::from_millis(10);
         }
-        // 4 budgeted rounds; w1's 2 discarded batches were taken by the round after its death.
-        assert_eq!(c.committed_rounds(), 4);
+        // The budget is 24 batches (4 rounds of 3 × 2), counted in batches: the shrunk round
+        // 1 committed 4, and w1's 2 were taken first by round 2; rounds 2–4 take 4 each and
+        // round 5 the last 2, trained by w0 alone.
+        assert_eq!(c.committed_rounds(), 6);
+        assert_eq!(c.committed_batches(), 24);
+        // The schedule (4 steps over 24 batches) follows the batches committed before each
+        // round (10, 14, 18, 22), not the round's index.
+        assert_eq!(first_steps, vec![1, 1, 2, 2, 3, 3, 3]);
         let records = committed(&mut c);
         let mut all: Vec<u64> = records
             .iter()
@@ -1572,6 +1883,10 @@ mod tests {
     fn diverging_state_reports_are_flagged_when_not_voting() {
         let (mut c, t0) = coord(2, 10);
         let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        // Reports count for states their senders hold: the ones after round 2.
+        for round in 0..3 {
+            clean_round(&mut c, t0, &[a, b], round);
+        }
         let rep = |h: &str| {
             Some(StateReport {
                 next_round: 3,
@@ -1645,10 +1960,12 @@ mod tests {
             failure_timeout: T,
             min_workers: 2,
             batches_per_round: 2,
-            rounds: 10,
+            budget_batches: 40,
+            schedule_steps: 10,
             vote: false,
             max_corruption_flags: 2,
-            max_unstable_rounds: 2,
+            max_rewinds: 2,
+            damp_rounds: 3,
         };
         let t0 = Instant::now();
         let mut c =
@@ -1709,10 +2026,12 @@ mod tests {
             failure_timeout: T,
             min_workers: workers.len(),
             batches_per_round: 2,
-            rounds: 10,
+            budget_batches: 20 * workers.len() as u64,
+            schedule_steps: 10,
             vote: true,
             max_corruption_flags: 2,
-            max_unstable_rounds: 2,
+            max_rewinds: 2,
+            damp_rounds: 3,
         };
         let t0 = Instant::now();
         let mut c = Coordinator::new(opts, 77, "job".into());

@@ -27,6 +27,19 @@ impl OuterNesterov {
         }
     }
 
+    /// The step of a damped round after a rewind: `scale` × lr and no momentum, so the
+    /// velocity restarts from this round's pseudo-gradient instead of pushing on along the
+    /// direction that failed. `scale` 1 is the plain step.
+    pub fn damped(self, scale: f32) -> OuterNesterov {
+        if scale >= 1.0 {
+            return self;
+        }
+        OuterNesterov {
+            lr: self.lr * scale,
+            momentum: 0.0,
+        }
+    }
+
     /// Applies a committed round's averaged pseudo-gradient; returns whether the outer weights
     /// moved. A round in which no replica made progress (every one rolled back, so `avg` is
     /// all zeros, bit for bit on every replica) takes no step and clears the momentum, which

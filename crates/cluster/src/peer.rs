@@ -91,10 +91,11 @@ pub struct PeerServer {
     _acceptor: Acceptor,
 }
 
-/// The newest published states, newest last: the previous one stays servable so that replicas
-/// can be rewound to it when their newest states disagree.
+/// The newest published states, newest last: the older ones stay servable so that replicas
+/// can be rewound to them when their newest states disagree, or when every replica rolled
+/// back from the newest (the rewind goes to the state before the last outer step: two back).
 type Snapshots = Mutex<std::collections::VecDeque<Arc<Snapshot>>>;
-const KEEP_SNAPSHOTS: usize = 2;
+const KEEP_SNAPSHOTS: usize = 3;
 
 impl PeerServer {
     /// Binds `listen` (e.g. `127.0.0.1:0`) and serves peers of `run_id` in the background.

@@ -165,9 +165,17 @@ impl RunConfig {
         toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
     }
 
-    /// Sync rounds in the budget of a multi-worker run.
-    pub fn rounds(&self) -> u64 {
-        self.train.steps.div_ceil(self.sync.steps_per_round())
+    /// Steps per worker in the budget of a multi-worker run: `steps`, rounded up to whole
+    /// rounds.
+    pub fn cluster_steps(&self) -> u64 {
+        let per_round = self.sync.steps_per_round();
+        self.train.steps.div_ceil(per_round) * per_round
+    }
+
+    /// Batch ids in the budget of a run of `workers` workers: each trains
+    /// [`Self::cluster_steps`] steps of `grad_accum` micro-batches.
+    pub fn budget_batches(&self, workers: usize) -> u64 {
+        self.cluster_steps() * self.train.grad_accum as u64 * workers as u64
     }
 
     /// Parses a TOML config received as text (a worker's job from its coordinator).

@@ -27,12 +27,16 @@ pub const EVENTS_FILE: &str = "events.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_STATE_BYTES: u64 = 64 << 30;
+/// Rounds after the one every replica rolled back in that take a rewind's damped step: long
+/// enough for the replicas to leave the region where they failed.
+const DAMP_ROUNDS: u64 = 4;
 
 /// What the progress display shows.
 #[derive(Clone, Debug, Default)]
 pub struct Progress {
     pub committed_rounds: u64,
-    pub total_rounds: u64,
+    /// Where the committed batches have taken the schedule (steps per worker).
+    pub step: u64,
     pub live_workers: usize,
     pub last_loss: Option<f64>,
     pub faults: u64,
@@ -48,6 +52,8 @@ pub struct ClusterSummary {
     pub sync: String,
     pub steps_per_round: u64,
     pub rounds: u64,
+    /// Batch ids committed: the whole budget.
+    pub committed_batches: u64,
     pub wall_s: f64,
     pub committed_tokens: u64,
     /// Committed tokens per second of wall time, from the first round's start.
@@ -60,9 +66,12 @@ pub struct ClusterSummary {
     /// often): suspect hardware.
     pub corruptions: u64,
     pub suspects: std::collections::BTreeMap<String, u32>,
-    /// Inner steps the workers' guards did not apply, and their rollbacks.
+    /// Inner steps the workers' guards did not apply, and their rollbacks (in committed
+    /// rounds that were not undone).
     pub guard_skips: u64,
     pub guard_rollbacks: u64,
+    /// Rounds every replica rolled back in, each answered by rewinding the run.
+    pub rewinds: u64,
     pub bytes_sent: u64,
     pub bytes_sent_per_token: f64,
     /// Median time a clean round's sync held training up, and the worst for a round with a fault.
@@ -99,6 +108,7 @@ pub struct ClusterRun {
     divergences: u64,
     corruptions: u64,
     suspects: std::collections::BTreeMap<String, u32>,
+    rewinds: u64,
     checkpoint_every_rounds: u64,
     next_checkpoint_round: u64,
     pub workers: usize,
@@ -150,15 +160,16 @@ impl ClusterRun {
         restore: Option<Restore>,
     ) -> Result<ClusterRun, TrainError> {
         let per_round = cfg.sync.steps_per_round();
-        let rounds = cfg.rounds();
         let opts = Options {
             failure_timeout: Duration::from_millis(cfg.sync.failure_timeout_ms),
             min_workers,
             batches_per_round: per_round * cfg.train.grad_accum as u64,
-            rounds,
+            budget_batches: cfg.budget_batches(min_workers),
+            schedule_steps: cfg.cluster_steps(),
             vote: cfg.guard.enabled,
             max_corruption_flags: cfg.guard.max_corruption_flags.max(1),
-            max_unstable_rounds: cfg.guard.max_rollbacks,
+            max_rewinds: cfg.guard.max_rollbacks,
+            damp_rounds: DAMP_ROUNDS,
         };
         let run_id = u64::from_le_bytes(random_bytes());
         let auth = Auth::new(secret);
@@ -231,6 +242,7 @@ impl ClusterRun {
             divergences: 0,
             corruptions: 0,
             suspects: Default::default(),
+            rewinds: 0,
             checkpoint_every_rounds,
             next_checkpoint_round: checkpoint_every_rounds,
             workers: min_workers,
@@ -245,7 +257,7 @@ impl ClusterRun {
             let unstable = c.unstable().map(str::to_string);
             let progress = Progress {
                 committed_rounds: c.committed_rounds(),
-                total_rounds: c.options().rounds,
+                step: c.schedule_step(),
                 live_workers: c.live_members(),
                 complete: c.is_complete(),
                 state_lost: c.state_lost(),
@@ -286,6 +298,17 @@ impl ClusterRun {
                     *self.suspects.entry(name.clone()).or_default() = *flags;
                     eprintln!(
                         "[{elapsed_s:7.1}s] {name}: its state for round {next_round} disagrees with the majority (corruption flag {flags}); it re-fetches the majority's state"
+                    );
+                }
+                Event::Rewound {
+                    round,
+                    from,
+                    step_scale,
+                    ..
+                } => {
+                    self.rewinds += 1;
+                    tracing::warn!(
+                        "every replica rolled back in round {round}: rewound to round {from}, steps ×{step_scale}"
                     );
                 }
                 Event::RoundsVoided { from, to, reason } => {
@@ -332,10 +355,10 @@ impl ClusterRun {
         // A worker learns of a commit a moment after the coordinator records it, and
         // publishes the new state only once it has applied it: ask for exactly the newest
         // committed round, and ask again until someone has it.
-        let (peer, snap, (next_round, next_fresh_batch, pending_batches)) = 'found: loop {
-            let (position, peers) = {
+        let (peer, snap, (next_round, next_fresh_batch, pending_batches), step) = 'found: loop {
+            let (position, peers, step) = {
                 let c = self.server.state.lock().expect("coordinator lock");
-                (c.committed_position(), c.synced_peers())
+                (c.committed_position(), c.synced_peers(), c.schedule_step())
             };
             let round = position.0;
             for peer in peers {
@@ -348,7 +371,7 @@ impl ClusterRun {
                     FETCH_TIMEOUT,
                 );
                 match got {
-                    Ok(s) => break 'found (peer, s, position),
+                    Ok(s) => break 'found (peer, s, position, step),
                     Err(e) => last_err = e.to_string(),
                 }
             }
@@ -366,9 +389,11 @@ impl ClusterRun {
             },
             outer_velocity: replica.velocity.clone(),
         };
+        // Named by the schedule step its committed batches reached, not by rounds: a fault
+        // costs rounds, not data.
         let state = replica.into_train_state(
             self.cfg.train.seed,
-            next_round * self.cfg.sync.steps_per_round(),
+            step,
             next_fresh_batch * self.cfg.train.batch_size as u64,
         );
         let path = checkpoint::save_with(
@@ -411,6 +436,12 @@ impl ClusterRun {
             sync: self.cfg.sync.mode.clone(),
             steps_per_round: self.cfg.sync.steps_per_round(),
             rounds: self.records.len() as u64,
+            committed_batches: self
+                .records
+                .iter()
+                .flat_map(|r| &r.members)
+                .map(|m| m.batches.len() as u64)
+                .sum(),
             wall_s,
             committed_tokens,
             goodput_tokens_per_s: committed_tokens as f64 / wall_s.max(1e-9),
@@ -422,6 +453,7 @@ impl ClusterRun {
             suspects: self.suspects.clone(),
             guard_skips: self.records.iter().map(|r| r.guard_skips).sum(),
             guard_rollbacks: self.records.iter().map(|r| r.guard_rollbacks).sum(),
+            rewinds: self.rewinds,
             bytes_sent,
             bytes_sent_per_token: bytes_sent as f64 / committed_tokens.max(1) as f64,
             median_sync_s: clean.get(clean.len() / 2).copied().unwrap_or(0.0),

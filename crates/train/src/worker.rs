@@ -20,6 +20,7 @@ use holdfast_cluster::peer::{FetchError, PeerServer, Snapshot, fetch_state};
 use holdfast_cluster::ring::{RingSpec, all_reduce_sum};
 use holdfast_cluster::wire::{Auth, WireError};
 
+use crate::config::TrainSection;
 use crate::guard::{Guard, Verdict};
 use crate::optim::grad_norm;
 use crate::replica::{Replica, flatten, unflatten};
@@ -179,7 +180,6 @@ fn session(
 
     let h = &cfg.train;
     let diloco = cfg.sync.mode == "diloco";
-    let per_round = cfg.sync.steps_per_round();
     let outer_opt = OuterNesterov {
         lr: cfg.sync.outer_lr as f32,
         momentum: cfg.sync.outer_momentum as f32,
@@ -195,13 +195,15 @@ fn session(
                 state: report.take(),
             },
         )?;
-        let (round, batches, donor) = match reply {
+        let (round, batches, donor, first_step, step_scale) = match reply {
             Reply::Round {
                 round,
                 batches,
                 donor,
+                first_step,
+                step_scale,
                 ..
-            } => (round, batches, donor),
+            } => (round, batches, donor, first_step, step_scale),
             Reply::Wait { .. } => {
                 std::thread::sleep(POLL);
                 continue;
@@ -215,9 +217,15 @@ fn session(
                 ));
             }
         };
+        // A state this worker takes (fetched, or built from the seed) it also serves: a
+        // rewind may need it once newer ones exist.
+        let mut acquired = replica.is_none();
         if let Some(donor) = donor {
             match fetch_replica(&donor, auth, run_id, round, &data.model, &o.device) {
-                Ok(r) => replica = Some(r),
+                Ok(r) => {
+                    replica = Some(r);
+                    acquired = true;
+                }
                 Err(e) => {
                     // The donor may have died; the coordinator will name another next time.
                     tracing::warn!("{}: live recovery from {donor} failed: {e}", o.name);
@@ -233,6 +241,12 @@ fn session(
                 "holds the state of round {}, asked to run round {round}",
                 r.next_round
             )));
+        }
+        if acquired {
+            peer.publish(Snapshot {
+                next_round: round,
+                bytes: r.encode(),
+            });
         }
 
         // Compute: DiLoCo trains H local steps; DDP computes one step's gradients.
@@ -252,7 +266,7 @@ fn session(
             let round_start = (r.weights.clone(), r.opt.clone(), guard.clone());
             for (i, ids) in batches.chunks(h.grad_accum).enumerate() {
                 let step_started = Instant::now();
-                let step = round * per_round + i as u64;
+                let step = first_step + i as u64;
                 let (grads, loss, tokens) = compute_grads(
                     &r.weights,
                     &data.dataset,
@@ -261,7 +275,7 @@ fn session(
                     h.batch_size,
                 );
                 let (grads, loss) = inject(faults, step, grads, loss);
-                faults.nan_steps.retain(|&s| s != step);
+                faults.spend(step);
                 stats.tokens += tokens as u64;
                 if loss.is_finite() {
                     loss_sum += loss;
@@ -306,14 +320,14 @@ fn session(
                 &firsts(&batches),
                 h.batch_size,
             );
-            let (grads, loss) = inject(faults, round, grads, loss);
-            faults.nan_steps.retain(|&s| s != round);
+            let (grads, loss) = inject(faults, first_step, grads, loss);
+            faults.spend(first_step);
             loss_sum = loss;
             stats.tokens = tokens as u64;
             slow_down(o.slow_factor, step_started.elapsed());
             let mut g = flatten(&grads);
             let norm = grad_norm(&grads);
-            let verdict = guard.observe(round, loss, norm);
+            let verdict = guard.observe(first_step, loss, norm);
             let rolled_back = matches!(verdict, Verdict::Rollback { .. } | Verdict::Stop { .. });
             match verdict {
                 Verdict::Apply => {}
@@ -411,6 +425,7 @@ fn session(
         let mut avg = sum;
         average_in_place(&mut avg, contributors);
         if diloco {
+            let outer_opt = outer_opt.damped(step_scale as f32);
             if !outer_opt.apply_round(&mut r.outer, &mut r.velocity, &avg) {
                 tracing::warn!(
                     "{}: round {round}: no replica made progress; no outer step, momentum cleared",
@@ -420,7 +435,12 @@ fn session(
             r.reset_local_to_outer();
         } else {
             let grads = unflatten(&avg, &r.weights.specs, &o.device);
-            apply_grads(&mut r.weights, &mut r.opt, grads, round, h);
+            let damped = TrainSection {
+                lr: h.lr * step_scale,
+                min_lr: h.min_lr * step_scale,
+                ..h.clone()
+            };
+            apply_grads(&mut r.weights, &mut r.opt, grads, first_step, &damped);
             r.outer = flatten(&r.weights.tensors);
         }
         r.next_round = round + 1;
