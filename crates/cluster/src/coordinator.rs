@@ -367,6 +367,9 @@ pub struct Coordinator {
     /// A cold restart: a peer address serving the checkpointed state of this round, for
     /// as long as no member holds it.
     restored: Option<(u64, String)>,
+    /// After an undo: the round gone back to, and the members that serve its state, in the
+    /// order they are asked (any live one will do).
+    undo_donors: Option<(u64, Vec<WorkerId>)>,
     /// The newest round whose starting state every replica agreed on.
     last_agreed: Option<u64>,
     /// The round whose starting state has been voted on.
@@ -403,6 +406,7 @@ impl Coordinator {
             events: Vec::new(),
             pool_at_commit: BatchPool::default(),
             restored: None,
+            undo_donors: None,
             last_agreed: Some(0),
             voted: None,
             recent_batches: BTreeMap::new(),
@@ -461,12 +465,20 @@ impl Coordinator {
         self.last_commit.is_none() && self.restored.is_none()
     }
 
-    /// The address serving the state that starts `round`: a member that holds it, or the
-    /// restored checkpoint.
+    /// The address serving the state that starts `round`: a member that holds it, a live
+    /// member that serves it after an undo, or the restored checkpoint.
     fn donor_for(&self, round: u64, among: &[WorkerId]) -> Option<String> {
+        let undo_donors = self
+            .undo_donors
+            .iter()
+            .filter(|(r, _)| *r == round)
+            .flat_map(|(_, ids)| ids);
         among
             .iter()
             .find(|id| self.members[id].state_round == Some(round))
+            .or(undo_donors
+                .into_iter()
+                .find(|id| self.members.contains_key(id)))
             .map(|d| self.members[d].data_addr.clone())
             .or_else(|| {
                 self.restored
@@ -762,15 +774,16 @@ impl Coordinator {
                     "no majority among {} replica states {counts:?}",
                     holders.len()
                 );
-                self.undo_to(from, holders[0], reason);
+                self.undo_to(from, holders, reason);
                 true
             }
         }
     }
 
     /// Undoes the committed rounds from `from` on: their batches go back to the pool and
-    /// every member reloads the state that starts `from`, served by `donor`.
-    fn undo_to(&mut self, from: u64, donor: WorkerId, reason: String) {
+    /// every member reloads the state that starts `from`, served by any live one of `donors`
+    /// (when none is left, the state is lost: see [`Coordinator::state_lost`]).
+    fn undo_to(&mut self, from: u64, donors: Vec<WorkerId>, reason: String) {
         let to = self.round;
         for r in from..to {
             if let Some(b) = self.recent_batches.remove(&r) {
@@ -783,7 +796,7 @@ impl Coordinator {
         // `last_commit` stays: a member still waiting on the round that led to a rewind
         // learns it committed, then fetches the state rewound to.
         self.round = from;
-        self.restored = Some((from, self.members[&donor].data_addr.clone()));
+        self.undo_donors = Some((from, donors));
         for m in self.members.values_mut() {
             m.state_round = None;
         }
@@ -1171,7 +1184,7 @@ impl Coordinator {
             self.declare_unstable(round, loss);
             return;
         }
-        let Some((donor, from)) = self.rewind_target(round) else {
+        let Some((donors, from)) = self.rewind_target(round) else {
             self.declare_unstable(round, loss);
             return;
         };
@@ -1191,22 +1204,28 @@ impl Coordinator {
                  {from}, steps ×{step_scale} until round {}",
                 self.damped_until
             );
-            self.undo_to(from, donor, reason);
+            self.undo_to(from, donors, reason);
         }
     }
 
     /// The state to rewind to after every replica rolled back in `round` (just committed):
     /// the one before the outer step that led to it (the previous round's; the failed round
     /// took none), as far back as a member can still serve.
-    fn rewind_target(&self, round: u64) -> Option<(WorkerId, u64)> {
-        let (donor, oldest) = self
-            .members
-            .iter()
-            .filter(|(_, m)| m.state_round == Some(self.round))
-            .filter_map(|(id, m)| m.serves_from.map(|r| (*id, r)))
-            .min_by_key(|(id, r)| (*r, *id))?;
+    fn rewind_target(&self, round: u64) -> Option<(Vec<WorkerId>, u64)> {
+        let serving: Vec<(WorkerId, u64)> = self
+            .ranked(self.members.keys().copied())
+            .into_iter()
+            .filter(|id| self.members[id].state_round == Some(self.round))
+            .filter_map(|id| self.members[&id].serves_from.map(|r| (id, r)))
+            .collect();
+        let oldest = serving.iter().map(|(_, r)| *r).min()?;
         let from = round.saturating_sub(1).max(oldest).min(self.round);
-        Some((donor, from))
+        let donors = serving
+            .into_iter()
+            .filter(|(_, r)| *r <= from)
+            .map(|(id, _)| id)
+            .collect();
+        Some((donors, from))
     }
 
     /// The factor on `round`'s step: below 1 while a rewind's damping lasts.
@@ -1525,6 +1544,31 @@ mod tests {
             round_reply(&mut c, t0, ws[1]),
             (0, 0.5, Some("w0:1".into()))
         );
+    }
+
+    #[test]
+    fn after_a_rewind_any_live_member_that_serves_the_state_is_its_donor() {
+        let (mut c, t0) = coord(3, 20);
+        let ws = [
+            join(&mut c, t0, "w0"),
+            join(&mut c, t0, "w1"),
+            join(&mut c, t0, "w2"),
+        ];
+        for round in 0..3 {
+            clean_round(&mut c, t0, &ws, round);
+        }
+        round_with_rollbacks(&mut c, t0, &ws, 3, &[1, 1, 1]);
+        assert_eq!(rewinds(&mut c), vec![(3, 2, 0.5, 7)]);
+        // The first donor dies before anyone fetched from it: the next one serves.
+        c.disconnected(t0, ws[0]);
+        assert_eq!(round_reply(&mut c, t0, ws[1]).2.as_deref(), Some("w1:1"));
+        c.disconnected(t0, ws[1]);
+        assert_eq!(round_reply(&mut c, t0, ws[2]).2.as_deref(), Some("w2:1"));
+        // With every member that served it gone, the state is lost (the launcher says so),
+        // rather than every newcomer being sent to a dead address.
+        c.disconnected(t0, ws[2]);
+        join(&mut c, t0, "w0");
+        assert!(c.state_lost());
     }
 
     #[test]
