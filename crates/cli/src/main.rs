@@ -132,7 +132,8 @@ struct CoordinatorArgs {
     /// Address to listen on, e.g. 0.0.0.0:7070.
     #[arg(long)]
     listen: String,
-    /// Workers that must join before the first round.
+    /// Workers that must join before the first round. The run's budget is this many
+    /// workers' `--steps` of batches, however many join.
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
     /// File holding the run's shared secret (default: the HOLDFAST_SECRET environment variable).

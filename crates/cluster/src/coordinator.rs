@@ -348,6 +348,17 @@ impl BatchPool {
     }
 }
 
+/// One answer to a round in which every replica rolled back.
+#[derive(Clone, Debug)]
+struct Rewind {
+    /// The round every replica rolled back in, and its mean loss.
+    round: u64,
+    loss: f64,
+    /// The round gone back to, and the factor on the steps from then on.
+    from: u64,
+    step_scale: f64,
+}
+
 pub struct Coordinator {
     opts: Options,
     run_id: u64,
@@ -380,9 +391,8 @@ pub struct Coordinator {
     /// A cold restart from a checkpoint, until its first commit: round 0 of it waits for
     /// the expected workers.
     cold_restart: bool,
-    /// The rewinds of the current unstable episode: (round every replica rolled back in, its
-    /// mean loss, the round rewound to, the step scale from then on).
-    rewinds: Vec<(u64, f64, u64, f64)>,
+    /// The rewinds of the current unstable episode.
+    rewinds: Vec<Rewind>,
     /// Rounds before this one take the last rewind's step scale.
     damped_until: u64,
     /// Why the run was declared unstable, once it has been.
@@ -1190,7 +1200,12 @@ impl Coordinator {
         };
         let step_scale = 0.5f64.powi(self.rewinds.len() as i32 + 1);
         self.damped_until = round + 1 + self.opts.damp_rounds;
-        self.rewinds.push((round, loss, from, step_scale));
+        self.rewinds.push(Rewind {
+            round,
+            loss,
+            from,
+            step_scale,
+        });
         self.events.push(Event::Rewound {
             round,
             loss,
@@ -1231,20 +1246,20 @@ impl Coordinator {
     /// The factor on `round`'s step: below 1 while a rewind's damping lasts.
     fn step_scale(&self, round: u64) -> f64 {
         match self.rewinds.last() {
-            Some(&(_, _, _, scale)) if round < self.damped_until => scale,
+            Some(r) if round < self.damped_until => r.step_scale,
             _ => 1.0,
         }
     }
 
     fn declare_unstable(&mut self, round: u64, loss: f64) {
-        let mut rounds: Vec<u64> = self.rewinds.iter().map(|r| r.0).collect();
-        let mut losses: Vec<f64> = self.rewinds.iter().map(|r| r.1).collect();
+        let mut rounds: Vec<u64> = self.rewinds.iter().map(|r| r.round).collect();
+        let mut losses: Vec<f64> = self.rewinds.iter().map(|r| r.loss).collect();
         rounds.push(round);
         losses.push(loss);
         let tried: Vec<String> = self
             .rewinds
             .iter()
-            .map(|(_, _, from, scale)| format!("rewound to round {from} with steps ×{scale}"))
+            .map(|r| format!("rewound to round {} with steps ×{}", r.from, r.step_scale))
             .collect();
         let reason = format!(
             "every replica rolled back in rounds {rounds:?} (mean losses {:?}); tried: {}; \
