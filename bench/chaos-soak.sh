@@ -9,7 +9,8 @@
 # pass the transition in this shape: 99.7-100% held-out exact match), each trained once without
 # faults as the baseline; a baseline still on the plateau is refused. A schedule passes when the run
 #   - completes (exit 0),
-#   - commits every batch of its budget exactly once (ledger.jsonl, voided rounds excluded),
+#   - commits every batch of its budget exactly once (ledger.jsonl, voided rounds excluded;
+#     batches a rewind skipped count once),
 #   - ends with a validation loss at most 5% (plus 0.01 nats: converged losses are ~1e-3)
 #     above the fault-free run of its seed,
 #   - never held training up longer than the failure timeout plus one clean round
@@ -73,14 +74,16 @@ def lines(p):
     return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
 if rc != 0:
     why.append(f"exit {rc}")
-rounds = []
+rounds, skipped = [], []
 for r in lines(os.path.join(run, "ledger.jsonl")):
     if "voided_rounds" in r:
         lo, hi = r["voided_rounds"]
         rounds = [x for x in rounds if not lo <= x["round"] < hi]
+    elif "skipped_batches" in r:
+        skipped += r["skipped_batches"]
     else:
         rounds.append(r)
-ids = [b for r in rounds for m in r["members"] for b in m["batches"]]
+ids = [b for r in rounds for m in r["members"] for b in m["batches"]] + skipped
 if len(ids) != len(set(ids)):
     why.append("a batch committed twice")
 elif ids and sorted(ids) != list(range(len(ids))):

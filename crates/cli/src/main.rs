@@ -659,10 +659,11 @@ fn print_cluster_summary(
             .map(|(n, f)| format!("{n} ({f}x)"))
             .collect();
         println!(
-            "guards: {} inner steps not applied, {} rollbacks, {} rewinds of the run, {} corrupted replica states{}",
+            "guards: {} inner steps not applied, {} rollbacks, {} rewinds of the run ({} batches skipped), {} corrupted replica states{}",
             s.guard_skips,
             s.guard_rollbacks,
             s.rewinds,
+            s.skipped_batches,
             s.corruptions,
             if suspects.is_empty() {
                 String::new()

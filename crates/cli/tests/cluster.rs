@@ -57,17 +57,20 @@ fn final_model(run: &Path) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}\n{s}", p.display()))
 }
 
-/// Every batch id of the budget in the ledger committed once, and none skipped. Rounds undone
-/// (a `voided_rounds` marker) do not count.
+/// Every batch id of the budget in the ledger once: committed, or skipped by a rewind (a
+/// `skipped_batches` line). Rounds undone (a `voided_rounds` marker) do not count. Returns
+/// the committed rounds.
 fn assert_exactly_once(run: &Path) -> Vec<Value> {
     let mut ledger: Vec<Value> = Vec::new();
+    let mut skipped: Vec<u64> = Vec::new();
     for line in jsonl(&run.join("ledger.jsonl")) {
-        match line.get("voided_rounds") {
-            Some(v) => {
-                let (from, to) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
-                ledger.retain(|r| !(from..to).contains(&r["round"].as_u64().unwrap()));
-            }
-            None => ledger.push(line),
+        if let Some(v) = line.get("voided_rounds") {
+            let (from, to) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
+            ledger.retain(|r| !(from..to).contains(&r["round"].as_u64().unwrap()));
+        } else if let Some(b) = line.get("skipped_batches") {
+            skipped.extend(b.as_array().unwrap().iter().map(|b| b.as_u64().unwrap()));
+        } else {
+            ledger.push(line);
         }
     }
     let mut ids: Vec<u64> = ledger
@@ -80,6 +83,7 @@ fn assert_exactly_once(run: &Path) -> Vec<Value> {
                 .iter()
                 .map(|b| b.as_u64().unwrap())
         })
+        .chain(skipped)
         .collect();
     let n = ids.len();
     ids.sort();
@@ -648,15 +652,16 @@ fn the_coordinator_ends_a_run_whose_every_replica_keeps_rolling_back() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Every worker's losses and gradients times 50 from step 120 on: every replica rolls back
-    // in round 6, however often it is redone (each try spends only the steps it reached). No
-    // worker gives up on its own; the coordinator rewinds three times (the guard's rollback
-    // limit), halving the step each time, then stops the run.
+    // in round 6, and in round 5 each time it is redone (the skipped batches move the schedule
+    // on, into the spiking steps; each try spends only the steps it reached). No worker gives
+    // up on its own; the coordinator rewinds three times (the guard's rollback limit),
+    // halving the step each time, then stops the run.
     let mut args = train_args("u", "2", "400");
     args.extend(["--chaos", "spike:at=120,scale=50,steps=400"]);
     let out = holdfast(d, &args);
     fails_with(
         &out,
-        "training is unstable: every replica rolled back in rounds [6, 6, 6, 6]",
+        "training is unstable: every replica rolled back in rounds [6, 5, 5, 5]",
     );
     fails_with(
         &out,
@@ -677,8 +682,9 @@ fn a_round_every_replica_rolled_back_in_is_rewound_and_the_run_completes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // A transient fault on every worker at once: steps 120–122 spike, so every replica rolls
-    // back in round 6. The run goes back to the state before round 5's outer step, trains
-    // rounds 5 and 6 again with a damped step, and finishes; nothing is lost or trained twice.
+    // back in round 6. The run goes back to the state before round 5's outer step, skips round
+    // 6's batches, trains round 5's again with a damped step, and finishes; every batch is
+    // committed or skipped once.
     let mut args = train_args("w", "2", "400");
     args.extend(["--chaos", "spike:at=120,scale=50,steps=3"]);
     let out = ok(&holdfast(d, &args));
@@ -700,7 +706,12 @@ fn a_round_every_replica_rolled_back_in_is_rewound_and_the_run_completes() {
     assert_states_agree_after(&w, 8);
     let s = summary(&w);
     assert_eq!(s["rewinds"], 1, "{s}");
-    assert!(out.contains("1 rewinds of the run"), "{out}");
+    // Round 6's batches (20 per worker) are skipped: suspect data is not trained again.
+    assert_eq!(s["skipped_batches"], 40, "{s}");
+    assert!(
+        out.contains("1 rewinds of the run (40 batches skipped)"),
+        "{out}"
+    );
     let val = s["eval"]["val_loss"].as_f64().unwrap();
     assert!(val < 1.5, "validation loss {val}: {s}");
 }

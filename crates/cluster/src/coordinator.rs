@@ -262,6 +262,13 @@ pub enum Event {
         step_scale: f64,
         damped_until: u64,
     },
+    /// The batches of `round`, in which every replica rolled back, left out when a rewind
+    /// undid it: suspect data is not trained again (as a single worker's guard skips the data
+    /// since its snapshot). They count as spent in the budget and the schedule.
+    BatchesSkipped {
+        round: u64,
+        batches: Vec<u64>,
+    },
     /// Every replica rolled back again after `max_rewinds` rewinds (the rounds, with their
     /// mean losses, each rewind tried included): the run stops instead of looping.
     RunUnstable {
@@ -1214,12 +1221,17 @@ impl Coordinator {
             damped_until: self.damped_until,
         });
         if from < self.round {
+            let skipped = self.recent_batches.remove(&round).unwrap_or_default();
             let reason = format!(
                 "every replica rolled back in round {round} (mean loss {loss:.4}): rewinding to round \
-                 {from}, steps ×{step_scale} until round {}",
+                 {from}, skipping its batches, steps ×{step_scale} until round {}",
                 self.damped_until
             );
             self.undo_to(from, donors, reason);
+            self.events.push(Event::BatchesSkipped {
+                round,
+                batches: skipped,
+            });
         }
     }
 
@@ -1461,7 +1473,8 @@ mod tests {
         }
         assert!(rewinds(&mut c).is_empty());
         // Every replica rolled back in round 4: back to the state before round 3's outer step,
-        // rounds 3 and 4 undone (their batches trained again), steps halved up to round 8.
+        // rounds 3 and 4 undone (round 3's batches trained again, round 4's skipped), steps
+        // halved up to round 8.
         round_with_rollbacks(&mut c, t0, &ws, 4, &[1, 2]);
         let events = c.drain_events();
         assert!(events.iter().any(|e| matches!(
@@ -1479,8 +1492,11 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, Event::RoundsVoided { from: 3, to: 5, .. }))
         );
+        assert!(events.iter().any(|e| matches!(e,
+            Event::BatchesSkipped { round: 4, batches } if *batches == vec![16, 17, 18, 19])));
         assert_eq!(c.committed_rounds(), 3);
-        assert_eq!(c.committed_batches(), 12);
+        // Rounds 0–2 and the skipped ones are spent; round 3's go back to the pool.
+        assert_eq!(c.committed_batches(), 16);
         // w0 was still waiting on round 4 when it committed: it learns so (it must not be
         // evicted), and its report of the state round 4 made does not count.
         assert_eq!(reduced(&mut c, t0, ws[0], 4, 1), Reply::Commit { round: 4 });
@@ -1501,7 +1517,7 @@ mod tests {
         let (first_step, scale, donor) = round_reply(&mut c, t0, ws[0]);
         assert_eq!(
             (first_step, scale, donor.as_deref()),
-            (3, 0.5, Some("w0:1"))
+            (4, 0.5, Some("w0:1"))
         );
         for round in 3..8 {
             assert_eq!(round_reply(&mut c, t0, ws[1]).1, 0.5, "round {round}");
@@ -1554,10 +1570,10 @@ mod tests {
         round_with_rollbacks(&mut c, t0, &ws, 0, &[1, 1]);
         assert_eq!(rewinds(&mut c), vec![(0, 0, 0.5, 4)]);
         assert_eq!(c.committed_rounds(), 0);
-        assert_eq!(c.committed_batches(), 0);
+        assert_eq!(c.committed_batches(), 4, "round 0's batches skipped");
         assert_eq!(
             round_reply(&mut c, t0, ws[1]),
-            (0, 0.5, Some("w0:1".into()))
+            (1, 0.5, Some("w0:1".into()))
         );
     }
 

@@ -70,8 +70,10 @@ pub struct ClusterSummary {
     /// rounds that were not undone).
     pub guard_skips: u64,
     pub guard_rollbacks: u64,
-    /// Rounds every replica rolled back in, each answered by rewinding the run.
+    /// Rounds every replica rolled back in, each answered by rewinding the run, and the
+    /// batches of those rounds left out.
     pub rewinds: u64,
+    pub skipped_batches: u64,
     pub bytes_sent: u64,
     pub bytes_sent_per_token: f64,
     /// Median time a clean round's sync held training up, and the worst for a round with a fault.
@@ -109,6 +111,7 @@ pub struct ClusterRun {
     corruptions: u64,
     suspects: std::collections::BTreeMap<String, u32>,
     rewinds: u64,
+    skipped_batches: u64,
     checkpoint_every_rounds: u64,
     next_checkpoint_round: u64,
     pub workers: usize,
@@ -243,6 +246,7 @@ impl ClusterRun {
             corruptions: 0,
             suspects: Default::default(),
             rewinds: 0,
+            skipped_batches: 0,
             checkpoint_every_rounds,
             next_checkpoint_round: checkpoint_every_rounds,
             workers: min_workers,
@@ -310,6 +314,11 @@ impl ClusterRun {
                     tracing::warn!(
                         "every replica rolled back in round {round}: rewound to round {from}, steps ×{step_scale}"
                     );
+                }
+                Event::BatchesSkipped { round, batches } => {
+                    self.skipped_batches += batches.len() as u64;
+                    let line = serde_json::json!({"skipped_batches": batches, "round": round});
+                    append_line(&self.run_dir.join(LEDGER_FILE), &line)?;
                 }
                 Event::RoundsVoided { from, to, reason } => {
                     eprintln!("[{elapsed_s:7.1}s] rounds {from}..{to} undone: {reason}");
@@ -454,6 +463,7 @@ impl ClusterRun {
             guard_skips: self.records.iter().map(|r| r.guard_skips).sum(),
             guard_rollbacks: self.records.iter().map(|r| r.guard_rollbacks).sum(),
             rewinds: self.rewinds,
+            skipped_batches: self.skipped_batches,
             bytes_sent,
             bytes_sent_per_token: bytes_sent as f64 / committed_tokens.max(1) as f64,
             median_sync_s: clean.get(clean.len() / 2).copied().unwrap_or(0.0),
