@@ -5,7 +5,6 @@
 //! collects the final state from a healthy worker, evaluates it and lets the workers go.
 //! Checkpoints come from a live peer, so no worker needs the coordinator's disk.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,15 +17,14 @@ use holdfast_model::ModelConfig;
 use serde::Serialize;
 
 use crate::checkpoint::{ClusterExtras, ClusterPosition};
-use crate::replica::{Replica, flatten};
+use crate::replica::{MAX_STATE_BYTES, Replica, flatten};
 use crate::run::{EvalReport, FINAL_EXACT_MATCH_PROBLEMS, Prepared, evaluate};
-use crate::{RunConfig, TrainError, TrainState, checkpoint};
+use crate::{RunConfig, TrainError, TrainState, append_jsonl, checkpoint};
 
 pub const LEDGER_FILE: &str = "ledger.jsonl";
 pub const EVENTS_FILE: &str = "events.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_STATE_BYTES: u64 = 64 << 30;
 /// Rounds after the one every replica rolled back in that take a rewind's damped step: long
 /// enough for the replicas to leave the region where they failed.
 const DAMP_ROUNDS: u64 = 4;
@@ -115,16 +113,6 @@ pub struct ClusterRun {
     checkpoint_every_rounds: u64,
     next_checkpoint_round: u64,
     pub workers: usize,
-}
-
-fn append_line(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| TrainError::io(path, e))?;
-    let line = serde_json::to_string(value).expect("json serialises");
-    writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
 }
 
 /// Keeps the ledger lines of rounds before `next_round` (atomically).
@@ -273,7 +261,7 @@ impl ClusterRun {
             let elapsed_s = self.started.elapsed().as_secs_f64();
             match &e {
                 Event::Committed(r) => {
-                    append_line(&self.run_dir.join(LEDGER_FILE), r)?;
+                    append_jsonl(&self.run_dir.join(LEDGER_FILE), r)?;
                     self.records.push(r.clone());
                     continue;
                 }
@@ -318,12 +306,12 @@ impl ClusterRun {
                 Event::BatchesSkipped { round, batches } => {
                     self.skipped_batches += batches.len() as u64;
                     let line = serde_json::json!({"skipped_batches": batches, "round": round});
-                    append_line(&self.run_dir.join(LEDGER_FILE), &line)?;
+                    append_jsonl(&self.run_dir.join(LEDGER_FILE), &line)?;
                 }
                 Event::RoundsVoided { from, to, reason } => {
                     eprintln!("[{elapsed_s:7.1}s] rounds {from}..{to} undone: {reason}");
                     let marker = serde_json::json!({"voided_rounds": [from, to], "reason": reason});
-                    append_line(&self.run_dir.join(LEDGER_FILE), &marker)?;
+                    append_jsonl(&self.run_dir.join(LEDGER_FILE), &marker)?;
                     self.records.retain(|r| r.round < *from);
                 }
                 Event::Divergence { next_round, hashes } => {
@@ -333,7 +321,7 @@ impl ClusterRun {
                     );
                 }
             }
-            append_line(
+            append_jsonl(
                 &self.run_dir.join(EVENTS_FILE),
                 &serde_json::json!({"elapsed_s": elapsed_s, "detail": e}),
             )?;

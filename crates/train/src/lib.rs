@@ -69,6 +69,17 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     sync_dir(dir)
 }
 
+/// Appends `value` as one JSON line to `path` (the run's metrics, ledger and events).
+pub fn append_jsonl(path: &Path, value: &impl serde::Serialize) -> Result<(), TrainError> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TrainError::io(path, e))?;
+    let line = serde_json::to_string(value).expect("json serialises");
+    writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
+}
+
 /// Makes a rename or file creation in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<(), TrainError> {
     std::fs::File::open(dir)

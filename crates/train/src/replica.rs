@@ -18,6 +18,8 @@ use crate::optim::AdamW;
 use crate::{TrainError, TrainState};
 
 const FORMAT: &str = "holdfast-replica-1";
+/// The largest encoded replica a peer is asked for: a bound on what a fetch allocates.
+pub const MAX_STATE_BYTES: u64 = 64 << 30;
 
 /// Concatenates tensors' values in their device layout.
 pub fn flatten(tensors: &[Tensor<2>]) -> Vec<f32> {

@@ -2,7 +2,6 @@
 //! `RUN/checkpoints/`, and `RUN/tokenizer.json` when the run uses one. The loop here is the
 //! whole single-worker training: step, log, evaluate, checkpoint.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,7 +16,9 @@ use crate::eval::{addition_accuracy, val_loss};
 use crate::guard::{Guard, Verdict};
 use crate::optim::grad_norm;
 use crate::step::{apply_clipped, compute_grads, inject};
-use crate::{RunConfig, TrainError, TrainState, atomic_write, checkpoint, train_step};
+use crate::{
+    RunConfig, TrainError, TrainState, append_jsonl, atomic_write, checkpoint, train_step,
+};
 use holdfast_cluster::chaos::NumberFaults;
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -241,17 +242,6 @@ pub fn evaluate(
     }
 }
 
-fn append_metrics(run_dir: &Path, event: &Event) -> Result<(), TrainError> {
-    let path = run_dir.join(METRICS_FILE);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| TrainError::io(&path, e))?;
-    let line = serde_json::to_string(event).expect("json serialises");
-    writeln!(f, "{line}").map_err(|e| TrainError::io(&path, e))
-}
-
 /// Writes checkpoints on a background thread, one at a time: training does not wait on disk.
 /// A failed write is reported when it is next waited for; the previous checkpoint stays.
 #[derive(Default)]
@@ -307,7 +297,7 @@ pub fn train(
     let mut last_ckpt = None;
     let mut writer = CheckpointWriter::default();
     let mut emit = |event: Event| -> Result<(), TrainError> {
-        append_metrics(run_dir, &event)?;
+        append_jsonl(&run_dir.join(METRICS_FILE), &event)?;
         on_event(&event);
         Ok(())
     };

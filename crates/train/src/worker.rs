@@ -23,7 +23,7 @@ use holdfast_cluster::wire::{Auth, WireError};
 use crate::config::TrainSection;
 use crate::guard::{Guard, Verdict};
 use crate::optim::grad_norm;
-use crate::replica::{Replica, flatten, unflatten};
+use crate::replica::{MAX_STATE_BYTES, Replica, flatten, unflatten};
 use crate::run::{Prepared, prepare_data};
 use crate::step::{apply_clipped, apply_grads, compute_grads, inject};
 use crate::{RunConfig, TrainError};
@@ -35,7 +35,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline for a state transfer's handshake and each of its frames.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A state larger than this is refused before it is received.
-const MAX_STATE_BYTES: u64 = 64 << 30;
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
