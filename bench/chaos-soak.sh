@@ -26,8 +26,9 @@ BIN=${HOLDFAST:-${CARGO_TARGET_DIR:-target}/release/holdfast}
 KEEP_OUT=${OUT:+yes}
 OUT=${OUT:-$(mktemp -d -t holdfast-soak.XXXXXX)}
 SEEDS=(${SEEDS:-21 22 23})
-SHAPE=(--workers 3 --steps 800 --inner-steps 20 --batch-size 32 --no-progress)
-BUDGET=$((3 * 800)) # batches: workers x steps
+WORKERS=3 STEPS=800
+SHAPE=(--workers $WORKERS --steps $STEPS --inner-steps 20 --batch-size 32 --no-progress)
+BUDGET=$((WORKERS * STEPS)) # batches
 TIMEOUT_S=2.0 # the default failure_timeout_ms
 PER_RUN_LIMIT=600
 [ -x "$BIN" ] || { echo "chaos-soak: no holdfast binary at $BIN (build with cargo build --release)" >&2; exit 2; }

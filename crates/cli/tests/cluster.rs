@@ -102,9 +102,7 @@ fn assert_exactly_once(run: &Path) -> Vec<Value> {
 /// never data.
 fn budget_batches(run: &Path) -> u64 {
     let cfg = holdfast_train::RunConfig::from_toml_file(&run.join("config.toml")).unwrap();
-    let workers = summary(run)["workers"].as_u64().unwrap();
-    let per_round = cfg.sync.steps_per_round();
-    cfg.train.steps.div_ceil(per_round) * per_round * cfg.train.grad_accum as u64 * workers
+    cfg.budget_batches(summary(run)["workers"].as_u64().unwrap() as usize)
 }
 
 fn events(run: &Path, kind: &str) -> Vec<Value> {

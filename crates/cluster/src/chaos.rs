@@ -94,6 +94,10 @@ impl NumberFaults {
     /// rolled back or rewound) runs clean, as after a transient hardware fault.
     pub fn spend(&mut self, step: u64) {
         self.nan_steps.retain(|&s| s != step);
+        if self.scale_at(step) == 1.0 {
+            // Nothing to split: the common case, on every training step.
+            return;
+        }
         self.spikes = self
             .spikes
             .iter()

@@ -252,16 +252,9 @@ pub enum Event {
         to: u64,
         reason: String,
     },
-    /// Every replica rolled back in `round` (mean loss `loss`): the run goes back to the
-    /// state that starts `from` (a `RoundsVoided` follows when that undoes rounds) and rounds
-    /// up to `damped_until` take `step_scale` × their step.
-    Rewound {
-        round: u64,
-        loss: f64,
-        from: u64,
-        step_scale: f64,
-        damped_until: u64,
-    },
+    /// Every replica rolled back in a round: the run went back (a `RoundsVoided` follows
+    /// when that undid rounds) and the next rounds' steps are damped.
+    Rewound(Rewind),
     /// The batches of `round`, in which every replica rolled back, left out when a rewind
     /// undid it: suspect data is not trained again (as a single worker's guard skips the data
     /// since its snapshot). They count as spent in the budget and the schedule.
@@ -356,14 +349,16 @@ impl BatchPool {
 }
 
 /// One answer to a round in which every replica rolled back.
-#[derive(Clone, Debug)]
-struct Rewind {
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rewind {
     /// The round every replica rolled back in, and its mean loss.
-    round: u64,
-    loss: f64,
-    /// The round gone back to, and the factor on the steps from then on.
-    from: u64,
-    step_scale: f64,
+    pub round: u64,
+    pub loss: f64,
+    /// The state gone back to: the one that starts this round.
+    pub from: u64,
+    /// The factor on the steps of the rounds before `damped_until`.
+    pub step_scale: f64,
+    pub damped_until: u64,
 }
 
 pub struct Coordinator {
@@ -395,13 +390,8 @@ pub struct Coordinator {
     /// Batch ids of recently committed rounds, by round, for undoing them.
     recent_batches: BTreeMap<u64, Vec<u64>>,
     corruption_flags: BTreeMap<String, u32>,
-    /// A cold restart from a checkpoint, until its first commit: round 0 of it waits for
-    /// the expected workers.
-    cold_restart: bool,
     /// The rewinds of the current unstable episode.
     rewinds: Vec<Rewind>,
-    /// Rounds before this one take the last rewind's step scale.
-    damped_until: u64,
     /// Why the run was declared unstable, once it has been.
     unstable: Option<String>,
 }
@@ -428,9 +418,7 @@ impl Coordinator {
             voted: None,
             recent_batches: BTreeMap::new(),
             corruption_flags: BTreeMap::new(),
-            cold_restart: false,
             rewinds: Vec::new(),
-            damped_until: 0,
             unstable: None,
         }
     }
@@ -459,7 +447,6 @@ impl Coordinator {
         };
         c.pool_at_commit = c.pool.clone();
         c.restored = Some((next_round, state_addr));
-        c.cold_restart = true;
         c.last_agreed = Some(next_round);
         c.voted = Some(next_round);
         c
@@ -480,6 +467,12 @@ impl Coordinator {
     /// Nobody has trained yet: every worker starts from the seeded initial state.
     fn fresh_start(&self) -> bool {
         self.last_commit.is_none() && self.restored.is_none()
+    }
+
+    /// A cold restart from a checkpoint before its first commit: its first round waits for
+    /// the expected workers.
+    fn cold_restart_pending(&self) -> bool {
+        self.last_commit.is_none() && self.restored.is_some()
     }
 
     /// The address serving the state that starts `round`: a member that holds it, a live
@@ -671,7 +664,7 @@ impl Coordinator {
         } else {
             // A cold restart waits for the expected workers, then all load the checkpoint;
             // after an undo the live members load the state it went back to.
-            (quorate || !self.cold_restart) && self.donor_for(self.round, &ids).is_some()
+            (quorate || !self.cold_restart_pending()) && self.donor_for(self.round, &ids).is_some()
         };
         if !enough {
             return;
@@ -1161,7 +1154,6 @@ impl Coordinator {
                 m.state_round = Some(a.round + 1);
             }
         }
-        self.cold_restart = false;
         self.last_commit = Some((a.round, ring.iter().copied().collect()));
         self.round = a.round + 1;
         self.pool_at_commit = self.pool.clone();
@@ -1191,7 +1183,11 @@ impl Coordinator {
     /// stop, naming the rounds, their losses and what was tried.
     fn judge_stability(&mut self, every_member_rolled_back: bool, round: u64, loss: f64) {
         if !every_member_rolled_back {
-            if round + 1 >= self.damped_until {
+            if self
+                .rewinds
+                .last()
+                .is_none_or(|r| round + 1 >= r.damped_until)
+            {
                 // The damped stretch passed cleanly: the episode is over.
                 self.rewinds.clear();
             }
@@ -1205,28 +1201,22 @@ impl Coordinator {
             self.declare_unstable(round, loss);
             return;
         };
-        let step_scale = 0.5f64.powi(self.rewinds.len() as i32 + 1);
-        self.damped_until = round + 1 + self.opts.damp_rounds;
-        self.rewinds.push(Rewind {
+        let rewind = Rewind {
             round,
             loss,
             from,
-            step_scale,
-        });
-        self.events.push(Event::Rewound {
-            round,
-            loss,
-            from,
-            step_scale,
-            damped_until: self.damped_until,
-        });
+            step_scale: 0.5f64.powi(self.rewinds.len() as i32 + 1),
+            damped_until: round + 1 + self.opts.damp_rounds,
+        };
+        let reason = format!(
+            "every replica rolled back in round {round} (mean loss {loss:.4}): rewinding to round \
+             {from}, skipping its batches, steps ×{} until round {}",
+            rewind.step_scale, rewind.damped_until
+        );
+        self.rewinds.push(rewind.clone());
+        self.events.push(Event::Rewound(rewind));
         if from < self.round {
             let skipped = self.recent_batches.remove(&round).unwrap_or_default();
-            let reason = format!(
-                "every replica rolled back in round {round} (mean loss {loss:.4}): rewinding to round \
-                 {from}, skipping its batches, steps ×{step_scale} until round {}",
-                self.damped_until
-            );
             self.undo_to(from, donors, reason);
             self.events.push(Event::BatchesSkipped {
                 round,
@@ -1258,7 +1248,7 @@ impl Coordinator {
     /// The factor on `round`'s step: below 1 while a rewind's damping lasts.
     fn step_scale(&self, round: u64) -> f64 {
         match self.rewinds.last() {
-            Some(r) if round < self.damped_until => r.step_scale,
+            Some(r) if round < r.damped_until => r.step_scale,
             _ => 1.0,
         }
     }
@@ -1451,13 +1441,7 @@ mod tests {
         c.drain_events()
             .into_iter()
             .filter_map(|e| match e {
-                Event::Rewound {
-                    round,
-                    from,
-                    step_scale,
-                    damped_until,
-                    ..
-                } => Some((round, from, step_scale, damped_until)),
+                Event::Rewound(r) => Some((r.round, r.from, r.step_scale, r.damped_until)),
                 _ => None,
             })
             .collect()
@@ -1479,13 +1463,13 @@ mod tests {
         let events = c.drain_events();
         assert!(events.iter().any(|e| matches!(
             e,
-            Event::Rewound {
+            Event::Rewound(Rewind {
                 round: 4,
                 from: 3,
                 step_scale: 0.5,
                 damped_until: 8,
                 ..
-            }
+            })
         )));
         assert!(
             events

@@ -292,15 +292,13 @@ impl ClusterRun {
                         "[{elapsed_s:7.1}s] {name}: its state for round {next_round} disagrees with the majority (corruption flag {flags}); it re-fetches the majority's state"
                     );
                 }
-                Event::Rewound {
-                    round,
-                    from,
-                    step_scale,
-                    ..
-                } => {
+                Event::Rewound(r) => {
                     self.rewinds += 1;
                     tracing::warn!(
-                        "every replica rolled back in round {round}: rewound to round {from}, steps ×{step_scale}"
+                        "every replica rolled back in round {}: rewound to round {}, steps ×{}",
+                        r.round,
+                        r.from,
+                        r.step_scale
                     );
                 }
                 Event::BatchesSkipped { round, batches } => {
