@@ -11,18 +11,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use holdfast_cluster::chaos::{ChaosPlan, Signal};
+use holdfast_cluster::coordinator::Event;
 use holdfast_cluster::wire::random_bytes;
 use holdfast_train::RunConfig;
-use holdfast_train::coordinate::{ClusterRun, ClusterSummary, Restore};
+use holdfast_train::chaos::{ChaosPlan, Signal};
+use holdfast_train::coordinate::{ClusterRun, ClusterSummary, Progress, Restore};
 use holdfast_train::run::Prepared;
+use holdfast_train::supervise::{Action, Exit, Seen, Supervisor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub const SECRET_ENV: &str = "HOLDFAST_SECRET";
 const SUPERVISE_EVERY: Duration = Duration::from_millis(50);
-/// How long the launcher waits, with no live worker holding the committed state and none of
-/// them stopped (which could come back with it), before it ends the run.
-const STATE_LOST_GRACE: Duration = Duration::from_secs(5);
 /// The status a Rust process exits with when a thread's panic ends it.
 const RUST_PANIC_EXIT_CODE: i32 = 101;
 /// How long finished workers get to exit before they are killed.
@@ -39,13 +38,20 @@ pub struct LaunchOptions {
 struct Slot {
     name: String,
     child: Option<Child>,
-    respawn_at: Option<Instant>,
     slow_factor: f64,
     /// Numeric faults for the worker to inject, as a spec (empty: none).
     inject: String,
-    stopped: bool,
-    /// Why the worker gave up, when it exited on its own with an error.
-    failure: Option<String>,
+}
+
+/// What every worker process is started with.
+struct SpawnSpec {
+    coordinator: String,
+    secret: String,
+    cache_dir: PathBuf,
+    log_dir: PathBuf,
+    device: String,
+    /// Compute threads per worker.
+    threads: usize,
 }
 
 /// Kills every worker still running when the launcher leaves, however it leaves.
@@ -62,16 +68,8 @@ impl Drop for Workers {
     }
 }
 
-fn spawn_worker(
-    slot: &Slot,
-    coordinator: &str,
-    secret: &str,
-    cache_dir: &Path,
-    log_dir: &Path,
-    device: &str,
-    threads: usize,
-) -> Result<Child> {
-    let log_path = log_dir.join(format!("{}.log", slot.name));
+fn spawn_worker(slot: &Slot, spec: &SpawnSpec) -> Result<Child> {
+    let log_path = spec.log_dir.join(format!("{}.log", slot.name));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -94,22 +92,22 @@ fn spawn_worker(
     cmd.args([
         "worker",
         "--join",
-        coordinator,
+        &spec.coordinator,
         "--name",
         &slot.name,
         "--device",
-        device,
+        &spec.device,
     ])
     .arg("--cache-dir")
-    .arg(cache_dir)
+    .arg(&spec.cache_dir)
     .args(["--slow-factor", &slot.slow_factor.to_string()])
     .args(match slot.inject.is_empty() {
         true => vec![],
         false => vec!["--inject".to_string(), slot.inject.clone()],
     })
-    .env(SECRET_ENV, secret)
+    .env(SECRET_ENV, &spec.secret)
     // Several workers share the cores of one machine.
-    .env("RAYON_NUM_THREADS", threads.to_string())
+    .env("RAYON_NUM_THREADS", spec.threads.to_string())
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(log)
@@ -152,7 +150,6 @@ pub fn run(
         device,
         restore,
     )?;
-    let addr = cluster.server.addr.clone();
     let log_dir = run_dir.join("logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let mut workers = Workers(
@@ -160,16 +157,121 @@ pub fn run(
             .map(|i| Slot {
                 name: format!("worker-{i}"),
                 child: None,
-                respawn_at: Some(Instant::now()),
                 slow_factor: opts.chaos.slow_factor(i),
                 inject: opts.chaos.number_faults(i).to_spec(),
-                stopped: false,
-                failure: None,
             })
             .collect(),
     );
-    let bar = if opts.progress {
-        ProgressBar::new(cfg.cluster_steps())
+    let mut supervisor = Supervisor::new(
+        opts.workers,
+        opts.chaos.clone(),
+        opts.respawn_after,
+        Instant::now(),
+    );
+    let spawn = SpawnSpec {
+        coordinator: cluster.server.addr.clone(),
+        secret,
+        cache_dir: cache_dir.to_path_buf(),
+        log_dir,
+        device: opts.device.clone(),
+        // Workers of one machine share its cores.
+        threads: (std::thread::available_parallelism().map_or(1, |n| n.get()) / opts.workers)
+            .max(1),
+    };
+    let bar = progress_bar(opts.progress, cfg.cluster_steps());
+    let started = Instant::now();
+    drive(&mut cluster, &bar, |p| {
+        let now = Instant::now();
+        reap(&mut workers, &mut supervisor, &spawn.log_dir, started);
+        let seen = Seen {
+            committed_rounds: p.committed_rounds,
+            live_workers: p.live_workers,
+            state_lost: p.state_lost,
+        };
+        for action in supervisor.decide(now, &seen) {
+            act(action, &mut workers, &mut supervisor, &spawn, started).map_err(|e| {
+                anyhow::anyhow!(e.describe(
+                    run_dir,
+                    p.committed_rounds,
+                    opts.workers,
+                    &spawn.log_dir
+                ))
+            })?;
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let summary = cluster.finish(prepared)?;
+    let stopped: Vec<usize> = (0..opts.workers)
+        .filter(|&w| supervisor.is_stopped(w))
+        .collect();
+    let _ = let_workers_exit(&mut workers, &stopped);
+    Ok(summary)
+}
+
+/// Polls the run until it is complete, showing its progress and what happened;
+/// `tick` acts on each poll that is not the last (supervising local workers, say).
+pub fn drive(
+    cluster: &mut ClusterRun,
+    bar: &ProgressBar,
+    mut tick: impl FnMut(&Progress) -> Result<()>,
+) -> Result<()> {
+    loop {
+        let p = cluster.poll()?;
+        for (elapsed_s, event) in &p.events {
+            if let Some(line) = describe_event(event) {
+                let line = format!("[{elapsed_s:7.1}s] {line}");
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
+            }
+        }
+        bar.set_position(p.step);
+        bar.set_message(format!(
+            "loss {}  {} live  {} faults",
+            p.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            p.live_workers,
+            p.faults
+        ));
+        if p.complete {
+            return Ok(());
+        }
+        tick(&p)?;
+        std::thread::sleep(SUPERVISE_EVERY);
+    }
+}
+
+/// The events a person watching the run wants to see as they happen.
+fn describe_event(e: &Event) -> Option<String> {
+    Some(match e {
+        Event::Removed { name, reason, .. } => format!("{name} left the quorum: {reason}"),
+        Event::Corruption {
+            next_round,
+            name,
+            flags,
+            ..
+        } => format!(
+            "{name}: its state for round {next_round} disagrees with the majority (corruption flag {flags}); it re-fetches the majority's state"
+        ),
+        Event::RoundsVoided { from, to, reason } => {
+            format!("rounds {from}..{to} undone: {reason}")
+        }
+        Event::Divergence { next_round, hashes } => {
+            format!("warning: replicas disagree on the state of round {next_round}: {hashes:?}")
+        }
+        Event::Rewound(r) => format!(
+            "every replica rolled back in round {}: rewound to round {}, steps ×{}",
+            r.round, r.from, r.step_scale
+        ),
+        _ => return None,
+    })
+}
+
+pub fn progress_bar(show: bool, steps: u64) -> ProgressBar {
+    let bar = if show {
+        ProgressBar::new(steps)
     } else {
         ProgressBar::hidden()
     };
@@ -179,134 +281,121 @@ pub fn run(
         )
         .expect("valid template"),
     );
-    // Workers of one machine share its cores.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / opts.workers).max(1);
-    let started = Instant::now();
-    let mut chaos_clock = Duration::ZERO;
-    let mut chaos_started: Option<Instant> = None;
-    let mut state_lost_since: Option<Instant> = None;
-    loop {
-        let p = cluster.poll()?;
-        bar.set_position(p.step);
-        bar.set_message(format!(
-            "loss {}  {} live  {} faults",
-            p.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-            p.live_workers,
-            p.faults
-        ));
-        if p.complete {
-            break;
-        }
-        // Every replica of the state is gone (all workers died within one round): restarted
-        // workers cannot rebuild it, so say so instead of waiting for ever.
-        if p.state_lost && !workers.0.iter().any(|s| s.stopped) {
-            let since = *state_lost_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= STATE_LOST_GRACE {
-                return Err(state_lost_error(run_dir, p.committed_rounds, opts.workers));
-            }
+    bar
+}
+
+/// Tells the supervisor about every worker process that ended.
+fn reap(workers: &mut Workers, supervisor: &mut Supervisor, log_dir: &Path, started: Instant) {
+    for (i, slot) in workers.0.iter_mut().enumerate() {
+        let Some(Ok(Some(status))) = slot.child.as_mut().map(|c| c.try_wait()) else {
+            continue;
+        };
+        eprintln!(
+            "[{:7.1}s] {} exited ({status})",
+            started.elapsed().as_secs_f64(),
+            slot.name
+        );
+        slot.child = None;
+        let exit = if restarts_after(status) {
+            Exit::Crashed
+        } else if status.success() {
+            Exit::Finished
         } else {
-            state_lost_since = None;
-        }
-        // Chaos time starts with the first round, so `at=` means "into training".
-        if p.committed_rounds > 0 || p.live_workers >= opts.workers {
-            chaos_started.get_or_insert_with(Instant::now);
-        }
-        if let Some(t0) = chaos_started {
-            let now = t0.elapsed();
-            for action in opts.chaos.due(chaos_clock, now, opts.workers) {
-                let slot = &mut workers.0[action.worker];
-                if let Some(child) = slot.child.as_ref() {
-                    eprintln!(
-                        "[{:7.1}s] chaos: {:?} {}",
-                        started.elapsed().as_secs_f64(),
-                        action.signal,
-                        slot.name
-                    );
-                    signal(child, action.signal);
-                    slot.stopped = action.signal == Signal::Stop;
-                }
+            Exit::GaveUp {
+                why: last_error_line(&log_dir.join(format!("{}.log", slot.name))),
             }
-            chaos_clock = now;
+        };
+        supervisor.exited(i, exit, Instant::now());
+    }
+}
+
+/// Why the launcher ends a run early.
+enum Stop {
+    StateLost,
+    AllExited(Option<(String, String)>),
+}
+
+impl Stop {
+    fn describe(&self, run_dir: &Path, rounds: u64, workers: usize, log_dir: &Path) -> String {
+        match self {
+            Stop::StateLost => state_lost_error(run_dir, rounds, workers).to_string(),
+            Stop::AllExited(gave_up) => {
+                let logs = log_dir.display();
+                let why = match gave_up {
+                    Some((name, failure)) => format!("{name}: {failure} (logs: {logs})"),
+                    None => format!("see {logs}"),
+                };
+                format!("every worker has exited and none will be restarted; {why}")
+            }
         }
-        for slot in &mut workers.0 {
-            if let Some(child) = slot.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
+    }
+}
+
+/// Carries out one of the supervisor's actions on the worker processes.
+fn act(
+    action: Action,
+    workers: &mut Workers,
+    supervisor: &mut Supervisor,
+    spawn: &SpawnSpec,
+    started: Instant,
+) -> std::result::Result<(), Stop> {
+    match action {
+        Action::Start { worker } => match spawn_worker(&workers.0[worker], spawn) {
+            Ok(child) => {
+                workers.0[worker].child = Some(child);
+                supervisor.started(worker);
+            }
+            // The others train on; the supervisor tries again later rather than end the run.
+            Err(e) => {
+                tracing::warn!("{}: {e:#}; retrying", workers.0[worker].name);
+                supervisor.start_failed(worker, Instant::now());
+            }
+        },
+        Action::Signal {
+            worker,
+            signal: sig,
+        } => {
+            let slot = &workers.0[worker];
+            if let Some(child) = slot.child.as_ref() {
                 eprintln!(
-                    "[{:7.1}s] {} exited ({status})",
+                    "[{:7.1}s] chaos: {sig:?} {}",
                     started.elapsed().as_secs_f64(),
                     slot.name
                 );
-                slot.child = None;
-                if restarts_after(status) {
-                    slot.respawn_at = opts.respawn_after.map(|d| Instant::now() + d);
-                } else if !status.success() {
-                    slot.failure =
-                        Some(last_error_line(&log_dir.join(format!("{}.log", slot.name))));
-                }
-            }
-            if slot.child.is_none() && slot.respawn_at.is_some_and(|t| Instant::now() >= t) {
-                match spawn_worker(
-                    slot,
-                    &addr,
-                    &secret,
-                    cache_dir,
-                    &log_dir,
-                    &opts.device,
-                    threads,
-                ) {
-                    Ok(child) => {
-                        slot.child = Some(child);
-                        slot.respawn_at = None;
-                        slot.stopped = false;
-                    }
-                    // The others train on; try again later rather than end the run.
-                    Err(e) => {
-                        eprintln!("warning: {}: {e:#}; retrying in 5 s", slot.name);
-                        slot.respawn_at = Some(Instant::now() + Duration::from_secs(5));
-                    }
-                }
+                signal(child, sig);
             }
         }
-        if workers
-            .0
-            .iter()
-            .all(|s| s.child.is_none() && s.respawn_at.is_none())
-        {
-            let logs = log_dir.display();
-            let why = match workers
-                .0
-                .iter()
-                .find_map(|s| Some((&s.name, s.failure.as_ref()?)))
-            {
-                Some((name, failure)) => format!("{name}: {failure} (logs: {logs})"),
-                None => format!("see {logs}"),
-            };
-            bail!("every worker has exited and none will be restarted; {why}");
+        Action::StateLost => return Err(Stop::StateLost),
+        Action::AllExited { gave_up } => {
+            let named = gave_up.map(|(w, why)| (workers.0[w].name.clone(), why));
+            return Err(Stop::AllExited(named));
         }
-        std::thread::sleep(SUPERVISE_EVERY);
     }
-    bar.finish_and_clear();
-    let summary = cluster.finish(prepared)?;
-    // Released workers exit on their own; a stopped one cannot, so it is woken first.
+    Ok(())
+}
+
+/// Released workers exit on their own; a stopped one cannot, so it is woken first. Any still
+/// running after the grace are killed when `workers` is dropped.
+fn let_workers_exit(workers: &mut Workers, stopped: &[usize]) -> usize {
     let deadline = Instant::now() + EXIT_GRACE;
-    for slot in &mut workers.0 {
+    let mut exited = 0;
+    for (i, slot) in workers.0.iter_mut().enumerate() {
         let Some(child) = slot.child.as_mut() else {
             continue;
         };
-        if slot.stopped {
+        if stopped.contains(&i) {
             signal(child, Signal::Continue);
         }
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 slot.child = None;
+                exited += 1;
                 break;
             }
             std::thread::sleep(SUPERVISE_EVERY);
         }
     }
-    Ok(summary)
+    exited
 }
 
 /// The run's end when no live worker holds the state after `rounds` committed rounds: the way

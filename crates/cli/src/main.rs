@@ -7,13 +7,14 @@ mod serving;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use holdfast_model::ModelConfig;
+use holdfast_train::overrides::Overrides;
 use holdfast_train::run::{self, Event};
-use holdfast_train::{RunConfig, TrainState, checkpoint};
+use holdfast_train::{RunConfig, SyncMode, Task, TrainState, checkpoint, rundir};
 
 #[derive(Parser)]
 #[command(
@@ -233,99 +234,47 @@ fn main() -> ExitCode {
     }
 }
 
-/// The config a new run trains with: file, then flags.
-fn effective_config(args: &TrainArgs) -> Result<RunConfig> {
-    let mut cfg = match &args.config {
-        Some(path) => RunConfig::from_toml_file(path)?,
-        None => RunConfig::default(),
-    };
-    if let Some(data) = &args.data {
-        cfg.data.task = "text".into();
-        cfg.data.path = Some(data.clone());
-        if args.preset.is_none() && args.config.is_none() {
-            cfg.model.preset = "char-small".into();
-        }
-    }
-    if let Some(t) = &args.tokenizer {
-        cfg.data.tokenizer = Some(t.clone());
-    }
-    if let Some(p) = &args.preset {
-        cfg.model.preset = p.clone();
-    }
-    if let Some(p) = &args.model_config {
-        cfg.model.config_json = Some(p.clone());
-    }
-    if args.context.is_some() {
-        cfg.model.context = args.context;
-    }
-    if let Some(init) = args.init.as_ref().filter(|p| holdfast_model::is_gguf(p)) {
-        cfg.model.config_json.get_or_insert_with(|| init.clone());
-        let beside = init.with_file_name("tokenizer.json");
-        if cfg.data.tokenizer.is_none() && beside.is_file() {
-            cfg.data.tokenizer = Some(beside);
-        }
-    }
-    apply_train_flags(&mut cfg, args);
-    Ok(cfg)
+/// The flags as overrides of the config (the rules they follow live in `holdfast_train`).
+fn overrides(args: &TrainArgs) -> Result<Overrides> {
+    Ok(Overrides {
+        data: args.data.clone(),
+        tokenizer: args.tokenizer.clone(),
+        preset: args.preset.clone(),
+        model_config: args.model_config.clone(),
+        init: args.init.clone(),
+        context: args.context,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        sync: args.sync.as_deref().map(str::parse).transpose()?,
+        inner_steps: args.inner_steps,
+        failure_timeout_ms: args.failure_timeout_ms,
+        no_guards: args.no_guards,
+    })
 }
 
-fn apply_train_flags(cfg: &mut RunConfig, args: &TrainArgs) {
-    let t = &mut cfg.train;
-    if let Some(v) = args.steps {
-        t.steps = v;
-    }
-    if let Some(v) = args.batch_size {
-        t.batch_size = v;
-    }
-    if let Some(v) = args.grad_accum {
-        t.grad_accum = v;
-    }
-    if let Some(v) = args.lr {
-        t.lr = v;
-        t.min_lr = t.min_lr.min(v.max(0.0));
-    }
-    if let Some(v) = args.seed {
-        t.seed = v;
-    }
-    if let Some(v) = args.eval_every {
-        t.eval_every = v;
-    }
-    if let Some(v) = args.checkpoint_every {
-        t.checkpoint_every = v;
-    }
-    let s = &mut cfg.sync;
-    if let Some(v) = &args.sync {
-        s.mode = v.clone();
-    }
-    if let Some(v) = args.inner_steps {
-        s.inner_steps = v;
-    }
-    if let Some(v) = args.failure_timeout_ms {
-        s.failure_timeout_ms = v;
-    }
-    if args.no_guards {
-        cfg.guard.enabled = false;
-    }
+fn plan_new_run(args: &TrainArgs) -> Result<rundir::NewRun> {
+    let o = overrides(args)?;
+    Ok(rundir::plan_new_run(
+        args.config.as_deref(),
+        &o,
+        args.run_dir.clone(),
+    )?)
 }
 
-/// A new run's directory (checked not to exist yet), effective config and data.
-fn plan_new_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepared)> {
-    let cfg = effective_config(args)?;
-    let run_dir = args
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| default_run_dir(&cfg));
-    // Checked before reading data or loading weights, so a clash fails fast.
-    run::check_new_run_dir(&run_dir)?;
-    let prepared = run::prepare_data(&cfg, &run::token_cache_dir(&run_dir), None)?;
-    Ok((run_dir, cfg, prepared))
-}
-
-fn default_run_dir(cfg: &RunConfig) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    PathBuf::from("runs").join(format!("{}-{}-{secs}", cfg.data.task, cfg.model.preset))
+fn load_for_resume(
+    run_dir: &Path,
+    args: &TrainArgs,
+    device: &burn::tensor::Device,
+    kind: rundir::RunKind,
+) -> Result<rundir::Resumed> {
+    let resumed = rundir::load_for_resume(run_dir, &overrides(args)?, device, kind)?;
+    warn_about(&resumed.loaded);
+    Ok(resumed)
 }
 
 fn cmd_train(args: TrainArgs) -> Result<()> {
@@ -335,38 +284,10 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     }
     let faults = match &args.chaos {
         None => Default::default(),
-        Some(spec) => {
-            let plan = holdfast_cluster::chaos::ChaosPlan::parse(spec, 1)
-                .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?;
-            if plan.has_process_faults() {
-                bail!("--chaos: kill, hang and slow act on worker processes; they need --workers");
-            }
-            plan.number_faults(0)
-        }
+        Some(spec) => holdfast_train::chaos::ChaosPlan::single_process(spec)
+            .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?,
     };
-    let (run_dir, cfg, prepared, mut state) = if let Some(run_dir) = &args.resume {
-        let (cfg, prepared, loaded) = load_for_resume(run_dir, &args, &device, false)?;
-        eprintln!(
-            "resuming {} from {} (step {})",
-            run_dir.display(),
-            loaded.dir.display(),
-            loaded.state.step
-        );
-        (run_dir.clone(), cfg, prepared, loaded.state)
-    } else {
-        let (run_dir, cfg, prepared) = plan_new_run(&args)?;
-        let state = match &args.init {
-            Some(path) => {
-                let weights = holdfast_model::load_weights(&prepared.model, path, &device)
-                    .with_context(|| format!("loading --init {}", path.display()))?;
-                TrainState::from_weights(weights, cfg.train.seed)
-            }
-            None => TrainState::new(&prepared.model, cfg.train.seed, &device),
-        };
-        run::create_run_dir(&run_dir, &cfg)?;
-        (run_dir, cfg, prepared, state)
-    };
-
+    let (run_dir, cfg, prepared, mut state) = single_worker_run(&args, &device)?;
     holdfast_train::set_flush_denormals(cfg.train.flush_denormals);
     eprintln!(
         "training {} parameters ({} layers, width {}) on {} for {} steps → {}",
@@ -377,20 +298,52 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         cfg.train.steps,
         run_dir.display()
     );
-    let bar = if args.no_progress {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(cfg.train.steps)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar = launch::progress_bar(!args.no_progress, cfg.train.steps);
     bar.set_position(state.step);
-    let quiet = args.no_progress;
-    let mut on_event = |event: &Event| match event {
+    let summary = run::train(
+        &run_dir,
+        &cfg,
+        &prepared.dataset,
+        &mut state,
+        &faults,
+        &mut show_progress(&bar),
+    )?;
+    bar.finish_and_clear();
+    print_summary(&summary, &cfg, &run_dir);
+    Ok(())
+}
+
+/// The run `train` continues (`--resume`) or starts.
+fn single_worker_run(
+    args: &TrainArgs,
+    device: &burn::tensor::Device,
+) -> Result<(PathBuf, RunConfig, run::Prepared, TrainState)> {
+    if let Some(run_dir) = &args.resume {
+        let r = load_for_resume(run_dir, args, device, rundir::RunKind::SingleWorker)?;
+        eprintln!(
+            "resuming {} from {} (step {})",
+            run_dir.display(),
+            r.loaded.dir.display(),
+            r.loaded.state.step
+        );
+        return Ok((run_dir.clone(), r.cfg, r.prepared, r.loaded.state));
+    }
+    let new = plan_new_run(args)?;
+    let state = rundir::start_new_run(&new, args.init.as_deref(), device)?;
+    Ok((new.run_dir, new.cfg, new.prepared, state))
+}
+
+/// Shows a single-worker run's events on the progress bar (or as lines, with none).
+fn show_progress(bar: &ProgressBar) -> impl FnMut(&Event) + '_ {
+    let say = |line: String| {
+        // A progress bar drawn nowhere (no terminal) would swallow the line too.
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    move |event: &Event| match event {
         Event::Step {
             step,
             loss,
@@ -409,13 +362,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
             let acc = exact_match.map_or(String::new(), |a| {
                 format!("  held-out exact match {:.1}%", a * 100.0)
             });
-            let line = format!("step {step}: val loss {val_loss:.4}{acc}");
-            // A progress bar drawn nowhere (no terminal) would swallow the line too.
-            if quiet || bar.is_hidden() {
-                eprintln!("{line}");
-            } else {
-                bar.println(line);
-            }
+            say(format!("step {step}: val loss {val_loss:.4}{acc}"));
         }
         Event::Checkpoint { .. } => {}
         Event::Guard {
@@ -425,24 +372,12 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
             to_step,
         } => {
             let to = to_step.map_or(String::new(), |s| format!(" to step {s}"));
-            let line = format!("step {step}: guard {action}{to}: {reason}");
-            if quiet || bar.is_hidden() {
-                eprintln!("{line}");
-            } else {
-                bar.println(line);
-            }
+            say(format!("step {step}: guard {action}{to}: {reason}"));
         }
-    };
-    let summary = run::train(
-        &run_dir,
-        &cfg,
-        &prepared.dataset,
-        &mut state,
-        &faults,
-        &mut on_event,
-    )?;
-    bar.finish_and_clear();
+    }
+}
 
+fn print_summary(summary: &run::Summary, cfg: &RunConfig, run_dir: &Path) {
     println!(
         "trained {} steps at {:.0} tokens/s",
         summary.steps, summary.tokens_per_s
@@ -471,27 +406,29 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         "next: holdfast eval {0}  |  holdfast generate {0} --prompt ...",
         run_dir.display()
     );
-    Ok(())
 }
 
 fn describe_task(cfg: &RunConfig) -> String {
-    match cfg.data.task.as_str() {
-        "addition" => format!("{}-digit addition (generated)", cfg.data.addition_digits),
-        _ => cfg.data.path.clone().unwrap_or_default(),
+    match cfg.data.task {
+        Task::Addition => format!("{}-digit addition (generated)", cfg.data.addition_digits),
+        Task::Text => cfg.data.path.clone().unwrap_or_default(),
     }
 }
 
-/// Loads a run's config, tokenizer and latest valid checkpoint, warning about damaged ones.
+/// A run's config and newest valid checkpoint, with a warning for each damaged newer one.
 fn load_run(
     run_dir: &Path,
     device: &burn::tensor::Device,
 ) -> Result<(RunConfig, checkpoint::Loaded)> {
-    let cfg = run::read_run_config(run_dir)?;
-    let loaded = checkpoint::load_latest(run_dir, device)?;
+    let (cfg, loaded) = rundir::load_run(run_dir, device)?;
+    warn_about(&loaded);
+    Ok((cfg, loaded))
+}
+
+fn warn_about(loaded: &checkpoint::Loaded) {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    Ok((cfg, loaded))
 }
 
 fn cmd_eval(run_dir: &Path, device: &str) -> Result<()> {
@@ -542,47 +479,6 @@ fn cmd_bench_train(
     Ok(())
 }
 
-/// A new multi-worker run's directory, config and data, checked before anything starts.
-/// A run directory's config (flag overrides applied and saved), data and newest valid
-/// checkpoint, checked to fit each other. `workers`: for a multi-worker restart.
-fn load_for_resume(
-    run_dir: &Path,
-    args: &TrainArgs,
-    device: &burn::tensor::Device,
-    workers: bool,
-) -> Result<(RunConfig, run::Prepared, checkpoint::Loaded)> {
-    let mut cfg = run::read_run_config(run_dir)?;
-    let stored = cfg.clone();
-    apply_train_flags(&mut cfg, args);
-    let prepared = run::prepare_data(
-        &cfg,
-        &run::token_cache_dir(run_dir),
-        run::run_tokenizer(run_dir).as_deref(),
-    )?;
-    let loaded = checkpoint::load_latest(run_dir, device)?;
-    for w in &loaded.warnings {
-        tracing::warn!("{w}");
-        eprintln!("warning: {w}");
-    }
-    if workers && loaded.manifest.cluster.is_none() {
-        bail!(
-            "checkpoint {} is from a single-worker run; resume it without --workers",
-            loaded.dir.display()
-        );
-    }
-    if loaded.manifest.model != prepared.model {
-        bail!(
-            "checkpoint {} was trained with a different model config than {} now implies",
-            loaded.dir.display(),
-            run_dir.join(run::CONFIG_FILE).display()
-        );
-    }
-    if cfg != stored {
-        holdfast_train::atomic_write(&run_dir.join(run::CONFIG_FILE), cfg.to_toml().as_bytes())?;
-    }
-    Ok((cfg, prepared, loaded))
-}
-
 /// A multi-worker run restarted cold from its newest valid checkpoint.
 fn restore_cluster_run(
     run_dir: &Path,
@@ -593,7 +489,11 @@ fn restore_cluster_run(
     holdfast_train::coordinate::Restore,
 )> {
     let device = device::parse(&args.device)?;
-    let (cfg, prepared, loaded) = load_for_resume(run_dir, args, &device, true)?;
+    let rundir::Resumed {
+        cfg,
+        prepared,
+        loaded,
+    } = load_for_resume(run_dir, args, &device, rundir::RunKind::MultiWorker)?;
     let position = loaded.manifest.cluster.clone().ok_or_else(|| {
         anyhow::anyhow!(
             "checkpoint {} lacks a multi-worker position",
@@ -621,18 +521,15 @@ fn new_cluster_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepare
             "`holdfast coordinator` cannot resume yet; restart the run with `holdfast train --resume DIR --workers N`"
         );
     }
-    if args.init.is_some() {
-        bail!("--init is not supported with workers yet");
-    }
-    let (run_dir, cfg, prepared) = plan_new_run(args)?;
-    run::create_run_dir(&run_dir, &cfg)?;
-    Ok((run_dir, cfg, prepared))
+    let o = overrides(args)?;
+    let new = rundir::plan_new_cluster_run(args.config.as_deref(), &o, args.run_dir.clone())?;
+    Ok((new.run_dir, new.cfg, new.prepared))
 }
 
 fn describe_sync(cfg: &RunConfig) -> String {
-    match cfg.sync.mode.as_str() {
-        "ddp" => "DDP (gradients averaged every step)".into(),
-        _ => format!(
+    match cfg.sync.mode {
+        SyncMode::Ddp => "DDP (gradients averaged every step)".into(),
+        SyncMode::Diloco => format!(
             "DiLoCo (H={}, outer Nesterov lr {} momentum {})",
             cfg.sync.inner_steps, cfg.sync.outer_lr, cfg.sync.outer_momentum
         ),
@@ -704,7 +601,7 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
         bail!("--workers must be at least 1");
     }
     let chaos = match &args.chaos {
-        Some(spec) => holdfast_cluster::chaos::ChaosPlan::parse(spec, workers)
+        Some(spec) => holdfast_train::chaos::ChaosPlan::parse(spec, workers)
             .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?,
         None => Default::default(),
     };
@@ -748,6 +645,11 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
     if args.min_workers == 0 {
         bail!("--min-workers must be at least 1");
     }
+    if args.train.chaos.is_some() {
+        bail!(
+            "--chaos: the coordinator starts no workers to fault; give each `holdfast worker` its numeric faults with --inject"
+        );
+    }
     let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
     let device = device::parse(&args.train.device)?;
     let (run_dir, cfg, prepared) = new_cluster_run(&args.train)?;
@@ -768,13 +670,9 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
         args.min_workers,
         describe_sync(&cfg)
     );
-    loop {
-        let p = cluster.poll()?;
-        if p.complete {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let bar = launch::progress_bar(!args.train.no_progress, cfg.cluster_steps());
+    launch::drive(&mut cluster, &bar, |_| Ok(()))?;
+    bar.finish_and_clear();
     let summary = cluster.finish(&prepared)?;
     print_cluster_summary(&summary, &run_dir, &cfg);
     // Give released workers a moment to hear that the run is finished.
@@ -802,7 +700,7 @@ fn cmd_worker(args: WorkerArgs) -> Result<()> {
         slow_factor: args.slow_factor,
         faults: match &args.inject {
             None => Default::default(),
-            Some(spec) => holdfast_cluster::chaos::ChaosPlan::parse(spec, 1)
+            Some(spec) => holdfast_train::chaos::ChaosPlan::parse(spec, 1)
                 .map_err(|e| anyhow::anyhow!("--inject: {e}"))?
                 .number_faults(0),
         },

@@ -34,7 +34,10 @@ pub struct ModelArgs {
 /// Loads MODEL onto `device`: a holdfast run (latest valid checkpoint) or a published model.
 pub fn load_model(path: &Path, tokenizer: Option<&Path>, device: &Device) -> Result<ServedModel> {
     if path.join(run::CONFIG_FILE).is_file() {
-        let (_, loaded) = crate::load_run(path, device)?;
+        let (_, loaded) = holdfast_train::rundir::load_run(path, device)?;
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
         let tok = match tokenizer
             .map(Path::to_path_buf)
             .or_else(|| run::run_tokenizer(path))

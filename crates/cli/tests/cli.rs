@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
-use common::{fails_with, holdfast};
+use common::{fails_with, holdfast, skipped};
 
 /// Asserts success without a panic (common::ok); returns stdout and stderr.
 fn ok(o: Output) -> (String, String) {
@@ -266,10 +266,10 @@ fn trains_on_tiny_shakespeare_when_available() {
     let shared =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt");
     if !shared.exists() {
-        eprintln!(
-            "skipped: {} not present (../shared is absent)",
+        skipped(&format!(
+            "{} not present (../shared is absent)",
             shared.display()
-        );
+        ));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

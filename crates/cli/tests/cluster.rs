@@ -833,6 +833,23 @@ fn bad_multi_worker_input_is_a_clear_error() {
         &holdfast(d, &["train", "--chaos", "kill:worker=0,at=1s"]),
         "--workers",
     );
+    fails_with(
+        &holdfast(
+            d,
+            &[
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--chaos",
+                "nan:at=3",
+            ],
+        ),
+        "--inject",
+    );
+    fails_with(
+        &holdfast(d, &["train", "--chaos", "bitflip:worker=0,at=2"]),
+        "--workers",
+    );
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
     cmd.args(["worker", "--join", "127.0.0.1:9"])
         .env_remove("HOLDFAST_SECRET")

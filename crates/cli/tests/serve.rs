@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod common;
-use common::{KillOnDrop, holdfast, ok};
+use common::{KillOnDrop, holdfast, ok, skipped};
 
 struct Server {
     _child: KillOnDrop,
@@ -410,7 +410,7 @@ const SMOLLM2: &str = "../../../shared/models/smollm2-135m/SmolLM2-135M-Instruct
 fn smollm2_answers_over_http() {
     let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(SMOLLM2);
     if !gguf.is_file() {
-        eprintln!("SKIPPED: {} not found", gguf.display());
+        skipped(&format!("{} not found", gguf.display()));
         return;
     }
     let server = start_server(&gguf, &[]);
@@ -518,7 +518,7 @@ fn parity_across_cpu_backends_and_clear_errors_for_bad_models() {
 fn fine_tune_smollm2_from_gguf_then_generate() {
     let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join(SMOLLM2);
     if !gguf.is_file() {
-        eprintln!("SKIPPED: {} not found", gguf.display());
+        skipped(&format!("{} not found", gguf.display()));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

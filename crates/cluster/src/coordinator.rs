@@ -131,6 +131,9 @@ pub enum Reply {
         run_id: u64,
         /// The job description every worker runs (the run's config), opaque here.
         job: String,
+        /// Silence after which this coordinator puts a member out: the worker heartbeats
+        /// well within it, and gives up on a silent ring neighbour after it.
+        failure_timeout_ms: u64,
     },
     Ok,
     Wait {
@@ -939,6 +942,7 @@ impl Coordinator {
             worker: id,
             run_id: self.run_id,
             job: self.job.clone(),
+            failure_timeout_ms: self.opts.failure_timeout.as_millis() as u64,
         }
     }
 
@@ -1319,6 +1323,7 @@ mod tests {
                 worker,
                 run_id,
                 job,
+                ..
             } => {
                 assert_eq!((run_id, job.as_str()), (77, "job"));
                 worker

@@ -177,6 +177,9 @@ fn serve_peer(
     }
 }
 
+/// A state larger than this is refused before it is received.
+pub const MAX_STATE_BYTES: u64 = 64 << 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(transparent)]
@@ -238,4 +241,43 @@ pub fn fetch_state(
         next_round: round,
         bytes,
     })
+}
+
+/// Fetches the state that starts `round` from the first of `peers` that has it. A peer that
+/// does not have it yet (it publishes just after it applies a commit) is asked again until
+/// `patience` runs out; when every peer fails otherwise (gone, refused, damaged), the last
+/// error comes back at once.
+pub fn fetch_state_from(
+    peers: &[String],
+    auth: &Auth,
+    run_id: u64,
+    round: u64,
+    timeout: Duration,
+    patience: Duration,
+) -> Result<(String, Snapshot), FetchError> {
+    let started = Instant::now();
+    loop {
+        let mut waiting = None;
+        let mut failed = None;
+        for peer in peers {
+            match fetch_state(peer, auth, run_id, Some(round), MAX_STATE_BYTES, timeout) {
+                Ok(s) => return Ok((peer.clone(), s)),
+                Err(e @ FetchError::Unavailable { .. }) => waiting = Some(e),
+                Err(e) => failed = Some(e),
+            }
+        }
+        match (waiting, failed) {
+            (Some(e), _) if started.elapsed() < patience => {
+                tracing::debug!("state of round {round} not published yet: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (Some(e), _) | (None, Some(e)) => return Err(e),
+            (None, None) => {
+                return Err(FetchError::Unavailable {
+                    want: Some(round),
+                    have: None,
+                });
+            }
+        }
+    }
 }

@@ -118,14 +118,6 @@ pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// The inverse of [`f32_le_bytes`] (a trailing partial value is ignored).
-pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 /// One authenticated connection. Reads and writes time out after `timeout`.
 pub struct Conn {
     stream: TcpStream,

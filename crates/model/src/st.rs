@@ -6,6 +6,14 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::{HostTensor, ModelError};
 
+/// Little-endian f32 bytes as values (a trailing partial value is ignored).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// Serialises tensors as little-endian f32 safetensors with string metadata.
 pub fn serialize(
     tensors: &[HostTensor],

@@ -25,12 +25,23 @@ fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL_DIR)
 }
 
+/// Says that a test did not run, where a person sees it: the test harness swallows what a
+/// passing test prints with `eprintln!`, but not what is written to the process's stderr.
+fn skipped(reason: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
+
 /// Whether the model and the Python reference can run here; prints why not. A missing
 /// ../shared always skips; missing Python packages fail instead under
 /// HOLDFAST_REQUIRE_REFERENCE=1, where CI installed them.
 fn prerequisites_met() -> bool {
     if !model_dir().join(GGUF).is_file() {
-        eprintln!("SKIPPED: {} not found", model_dir().join(GGUF).display());
+        skipped(&format!("{} not found", model_dir().join(GGUF).display()));
         return false;
     }
     let python = Command::new("python3")
@@ -50,7 +61,7 @@ fn prerequisites_met() -> bool {
     if std::env::var("HOLDFAST_REQUIRE_REFERENCE").as_deref() == Ok("1") {
         panic!("reference test cannot run: {reason}");
     }
-    eprintln!("SKIPPED: {reason}");
+    skipped(&reason);
     false
 }
 
@@ -183,7 +194,7 @@ fn tokenizer_matches_hugging_face_on_tiny_shakespeare() {
     let corpus =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt");
     if !corpus.is_file() {
-        eprintln!("SKIPPED: {} not found", corpus.display());
+        skipped(&format!("{} not found", corpus.display()));
         return;
     }
     let out = tempfile::tempdir().unwrap();

@@ -301,7 +301,7 @@ pub fn load_dir_with_extras(
             let t = st
                 .tensor("outer_velocity")
                 .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?;
-            let v = holdfast_cluster::wire::f32_from_le_bytes(t.data());
+            let v = holdfast_model::st::f32_from_le_bytes(t.data());
             let n: usize = state.weights.specs.iter().map(|s| s.numel()).sum();
             if t.dtype() != safetensors::tensor::Dtype::F32 || !(v.is_empty() || v.len() == n) {
                 return Err(bad(format!(

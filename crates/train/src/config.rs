@@ -18,13 +18,64 @@ pub struct RunConfig {
     pub guard: crate::guard::GuardSection,
 }
 
+/// How the replicas of a multi-worker run stay in sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// H local AdamW steps, then an outer Nesterov step on the averaged pseudo-gradient.
+    #[default]
+    Diloco,
+    /// Gradients averaged every step.
+    Ddp,
+}
+
+impl std::str::FromStr for SyncMode {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self, TrainError> {
+        match s {
+            "diloco" => Ok(SyncMode::Diloco),
+            "ddp" => Ok(SyncMode::Ddp),
+            other => Err(TrainError::Config(format!(
+                "invalid config value: sync.mode = '{other}': known modes: diloco, ddp"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncMode::Diloco => "diloco",
+            SyncMode::Ddp => "ddp",
+        })
+    }
+}
+
+/// What a run trains on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Generated n-digit addition, built in.
+    #[default]
+    Addition,
+    /// UTF-8 text read from `data.path`.
+    Text,
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Task::Addition => "addition",
+            Task::Text => "text",
+        })
+    }
+}
+
 /// How replicas of a multi-worker run stay in sync (ignored by a single-worker run).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncSection {
-    /// `diloco` (H local AdamW steps, then an outer Nesterov step on the averaged
-    /// pseudo-gradient) or `ddp` (average gradients every step).
-    pub mode: String,
+    pub mode: SyncMode,
     /// H: inner steps per outer round (DiLoCo only).
     pub inner_steps: u64,
     pub outer_lr: f64,
@@ -40,7 +91,7 @@ pub struct SyncSection {
 impl Default for SyncSection {
     fn default() -> Self {
         SyncSection {
-            mode: "diloco".into(),
+            mode: SyncMode::Diloco,
             inner_steps: 50,
             outer_lr: 0.7,
             outer_momentum: 0.0,
@@ -52,10 +103,9 @@ impl Default for SyncSection {
 impl SyncSection {
     /// Optimizer steps each worker takes per sync round.
     pub fn steps_per_round(&self) -> u64 {
-        if self.mode == "ddp" {
-            1
-        } else {
-            self.inner_steps
+        match self.mode {
+            SyncMode::Ddp => 1,
+            SyncMode::Diloco => self.inner_steps,
         }
     }
 }
@@ -74,8 +124,7 @@ pub struct ModelSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// `addition` (generated, built in) or `text` (read from `path`).
-    pub task: String,
+    pub task: Task,
     /// A UTF-8 text file, or a glob of them, for the `text` task.
     pub path: Option<String>,
     /// A Hugging Face `tokenizer.json`; byte-level when absent.
@@ -125,7 +174,7 @@ impl Default for ModelSection {
 impl Default for DataSection {
     fn default() -> Self {
         DataSection {
-            task: "addition".into(),
+            task: Task::Addition,
             path: None,
             tokenizer: None,
             val_fraction: 0.1,
@@ -249,8 +298,8 @@ impl RunConfig {
             return bad("model.context", "0".into(), "must be at least 1");
         }
         let d = &self.data;
-        match d.task.as_str() {
-            "addition" => {
+        match d.task {
+            Task::Addition => {
                 if !(1..=9).contains(&d.addition_digits) {
                     return bad(
                         "data.addition_digits",
@@ -259,7 +308,7 @@ impl RunConfig {
                     );
                 }
             }
-            "text" => {
+            Task::Text => {
                 if d.path.is_none() {
                     return bad("data.path", "(none)".into(), "the text task needs --data");
                 }
@@ -270,13 +319,6 @@ impl RunConfig {
                         "must be in (0, 0.5)",
                     );
                 }
-            }
-            other => {
-                return bad(
-                    "data.task",
-                    format!("'{other}'"),
-                    "known tasks: addition, text",
-                );
             }
         }
         let g = &self.guard;
@@ -308,13 +350,6 @@ impl RunConfig {
             }
         }
         let s = &self.sync;
-        if !matches!(s.mode.as_str(), "diloco" | "ddp") {
-            return bad(
-                "sync.mode",
-                format!("'{}'", s.mode),
-                "known modes: diloco, ddp",
-            );
-        }
         if s.inner_steps == 0 {
             return bad("sync.inner_steps", "0".into(), "must be at least 1");
         }

@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use holdfast_cluster::coordinator::{Coordinator, Event, Options, RoundRecord};
-use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state};
+use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state_from};
 use holdfast_cluster::server::CoordinatorServer;
 use holdfast_cluster::wire::{Auth, random_bytes};
 use holdfast_model::ModelConfig;
 use serde::Serialize;
 
 use crate::checkpoint::{ClusterExtras, ClusterPosition};
-use crate::replica::{MAX_STATE_BYTES, Replica, flatten};
+use crate::config::SyncMode;
+use crate::replica::{Replica, flatten};
 use crate::run::{EvalReport, FINAL_EXACT_MATCH_PROBLEMS, Prepared, evaluate};
 use crate::{RunConfig, TrainError, TrainState, append_jsonl, checkpoint};
 
@@ -41,6 +42,9 @@ pub struct Progress {
     pub complete: bool,
     /// No live worker holds the committed state (see the coordinator's `state_lost`).
     pub state_lost: bool,
+    /// What happened since the last poll, with the seconds since the run started: for the
+    /// caller to show (removals, corruption, undone rounds, divergences) as it sees fit.
+    pub events: Vec<(f64, Event)>,
 }
 
 /// A finished multi-worker run.
@@ -177,10 +181,10 @@ impl ClusterRun {
                     )));
                 }
                 let n = r.state.weights.specs.iter().map(|s| s.numel()).sum();
-                let velocity = match cfg.sync.mode.as_str() {
-                    "diloco" if r.outer_velocity.len() == n => r.outer_velocity,
-                    "diloco" => vec![0.0; n],
-                    _ => Vec::new(),
+                let velocity = match cfg.sync.mode {
+                    SyncMode::Diloco if r.outer_velocity.len() == n => r.outer_velocity,
+                    SyncMode::Diloco => vec![0.0; n],
+                    SyncMode::Ddp => Vec::new(),
                 };
                 let next_round = r.position.next_round;
                 let replica = Replica {
@@ -257,9 +261,9 @@ impl ClusterRun {
             };
             (events, progress, unstable)
         };
-        for e in events {
-            let elapsed_s = self.started.elapsed().as_secs_f64();
-            match &e {
+        let elapsed_s = self.started.elapsed().as_secs_f64();
+        for e in &events {
+            match e {
                 Event::Committed(r) => {
                     append_jsonl(&self.run_dir.join(LEDGER_FILE), r)?;
                     self.records.push(r.clone());
@@ -269,10 +273,7 @@ impl ClusterRun {
                     self.first_round.get_or_insert_with(Instant::now);
                     continue;
                 }
-                Event::Removed { name, reason, .. } => {
-                    self.faults += 1;
-                    eprintln!("[{elapsed_s:7.1}s] {name} left the quorum: {reason}");
-                }
+                Event::Removed { .. } => self.faults += 1,
                 Event::Joined { name, .. } => tracing::info!("{name} joined"),
                 // Reported as this call's error, once the event is written.
                 Event::StateReported { .. } | Event::RunUnstable { .. } => {}
@@ -280,17 +281,9 @@ impl ClusterRun {
                     self.aborted += 1;
                     tracing::info!("round {round}: attempt aborted: {reason}");
                 }
-                Event::Corruption {
-                    next_round,
-                    name,
-                    flags,
-                    ..
-                } => {
+                Event::Corruption { name, flags, .. } => {
                     self.corruptions += 1;
                     *self.suspects.entry(name.clone()).or_default() = *flags;
-                    eprintln!(
-                        "[{elapsed_s:7.1}s] {name}: its state for round {next_round} disagrees with the majority (corruption flag {flags}); it re-fetches the majority's state"
-                    );
                 }
                 Event::Rewound(r) => {
                     self.rewinds += 1;
@@ -307,17 +300,11 @@ impl ClusterRun {
                     append_jsonl(&self.run_dir.join(LEDGER_FILE), &line)?;
                 }
                 Event::RoundsVoided { from, to, reason } => {
-                    eprintln!("[{elapsed_s:7.1}s] rounds {from}..{to} undone: {reason}");
                     let marker = serde_json::json!({"voided_rounds": [from, to], "reason": reason});
                     append_jsonl(&self.run_dir.join(LEDGER_FILE), &marker)?;
                     self.records.retain(|r| r.round < *from);
                 }
-                Event::Divergence { next_round, hashes } => {
-                    self.divergences += 1;
-                    eprintln!(
-                        "warning: replicas disagree on the state of round {next_round}: {hashes:?}"
-                    );
-                }
+                Event::Divergence { .. } => self.divergences += 1,
             }
             append_jsonl(
                 &self.run_dir.join(EVENTS_FILE),
@@ -331,7 +318,7 @@ impl ClusterRun {
             // A failed periodic checkpoint is worth a warning, not the run.
             match self.checkpoint() {
                 Ok((path, _)) => tracing::info!("checkpoint {}", path.display()),
-                Err(e) => eprintln!("warning: periodic checkpoint failed: {e}"),
+                Err(e) => tracing::warn!("periodic checkpoint failed: {e}"),
             }
             self.next_checkpoint_round = progress.committed_rounds + self.checkpoint_every_rounds;
         }
@@ -339,6 +326,7 @@ impl ClusterRun {
         Ok(Progress {
             last_loss: last.map(|r| r.loss),
             faults: self.faults,
+            events: events.into_iter().map(|e| (elapsed_s, e)).collect(),
             ..progress
         })
     }
@@ -346,34 +334,23 @@ impl ClusterRun {
     /// Fetches the newest committed state from a healthy worker and saves it as a checkpoint.
     fn checkpoint(&self) -> Result<(PathBuf, TrainState), TrainError> {
         let started = Instant::now();
-        let mut last_err = String::from("no worker holds the committed state");
         // A worker learns of a commit a moment after the coordinator records it, and
         // publishes the new state only once it has applied it: ask for exactly the newest
-        // committed round, and ask again until someone has it.
-        let (peer, snap, (next_round, next_fresh_batch, pending_batches), step) = 'found: loop {
+        // committed round, and ask again (the round and its peers may move on meanwhile)
+        // until someone has it.
+        let (peer, snap, (next_round, next_fresh_batch, pending_batches), step) = loop {
             let (position, peers, step) = {
                 let c = self.server.state.lock().expect("coordinator lock");
                 (c.committed_position(), c.synced_peers(), c.schedule_step())
             };
-            let round = position.0;
-            for peer in peers {
-                let got = fetch_state(
-                    &peer,
-                    &self.auth,
-                    self.run_id,
-                    Some(round),
-                    MAX_STATE_BYTES,
-                    FETCH_TIMEOUT,
-                );
-                match got {
-                    Ok(s) => break 'found (peer, s, position, step),
-                    Err(e) => last_err = e.to_string(),
+            let (a, r) = (&self.auth, self.run_id);
+            match fetch_state_from(&peers, a, r, position.0, FETCH_TIMEOUT, Duration::ZERO) {
+                Ok((peer, snap)) => break (peer, snap, position, step),
+                Err(e) if started.elapsed() > FETCH_TIMEOUT => {
+                    return Err(TrainError::Cluster(format!("checkpoint: {e}")));
                 }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
-            if started.elapsed() > FETCH_TIMEOUT {
-                return Err(TrainError::Cluster(format!("checkpoint: {last_err}")));
-            }
-            std::thread::sleep(Duration::from_millis(10));
         };
         let replica = Replica::decode(&snap.bytes, &self.model, &self.device, &peer)?;
         let extras = ClusterExtras {
@@ -428,7 +405,7 @@ impl ClusterRun {
         clean.sort_by(f64::total_cmp);
         let summary = ClusterSummary {
             workers: self.workers,
-            sync: self.cfg.sync.mode.clone(),
+            sync: self.cfg.sync.mode.to_string(),
             steps_per_round: self.cfg.sync.steps_per_round(),
             rounds: self.records.len() as u64,
             committed_batches: self

@@ -1,27 +1,40 @@
 //! Training for holdfast: data, the AdamW inner loop, evaluation and checkpoints.
 //!
 //! All training state (weights, optimizer moments, step, data cursor, seed) lives in one value,
-//! [`TrainState`], which can be saved, loaded, compared and, later, shipped to a peer. The step
-//! itself ([`train_step`]) is a plain function of that state and the data, as in nanoGPT; fault
-//! tolerance wraps it rather than branching through it.
+//! [`TrainState`], which can be saved, loaded, compared and shipped to a peer. The step is
+//! one function, [`guarded::GuardedStep::step`]: compute, chaos faults, the guard's verdict,
+//! then apply, skip or roll back. Single-worker training ([`run::train`], [`train_step`]) and
+//! every multi-worker sync strategy ([`sync`]) run that same step.
+//!
+//! Multi-worker training (feature `workers`, on by default) adds the worker (`worker`) and the
+//! coordinator's run directory (`coordinate`) on top of `holdfast-cluster`; without it this
+//! crate needs only `holdfast-model`. The sync strategies ([`sync`]) are plain tensor code.
 
+pub mod chaos;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "workers")]
 pub mod coordinate;
 pub mod data;
 pub mod eval;
 pub mod guard;
+pub mod guarded;
 pub mod optim;
+pub mod overrides;
 pub mod replica;
 pub mod run;
+pub mod rundir;
 pub mod state;
 pub mod step;
+pub mod supervise;
+pub mod sync;
+#[cfg(feature = "workers")]
 pub mod worker;
 
 use std::io::Write;
 use std::path::Path;
 
-pub use config::RunConfig;
+pub use config::{RunConfig, SyncMode, Task};
 pub use state::TrainState;
 pub use step::{StepStats, masked_cross_entropy, train_step};
 

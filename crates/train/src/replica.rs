@@ -11,15 +11,13 @@ use holdfast_model::weights::{ParamSpec, param_specs};
 use holdfast_model::{HostTensor, ModelConfig, Weights, st};
 use safetensors::tensor::Dtype;
 
-use holdfast_cluster::wire::f32_from_le_bytes;
+use holdfast_model::st::f32_from_le_bytes;
 
 use crate::data::DataCursor;
 use crate::optim::AdamW;
 use crate::{TrainError, TrainState};
 
 const FORMAT: &str = "holdfast-replica-1";
-/// The largest encoded replica a peer is asked for: a bound on what a fetch allocates.
-pub const MAX_STATE_BYTES: u64 = 64 << 30;
 
 /// Concatenates tensors' values in their device layout.
 pub fn flatten(tensors: &[Tensor<2>]) -> Vec<f32> {

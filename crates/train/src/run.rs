@@ -9,17 +9,16 @@ use burn::tensor::Device;
 use holdfast_model::{ModelConfig, Weights};
 use serde::Serialize;
 
+use crate::chaos::NumberFaults;
+use crate::config::Task;
 use crate::data::{
     AdditionTask, Dataset, TextData, Tokenizer, read_text, resolve_data_files, tokenize_cached,
 };
 use crate::eval::{addition_accuracy, val_loss};
-use crate::guard::{Guard, Verdict};
-use crate::optim::grad_norm;
-use crate::step::{apply_clipped, compute_grads, inject};
+use crate::guarded::{GuardedStep, Outcome, single_worker_step};
 use crate::{
     RunConfig, TrainError, TrainState, append_jsonl, atomic_write, checkpoint, train_step,
 };
-use holdfast_cluster::chaos::NumberFaults;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -49,8 +48,8 @@ pub fn prepare_data(
         Some(path) => Tokenizer::from_file(path)?,
         None => Tokenizer::Bytes,
     };
-    let dataset = match cfg.data.task.as_str() {
-        "addition" => {
+    let dataset = match cfg.data.task {
+        Task::Addition => {
             if cfg.data.tokenizer.is_some() {
                 return Err(TrainError::Config(
                     "invalid config value: data.tokenizer: the addition task is byte-level".into(),
@@ -67,7 +66,7 @@ pub fn prepare_data(
             }
             Dataset::Addition(task)
         }
-        _ => {
+        Task::Text => {
             let spec = cfg
                 .data
                 .path
@@ -301,84 +300,57 @@ pub fn train(
         on_event(&event);
         Ok(())
     };
-    let mut guard = Guard::new(cfg.guard.clone());
-    // The last good state, to roll back to (tensor clones share storage until updated).
-    let mut good = guard.enabled().then(|| (state.clone(), guard.clone()));
+    let mut faults = faults.clone();
+    let mut stepper = GuardedStep::new(cfg.guard.clone(), &mut faults);
+    // Only a guarded run keeps a state to roll back to: it holds a second copy in memory.
+    let keeps_good_states = stepper.enabled();
+    if keeps_good_states {
+        stepper.mark_good(&state.weights, &state.opt, state.step);
+    }
     let (mut skipped, mut rollbacks) = (0u64, 0u64);
     while state.step < t.steps {
-        let firsts = state
-            .cursor
-            .micro_batch_starts(t.grad_accum, 0, 1, t.batch_size);
-        let (grads, loss, n) =
-            compute_grads(&state.weights, data, state.seed, &firsts, t.batch_size);
-        // Faults are keyed to the batch drawn, which advances even when a step is skipped.
-        let draw = state.cursor.next_sample / (t.batch_size * t.grad_accum) as u64;
-        let (grads, loss) = inject(faults, draw, grads, loss);
-        state.cursor.advance(t.batch_size, t.grad_accum, 1);
-        tokens += n;
-        let norm = grad_norm(&grads);
-        match guard.observe(state.step, loss, norm) {
-            Verdict::Apply => {}
-            Verdict::Skip { reason } => {
+        let at = state.step;
+        let report = single_worker_step(state, data, t, &mut stepper);
+        tokens += report.tokens;
+        let guard_event = |action: &str, reason: String, to_step| Event::Guard {
+            step: at,
+            action: action.into(),
+            reason,
+            to_step,
+        };
+        let lr = match report.outcome {
+            Outcome::Applied { lr } => lr,
+            Outcome::Skipped { reason } => {
                 skipped += 1;
-                emit(Event::Guard {
-                    step: state.step,
-                    action: "skip".into(),
-                    reason,
-                    to_step: None,
-                })?;
+                emit(guard_event("skip", reason, None))?;
                 continue;
             }
-            Verdict::Rollback { reason } => {
-                let (back, saved_guard) = good.clone().expect("guards keep a good state");
-                guard.restore_statistics(&saved_guard);
-                emit(Event::Guard {
-                    step: state.step,
-                    action: "rollback".into(),
-                    reason,
-                    to_step: Some(back.step),
-                })?;
+            Outcome::RolledBack { reason, to_step } => {
                 rollbacks += 1;
-                // Back to the good weights and moments, but not the good data position: the
-                // window that led here is skipped.
-                let cursor = state.cursor;
-                *state = back;
-                state.cursor = cursor;
+                emit(guard_event("rollback", reason, Some(to_step)))?;
                 continue;
             }
-            Verdict::Stop { reason } => {
-                emit(Event::Guard {
-                    step: state.step,
-                    action: "stop".into(),
-                    reason: reason.clone(),
-                    to_step: None,
-                })?;
+            Outcome::Stop { reason } => {
+                emit(guard_event("stop", reason.clone(), None))?;
                 return Err(TrainError::Unstable(format!(
                     "{reason} (see {})",
                     run_dir.join(METRICS_FILE).display()
                 )));
             }
-        }
-        let lr = apply_clipped(
-            &mut state.weights,
-            &mut state.opt,
-            grads,
-            norm,
-            state.step,
-            t,
-        );
-        state.step += 1;
-        last_loss = loss;
-        if state.step.is_multiple_of(cfg.guard.snapshot_every) && guard.is_calm() && good.is_some()
+        };
+        last_loss = report.loss;
+        if keeps_good_states
+            && state.step.is_multiple_of(cfg.guard.snapshot_every)
+            && stepper.is_calm()
         {
-            good = Some((state.clone(), guard.clone()));
+            stepper.mark_good(&state.weights, &state.opt, state.step);
         }
         let elapsed = start.elapsed().as_secs_f64();
         emit(Event::Step {
             step: state.step,
-            loss,
+            loss: report.loss,
             lr,
-            grad_norm: norm,
+            grad_norm: report.grad_norm,
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             elapsed_s: elapsed,
         })?;
@@ -500,13 +472,13 @@ pub fn bench_train(
     };
     let mut state = TrainState::new(model, 0, device);
     for _ in 0..warmup {
-        train_step(&mut state, &data, &h, 0, 1);
+        train_step(&mut state, &data, &h);
     }
     let start = Instant::now();
     let cpu_start = process_cpu_seconds();
     let mut tokens = 0;
     for _ in 0..steps {
-        tokens += train_step(&mut state, &data, &h, 0, 1).tokens;
+        tokens += train_step(&mut state, &data, &h).tokens;
     }
     let secs = start.elapsed().as_secs_f64();
     let cpu_secs = process_cpu_seconds() - cpu_start;

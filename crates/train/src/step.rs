@@ -4,9 +4,11 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+use crate::chaos::NumberFaults;
 use crate::config::TrainSection;
 use crate::data::{Batch, Dataset, Split};
-use holdfast_cluster::chaos::NumberFaults;
+use crate::guard::GuardSection;
+use crate::guarded::{GuardedStep, Outcome, single_worker_step};
 use holdfast_model::Weights;
 
 use crate::optim::{AdamW, clip_grads, grad_norm, learning_rate};
@@ -193,29 +195,26 @@ pub fn apply_clipped(
     lr
 }
 
-/// Runs one optimizer step of `worker` (of `world`) on the state's device and advances the
-/// state. Gradients are averaged over `grad_accum` micro-batches before clipping and AdamW.
-pub fn train_step(
-    state: &mut TrainState,
-    data: &Dataset,
-    h: &TrainSection,
-    worker: usize,
-    world: usize,
-) -> StepStats {
-    let firsts = state
-        .cursor
-        .micro_batch_starts(h.grad_accum, worker, world, h.batch_size);
-    let (grads, loss, tokens) =
-        compute_grads(&state.weights, data, state.seed, &firsts, h.batch_size);
-    let (norm, lr) = apply_grads(&mut state.weights, &mut state.opt, grads, state.step, h);
-    state.step += 1;
-    state.cursor.advance(h.batch_size, h.grad_accum, world);
+/// Runs one optimizer step on the state's device and advances the state: the step of
+/// [`crate::run::train`] ([`single_worker_step`]) with the stability guards off. Gradients are
+/// averaged over `grad_accum` micro-batches before clipping and AdamW.
+pub fn train_step(state: &mut TrainState, data: &Dataset, h: &TrainSection) -> StepStats {
+    let mut no_faults = NumberFaults::default();
+    let unguarded = GuardSection {
+        enabled: false,
+        ..Default::default()
+    };
+    let mut stepper = GuardedStep::new(unguarded, &mut no_faults);
+    let report = single_worker_step(state, data, h, &mut stepper);
+    let Outcome::Applied { lr } = report.outcome else {
+        unreachable!("with the guards off every step is applied")
+    };
     StepStats {
         step: state.step,
-        loss,
-        grad_norm: norm,
+        loss: report.loss,
+        grad_norm: report.grad_norm,
         lr,
-        tokens,
+        tokens: report.tokens,
     }
 }
 

@@ -3,10 +3,10 @@
 
 use burn::tensor::Device;
 use holdfast_model::ModelConfig;
-use holdfast_train::checkpoint;
 use holdfast_train::config::TrainSection;
 use holdfast_train::data::{AdditionTask, Dataset, Split, TextData, read_text, resolve_data_files};
 use holdfast_train::{RunConfig, TrainState, train_step};
+use holdfast_train::{checkpoint, run};
 
 fn tiny() -> ModelConfig {
     ModelConfig::preset("tiny").unwrap()
@@ -44,7 +44,7 @@ fn loss_goes_down_on_the_addition_task() {
     let mut state = TrainState::new(&tiny(), 1, &device);
     let mut losses = Vec::new();
     while state.step < h.steps {
-        losses.push(train_step(&mut state, &data, &h, 0, 1).loss);
+        losses.push(train_step(&mut state, &data, &h).loss);
     }
     let first = losses[0];
     let last: f64 = losses[losses.len() - 20..].iter().sum::<f64>() / 20.0;
@@ -65,20 +65,20 @@ fn resume_is_bit_exact() {
 
     let mut straight = TrainState::new(&tiny(), 5, &device);
     for _ in 0..8 {
-        train_step(&mut straight, &data, &h, 0, 1);
+        train_step(&mut straight, &data, &h);
     }
 
     let dir = tempfile::tempdir().unwrap();
     let mut first_half = TrainState::new(&tiny(), 5, &device);
     for _ in 0..4 {
-        train_step(&mut first_half, &data, &h, 0, 1);
+        train_step(&mut first_half, &data, &h);
     }
     let saved = checkpoint::save(dir.path(), &first_half, &run, 3).unwrap();
     drop(first_half);
     let (mut resumed, manifest) = checkpoint::load_dir(&saved, &device).unwrap();
     assert_eq!(manifest.step, 4);
     for _ in 0..4 {
-        train_step(&mut resumed, &data, &h, 0, 1);
+        train_step(&mut resumed, &data, &h);
     }
 
     assert_eq!(resumed.step, straight.step);
@@ -106,6 +106,51 @@ fn resume_is_bit_exact() {
     }
 }
 
+/// The production loop (`run::train`, guards on, checkpoints written by its background
+/// writer) stopped halfway and resumed from its own checkpoint ends bit-identical to a run
+/// that did not stop.
+#[test]
+fn the_training_loop_resumes_bit_exactly_from_its_own_checkpoint() {
+    let device = Device::flex();
+    let data = addition();
+    let cfg = |steps| RunConfig {
+        train: TrainSection {
+            checkpoint_every: 4,
+            eval_every: 100,
+            eval_batches: 1,
+            ..hyper(steps, 8, 2)
+        },
+        ..Default::default()
+    };
+    let trained = |run_dir: &std::path::Path, c: &RunConfig, state: &mut TrainState| {
+        let faults = Default::default();
+        run::train(run_dir, c, &data, state, &faults, &mut |_| {}).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("straight"), dir.path().join("stopped"));
+    for d in [&a, &b] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let mut straight = TrainState::new(&tiny(), 5, &device);
+    trained(&a, &cfg(8), &mut straight);
+
+    let mut first_half = TrainState::new(&tiny(), 5, &device);
+    trained(&b, &cfg(4), &mut first_half);
+    drop(first_half);
+    let mut resumed = checkpoint::load_latest(&b, &device).unwrap().state;
+    assert_eq!(resumed.step, 4);
+    let summary = trained(&b, &cfg(8), &mut resumed);
+    assert_eq!(summary.steps, 4);
+    assert_eq!(
+        (resumed.step, resumed.cursor),
+        (straight.step, straight.cursor)
+    );
+    assert!(
+        state_bits(&resumed) == state_bits(&straight),
+        "state differs after resume"
+    );
+}
+
 #[test]
 fn same_seed_same_weights_other_seed_other_weights() {
     let device = Device::flex();
@@ -114,7 +159,7 @@ fn same_seed_same_weights_other_seed_other_weights() {
     let run = |seed| {
         let mut s = TrainState::new(&tiny(), seed, &device);
         for _ in 0..3 {
-            train_step(&mut s, &data, &h, 0, 1);
+            train_step(&mut s, &data, &h);
         }
         state_bits(&s)
     };
@@ -136,7 +181,7 @@ fn run_with_two_checkpoints() -> (tempfile::TempDir, TrainState) {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TrainState::new(&tiny(), 2, &device);
     for step in 1..=4 {
-        train_step(&mut s, &data, &h, 0, 1);
+        train_step(&mut s, &data, &h);
         if step % 2 == 0 {
             checkpoint::save(dir.path(), &s, &RunConfig::default(), 5).unwrap();
         }
@@ -213,7 +258,7 @@ fn half_written_checkpoint_is_ignored_and_old_ones_pruned() {
     let mut s = state;
     let h = hyper(10, 4, 1);
     for _ in 0..3 {
-        train_step(&mut s, &addition(), &h, 0, 1);
+        train_step(&mut s, &addition(), &h);
         checkpoint::save(dir.path(), &s, &RunConfig::default(), 2).unwrap();
     }
     let steps: Vec<u64> = checkpoint::list(dir.path()).iter().map(|c| c.0).collect();
@@ -306,7 +351,10 @@ fn config_values_are_validated_by_name() {
     check(&|c| c.train.batch_size = 0, "train.batch_size = 0");
     check(&|c| c.model.context = Some(0), "model.context = 0");
     check(&|c| c.model.preset = "nope".into(), "unknown preset 'nope'");
-    check(&|c| c.data.task = "text".into(), "data.path");
+    check(
+        &|c| c.data.task = holdfast_train::config::Task::Text,
+        "data.path",
+    );
     let err = toml::from_str::<RunConfig>("[train]\nlearning_rate = 1.0\n").unwrap_err();
     assert!(err.to_string().contains("learning_rate"), "{err}");
 }

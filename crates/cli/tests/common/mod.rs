@@ -6,6 +6,17 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Says that a test did not run, where a person sees it: the test harness swallows what a
+/// passing test prints with `eprintln!`, but not what is written to the process's stderr.
+pub fn skipped(reason: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
+
 /// The longest any one `holdfast` command of a test may run.
 pub const LIMIT: Duration = Duration::from_secs(240);
 

@@ -178,6 +178,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl ChaosPlan {
+    /// The faults of a single-process run: only numeric ones (kill, hang and slow act on
+    /// worker processes, and bitflip on a multi-worker replica), refused rather than ignored.
+    pub fn single_process(spec: &str) -> Result<NumberFaults, String> {
+        let plan = ChaosPlan::parse(spec, 1)?;
+        if plan.has_process_faults() {
+            return Err("kill, hang and slow act on worker processes; they need --workers".into());
+        }
+        let faults = plan.number_faults(0);
+        if !faults.bitflip_rounds.is_empty() {
+            return Err(
+                "bitflip corrupts a replica after a multi-worker round; it needs --workers".into(),
+            );
+        }
+        Ok(faults)
+    }
+
     /// Parses a spec for a run of `workers` workers.
     pub fn parse(spec: &str, workers: usize) -> Result<ChaosPlan, String> {
         let mut faults = Vec::new();
@@ -534,5 +550,19 @@ mod tests {
                 a(2, Kill)
             ]
         );
+    }
+
+    #[test]
+    fn a_single_process_takes_numeric_faults_and_refuses_the_rest() {
+        let f = ChaosPlan::single_process("nan:at=3; spike:at=5,scale=100").unwrap();
+        assert_eq!((f.nan_steps, f.spikes), (vec![3], vec![(5, 100.0, 5)]));
+        for spec in [
+            "kill:worker=0,at=1s",
+            "slow:worker=0,factor=2",
+            "bitflip:worker=0,at=2",
+        ] {
+            let err = ChaosPlan::single_process(spec).unwrap_err();
+            assert!(err.contains("--workers"), "{spec}: {err}");
+        }
     }
 }

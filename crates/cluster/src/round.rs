@@ -1,0 +1,482 @@
+//! The worker's half of the coordinator protocol: join, heartbeat, ask for the next round,
+//! take part in its collective and learn whether it committed. The coordinator
+//! ([`crate::coordinator`]) is the other half; both live here so that one crate owns the
+//! protocol end to end.
+//!
+//! A round's sync is two-phase: `Ready` → the coordinator forms a ring (`Ring`) → all-reduce
+//! → `Reduced` → `Commit` (apply it) or `Retry` (a member failed: go again on a re-formed
+//! ring). Only a committed sum leaves [`RoundClient::sync`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::coordinator::{Reply, Request, StateReport, WorkerId, WorkerRoundStats};
+use crate::membership::{Membership, MembershipConnector};
+use crate::peer::{PeerServer, Snapshot, fetch_state_from};
+use crate::ring::{RingSpec, all_reduce_sum};
+use crate::wire::{Auth, WireError};
+
+const POLL: Duration = Duration::from_millis(10);
+/// How long a starting worker keeps trying to reach its coordinator.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The protocol failed in a way retrying will not mend: the coordinator is gone, refused
+/// this worker, or answered out of turn.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {message}")]
+pub struct ProtocolError {
+    pub context: String,
+    pub message: String,
+}
+
+fn protocol_error(context: &str, message: impl std::fmt::Display) -> ProtocolError {
+    ProtocolError {
+        context: context.to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// A round the coordinator handed this worker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub round: u64,
+    /// Batch ids to train, in order.
+    pub batches: Vec<u64>,
+    /// Take the round's starting state from this peer first (live recovery, quarantine or
+    /// rewind).
+    pub donor: Option<String>,
+    /// The schedule step of the round's first batch.
+    pub first_step: u64,
+    /// Scale of this round's step (below 1 after a rewind).
+    pub step_scale: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Next {
+    Round(Assignment),
+    Finished,
+    /// This worker is out of the quorum: it should rejoin.
+    Evicted(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Synced {
+    /// The round committed: the element-wise sum over `contributors` members.
+    Committed {
+        sum: Vec<f32>,
+        contributors: usize,
+        stats: WorkerRoundStats,
+    },
+    Evicted(String),
+}
+
+/// Opens a channel, waiting while the service refuses connections (it may still be
+/// starting); anything else (wrong secret, wrong run) will not get better by waiting.
+pub fn connect_patiently(
+    membership: &dyn MembershipConnector,
+    run_id: u64,
+) -> Result<Box<dyn Membership>, ProtocolError> {
+    let started = Instant::now();
+    loop {
+        match membership.connect(run_id) {
+            Ok(c) => return Ok(c),
+            Err(WireError::Io { ref source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && started.elapsed() < CONNECT_PATIENCE =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(protocol_error(&membership.describe(), e)),
+        }
+    }
+}
+
+/// Stops the heartbeat thread when the client is dropped, however the session ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One worker's membership in a run, from join until it finishes or is evicted.
+pub struct RoundClient {
+    channel: Box<dyn Membership>,
+    service: String,
+    auth: Auth,
+    worker: WorkerId,
+    peer: PeerServer,
+    peer_timeout: Duration,
+    failure_timeout: Duration,
+    _heartbeat: StopOnDrop,
+}
+
+/// What joining gave: the client, and the job (the run's config) the coordinator hands out.
+pub struct Joined {
+    pub client: RoundClient,
+    pub job: String,
+}
+
+/// How a worker joins.
+pub struct JoinOptions<'a> {
+    pub name: &'a str,
+    pub auth: &'a Auth,
+    /// Address to listen on for peers; by default the interface that reaches the service.
+    pub listen_ip: Option<&'a str>,
+    /// Deadline of a state transfer's handshake and frames.
+    pub peer_timeout: Duration,
+}
+
+impl RoundClient {
+    /// Connects, starts the peer listener, joins and starts heartbeats.
+    pub fn join(
+        membership: &dyn MembershipConnector,
+        o: &JoinOptions,
+    ) -> Result<Joined, ProtocolError> {
+        let mut channel = connect_patiently(membership, 0)?;
+        let run_id = channel.run_id();
+        let ip = o
+            .listen_ip
+            .map(str::to_string)
+            .or_else(|| channel.local_ip().map(|ip| ip.to_string()))
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let peer = PeerServer::start(&format!("{ip}:0"), o.auth.clone(), run_id, o.peer_timeout)
+            .map_err(|e| protocol_error(&format!("listening on {ip}"), e))?;
+        let service = membership.describe();
+        let join = Request::Join {
+            name: o.name.to_string(),
+            data_addr: peer.addr.clone(),
+        };
+        let (worker, job, failure_timeout) = match channel.call(&join) {
+            Ok(Reply::Welcome {
+                worker,
+                job,
+                failure_timeout_ms,
+                ..
+            }) => (worker, job, Duration::from_millis(failure_timeout_ms)),
+            Ok(other) => return Err(protocol_error("join", unexpected(&other))),
+            Err(e) => return Err(protocol_error(&service, e)),
+        };
+        // Heartbeats at a quarter of the coordinator's timeout: one lost or late is no loss.
+        let heartbeat = start_heartbeat(membership, run_id, worker, failure_timeout / 4)?;
+        let client = RoundClient {
+            channel,
+            service,
+            auth: o.auth.clone(),
+            worker,
+            peer,
+            peer_timeout: o.peer_timeout,
+            failure_timeout,
+            _heartbeat: heartbeat,
+        };
+        Ok(Joined { client, job })
+    }
+
+    pub fn worker(&self) -> WorkerId {
+        self.worker
+    }
+
+    pub fn run_id(&self) -> u64 {
+        self.channel.run_id()
+    }
+
+    fn call(&mut self, req: &Request) -> Result<Reply, ProtocolError> {
+        self.channel
+            .call(req)
+            .map_err(|e| protocol_error(&self.service, e))
+    }
+
+    /// Sends `req` until the answer is something other than `Wait`.
+    fn call_until_decided(&mut self, req: &Request) -> Result<Reply, ProtocolError> {
+        loop {
+            match self.call(req)? {
+                Reply::Wait { .. } => std::thread::sleep(POLL),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The next round to run, reporting the state this worker holds now (for the vote and
+    /// for donors).
+    pub fn next_round(&mut self, state: Option<StateReport>) -> Result<Next, ProtocolError> {
+        let req = Request::NextRound {
+            worker: self.worker,
+            state,
+        };
+        match self.call_until_decided(&req)? {
+            Reply::Round {
+                round,
+                batches,
+                donor,
+                first_step,
+                step_scale,
+                ..
+            } => Ok(Next::Round(Assignment {
+                round,
+                batches,
+                donor,
+                first_step,
+                step_scale,
+            })),
+            Reply::Finished => Ok(Next::Finished),
+            Reply::Evicted { reason } => Ok(Next::Evicted(reason)),
+            other => Err(protocol_error("next round", unexpected(&other))),
+        }
+    }
+
+    /// Takes the state that starts `round` from `donor` (which publishes it just after it
+    /// applies the commit, so it may not have it yet).
+    pub fn fetch_state(&self, donor: &str, round: u64) -> Result<Vec<u8>, ProtocolError> {
+        let timeout = self.peer_timeout;
+        fetch_state_from(
+            &[donor.to_string()],
+            &self.auth,
+            self.run_id(),
+            round,
+            timeout,
+            timeout,
+        )
+        .map(|(_, snapshot)| snapshot.bytes)
+        .map_err(|e| protocol_error("live recovery", e))
+    }
+
+    /// Serves `bytes` as the state that starts round `next_round`, to recovering peers.
+    pub fn publish(&self, next_round: u64, bytes: Vec<u8>) {
+        self.peer.publish(Snapshot { next_round, bytes });
+    }
+
+    /// Sums `contribution` over the round's members, retrying on re-formed rings until the
+    /// round commits or this worker is out. `stats` (what this worker did this round) go to
+    /// the coordinator with its result, completed with the traffic and waiting measured here.
+    pub fn sync(
+        &mut self,
+        round: u64,
+        contribution: &[f32],
+        mut stats: WorkerRoundStats,
+    ) -> Result<Synced, ProtocolError> {
+        let worker = self.worker;
+        loop {
+            let waited = Instant::now();
+            let ring = match self.call_until_decided(&Request::Ready { worker, round })? {
+                Reply::Ring {
+                    attempt,
+                    rank,
+                    members,
+                    ..
+                } => RingSpec {
+                    round,
+                    attempt,
+                    members,
+                    rank,
+                },
+                Reply::Evicted { reason } => return Ok(Synced::Evicted(reason)),
+                other => return Err(protocol_error("ready", unexpected(&other))),
+            };
+            stats.wait_s += waited.elapsed().as_secs_f64();
+            let mut sum = contribution.to_vec();
+            let started = Instant::now();
+            let outcome = all_reduce_sum(
+                &mut sum,
+                &ring,
+                &self.auth,
+                self.run_id(),
+                &self.peer.inbox,
+                self.failure_timeout,
+            );
+            stats.comm_s += started.elapsed().as_secs_f64();
+            let traffic = match outcome {
+                Ok(traffic) => traffic,
+                Err(e) => match self.report_failure(round, ring.attempt, &e)? {
+                    Some(reason) => return Ok(Synced::Evicted(reason)),
+                    None => continue,
+                },
+            };
+            stats.bytes_sent += traffic.bytes_sent;
+            stats.bytes_received += traffic.bytes_received;
+            let waited = Instant::now();
+            let req = Request::Reduced {
+                worker,
+                round,
+                attempt: ring.attempt,
+                stats: stats.clone(),
+            };
+            let verdict = self.call_until_decided(&req)?;
+            stats.wait_s += waited.elapsed().as_secs_f64();
+            match verdict {
+                Reply::Commit { .. } => {
+                    let contributors = ring.members.len();
+                    return Ok(Synced::Committed {
+                        sum,
+                        contributors,
+                        stats,
+                    });
+                }
+                Reply::Retry { .. } => continue,
+                Reply::Evicted { reason } => return Ok(Synced::Evicted(reason)),
+                other => return Err(protocol_error("reduced", unexpected(&other))),
+            }
+        }
+    }
+
+    /// Tells the coordinator an attempt failed here; `Some(reason)` when that put this
+    /// worker out.
+    fn report_failure(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        error: &WireError,
+    ) -> Result<Option<String>, ProtocolError> {
+        tracing::warn!("round {round} attempt {attempt} failed: {error}");
+        let req = Request::Failed {
+            worker: self.worker,
+            round,
+            attempt,
+            error: error.to_string(),
+        };
+        Ok(match self.call(&req)? {
+            Reply::Evicted { reason } => Some(reason),
+            _ => None,
+        })
+    }
+}
+
+fn unexpected(reply: &Reply) -> String {
+    format!("unexpected reply {reply:?}")
+}
+
+fn start_heartbeat(
+    membership: &dyn MembershipConnector,
+    run_id: u64,
+    worker: WorkerId,
+    every: Duration,
+) -> Result<StopOnDrop, ProtocolError> {
+    let mut channel = connect_patiently(membership, run_id)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            match channel.call(&Request::Heartbeat { worker }) {
+                Ok(Reply::Ok) => {}
+                _ => break,
+            }
+            std::thread::sleep(every);
+        }
+    });
+    Ok(StopOnDrop(stop))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::{Coordinator, Options};
+    use crate::membership::CoordinatorConnector;
+    use crate::server::CoordinatorServer;
+
+    const RUN: u64 = 0x5eed;
+
+    fn coordinator(workers: usize, rounds: u64) -> CoordinatorServer {
+        let opts = Options {
+            failure_timeout: Duration::from_secs(5),
+            min_workers: workers,
+            batches_per_round: 1,
+            budget_batches: rounds * workers as u64,
+            schedule_steps: rounds,
+            vote: false,
+            max_corruption_flags: 3,
+            max_rewinds: 3,
+            damp_rounds: 4,
+        };
+        let c = Coordinator::new(opts, RUN, "the job".into());
+        CoordinatorServer::start("127.0.0.1:0", Auth::new(b"s"), RUN, c).unwrap()
+    }
+
+    fn join(addr: &str, name: &str) -> Joined {
+        let auth = Auth::new(b"s");
+        let connector = CoordinatorConnector {
+            addr: addr.to_string(),
+            auth: auth.clone(),
+            timeout: Duration::from_secs(5),
+        };
+        let o = JoinOptions {
+            name,
+            auth: &auth,
+            listen_ip: Some("127.0.0.1"),
+            peer_timeout: Duration::from_secs(5),
+        };
+        RoundClient::join(&connector, &o).unwrap()
+    }
+
+    /// Runs every round of a worker whose contribution is `value` per element; returns the
+    /// sums it committed, its batches, and how it ended.
+    fn worker(addr: String, name: &'static str, value: f32) -> (Vec<Vec<f32>>, Vec<u64>, Next) {
+        let Joined { mut client, job } = join(&addr, name);
+        assert_eq!(job, "the job");
+        let (mut sums, mut batches) = (Vec::new(), Vec::new());
+        let mut report = None;
+        loop {
+            let a = match client.next_round(report.take()).unwrap() {
+                Next::Round(a) => a,
+                end => return (sums, batches, end),
+            };
+            batches.extend(&a.batches);
+            let stats = WorkerRoundStats {
+                tokens: 10,
+                ..Default::default()
+            };
+            match client.sync(a.round, &[value, 2.0 * value], stats).unwrap() {
+                Synced::Committed {
+                    sum,
+                    contributors,
+                    stats,
+                } => {
+                    assert_eq!(contributors, 2);
+                    assert!(stats.bytes_sent > 0 && stats.tokens == 10, "{stats:?}");
+                    sums.push(sum);
+                }
+                Synced::Evicted(reason) => panic!("evicted: {reason}"),
+            }
+            client.publish(a.round + 1, vec![a.round as u8]);
+            report = Some(StateReport {
+                next_round: a.round + 1,
+                blake3: "same".into(),
+            });
+        }
+    }
+
+    #[test]
+    fn two_workers_run_every_round_and_commit_the_sum() {
+        let server = coordinator(2, 3);
+        let (a, b) = (server.addr.clone(), server.addr.clone());
+        let one = std::thread::spawn(move || worker(a, "w0", 1.0));
+        let two = std::thread::spawn(move || worker(b, "w1", 10.0));
+        // The coordinator's owner lets the workers go once every batch is in.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !server.state.lock().unwrap().is_complete() {
+            assert!(Instant::now() < deadline, "the run did not complete");
+            std::thread::sleep(POLL);
+        }
+        server.state.lock().unwrap().release();
+        let (one, two) = (one.join().unwrap(), two.join().unwrap());
+        for (sums, _, end) in [&one, &two] {
+            assert_eq!(*end, Next::Finished);
+            assert_eq!(*sums, vec![vec![11.0, 22.0]; 3], "three committed rounds");
+        }
+        let mut all: Vec<u64> = one.1.iter().chain(&two.1).copied().collect();
+        all.sort();
+        assert_eq!(all, (0..6).collect::<Vec<_>>(), "every batch once");
+    }
+
+    #[test]
+    fn a_state_is_fetched_from_the_peer_that_published_it() {
+        let server = coordinator(2, 1);
+        let one = join(&server.addr, "w0").client;
+        let two = join(&server.addr, "w1").client;
+        one.publish(4, vec![1, 2, 3]);
+        let donor = one.peer.addr.clone();
+        assert_eq!(two.fetch_state(&donor, 4).unwrap(), vec![1, 2, 3]);
+        let err = two.fetch_state("127.0.0.1:1", 4).unwrap_err();
+        assert_eq!(err.context, "live recovery", "{err}");
+    }
+}

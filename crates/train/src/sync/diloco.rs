@@ -1,0 +1,182 @@
+//! DiLoCo: each replica trains H guarded inner steps from the outer weights and contributes
+//! its pseudo-gradient (outer − local); the committed average takes one outer Nesterov step.
+
+use super::outer::{OuterNesterov, pseudo_gradient};
+use super::{Contribution, RoundWork, SyncStrategy, timed};
+use crate::config::SyncSection;
+use crate::guarded::{GuardedStep, Outcome};
+use crate::replica::{Replica, flatten};
+
+pub struct Diloco {
+    outer: OuterNesterov,
+}
+
+impl Diloco {
+    pub fn new(s: &SyncSection) -> Diloco {
+        Diloco {
+            outer: OuterNesterov {
+                lr: s.outer_lr as f32,
+                momentum: s.outer_momentum as f32,
+            },
+        }
+    }
+}
+
+impl SyncStrategy for Diloco {
+    fn has_velocity(&self) -> bool {
+        true
+    }
+
+    fn contribute(
+        &self,
+        r: &mut Replica,
+        work: &RoundWork,
+        stepper: &mut GuardedStep,
+    ) -> Contribution {
+        let (mut c, compute_s) = timed(|| inner_steps(r, work, stepper));
+        c.compute_s = compute_s;
+        pseudo_gradient(&r.outer, &flatten(&r.weights.tensors), &mut c.payload);
+        c
+    }
+
+    fn apply(&self, r: &mut Replica, average: &[f32], work: &RoundWork) -> bool {
+        let outer = self.outer.damped(work.step_scale as f32);
+        let moved = outer.apply_round(&mut r.outer, &mut r.velocity, average);
+        r.reset_local_to_outer();
+        moved
+    }
+}
+
+/// The round's inner steps. A rollback goes back to the round's start (the outer weights):
+/// the replica then contributes no change, and the rest of its batches this round are
+/// skipped. Past its rollback limit a replica goes on rolling back: whether the run is
+/// unstable is the coordinator's call, from every replica's rounds.
+fn inner_steps(r: &mut Replica, work: &RoundWork, stepper: &mut GuardedStep) -> Contribution {
+    let mut c = Contribution::default();
+    let mut measured = 0u32;
+    stepper.mark_good(&r.weights, &r.opt, work.first_step);
+    for (i, ids) in work.batches.chunks(work.train.grad_accum).enumerate() {
+        let firsts = work.firsts(ids);
+        let b = work.step(i, &firsts);
+        let (report, took) = timed(|| stepper.step(&mut r.weights, &mut r.opt, &b, work.train));
+        work.pace(std::time::Duration::from_secs_f64(took));
+        c.tokens += report.tokens as u64;
+        if report.loss.is_finite() {
+            c.loss += report.loss;
+            measured += 1;
+        }
+        match report.outcome {
+            Outcome::Applied { .. } => {}
+            Outcome::Skipped { reason } => {
+                tracing::warn!("step {}: not applied: {reason}", b.step);
+                c.skipped_steps += 1;
+            }
+            Outcome::RolledBack { reason, .. } | Outcome::Stop { reason } => {
+                tracing::warn!(
+                    "step {}: rolled back to the round's start: {reason}",
+                    b.step
+                );
+                c.rollbacks += 1;
+                break;
+            }
+        }
+    }
+    c.loss /= f64::from(measured.max(1));
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chaos::NumberFaults;
+    use crate::guard::GuardSection;
+    use crate::sync::outer::average_in_place;
+    use crate::sync::testing::*;
+
+    fn strategy() -> Diloco {
+        Diloco::new(&SyncSection {
+            outer_lr: 1.0,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_replica_contributes_its_progress_and_the_average_moves_every_replica_alike() {
+        let (data, train) = (data(), train());
+        let mut faults = NumberFaults::default();
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        let (mut a, mut b) = (replica(true), replica(true));
+        let s = strategy();
+        let ca = s.contribute(&mut a, &work(&data, &train, &[0, 1, 2]), &mut stepper);
+        let cb = s.contribute(&mut b, &work(&data, &train, &[3, 4, 5]), &mut stepper);
+        assert_eq!(ca.payload.len(), a.outer.len());
+        assert!(ca.payload.iter().any(|&d| d != 0.0), "three steps moved it");
+        assert_eq!(ca.payload, {
+            let mut d = Vec::new();
+            pseudo_gradient(&a.outer, &flatten(&a.weights.tensors), &mut d);
+            d
+        });
+        assert!(ca.loss > 0.0 && ca.tokens > 0 && ca.skipped_steps + ca.rollbacks == 0);
+        assert_ne!(ca.payload, cb.payload, "other batches, other progress");
+
+        let mut avg: Vec<f32> = ca
+            .payload
+            .iter()
+            .zip(&cb.payload)
+            .map(|(x, y)| x + y)
+            .collect();
+        average_in_place(&mut avg, 2);
+        let before = a.outer.clone();
+        let w = work(&data, &train, &[]);
+        assert!(s.apply(&mut a, &avg, &w) && s.apply(&mut b, &avg, &w));
+        assert_eq!(
+            a.state_hash(),
+            b.state_hash(),
+            "replicas stay bit-identical"
+        );
+        // lr 1, no momentum: the outer weights land on the mean of the replicas' weights.
+        let expected: Vec<f32> = before.iter().zip(&avg).map(|(o, d)| o - d).collect();
+        assert_eq!(a.outer, expected);
+        assert_eq!(
+            flatten(&a.weights.tensors),
+            a.outer,
+            "local weights reset to outer"
+        );
+    }
+
+    #[test]
+    fn a_rolled_back_replica_contributes_nothing_and_an_all_zero_round_takes_no_step() {
+        let (data, train) = (data(), train());
+        // Three NaN steps in a row roll back to the round's start.
+        let mut faults = NumberFaults {
+            nan_steps: vec![10, 11, 12],
+            ..Default::default()
+        };
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        let mut r = replica(true);
+        let s = strategy();
+        let c = s.contribute(&mut r, &work(&data, &train, &[0, 1, 2, 3]), &mut stepper);
+        assert_eq!((c.skipped_steps, c.rollbacks), (2, 1), "{c:?}");
+        assert!(
+            c.payload.iter().all(|&d| d == 0.0),
+            "back at the round's start"
+        );
+        assert_eq!(c.loss, 0.0, "no finite loss measured");
+        let before = r.outer.clone();
+        assert!(!s.apply(&mut r, &c.payload, &work(&data, &train, &[])));
+        assert_eq!(r.outer, before);
+    }
+
+    #[test]
+    fn a_damped_round_takes_a_scaled_step() {
+        let s = strategy();
+        let (data, train) = (data(), train());
+        let mut r = replica(true);
+        let before = r.outer.clone();
+        let avg = vec![1.0f32; before.len()];
+        let mut w = work(&data, &train, &[]);
+        w.step_scale = 0.5;
+        s.apply(&mut r, &avg, &w);
+        assert_eq!(r.outer[0], before[0] - 0.5);
+    }
+}

@@ -1,0 +1,150 @@
+//! How a worker's replica takes part in a round: what it contributes to the all-reduce and
+//! how it applies the committed average. One strategy per file; the worker's loop
+//! ([`crate::worker`]) does not know which one it runs.
+//!
+//! - [`diloco::Diloco`]: H local guarded AdamW steps, then the pseudo-gradient; the average
+//!   takes one outer Nesterov step.
+//! - [`ddp::Ddp`]: one step's gradients (zeros when the guard refuses them); the average is
+//!   applied by AdamW on every replica.
+
+pub mod ddp;
+pub mod diloco;
+pub mod outer;
+
+use std::time::{Duration, Instant};
+
+use crate::config::{RunConfig, SyncMode, TrainSection};
+use crate::data::Dataset;
+use crate::guarded::{GuardedStep, StepBatches};
+use crate::replica::Replica;
+
+/// One round's work, as the coordinator assigned it.
+#[derive(Clone, Copy)]
+pub struct RoundWork<'a> {
+    pub data: &'a Dataset,
+    pub train: &'a TrainSection,
+    pub batches: &'a [u64],
+    /// The schedule step of the round's first optimizer step.
+    pub first_step: u64,
+    /// Below 1 after a rewind: the round's update is damped by it.
+    pub step_scale: f64,
+    /// Chaos: this worker runs this many times slower (1 = normal).
+    pub slow_factor: f64,
+}
+
+impl RoundWork<'_> {
+    /// The batches of optimizer step `index` of the round (`ids` its batch ids).
+    fn step<'b>(&'b self, index: usize, firsts: &'b [u64]) -> StepBatches<'b> {
+        let step = self.first_step + index as u64;
+        StepBatches {
+            data: self.data,
+            seed: self.train.seed,
+            firsts,
+            rows: self.train.batch_size,
+            step,
+            fault_key: step,
+        }
+    }
+
+    /// First samples of batch ids `ids`.
+    fn firsts(&self, ids: &[u64]) -> Vec<u64> {
+        ids.iter()
+            .map(|b| b * self.train.batch_size as u64)
+            .collect()
+    }
+
+    /// Chaos: stretch a step that took `took` to `slow_factor` times as long.
+    fn pace(&self, took: Duration) {
+        if self.slow_factor > 1.0 {
+            std::thread::sleep(took.mul_f64(self.slow_factor - 1.0));
+        }
+    }
+}
+
+/// What a replica sends to the all-reduce, and what it did to get it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Contribution {
+    pub payload: Vec<f32>,
+    /// Mean of the finite losses the round's steps measured, applied or not (0 if none).
+    pub loss: f64,
+    pub tokens: u64,
+    pub skipped_steps: u64,
+    pub rollbacks: u64,
+    pub compute_s: f64,
+}
+
+/// A way for replicas to stay in sync.
+pub trait SyncStrategy {
+    /// Whether the replica carries outer momentum.
+    fn has_velocity(&self) -> bool;
+
+    /// Trains this replica's share of the round and returns what it sends.
+    fn contribute(
+        &self,
+        replica: &mut Replica,
+        work: &RoundWork,
+        stepper: &mut GuardedStep,
+    ) -> Contribution;
+
+    /// Applies `average` (the mean of the round's contributions) to the replica, identically
+    /// on every replica. Returns false when it made no change (nobody made progress).
+    fn apply(&self, replica: &mut Replica, average: &[f32], work: &RoundWork) -> bool;
+}
+
+/// The strategy `cfg` names.
+pub fn strategy(cfg: &RunConfig) -> Box<dyn SyncStrategy> {
+    match cfg.sync.mode {
+        SyncMode::Diloco => Box::new(diloco::Diloco::new(&cfg.sync)),
+        SyncMode::Ddp => Box::new(ddp::Ddp),
+    }
+}
+
+/// Times a round's compute.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let started = Instant::now();
+    let out = f();
+    (out, started.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use burn::tensor::Device;
+    use holdfast_model::ModelConfig;
+
+    use super::*;
+    use crate::data::AdditionTask;
+
+    pub fn model() -> ModelConfig {
+        ModelConfig::preset("tiny").unwrap()
+    }
+
+    pub fn data() -> Dataset {
+        Dataset::Addition(AdditionTask::new(3))
+    }
+
+    pub fn train() -> TrainSection {
+        TrainSection {
+            batch_size: 4,
+            ..Default::default()
+        }
+    }
+
+    pub fn replica(velocity: bool) -> Replica {
+        Replica::fresh(&model(), 5, &Device::flex(), velocity)
+    }
+
+    pub fn work<'a>(
+        data: &'a Dataset,
+        train: &'a TrainSection,
+        batches: &'a [u64],
+    ) -> RoundWork<'a> {
+        RoundWork {
+            data,
+            train,
+            batches,
+            first_step: 10,
+            step_scale: 1.0,
+            slow_factor: 1.0,
+        }
+    }
+}
