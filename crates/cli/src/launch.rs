@@ -477,6 +477,19 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_file_is_trimmed_and_an_empty_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "  s3cret\n").unwrap();
+        assert_eq!(secret_from_env_or_file(Some(&file)).unwrap(), b"s3cret");
+        std::fs::write(&file, "\n").unwrap();
+        let err = secret_from_env_or_file(Some(&file))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is empty"), "{err}");
+    }
+
+    #[test]
     fn a_failed_worker_is_reported_by_its_last_error_line() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker-1.log");

@@ -516,11 +516,6 @@ fn restore_cluster_run(
 }
 
 fn new_cluster_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepared)> {
-    if args.resume.is_some() {
-        bail!(
-            "`holdfast coordinator` cannot resume yet; restart the run with `holdfast train --resume DIR --workers N`"
-        );
-    }
     let o = overrides(args)?;
     let new = rundir::plan_new_cluster_run(args.config.as_deref(), &o, args.run_dir.clone())?;
     Ok((new.run_dir, new.cfg, new.prepared))
@@ -636,7 +631,8 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
     Ok(())
 }
 
-fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
+/// Flags `coordinator` accepts from `train` but cannot act on, refused before anything starts.
+fn check_coordinator_args(args: &CoordinatorArgs) -> Result<()> {
     if args.train.workers.is_some() {
         bail!(
             "--workers starts local worker processes; with `coordinator`, use --min-workers and start `holdfast worker --join` on each host"
@@ -650,6 +646,16 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
             "--chaos: the coordinator starts no workers to fault; give each `holdfast worker` its numeric faults with --inject"
         );
     }
+    if args.train.resume.is_some() {
+        bail!(
+            "`holdfast coordinator` cannot resume yet; restart the run with `holdfast train --resume DIR --workers N`"
+        );
+    }
+    Ok(())
+}
+
+fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
+    check_coordinator_args(&args)?;
     let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
     let device = device::parse(&args.train.device)?;
     let (run_dir, cfg, prepared) = new_cluster_run(&args.train)?;
@@ -680,12 +686,17 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_worker(args: WorkerArgs) -> Result<()> {
-    let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
-    let device = device::parse(&args.device)?;
+fn check_worker_args(args: &WorkerArgs) -> Result<()> {
     if !(args.slow_factor.is_finite() && args.slow_factor >= 1.0) {
         bail!("--slow-factor must be at least 1, got {}", args.slow_factor);
     }
+    Ok(())
+}
+
+fn cmd_worker(args: WorkerArgs) -> Result<()> {
+    check_worker_args(&args)?;
+    let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
+    let device = device::parse(&args.device)?;
     let name = args.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
         format!("{}-{}", host.trim(), std::process::id())
@@ -707,4 +718,62 @@ fn cmd_worker(args: WorkerArgs) -> Result<()> {
     };
     holdfast_train::worker::run_worker(&opts)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("holdfast").chain(args.iter().copied()))
+            .unwrap()
+            .command
+    }
+
+    fn refused(result: Result<()>, needle: &str) {
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(err.contains(needle), "{err} should mention {needle}");
+    }
+
+    #[test]
+    fn the_coordinator_refuses_flags_it_cannot_act_on() {
+        let check = |extra: &[&str]| {
+            let mut args = vec!["coordinator", "--listen", "127.0.0.1:0"];
+            args.extend(extra);
+            match parse(&args) {
+                Command::Coordinator(a) => check_coordinator_args(&a),
+                _ => unreachable!(),
+            }
+        };
+        assert!(check(&[]).is_ok());
+        refused(check(&["--workers", "2"]), "--min-workers");
+        refused(
+            check(&["--min-workers", "0"]),
+            "--min-workers must be at least 1",
+        );
+        refused(check(&["--chaos", "nan:at=3"]), "--inject");
+        refused(check(&["--resume", "runs/x"]), "cannot resume");
+    }
+
+    #[test]
+    fn a_worker_cannot_run_faster_than_it_does() {
+        let check =
+            |factor: &str| match parse(&["worker", "--join", "h:1", "--slow-factor", factor]) {
+                Command::Worker(a) => check_worker_args(&a),
+                _ => unreachable!(),
+            };
+        assert!(check("1").is_ok() && check("4").is_ok());
+        refused(check("0.5"), "--slow-factor");
+        refused(check("NaN"), "--slow-factor");
+    }
+
+    #[test]
+    fn sync_flags_parse_into_the_mode_and_bad_ones_name_the_key() {
+        let o = |sync: &str| match parse(&["train", "--sync", sync]) {
+            Command::Train(a) => overrides(&a),
+            _ => unreachable!(),
+        };
+        assert_eq!(o("ddp").unwrap().sync, Some(SyncMode::Ddp));
+        refused(o("gossip").map(|_| ()), "sync.mode");
+    }
 }
