@@ -57,6 +57,22 @@ struct SpawnSpec {
 /// Kills every worker still running when the launcher leaves, however it leaves.
 struct Workers(Vec<Slot>);
 
+impl Workers {
+    /// `n` workers, none started yet, with the chaos each is to carry.
+    fn planned(chaos: &ChaosPlan, n: usize) -> Workers {
+        Workers(
+            (0..n)
+                .map(|i| Slot {
+                    name: format!("worker-{i}"),
+                    child: None,
+                    slow_factor: chaos.slow_factor(i),
+                    inject: chaos.number_faults(i).to_spec(),
+                })
+                .collect(),
+        )
+    }
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         for s in &mut self.0 {
@@ -150,34 +166,25 @@ pub fn run(
         device,
         restore,
     )?;
-    let log_dir = run_dir.join("logs");
-    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
-    let mut workers = Workers(
-        (0..opts.workers)
-            .map(|i| Slot {
-                name: format!("worker-{i}"),
-                child: None,
-                slow_factor: opts.chaos.slow_factor(i),
-                inject: opts.chaos.number_faults(i).to_spec(),
-            })
-            .collect(),
-    );
+    let spawn = SpawnSpec {
+        coordinator: cluster.server.addr.clone(),
+        secret,
+        cache_dir: cache_dir.to_path_buf(),
+        log_dir: run_dir.join("logs"),
+        device: opts.device.clone(),
+        // Workers of one machine share its cores.
+        threads: (std::thread::available_parallelism().map_or(1, |n| n.get()) / opts.workers)
+            .max(1),
+    };
+    std::fs::create_dir_all(&spawn.log_dir)
+        .with_context(|| format!("creating {}", spawn.log_dir.display()))?;
+    let mut workers = Workers::planned(&opts.chaos, opts.workers);
     let mut supervisor = Supervisor::new(
         opts.workers,
         opts.chaos.clone(),
         opts.respawn_after,
         Instant::now(),
     );
-    let spawn = SpawnSpec {
-        coordinator: cluster.server.addr.clone(),
-        secret,
-        cache_dir: cache_dir.to_path_buf(),
-        log_dir,
-        device: opts.device.clone(),
-        // Workers of one machine share its cores.
-        threads: (std::thread::available_parallelism().map_or(1, |n| n.get()) / opts.workers)
-            .max(1),
-    };
     let bar = progress_bar(opts.progress, cfg.cluster_steps());
     let started = Instant::now();
     drive(&mut cluster, &bar, |p| {
@@ -205,7 +212,7 @@ pub fn run(
     let stopped: Vec<usize> = (0..opts.workers)
         .filter(|&w| supervisor.is_stopped(w))
         .collect();
-    let _ = let_workers_exit(&mut workers, &stopped);
+    let_workers_exit(&mut workers, &stopped);
     Ok(summary)
 }
 
@@ -376,9 +383,8 @@ fn act(
 
 /// Released workers exit on their own; a stopped one cannot, so it is woken first. Any still
 /// running after the grace are killed when `workers` is dropped.
-fn let_workers_exit(workers: &mut Workers, stopped: &[usize]) -> usize {
+fn let_workers_exit(workers: &mut Workers, stopped: &[usize]) {
     let deadline = Instant::now() + EXIT_GRACE;
-    let mut exited = 0;
     for (i, slot) in workers.0.iter_mut().enumerate() {
         let Some(child) = slot.child.as_mut() else {
             continue;
@@ -389,13 +395,11 @@ fn let_workers_exit(workers: &mut Workers, stopped: &[usize]) -> usize {
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 slot.child = None;
-                exited += 1;
                 break;
             }
             std::thread::sleep(SUPERVISE_EVERY);
         }
     }
-    exited
 }
 
 /// The run's end when no live worker holds the state after `rounds` committed rounds: the way
@@ -474,6 +478,22 @@ mod tests {
         assert!(restarts_after(panicked));
         assert!(!restarts_after(gave_up));
         assert!(!restarts_after(finished));
+    }
+
+    #[test]
+    fn a_lost_state_names_the_resume_command_only_when_a_checkpoint_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = state_lost_error(dir.path(), 7, 3).to_string();
+        assert!(
+            none.contains("after round 7") && none.contains("no checkpoint"),
+            "{none}"
+        );
+        std::fs::create_dir_all(dir.path().join("checkpoints/step-00000040")).unwrap();
+        let some = state_lost_error(dir.path(), 7, 3).to_string();
+        assert!(
+            some.contains("--resume") && some.contains("--workers 3"),
+            "{some}"
+        );
     }
 
     #[test]

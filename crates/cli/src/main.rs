@@ -592,9 +592,7 @@ fn print_cluster_summary(
 }
 
 fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Device) -> Result<()> {
-    if workers == 0 {
-        bail!("--workers must be at least 1");
-    }
+    check_worker_count(workers)?;
     let chaos = match &args.chaos {
         Some(spec) => holdfast_train::chaos::ChaosPlan::parse(spec, workers)
             .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?,
@@ -628,6 +626,13 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
     let cache = run::token_cache_dir(&run_dir);
     let summary = launch::run(&run_dir, &cfg, &prepared, &cache, device, &opts, restore)?;
     print_cluster_summary(&summary, &run_dir, &cfg);
+    Ok(())
+}
+
+fn check_worker_count(workers: usize) -> Result<()> {
+    if workers == 0 {
+        bail!("--workers must be at least 1");
+    }
     Ok(())
 }
 
@@ -753,6 +758,12 @@ mod tests {
         );
         refused(check(&["--chaos", "nan:at=3"]), "--inject");
         refused(check(&["--resume", "runs/x"]), "cannot resume");
+    }
+
+    #[test]
+    fn a_run_needs_a_worker() {
+        assert!(check_worker_count(1).is_ok());
+        refused(check_worker_count(0), "--workers must be at least 1");
     }
 
     #[test]

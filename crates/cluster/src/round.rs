@@ -200,12 +200,19 @@ impl RoundClient {
 
     /// The next round to run, reporting the state this worker holds now (for the vote and
     /// for donors).
-    pub fn next_round(&mut self, state: Option<StateReport>) -> Result<Next, ProtocolError> {
-        let req = Request::NextRound {
-            worker: self.worker,
-            state,
+    pub fn next_round(&mut self, mut state: Option<StateReport>) -> Result<Next, ProtocolError> {
+        let reply = loop {
+            // The report goes once: the coordinator records each report it gets.
+            let req = Request::NextRound {
+                worker: self.worker,
+                state: state.take(),
+            };
+            match self.call(&req)? {
+                Reply::Wait { .. } => std::thread::sleep(POLL),
+                other => break other,
+            }
         };
-        match self.call_until_decided(&req)? {
+        match reply {
             Reply::Round {
                 round,
                 batches,
@@ -457,12 +464,23 @@ mod tests {
             assert!(Instant::now() < deadline, "the run did not complete");
             std::thread::sleep(POLL);
         }
+        // Held a while, so the workers' last NextRound is answered Wait many times over.
+        std::thread::sleep(Duration::from_millis(200));
         server.state.lock().unwrap().release();
         let (one, two) = (one.join().unwrap(), two.join().unwrap());
         for (sums, _, end) in [&one, &two] {
             assert_eq!(*end, Next::Finished);
             assert_eq!(*sums, vec![vec![11.0, 22.0]; 3], "three committed rounds");
         }
+        let reports = server
+            .state
+            .lock()
+            .unwrap()
+            .drain_events()
+            .into_iter()
+            .filter(|e| matches!(e, crate::coordinator::Event::StateReported { .. }))
+            .count();
+        assert_eq!(reports, 6, "each worker reports each round's state once");
         let mut all: Vec<u64> = one.1.iter().chain(&two.1).copied().collect();
         all.sort();
         assert_eq!(all, (0..6).collect::<Vec<_>>(), "every batch once");
