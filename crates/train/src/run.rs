@@ -156,6 +156,28 @@ pub fn read_run_config(run_dir: &Path) -> Result<RunConfig, TrainError> {
     RunConfig::from_toml_file(&path)
 }
 
+/// What a stability guard did to a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardAction {
+    /// The update was not applied.
+    Skip,
+    /// Back to the last good state, skipping the data since.
+    Rollback,
+    /// Past the rollback limit: the run stops.
+    Stop,
+}
+
+impl std::fmt::Display for GuardAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            GuardAction::Skip => "skip",
+            GuardAction::Rollback => "rollback",
+            GuardAction::Stop => "stop",
+        })
+    }
+}
+
 /// Progress of a run, for the caller to display.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -184,7 +206,7 @@ pub enum Event {
     /// skipping the data since).
     Guard {
         step: u64,
-        action: String,
+        action: GuardAction,
         reason: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         to_step: Option<u64>,
@@ -312,9 +334,9 @@ pub fn train(
         let at = state.step;
         let report = single_worker_step(state, data, t, &mut stepper);
         tokens += report.tokens;
-        let guard_event = |action: &str, reason: String, to_step| Event::Guard {
+        let guard_event = |action, reason: String, to_step| Event::Guard {
             step: at,
-            action: action.into(),
+            action,
             reason,
             to_step,
         };
@@ -322,16 +344,16 @@ pub fn train(
             Outcome::Applied { lr } => lr,
             Outcome::Skipped { reason } => {
                 skipped += 1;
-                emit(guard_event("skip", reason, None))?;
+                emit(guard_event(GuardAction::Skip, reason, None))?;
                 continue;
             }
             Outcome::RolledBack { reason, to_step } => {
                 rollbacks += 1;
-                emit(guard_event("rollback", reason, Some(to_step)))?;
+                emit(guard_event(GuardAction::Rollback, reason, Some(to_step)))?;
                 continue;
             }
             Outcome::Stop { reason } => {
-                emit(guard_event("stop", reason.clone(), None))?;
+                emit(guard_event(GuardAction::Stop, reason.clone(), None))?;
                 return Err(TrainError::Unstable(format!(
                     "{reason} (see {})",
                     run_dir.join(METRICS_FILE).display()
