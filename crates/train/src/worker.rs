@@ -22,7 +22,6 @@ use crate::chaos::NumberFaults;
 use crate::guarded::GuardedStep;
 use crate::replica::Replica;
 use crate::run::{Prepared, prepare_data};
-use crate::sync::outer::average_in_place;
 use crate::sync::{Contribution, RoundWork, strategy};
 use crate::{RunConfig, TrainError};
 
@@ -146,15 +145,11 @@ fn session(
             slow_factor: o.slow_factor,
         };
         let contribution = strategy.contribute(r, &work, &mut stepper);
-        let (mut sum, contributors) =
-            match client.sync(a.round, &contribution.payload, round_stats(&contribution))? {
-                Synced::Committed {
-                    sum, contributors, ..
-                } => (sum, contributors),
-                Synced::Evicted(reason) => return Ok(SessionEnd::Evicted(reason)),
-            };
-        average_in_place(&mut sum, contributors);
-        if !strategy.apply(r, &sum, &work) {
+        let sum = match client.sync(a.round, &contribution.payload, round_stats(&contribution))? {
+            Synced::Committed { sum, .. } => sum,
+            Synced::Evicted(reason) => return Ok(SessionEnd::Evicted(reason)),
+        };
+        if !strategy.apply(r, sum, &work) {
             tracing::warn!("round {}: no replica made progress; no outer step", a.round);
         }
         r.next_round = a.round + 1;

@@ -2,10 +2,12 @@
 //! its pseudo-gradient (outer − local); the committed average takes one outer Nesterov step.
 
 use super::outer::{OuterNesterov, pseudo_gradient};
-use super::{Contribution, RoundWork, SyncStrategy, timed};
+use super::{Contribution, RoundWork, SyncStrategy, counted_mean, timed, weighted};
 use crate::config::SyncSection;
 use crate::guarded::{GuardedStep, Outcome};
 use crate::replica::{Replica, flatten};
+#[cfg(test)]
+use crate::{config::TrainSection, data::Dataset, sync::testing::summed};
 
 pub struct Diloco {
     outer: OuterNesterov,
@@ -35,13 +37,27 @@ impl SyncStrategy for Diloco {
     ) -> Contribution {
         let (mut c, compute_s) = timed(|| inner_steps(r, work, stepper));
         c.compute_s = compute_s;
-        pseudo_gradient(&r.outer, &flatten(&r.weights.tensors), &mut c.payload);
+        let mut delta = Vec::new();
+        pseudo_gradient(&r.outer, &flatten(&r.weights.tensors), &mut delta);
+        // A replica that made no progress (rolled back, or every step refused) is not a vote
+        // for standing still: the outer step is the mean of the replicas that moved.
+        let moved = delta.iter().any(|&d| d != 0.0);
+        c.payload = weighted(delta, moved);
         c
     }
 
-    fn apply(&self, r: &mut Replica, average: &[f32], work: &RoundWork) -> bool {
-        let outer = self.outer.damped(work.step_scale as f32);
-        let moved = outer.apply_round(&mut r.outer, &mut r.velocity, average);
+    fn apply(&self, r: &mut Replica, sum: Vec<f32>, work: &RoundWork) -> bool {
+        let moved = match counted_mean(sum) {
+            Some(average) => {
+                let outer = self.outer.damped(work.step_scale as f32);
+                outer.apply_round(&mut r.outer, &mut r.velocity, &average)
+            }
+            // No replica made progress: no step, and the momentum that led here is cleared.
+            None => {
+                r.velocity.fill(0.0);
+                false
+            }
+        };
         r.reset_local_to_outer();
         moved
     }
@@ -90,7 +106,6 @@ mod tests {
     use super::*;
     use crate::chaos::NumberFaults;
     use crate::guard::GuardSection;
-    use crate::sync::outer::average_in_place;
     use crate::sync::testing::*;
 
     fn strategy() -> Diloco {
@@ -98,6 +113,32 @@ mod tests {
             outer_lr: 1.0,
             ..Default::default()
         })
+    }
+
+    /// Three NaN steps from the round's first roll a replica back to its start.
+    fn rolled_back(data: &Dataset, train: &TrainSection) -> Contribution {
+        let mut faults = NumberFaults {
+            nan_steps: vec![10, 11, 12],
+            ..Default::default()
+        };
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        let c = strategy().contribute(
+            &mut replica(true),
+            &work(data, train, &[0, 1, 2, 3]),
+            &mut stepper,
+        );
+        assert_eq!((c.skipped_steps, c.rollbacks), (2, 1), "{c:?}");
+        c
+    }
+
+    fn trained(data: &Dataset, train: &TrainSection, batches: &[u64]) -> Contribution {
+        let mut faults = NumberFaults::default();
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        strategy().contribute(
+            &mut replica(true),
+            &work(data, train, batches),
+            &mut stepper,
+        )
     }
 
     #[test]
@@ -109,33 +150,25 @@ mod tests {
         let s = strategy();
         let ca = s.contribute(&mut a, &work(&data, &train, &[0, 1, 2]), &mut stepper);
         let cb = s.contribute(&mut b, &work(&data, &train, &[3, 4, 5]), &mut stepper);
-        assert_eq!(ca.payload.len(), a.outer.len());
-        assert!(ca.payload.iter().any(|&d| d != 0.0), "three steps moved it");
-        assert_eq!(ca.payload, {
-            let mut d = Vec::new();
-            pseudo_gradient(&a.outer, &flatten(&a.weights.tensors), &mut d);
-            d
-        });
+        let mut delta = Vec::new();
+        pseudo_gradient(&a.outer, &flatten(&a.weights.tensors), &mut delta);
+        assert!(delta.iter().any(|&d| d != 0.0), "three steps moved it");
+        assert_eq!(ca.payload, weighted(delta, true), "the progress, weight 1");
         assert!(ca.loss > 0.0 && ca.tokens > 0 && ca.skipped_steps + ca.rollbacks == 0);
         assert_ne!(ca.payload, cb.payload, "other batches, other progress");
 
-        let mut avg: Vec<f32> = ca
-            .payload
-            .iter()
-            .zip(&cb.payload)
-            .map(|(x, y)| x + y)
-            .collect();
-        average_in_place(&mut avg, 2);
+        let sum = summed(&[&ca, &cb]);
+        let mean = counted_mean(sum.clone()).unwrap();
         let before = a.outer.clone();
         let w = work(&data, &train, &[]);
-        assert!(s.apply(&mut a, &avg, &w) && s.apply(&mut b, &avg, &w));
+        assert!(s.apply(&mut a, sum.clone(), &w) && s.apply(&mut b, sum, &w));
         assert_eq!(
             a.state_hash(),
             b.state_hash(),
             "replicas stay bit-identical"
         );
         // lr 1, no momentum: the outer weights land on the mean of the replicas' weights.
-        let expected: Vec<f32> = before.iter().zip(&avg).map(|(o, d)| o - d).collect();
+        let expected: Vec<f32> = before.iter().zip(&mean).map(|(o, d)| o - d).collect();
         assert_eq!(a.outer, expected);
         assert_eq!(
             flatten(&a.weights.tensors),
@@ -145,26 +178,40 @@ mod tests {
     }
 
     #[test]
-    fn a_rolled_back_replica_contributes_nothing_and_an_all_zero_round_takes_no_step() {
+    fn a_rolled_back_replica_does_not_dilute_the_step_of_the_others() {
         let (data, train) = (data(), train());
-        // Three NaN steps in a row roll back to the round's start.
-        let mut faults = NumberFaults {
-            nan_steps: vec![10, 11, 12],
-            ..Default::default()
-        };
-        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
-        let mut r = replica(true);
-        let s = strategy();
-        let c = s.contribute(&mut r, &work(&data, &train, &[0, 1, 2, 3]), &mut stepper);
-        assert_eq!((c.skipped_steps, c.rollbacks), (2, 1), "{c:?}");
+        let back = rolled_back(&data, &train);
+        let (values, weight) = back.payload.split_at(back.payload.len() - 1);
         assert!(
-            c.payload.iter().all(|&d| d == 0.0),
+            values.iter().all(|&d| d == 0.0),
             "back at the round's start"
         );
-        assert_eq!(c.loss, 0.0, "no finite loss measured");
+        assert_eq!(weight, [0.0], "a refusal does not count");
+        assert_eq!(back.loss, 0.0, "no finite loss measured");
+
+        let good = trained(&data, &train, &[4, 5]);
+        let s = strategy();
+        let w = work(&data, &train, &[]);
+        let (mut with_refusal, mut alone) = (replica(true), replica(true));
+        s.apply(&mut with_refusal, summed(&[&good, &back]), &w);
+        s.apply(&mut alone, summed(&[&good]), &w);
+        assert_eq!(
+            with_refusal.outer, alone.outer,
+            "the outer step is the moving replica's whole progress, not half of it"
+        );
+    }
+
+    #[test]
+    fn a_round_in_which_no_replica_moved_takes_no_step_and_clears_the_momentum() {
+        let (data, train) = (data(), train());
+        let s = strategy();
+        let mut r = replica(true);
+        r.velocity.fill(0.25);
         let before = r.outer.clone();
-        assert!(!s.apply(&mut r, &c.payload, &work(&data, &train, &[])));
+        let back = rolled_back(&data, &train);
+        assert!(!s.apply(&mut r, summed(&[&back, &back]), &work(&data, &train, &[])));
         assert_eq!(r.outer, before);
+        assert!(r.velocity.iter().all(|&v| v == 0.0));
     }
 
     #[test]
@@ -173,10 +220,10 @@ mod tests {
         let (data, train) = (data(), train());
         let mut r = replica(true);
         let before = r.outer.clone();
-        let avg = vec![1.0f32; before.len()];
+        let sum = weighted(vec![1.0f32; before.len()], true);
         let mut w = work(&data, &train, &[]);
         w.step_scale = 0.5;
-        s.apply(&mut r, &avg, &w);
+        s.apply(&mut r, sum, &w);
         assert_eq!(r.outer[0], before[0] - 0.5);
     }
 }

@@ -64,6 +64,7 @@ impl RoundWork<'_> {
 /// What a replica sends to the all-reduce, and what it did to get it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Contribution {
+    /// The values, then their weight (see [`weighted`]).
     pub payload: Vec<f32>,
     /// Mean of the finite losses the round's steps measured, applied or not (0 if none).
     pub loss: f64,
@@ -86,9 +87,31 @@ pub trait SyncStrategy {
         stepper: &mut GuardedStep,
     ) -> Contribution;
 
-    /// Applies `average` (the mean of the round's contributions) to the replica, identically
-    /// on every replica. Returns false when it made no change (nobody made progress).
-    fn apply(&self, replica: &mut Replica, average: &[f32], work: &RoundWork) -> bool;
+    /// Applies the round's committed `sum` of contributions (weights last) to the replica,
+    /// identically on every replica: the mean of the contributions that counted, or no step
+    /// when none did. Returns false when it made no change.
+    fn apply(&self, replica: &mut Replica, sum: Vec<f32>, work: &RoundWork) -> bool;
+}
+
+/// Appends a contribution's weight: 1 when it counts, 0 when it is a refusal (zeros sent by
+/// a replica whose step the guard refused, or that rolled back). Summed by the all-reduce like
+/// the values, the weights say how many contributions to average over — the same number on
+/// every replica — so a refusal neither shrinks the others' step nor becomes a step itself.
+pub fn weighted(mut values: Vec<f32>, counts: bool) -> Vec<f32> {
+    values.push(if counts { 1.0 } else { 0.0 });
+    values
+}
+
+/// The mean of the contributions that counted in a committed `sum` (weights last), or `None`
+/// when none did.
+pub fn counted_mean(mut sum: Vec<f32>) -> Option<Vec<f32>> {
+    // A sum of a few 1s and 0s is an exact small integer in f32.
+    let counted = sum.pop().expect("a weight ends every contribution") as usize;
+    if counted == 0 {
+        return None;
+    }
+    outer::average_in_place(&mut sum, counted);
+    Some(sum)
 }
 
 /// The strategy `cfg` names.
@@ -131,6 +154,15 @@ pub(crate) mod testing {
 
     pub fn replica(velocity: bool) -> Replica {
         Replica::fresh(&model(), 5, &Device::flex(), velocity)
+    }
+
+    /// What the all-reduce commits: the element-wise sum of the contributions.
+    pub fn summed(contributions: &[&Contribution]) -> Vec<f32> {
+        let mut sum = vec![0.0f32; contributions[0].payload.len()];
+        for c in contributions {
+            sum.iter_mut().zip(&c.payload).for_each(|(s, x)| *s += x);
+        }
+        sum
     }
 
     pub fn work<'a>(
