@@ -177,9 +177,6 @@ fn serve_peer(
     }
 }
 
-/// A state larger than this is refused before it is received.
-pub const MAX_STATE_BYTES: u64 = 64 << 30;
-
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(transparent)]
@@ -246,12 +243,14 @@ pub fn fetch_state(
 /// Fetches the state that starts `round` from the first of `peers` that has it. A peer that
 /// does not have it yet (it publishes just after it applies a commit) is asked again until
 /// `patience` runs out; when every peer fails otherwise (gone, refused, damaged), the last
-/// error comes back at once.
+/// error comes back at once. A state announced larger than `max_bytes` (the caller knows the
+/// model, so its real size) is refused before any of it is received or reserved.
 pub fn fetch_state_from(
     peers: &[String],
     auth: &Auth,
     run_id: u64,
     round: u64,
+    max_bytes: u64,
     timeout: Duration,
     patience: Duration,
 ) -> Result<(String, Snapshot), FetchError> {
@@ -260,7 +259,7 @@ pub fn fetch_state_from(
         let mut waiting = None;
         let mut failed = None;
         for peer in peers {
-            match fetch_state(peer, auth, run_id, Some(round), MAX_STATE_BYTES, timeout) {
+            match fetch_state(peer, auth, run_id, Some(round), max_bytes, timeout) {
                 Ok(s) => return Ok((peer.clone(), s)),
                 Err(e @ FetchError::Unavailable { .. }) => waiting = Some(e),
                 Err(e) => failed = Some(e),

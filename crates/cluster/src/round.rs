@@ -234,14 +234,21 @@ impl RoundClient {
     }
 
     /// Takes the state that starts `round` from `donor` (which publishes it just after it
-    /// applies the commit, so it may not have it yet).
-    pub fn fetch_state(&self, donor: &str, round: u64) -> Result<Vec<u8>, ProtocolError> {
+    /// applies the commit, so it may not have it yet). One announced larger than `max_bytes`
+    /// is refused unread.
+    pub fn fetch_state(
+        &self,
+        donor: &str,
+        round: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, ProtocolError> {
         let timeout = self.peer_timeout;
         fetch_state_from(
             &[donor.to_string()],
             &self.auth,
             self.run_id(),
             round,
+            max_bytes,
             timeout,
             timeout,
         )
@@ -493,8 +500,11 @@ mod tests {
         let two = join(&server.addr, "w1").client;
         one.publish(4, vec![1, 2, 3]);
         let donor = one.peer.addr.clone();
-        assert_eq!(two.fetch_state(&donor, 4).unwrap(), vec![1, 2, 3]);
-        let err = two.fetch_state("127.0.0.1:1", 4).unwrap_err();
+        assert_eq!(two.fetch_state(&donor, 4, 3).unwrap(), vec![1, 2, 3]);
+        let err = two.fetch_state("127.0.0.1:1", 4, 3).unwrap_err();
         assert_eq!(err.context, "live recovery", "{err}");
+        // A state larger than the model's is refused before it is received.
+        let err = two.fetch_state(&donor, 4, 2).unwrap_err().to_string();
+        assert!(err.contains("3 bytes exceeds the limit of 2"), "{err}");
     }
 }

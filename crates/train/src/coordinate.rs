@@ -343,8 +343,17 @@ impl ClusterRun {
                 let c = self.server.state.lock().expect("coordinator lock");
                 (c.committed_position(), c.synced_peers(), c.schedule_step())
             };
-            let (a, r) = (&self.auth, self.run_id);
-            match fetch_state_from(&peers, a, r, position.0, FETCH_TIMEOUT, Duration::ZERO) {
+            let (a, r, bound) = (&self.auth, self.run_id, Replica::encoded_bound(&self.model));
+            let fetched = fetch_state_from(
+                &peers,
+                a,
+                r,
+                position.0,
+                bound,
+                FETCH_TIMEOUT,
+                Duration::ZERO,
+            );
+            match fetched {
                 Ok((peer, snap)) => break (peer, snap, position, step),
                 Err(e) if started.elapsed() > FETCH_TIMEOUT => {
                     return Err(TrainError::Cluster(format!("checkpoint: {e}")));

@@ -18,6 +18,9 @@ use crate::optim::AdamW;
 use crate::{TrainError, TrainState};
 
 const FORMAT: &str = "holdfast-replica-1";
+/// Room for the safetensors header of an encoded replica: four tensor entries and three short
+/// metadata values take a few hundred bytes.
+const HEADER_BOUND: u64 = 64 << 10;
 
 /// Concatenates tensors' values in their device layout.
 pub fn flatten(tensors: &[Tensor<2>]) -> Vec<f32> {
@@ -103,6 +106,13 @@ impl Replica {
         hash_f32(&mut h, &self.outer);
         hash_f32(&mut h, &self.velocity);
         h.finalize().to_hex().to_string()
+    }
+
+    /// The most bytes [`Replica::encode`] makes for model `cfg`: four flat f32 tensors of every
+    /// parameter (outer weights, outer momentum, AdamW's two moments) and a header. A peer's
+    /// state announced larger is refused before any of it is received or reserved.
+    pub fn encoded_bound(cfg: &ModelConfig) -> u64 {
+        16 * cfg.num_params() as u64 + HEADER_BOUND
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -194,5 +204,31 @@ impl Replica {
             cursor: DataCursor { next_sample },
             seed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_size_bound_holds_an_encoded_replica_and_little_more() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let bytes = Replica::fresh(&cfg, 1, &Device::flex(), true)
+            .encode()
+            .len() as u64;
+        let bound = Replica::encoded_bound(&cfg);
+        assert!(bytes <= bound, "{bytes} encoded, bound {bound}");
+        assert!(
+            bound - bytes <= HEADER_BOUND,
+            "the bound is the real size, not a guess"
+        );
+        let back = Replica::decode(
+            &Replica::fresh(&cfg, 1, &Device::flex(), true).encode(),
+            &cfg,
+            &Device::flex(),
+            "me",
+        );
+        assert!(back.is_ok());
     }
 }

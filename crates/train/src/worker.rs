@@ -211,7 +211,7 @@ fn fetch_replica(
     data: &Prepared,
     device: &Device,
 ) -> Result<Replica, TrainError> {
-    let bytes = client.fetch_state(donor, round)?;
+    let bytes = client.fetch_state(donor, round, Replica::encoded_bound(&data.model))?;
     let r = Replica::decode(&bytes, &data.model, device, donor)?;
     if r.next_round != round {
         return Err(TrainError::Cluster(format!(
