@@ -1,5 +1,5 @@
 //! `holdfast serve` over real HTTP on loopback: completions, chat, streaming, concurrent
-//! clients, admission limits, API keys, and every bad request answered 400 with a JSON error
+//! clients, admission limits, API keys, and every bad request answered 400 (413 when too large) with a JSON error
 //! while the server stays healthy. A tiny freshly trained run is the model, so these run
 //! everywhere; the SmolLM2 test needs ../shared and skips with the reason without it.
 
@@ -227,7 +227,7 @@ fn completions_chat_and_streaming_agree() {
 }
 
 #[test]
-fn bad_requests_get_400_with_a_json_error_and_the_server_stays_healthy() {
+fn bad_requests_get_400_or_413_with_a_json_error_and_the_server_stays_healthy() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(&tiny_run(dir.path()), &[]);
     let long_prompt = "x".repeat(300);
@@ -277,6 +277,14 @@ fn bad_requests_get_400_with_a_json_error_and_the_server_stays_healthy() {
     );
     let (status, _) = post(&server, "/v1/nothing", "{}", None);
     assert_eq!(status, 404);
+    // Past the 2 MB body limit: too large, not malformed.
+    let huge = json!({"model": "run", "prompt": "x".repeat(3 << 20)}).to_string();
+    let (status, err) = post(&server, "/v1/completions", &huge, None);
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (413, Some("request_too_large")),
+        "{err}"
+    );
 
     assert_eq!(get(&server, "/health").0, 200);
     let (status, body) = post(

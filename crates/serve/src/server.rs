@@ -107,7 +107,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let kind = match self.status {
-            StatusCode::BAD_REQUEST => "invalid_request_error",
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             _ => "server_error",
@@ -265,14 +265,29 @@ fn prepare(
         top_k: common.top_k.unwrap_or(0),
         top_p,
         max_new_tokens: max_tokens,
-        seed: common.seed.unwrap_or(0),
+        seed: request_seed(common.seed),
         stop,
         stop_tokens: state.stop_tokens.clone(),
     };
     Ok((prompt, sampling))
 }
 
+/// The sampling seed of a request: its own, or a fresh one, so that sampled requests without
+/// one do not all return the same text.
+fn request_seed(given: Option<u64>) -> u64 {
+    given.unwrap_or_else(rand::random)
+}
+
 fn bad_json(rejection: JsonRejection) -> ApiError {
+    // A body past the size limit is not malformed: it is too large (413), and says so.
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: rejection.body_text(),
+            code: "request_too_large",
+            param: None,
+        };
+    }
     ApiError::invalid(rejection.body_text(), None, "invalid_json")
 }
 
@@ -491,7 +506,11 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+        // Compared as BLAKE3 digests, whose equality is constant-time: how long the check
+        // takes says nothing about how much of a guessed key was right.
+        let matches =
+            given.is_some_and(|g| blake3::hash(g.as_bytes()) == blake3::hash(key.as_bytes()));
+        if !matches {
             return ApiError {
                 status: StatusCode::UNAUTHORIZED,
                 message: "missing or wrong API key (Authorization: Bearer <key>)".into(),
@@ -582,6 +601,13 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_without_a_seed_gets_a_fresh_one() {
+        assert_eq!(request_seed(Some(7)), 7);
+        let seeds: std::collections::HashSet<u64> = (0..8).map(|_| request_seed(None)).collect();
+        assert_eq!(seeds.len(), 8, "not one fixed default");
+    }
 
     #[test]
     fn admission_is_bounded_and_slots_are_released_on_drop() {
