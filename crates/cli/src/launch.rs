@@ -196,14 +196,15 @@ pub fn run(
             state_lost: p.state_lost,
         };
         for action in supervisor.decide(now, &seen) {
-            act(action, &mut workers, &mut supervisor, &spawn, started).map_err(|e| {
-                anyhow::anyhow!(e.describe(
-                    run_dir,
-                    p.committed_rounds,
-                    opts.workers,
-                    &spawn.log_dir
-                ))
-            })?;
+            match action {
+                Action::StateLost => {
+                    return Err(state_lost_error(run_dir, p.committed_rounds, opts.workers));
+                }
+                Action::AllExited { gave_up } => {
+                    return Err(all_exited_error(&workers, gave_up, &spawn.log_dir));
+                }
+                other => act(other, &mut workers, &mut supervisor, &spawn, started),
+            }
         }
         Ok(())
     })?;
@@ -316,36 +317,29 @@ fn reap(workers: &mut Workers, supervisor: &mut Supervisor, log_dir: &Path, star
     }
 }
 
-/// Why the launcher ends a run early.
-enum Stop {
-    StateLost,
-    AllExited(Option<(String, String)>),
+/// The run's end when every worker has exited and none will be started again, naming the
+/// first that gave up and why.
+fn all_exited_error(
+    workers: &Workers,
+    gave_up: Option<(usize, String)>,
+    log_dir: &Path,
+) -> anyhow::Error {
+    let logs = log_dir.display();
+    let why = match gave_up {
+        Some((w, failure)) => format!("{}: {failure} (logs: {logs})", workers.0[w].name),
+        None => format!("see {logs}"),
+    };
+    anyhow::anyhow!("every worker has exited and none will be restarted; {why}")
 }
 
-impl Stop {
-    fn describe(&self, run_dir: &Path, rounds: u64, workers: usize, log_dir: &Path) -> String {
-        match self {
-            Stop::StateLost => state_lost_error(run_dir, rounds, workers).to_string(),
-            Stop::AllExited(gave_up) => {
-                let logs = log_dir.display();
-                let why = match gave_up {
-                    Some((name, failure)) => format!("{name}: {failure} (logs: {logs})"),
-                    None => format!("see {logs}"),
-                };
-                format!("every worker has exited and none will be restarted; {why}")
-            }
-        }
-    }
-}
-
-/// Carries out one of the supervisor's actions on the worker processes.
+/// Starts or signals a worker process, as the supervisor decided.
 fn act(
     action: Action,
     workers: &mut Workers,
     supervisor: &mut Supervisor,
     spawn: &SpawnSpec,
     started: Instant,
-) -> std::result::Result<(), Stop> {
+) {
     match action {
         Action::Start { worker } => match spawn_worker(&workers.0[worker], spawn) {
             Ok(child) => {
@@ -372,13 +366,9 @@ fn act(
                 signal(child, sig);
             }
         }
-        Action::StateLost => return Err(Stop::StateLost),
-        Action::AllExited { gave_up } => {
-            let named = gave_up.map(|(w, why)| (workers.0[w].name.clone(), why));
-            return Err(Stop::AllExited(named));
-        }
+        // Ending the run is the caller's to do.
+        Action::StateLost | Action::AllExited { .. } => {}
     }
-    Ok(())
 }
 
 /// Released workers exit on their own; a stopped one cannot, so it is woken first. Any still

@@ -285,15 +285,8 @@ impl ClusterRun {
                     self.corruptions += 1;
                     *self.suspects.entry(name.clone()).or_default() = *flags;
                 }
-                Event::Rewound(r) => {
-                    self.rewinds += 1;
-                    tracing::warn!(
-                        "every replica rolled back in round {}: rewound to round {}, steps ×{}",
-                        r.round,
-                        r.from,
-                        r.step_scale
-                    );
-                }
+                // Shown by the caller, from `Progress::events`.
+                Event::Rewound(_) => self.rewinds += 1,
                 Event::BatchesSkipped { round, batches } => {
                     self.skipped_batches += batches.len() as u64;
                     let line = serde_json::json!({"skipped_batches": batches, "round": round});

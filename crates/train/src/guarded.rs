@@ -290,7 +290,11 @@ mod tests {
     #[test]
     fn with_the_guard_off_every_step_is_applied() {
         let (mut w, mut opt, data) = setup();
-        let mut faults = NumberFaults::default();
+        // Even a NaN step: `train_step` relies on it.
+        let mut faults = NumberFaults {
+            nan_steps: vec![0],
+            ..Default::default()
+        };
         let cfg = GuardSection {
             enabled: false,
             ..Default::default()

@@ -25,6 +25,13 @@ const HEADER_BOUND: u64 = 64 << 10;
 /// Concatenates tensors' values in their device layout.
 pub fn flatten(tensors: &[Tensor<2>]) -> Vec<f32> {
     let mut out = Vec::new();
+    flatten_into(tensors, &mut out);
+    out
+}
+
+/// [`flatten`] appended to `out`, reserving the room once.
+pub fn flatten_into(tensors: &[Tensor<2>], out: &mut Vec<f32>) {
+    out.reserve(tensors.iter().map(|t| t.shape().num_elements()).sum());
     for t in tensors {
         out.extend(
             t.clone()
@@ -34,7 +41,6 @@ pub fn flatten(tensors: &[Tensor<2>]) -> Vec<f32> {
                 .expect("f32 tensor"),
         );
     }
-    out
 }
 
 /// The inverse of [`flatten`] for the parameters `specs`.

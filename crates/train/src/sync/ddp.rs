@@ -1,11 +1,13 @@
 //! DDP: each replica contributes one step's gradients; the committed average is applied by
 //! AdamW on every replica, so the replicas stay one state.
 
-use super::{Contribution, RoundWork, SyncStrategy, counted_mean, timed, weighted};
+use std::time::Instant;
+
+use super::{Contribution, RoundWork, SyncStrategy, counted_mean, payload_buffer, weighted};
 use crate::config::TrainSection;
 use crate::guard::Verdict;
 use crate::guarded::GuardedStep;
-use crate::replica::{Replica, flatten, unflatten};
+use crate::replica::{Replica, flatten, flatten_into, unflatten};
 use crate::step::apply_grads;
 
 pub struct Ddp;
@@ -26,11 +28,10 @@ impl SyncStrategy for Ddp {
     ) -> Contribution {
         let firsts = work.firsts(work.batches);
         let b = work.step(0, &firsts);
-        let (j, compute_s) = timed(|| {
-            let (j, took) = timed(|| stepper.judge(&r.weights, &b));
-            work.pace(std::time::Duration::from_secs_f64(took));
-            j
-        });
+        let started = Instant::now();
+        let j = stepper.judge(&r.weights, &b);
+        work.pace(started);
+        let compute_s = started.elapsed().as_secs_f64();
         let rolled_back = matches!(j.verdict, Verdict::Rollback { .. } | Verdict::Stop { .. });
         let mut c = Contribution {
             loss: j.loss,
@@ -38,16 +39,17 @@ impl SyncStrategy for Ddp {
             compute_s,
             ..Default::default()
         };
-        let values = match j.verdict {
-            Verdict::Apply => flatten(&j.grads),
+        let mut values = payload_buffer(r.outer.len());
+        match j.verdict {
+            Verdict::Apply => flatten_into(&j.grads, &mut values),
             Verdict::Skip { reason } | Verdict::Rollback { reason } | Verdict::Stop { reason } => {
                 tracing::warn!("step {}: contributing nothing: {reason}", b.step);
                 c.skipped_steps = 1;
                 c.rollbacks = u64::from(rolled_back);
                 // Zeros, weight 0: nothing of the refused gradient leaves this replica.
-                vec![0.0; r.outer.len()]
+                values.resize(r.outer.len(), 0.0);
             }
-        };
+        }
         c.payload = weighted(values, c.skipped_steps == 0);
         c
     }

@@ -2,7 +2,7 @@
 //! its pseudo-gradient (outer − local); the committed average takes one outer Nesterov step.
 
 use super::outer::{OuterNesterov, pseudo_gradient};
-use super::{Contribution, RoundWork, SyncStrategy, counted_mean, timed, weighted};
+use super::{Contribution, RoundWork, SyncStrategy, counted_mean, payload_buffer, timed, weighted};
 use crate::config::SyncSection;
 use crate::guarded::{GuardedStep, Outcome};
 use crate::replica::{Replica, flatten};
@@ -37,7 +37,7 @@ impl SyncStrategy for Diloco {
     ) -> Contribution {
         let (mut c, compute_s) = timed(|| inner_steps(r, work, stepper));
         c.compute_s = compute_s;
-        let mut delta = Vec::new();
+        let mut delta = payload_buffer(r.outer.len());
         pseudo_gradient(&r.outer, &flatten(&r.weights.tensors), &mut delta);
         // A replica that made no progress (rolled back, or every step refused) is not a vote
         // for standing still: the outer step is the mean of the replicas that moved.
@@ -74,8 +74,9 @@ fn inner_steps(r: &mut Replica, work: &RoundWork, stepper: &mut GuardedStep) -> 
     for (i, ids) in work.batches.chunks(work.train.grad_accum).enumerate() {
         let firsts = work.firsts(ids);
         let b = work.step(i, &firsts);
-        let (report, took) = timed(|| stepper.step(&mut r.weights, &mut r.opt, &b, work.train));
-        work.pace(std::time::Duration::from_secs_f64(took));
+        let started = std::time::Instant::now();
+        let report = stepper.step(&mut r.weights, &mut r.opt, &b, work.train);
+        work.pace(started);
         c.tokens += report.tokens as u64;
         if report.loss.is_finite() {
             c.loss += report.loss;

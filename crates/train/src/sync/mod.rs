@@ -11,7 +11,7 @@ pub mod ddp;
 pub mod diloco;
 pub mod outer;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::{RunConfig, SyncMode, TrainSection};
 use crate::data::Dataset;
@@ -33,7 +33,7 @@ pub struct RoundWork<'a> {
 }
 
 impl RoundWork<'_> {
-    /// The batches of optimizer step `index` of the round (`ids` its batch ids).
+    /// The batches of optimizer step `index` of the round, whose micro-batches start at `firsts`.
     fn step<'b>(&'b self, index: usize, firsts: &'b [u64]) -> StepBatches<'b> {
         let step = self.first_step + index as u64;
         StepBatches {
@@ -53,10 +53,10 @@ impl RoundWork<'_> {
             .collect()
     }
 
-    /// Chaos: stretch a step that took `took` to `slow_factor` times as long.
-    fn pace(&self, took: Duration) {
+    /// Chaos: stretch a step begun at `started` to `slow_factor` times as long.
+    fn pace(&self, started: Instant) {
         if self.slow_factor > 1.0 {
-            std::thread::sleep(took.mul_f64(self.slow_factor - 1.0));
+            std::thread::sleep(started.elapsed().mul_f64(self.slow_factor - 1.0));
         }
     }
 }
@@ -91,6 +91,12 @@ pub trait SyncStrategy {
     /// identically on every replica: the mean of the contributions that counted, or no step
     /// when none did. Returns false when it made no change.
     fn apply(&self, replica: &mut Replica, sum: Vec<f32>, work: &RoundWork) -> bool;
+}
+
+/// An empty payload with room for `n` values and the weight that follows them: appending the
+/// weight then never copies the values (a model's worth, every round).
+pub fn payload_buffer(n: usize) -> Vec<f32> {
+    Vec::with_capacity(n + 1)
 }
 
 /// Appends a contribution's weight: 1 when it counts, 0 when it is a refusal (zeros sent by
