@@ -129,8 +129,8 @@ fn assert_states_agree(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
     assert_states_agree_after(run, 0)
 }
 
-/// Same, for rounds from `first` on.
-fn assert_states_agree_after(run: &Path, first: u64) -> BTreeMap<u64, BTreeMap<String, String>> {
+/// The state hash each worker reported, by the round the state starts.
+fn reported_states(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
     let mut by_round: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
     for e in events(run, "state_reported") {
         by_round
@@ -141,6 +141,12 @@ fn assert_states_agree_after(run: &Path, first: u64) -> BTreeMap<u64, BTreeMap<S
                 e["blake3"].as_str().unwrap().into(),
             );
     }
+    by_round
+}
+
+/// Same, for rounds from `first` on.
+fn assert_states_agree_after(run: &Path, first: u64) -> BTreeMap<u64, BTreeMap<String, String>> {
+    let mut by_round = reported_states(run);
     by_round.retain(|r, _| *r >= first);
     for (round, hashes) in &by_round {
         let distinct: BTreeSet<&String> = hashes.values().collect();
@@ -611,6 +617,103 @@ fn a_flipped_bit_is_outvoted_and_the_replica_heals() {
         ledger.len(),
         8,
         "the undone round was trained again: 8 rounds of H=20 committed"
+    );
+}
+
+/// The manifests of `run`'s checkpoints.
+fn checkpoint_manifests(run: &Path) -> Vec<Value> {
+    std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .map(|p| serde_json::from_slice(&std::fs::read(p.join("manifest.json")).unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_corrupted_replica_never_reaches_a_checkpoint_and_a_slow_one_changes_only_time() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut args = train_args("run", "3", "200");
+    // worker-0 ranks first, so it is the peer a checkpoint would read; round 9 is the last.
+    args.extend([
+        "--checkpoint-every",
+        "20",
+        "--chaos",
+        "bitflip:worker=0,at=7; bitflip:worker=0,at=9; slow:worker=1,factor=3",
+    ]);
+    ok(&holdfast(d, &args));
+    let run = d.join("run");
+    let caught: Vec<(String, u64)> = events(&run, "corruption")
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["next_round"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        caught,
+        [("worker-0".to_string(), 8), ("worker-0".to_string(), 10)],
+        "both flips outvoted, the one in the final state too"
+    );
+    // Each checkpoint holds the state the majority reported for its round.
+    let reported = reported_states(&run);
+    let manifests = checkpoint_manifests(&run);
+    assert_eq!(
+        manifests.len(),
+        3,
+        "--checkpoint-every 20 keeps the newest three"
+    );
+    for m in &manifests {
+        let round = m["cluster"]["next_round"].as_u64().unwrap();
+        let saved = m["cluster"]["state_blake3"].as_str().unwrap();
+        let votes = reported[&round].values().filter(|h| *h == saved).count();
+        assert!(
+            votes >= 2,
+            "step {}: its state {saved} is not the majority's of {:?}",
+            m["step"],
+            reported[&round]
+        );
+    }
+    assert!(manifests.iter().any(|m| m["step"] == 200));
+
+    // The slow worker took longer over the same work in every round it trained.
+    let ledger = assert_exactly_once(&run);
+    let mut compared = 0;
+    for r in &ledger {
+        let compute = |name: &str| {
+            r["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == name)
+                .and_then(|m| m["compute_s"].as_f64())
+        };
+        let (Some(slow), Some(w0), Some(w2)) = (
+            compute("worker-1"),
+            compute("worker-0"),
+            compute("worker-2"),
+        ) else {
+            continue;
+        };
+        assert!(
+            slow > 1.5 * w0.max(w2),
+            "round {}: slow worker {slow:.2}s, others {w0:.2}s and {w2:.2}s",
+            r["round"]
+        );
+        compared += 1;
+    }
+    assert!(
+        compared >= 5,
+        "too few rounds with all three members: {compared}"
     );
 }
 

@@ -66,6 +66,17 @@ pub struct WorkerRoundStats {
     pub rollbacks: u64,
 }
 
+/// See [`Coordinator::checkpoint_source`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointSource {
+    /// The committed position the state starts (see [`Coordinator::committed_position`]).
+    pub position: (u64, u64, Vec<u64>),
+    /// The hash the state must have (none with the vote off).
+    pub agreed: Option<String>,
+    /// Peers holding it, best first.
+    pub peers: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StateReport {
     /// The round this state starts.
@@ -183,6 +194,9 @@ fn full_step() -> f64 {
 pub struct LedgerMember {
     pub name: String,
     pub batches: Vec<u64>,
+    /// Its seconds of training in the round: a slow worker shows here.
+    #[serde(default)]
+    pub compute_s: f64,
 }
 
 /// A committed round: what went into the weights, and what it cost.
@@ -390,6 +404,9 @@ pub struct Coordinator {
     last_agreed: Option<u64>,
     /// The round whose starting state has been voted on.
     voted: Option<u64>,
+    /// The state hash a majority of replicas agreed on, by the round it starts (the newest
+    /// few).
+    agreed: BTreeMap<u64, String>,
     /// Batch ids of recently committed rounds, by round, for undoing them.
     recent_batches: BTreeMap<u64, Vec<u64>>,
     corruption_flags: BTreeMap<String, u32>,
@@ -419,6 +436,7 @@ impl Coordinator {
             undo_donors: None,
             last_agreed: Some(0),
             voted: None,
+            agreed: BTreeMap::new(),
             recent_batches: BTreeMap::new(),
             corruption_flags: BTreeMap::new(),
             rewinds: Vec::new(),
@@ -534,6 +552,13 @@ impl Coordinator {
         self.active.is_none() && self.pool.exhausted(self.opts.budget_batches)
     }
 
+    /// Every batch is committed and the final state can be read: with the vote on, once the
+    /// replicas' final states are voted on (a vote that undoes rounds makes the run
+    /// incomplete again).
+    pub fn final_state_ready(&self) -> bool {
+        self.is_complete() && self.checkpoint_source().is_some()
+    }
+
     /// Batch ids committed so far.
     pub fn committed_batches(&self) -> u64 {
         self.pool_at_commit.committed()
@@ -558,13 +583,36 @@ impl Coordinator {
         self.released = true;
     }
 
-    /// Peers holding the newest committed state, best first.
-    pub fn synced_peers(&self) -> Vec<String> {
-        self.ranked(self.members.keys().copied())
+    /// Where a checkpoint reads the newest committed state from. With the vote on, only a
+    /// state a majority agreed on is checkpointed, from a peer that reported it: none until
+    /// the vote on it is held (a corrupted replica must not reach the disk first).
+    pub fn checkpoint_source(&self) -> Option<CheckpointSource> {
+        let synced = self
+            .ranked(self.members.keys().copied())
             .into_iter()
-            .filter(|id| self.members[id].state_round == Some(self.round))
+            .filter(|id| self.members[id].state_round == Some(self.round));
+        let agreed = if self.opts.vote {
+            Some(
+                self.agreed
+                    .get(&self.round)
+                    .filter(|_| self.voted == Some(self.round))?,
+            )
+        } else {
+            None
+        };
+        let reported = |id: &WorkerId| {
+            let name = &self.members[id].name;
+            self.state_hashes.get(&self.round).and_then(|r| r.get(name))
+        };
+        let peers = synced
+            .filter(|id| agreed.is_none() || reported(id) == agreed)
             .map(|id| self.members[&id].data_addr.clone())
-            .collect()
+            .collect();
+        Some(CheckpointSource {
+            position: self.committed_position(),
+            agreed: agreed.cloned(),
+            peers,
+        })
     }
 
     pub fn drain_events(&mut self) -> Vec<Event> {
@@ -738,17 +786,22 @@ impl Coordinator {
             *counts.entry(h.clone()).or_default() += 1;
         }
         self.voted = Some(round);
-        if counts.len() == 1 {
-            self.last_agreed = Some(round);
-            return true;
-        }
         let majority = counts
             .iter()
             .find(|(_, n)| **n * 2 > holders.len())
             .map(|(h, _)| h.clone());
+        if let Some(majority) = &majority {
+            self.last_agreed = Some(round);
+            self.agreed.insert(round, majority.clone());
+            while self.agreed.len() > 8 {
+                self.agreed.pop_first();
+            }
+        }
+        if counts.len() == 1 {
+            return true;
+        }
         match majority {
             Some(majority) => {
-                self.last_agreed = Some(round);
                 for (id, hash) in hashes {
                     if hash == majority {
                         continue;
@@ -806,6 +859,7 @@ impl Coordinator {
         self.pool_at_commit = self.pool.clone();
         // Reports of the undone states must not be counted again.
         self.state_hashes.retain(|r, _| *r <= from);
+        self.agreed.retain(|r, _| *r <= from);
         // `last_commit` stays: a member still waiting on the round that led to a rewind
         // learns it committed, then fetches the state rewound to.
         self.round = from;
@@ -977,6 +1031,11 @@ impl Coordinator {
         if let Some(report) = state {
             self.record_state(worker, report);
         }
+        if self.is_complete() && self.opts.vote && self.voted != Some(self.round) {
+            // The final state is voted on too: it is the one checkpointed and served. A
+            // disagreement with no majority undoes rounds, and the run goes on.
+            self.vote(now);
+        }
         if self.is_complete() {
             return if self.released {
                 Reply::Finished
@@ -1132,6 +1191,7 @@ impl Coordinator {
                 .map(|id| LedgerMember {
                     name: self.members[id].name.clone(),
                     batches: a.batches[id].clone(),
+                    compute_s: reduced.get(id).map_or(0.0, |s| s.compute_s),
                 })
                 .collect(),
             tokens: reduced.values().map(|s| s.tokens).sum(),
@@ -1846,8 +1906,8 @@ mod tests {
             Reply::Round { donor: None, .. }
         ));
         assert_eq!(
-            c.synced_peers(),
-            vec!["w0:1".to_string(), "w1:1".to_string()]
+            c.checkpoint_source().map(|s| s.peers),
+            Some(vec!["w0:1".to_string(), "w1:1".to_string()])
         );
     }
 
@@ -2223,6 +2283,84 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, Event::RoundsVoided { .. }))
         );
+    }
+
+    #[test]
+    fn a_checkpoint_reads_only_a_state_the_majority_agreed_on() {
+        let (mut c, t0, ws) = voting(&["w0", "w1", "w2"]);
+        clean_round(&mut c, t0, &ws, 0);
+        assert_eq!(
+            c.checkpoint_source(),
+            None,
+            "round 1's state is not voted yet"
+        );
+        report(&mut c, t0, ws[0], 1, "flipped");
+        report(&mut c, t0, ws[1], 1, "good");
+        assert_eq!(c.checkpoint_source(), None, "w2 has not reported");
+        report(&mut c, t0, ws[2], 1, "good");
+        let source = c.checkpoint_source().expect("voted");
+        assert_eq!(source.agreed.as_deref(), Some("good"));
+        assert_eq!(source.position, (1, 6, vec![]));
+        assert_eq!(
+            source.peers,
+            vec!["w1:1", "w2:1"],
+            "never the outvoted replica, though it ranks first"
+        );
+    }
+
+    #[test]
+    fn without_the_vote_a_checkpoint_reads_any_synced_replica() {
+        let (mut c, t0) = coord(2, 3);
+        let ws = [join(&mut c, t0, "w0"), join(&mut c, t0, "w1")];
+        clean_round(&mut c, t0, &ws, 0);
+        report(&mut c, t0, ws[0], 1, "a");
+        let source = c.checkpoint_source().expect("no vote to wait for");
+        assert_eq!((source.agreed, source.peers.len()), (None, 2));
+    }
+
+    /// Runs the voting run of `ws` to its end, every replica reporting `hash(worker index)`
+    /// for the final state.
+    fn vote_to_the_end(c: &mut Coordinator, t0: Instant, ws: &[WorkerId], hash: &[&str]) {
+        for round in 0..10 {
+            clean_round(c, t0, ws, round);
+            let last = round == 9;
+            for (i, &w) in ws.iter().enumerate() {
+                let h = if last { hash[i] } else { "same" };
+                report(c, t0, w, round + 1, h);
+            }
+        }
+    }
+
+    #[test]
+    fn the_final_state_is_voted_on_like_every_other() {
+        let (mut c, t0, ws) = voting(&["w0", "w1", "w2"]);
+        vote_to_the_end(&mut c, t0, &ws, &["flipped", "good", "good"]);
+        assert!(c.is_complete());
+        let events = c.drain_events();
+        assert!(
+            events.iter().any(|e| matches!(e,
+                Event::Corruption { name, next_round: 10, .. } if name == "w0")),
+            "{events:?}"
+        );
+        let source = c.checkpoint_source().expect("voted");
+        assert_eq!(
+            (source.agreed.as_deref(), source.peers.len()),
+            (Some("good"), 2)
+        );
+
+        // Two final replicas that disagree: the last round is done again.
+        let (mut c, t0, ws) = voting(&["w0", "w1"]);
+        vote_to_the_end(&mut c, t0, &ws, &["left", "right"]);
+        assert!(!c.is_complete());
+        let source = c.checkpoint_source().expect("round 9's state was agreed");
+        assert_eq!(
+            (source.position.0, source.agreed.as_deref()),
+            (9, Some("same"))
+        );
+        assert!(matches!(
+            next(&mut c, t0, ws[0]),
+            Reply::Round { round: 9, .. }
+        ));
     }
 
     #[test]

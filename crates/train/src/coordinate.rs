@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use holdfast_cluster::coordinator::{Coordinator, Event, Options, RoundRecord};
+use holdfast_cluster::coordinator::{CheckpointSource, Coordinator, Event, Options, RoundRecord};
 use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state_from};
 use holdfast_cluster::server::CoordinatorServer;
 use holdfast_cluster::wire::{Auth, random_bytes};
@@ -39,6 +39,7 @@ pub struct Progress {
     pub live_workers: usize,
     pub last_loss: Option<f64>,
     pub faults: u64,
+    /// Every batch committed and the final state voted on: [`ClusterRun::finish`] may run.
     pub complete: bool,
     /// No live worker holds the committed state (see the coordinator's `state_lost`).
     pub state_lost: bool,
@@ -194,6 +195,14 @@ impl ClusterRun {
                     velocity,
                     next_round,
                 };
+                if let Some(saved) = &r.position.state_blake3
+                    && *saved != replica.state_hash()
+                {
+                    return Err(TrainError::Cluster(format!(
+                        "the checkpoint's replica state hashes to {}, but {saved} was saved with it",
+                        replica.state_hash()
+                    )));
+                }
                 let peer =
                     PeerServer::start(&format!("{ip}:0"), auth.clone(), run_id, FETCH_TIMEOUT)
                         .map_err(|e| {
@@ -247,7 +256,7 @@ impl ClusterRun {
 
     /// Records what happened since the last call and writes periodic checkpoints.
     pub fn poll(&mut self) -> Result<Progress, TrainError> {
-        let (events, progress, unstable) = {
+        let (events, progress, unstable, run_complete) = {
             let mut c = self.server.state.lock().expect("coordinator lock");
             let events = c.drain_events();
             let unstable = c.unstable().map(str::to_string);
@@ -255,11 +264,11 @@ impl ClusterRun {
                 committed_rounds: c.committed_rounds(),
                 step: c.schedule_step(),
                 live_workers: c.live_members(),
-                complete: c.is_complete(),
+                complete: c.final_state_ready(),
                 state_lost: c.state_lost(),
                 ..Default::default()
             };
-            (events, progress, unstable)
+            (events, progress, unstable, c.is_complete())
         };
         let elapsed_s = self.started.elapsed().as_secs_f64();
         for e in &events {
@@ -307,7 +316,7 @@ impl ClusterRun {
         if let Some(why) = unstable {
             return Err(TrainError::Unstable(why));
         }
-        if progress.committed_rounds >= self.next_checkpoint_round && !progress.complete {
+        if progress.committed_rounds >= self.next_checkpoint_round && !run_complete {
             // A failed periodic checkpoint is worth a warning, not the run.
             match self.checkpoint() {
                 Ok((path, _)) => tracing::info!("checkpoint {}", path.display()),
@@ -325,41 +334,41 @@ impl ClusterRun {
     }
 
     /// Fetches the newest committed state from a healthy worker and saves it as a checkpoint.
+    /// With the vote on, only a state a majority of replicas agreed on is saved, and the bytes
+    /// fetched are checked against that hash.
     fn checkpoint(&self) -> Result<(PathBuf, TrainState), TrainError> {
         let started = Instant::now();
+        // The vote waits for a silent replica until it is removed; the fetch comes after.
+        let patience = Duration::from_millis(self.cfg.sync.failure_timeout_ms) + FETCH_TIMEOUT;
         // A worker learns of a commit a moment after the coordinator records it, and
         // publishes the new state only once it has applied it: ask for exactly the newest
         // committed round, and ask again (the round and its peers may move on meanwhile)
         // until someone has it.
-        let (peer, snap, (next_round, next_fresh_batch, pending_batches), step) = loop {
-            let (position, peers, step) = {
+        let ((next_round, next_fresh_batch, pending_batches), replica, step) = loop {
+            let (source, step) = {
                 let c = self.server.state.lock().expect("coordinator lock");
-                (c.committed_position(), c.synced_peers(), c.schedule_step())
+                (c.checkpoint_source(), c.schedule_step())
             };
-            let (a, r, bound) = (&self.auth, self.run_id, Replica::encoded_bound(&self.model));
-            let fetched = fetch_state_from(
-                &peers,
-                a,
-                r,
-                position.0,
-                bound,
-                FETCH_TIMEOUT,
-                Duration::ZERO,
-            );
+            let fetched = match &source {
+                Some(source) => self.fetch_agreed(source),
+                None => Err(TrainError::Cluster(
+                    "the newest committed state has not been voted on".into(),
+                )),
+            };
             match fetched {
-                Ok((peer, snap)) => break (peer, snap, position, step),
-                Err(e) if started.elapsed() > FETCH_TIMEOUT => {
+                Ok(replica) => break (source.expect("fetched").position, replica, step),
+                Err(e) if started.elapsed() > patience => {
                     return Err(TrainError::Cluster(format!("checkpoint: {e}")));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         };
-        let replica = Replica::decode(&snap.bytes, &self.model, &self.device, &peer)?;
         let extras = ClusterExtras {
             position: ClusterPosition {
                 next_round,
                 next_fresh_batch,
                 pending_batches,
+                state_blake3: Some(replica.state_hash()),
             },
             outer_velocity: replica.velocity.clone(),
         };
@@ -378,6 +387,51 @@ impl ClusterRun {
             Some(&extras),
         )?;
         Ok((path, state))
+    }
+
+    /// The state `source` names, from the first of its peers that serves it with the agreed
+    /// hash; a peer that serves another is passed over (and named in the error).
+    fn fetch_agreed(&self, source: &CheckpointSource) -> Result<Replica, TrainError> {
+        let (auth, bound) = (&self.auth, Replica::encoded_bound(&self.model));
+        let round = source.position.0;
+        let mut last = TrainError::Cluster("no live replica holds it".into());
+        for peer in &source.peers {
+            let peer = std::slice::from_ref(peer);
+            let fetched = fetch_state_from(
+                peer,
+                auth,
+                self.run_id,
+                round,
+                bound,
+                FETCH_TIMEOUT,
+                Duration::ZERO,
+            );
+            let decoded = fetched
+                .map_err(|e| TrainError::Cluster(e.to_string()))
+                .and_then(|(peer, snap)| {
+                    Replica::decode(&snap.bytes, &self.model, &self.device, &peer)
+                });
+            let replica = match decoded {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match &source.agreed {
+                Some(agreed) if replica.state_hash() != *agreed => {
+                    let why = format!(
+                        "{} served a state of round {round} with hash {}, not the agreed {agreed}",
+                        peer[0],
+                        replica.state_hash()
+                    );
+                    tracing::warn!("checkpoint: {why}");
+                    last = TrainError::Cluster(why);
+                }
+                _ => return Ok(replica),
+            }
+        }
+        Err(last)
     }
 
     /// Once the run is complete: final checkpoint from a healthy worker, evaluation, summary;
