@@ -3,10 +3,13 @@
 //! - `config.json`: the Hugging Face config for those weights,
 //! - `optimizer.safetensors`: AdamW moments (`NAME.exp_avg`, `NAME.exp_avg_sq`),
 //! - `manifest.json`: format version, step, data cursor, RNG, run config and the BLAKE3 and size
-//!   of every other file.
+//!   of every other file,
+//! - `manifest.blake3`: the BLAKE3 of `manifest.json` (from format 2), so that an edit of the
+//!   manifest itself is caught too.
 //!
 //! A checkpoint is built in a temporary directory, every file fsynced, then renamed into place,
-//! so a crash leaves either the whole checkpoint or none. Loading verifies every checksum; a
+//! so a crash leaves either the whole checkpoint or none; re-saving a step swaps the new
+//! directory for the old in one rename (Linux `renameat2` with `RENAME_EXCHANGE`). Loading verifies every checksum; a
 //! damaged latest checkpoint is reported by name and the previous good one is used.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,11 +25,12 @@ use crate::optim::AdamW;
 use crate::state::TrainState;
 use crate::{RunConfig, TrainError, atomic_write, sync_dir};
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const HF_CONFIG_FILE: &str = "config.json";
 const MANIFEST_FILE: &str = "manifest.json";
+const MANIFEST_SUM_FILE: &str = "manifest.blake3";
 const OUTER_FILE: &str = "outer.safetensors";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,6 +70,10 @@ pub struct ClusterPosition {
     /// committed (their trainer failed) and are trained first.
     pub next_fresh_batch: u64,
     pub pending_batches: Vec<u64>,
+    /// BLAKE3 of the replica state (outer weights and momentum, see `Replica::state_hash`):
+    /// with the vote on, the hash a majority of replicas reported. Checked on a cold restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_blake3: Option<String>,
 }
 
 /// The multi-worker extras of a checkpoint: its position, and DiLoCo's outer momentum (flat,
@@ -193,19 +201,86 @@ pub fn save_with(
     };
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("json serialises");
     atomic_write(&tmp.join(MANIFEST_FILE), &manifest_bytes)?;
+    let sum = format!("{}\n", blake3::hash(&manifest_bytes).to_hex());
+    atomic_write(&tmp.join(MANIFEST_SUM_FILE), sum.as_bytes())?;
 
     let dest = root.join(&name);
-    if dest.exists() {
-        // Re-saving a step (a resumed run reaching it again): the new copy replaces the old.
-        std::fs::remove_dir_all(&dest).map_err(|e| TrainError::io(&dest, e))?;
-    }
-    std::fs::rename(&tmp, &dest).map_err(|e| TrainError::io(&dest, e))?;
+    install_dir(&tmp, &dest)?;
     sync_dir(&root)?;
 
     for (_, old) in list(run_dir).into_iter().skip(keep) {
         std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
     }
     Ok(dest)
+}
+
+/// Puts the directory `new` at `dest`. Re-saving a step (a resumed run reaching it again)
+/// swaps the new copy for the old in one step, then removes the old: a crash leaves one of
+/// the two at `dest`, never neither.
+fn install_dir(new: &Path, dest: &Path) -> Result<(), TrainError> {
+    if !dest.exists() {
+        return std::fs::rename(new, dest).map_err(|e| TrainError::io(dest, e));
+    }
+    match exchange(new, dest) {
+        Ok(()) => std::fs::remove_dir_all(new).map_err(|e| TrainError::io(new, e)),
+        // A file system without the exchange: remove, then rename (a crash between the two
+        // loses this step's old copy; the previous checkpoints remain).
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOSYS) =>
+        {
+            std::fs::remove_dir_all(dest).map_err(|e| TrainError::io(dest, e))?;
+            std::fs::rename(new, dest).map_err(|e| TrainError::io(dest, e))
+        }
+        Err(e) => Err(TrainError::io(dest, e)),
+    }
+}
+
+/// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both paths are NUL-terminated and outlive the call. The raw syscall, because
+    // glibc's wrapper is newer than some systems this runs on.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+/// Checks `manifest.json`'s bytes against `manifest.blake3`, which format 2 requires.
+fn verify_manifest_sum(dir: &Path, text: &[u8], format_version: u32) -> Result<(), String> {
+    let sum = match std::fs::read_to_string(dir.join(MANIFEST_SUM_FILE)) {
+        Ok(sum) => sum,
+        Err(_) if format_version < 2 => return Ok(()),
+        Err(e) => return Err(format!("cannot read {MANIFEST_SUM_FILE}: {e}")),
+    };
+    let hash = blake3::hash(text).to_hex().to_string();
+    if sum.trim() != hash {
+        return Err(format!(
+            "{MANIFEST_FILE} is corrupt: BLAKE3 {hash} does not match {MANIFEST_SUM_FILE}'s {}",
+            sum.trim()
+        ));
+    }
+    Ok(())
 }
 
 /// Reads and verifies one checkpoint directory.
@@ -225,12 +300,13 @@ pub fn load_dir_with_extras(
         .map_err(|e| bad(format!("cannot read {MANIFEST_FILE}: {e}")))?;
     let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|e| bad(format!("{MANIFEST_FILE} is not a valid manifest: {e}")))?;
-    if manifest.format_version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&manifest.format_version) {
         return Err(bad(format!(
-            "format version {} is not supported (this build reads {FORMAT_VERSION})",
+            "format version {} is not supported (this build reads 1 to {FORMAT_VERSION})",
             manifest.format_version
         )));
     }
+    verify_manifest_sum(dir, &text, manifest.format_version).map_err(bad)?;
     let mut contents: HashMap<&str, Vec<u8>> = HashMap::new();
     let mut required = vec![MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE];
     if manifest.cluster.is_some() {

@@ -84,6 +84,8 @@ pub fn read_text(files: &[PathBuf]) -> Result<String, TrainError> {
 }
 
 /// Tokenizes `text` once, caching the ids in `cache_dir` under a hash of tokenizer and text.
+/// The cache file carries a checksum of its ids: a damaged one is reported and rebuilt, never
+/// trained on.
 pub fn tokenize_cached(
     text: &str,
     tokenizer: &Tokenizer,
@@ -93,20 +95,48 @@ pub fn tokenize_cached(
     key.update(tokenizer.id().as_bytes());
     key.update(&[0]);
     key.update(text.as_bytes());
-    let path = cache_dir.join(format!("{}.u32", &key.finalize().to_hex()[..32]));
-    if let Ok(bytes) = std::fs::read(&path)
-        && bytes.len() % 4 == 0
-    {
-        return Ok(bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect());
+    let path = cache_dir.join(format!("{}.tok", &key.finalize().to_hex()[..32]));
+    if let Ok(bytes) = std::fs::read(&path) {
+        match read_token_cache(&bytes, tokenizer.vocab_size()) {
+            Ok(ids) => return Ok(ids),
+            Err(why) => tracing::warn!(
+                "token cache {} is damaged ({why}); tokenizing again",
+                path.display()
+            ),
+        }
     }
     let ids = tokenizer.encode(text)?;
     std::fs::create_dir_all(cache_dir).map_err(|e| TrainError::io(cache_dir, e))?;
-    let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let payload: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let mut bytes = TOKEN_CACHE_MAGIC.to_vec();
+    bytes.extend_from_slice(blake3::hash(&payload).as_bytes());
+    bytes.extend_from_slice(&payload);
     atomic_write(&path, &bytes)?;
     Ok(ids)
+}
+
+/// A token cache file: this magic, the BLAKE3 of the ids, then the ids (u32, little-endian).
+const TOKEN_CACHE_MAGIC: &[u8; 8] = b"HFTOKv1\0";
+
+fn read_token_cache(bytes: &[u8], vocab: usize) -> Result<Vec<u32>, String> {
+    let header = TOKEN_CACHE_MAGIC.len() + 32;
+    if bytes.len() < header || !bytes.starts_with(TOKEN_CACHE_MAGIC) {
+        return Err("not a token cache file".into());
+    }
+    let (sum, payload) = bytes[TOKEN_CACHE_MAGIC.len()..].split_at(32);
+    if payload.len() % 4 != 0 || blake3::hash(payload).as_bytes() != sum {
+        return Err("its ids do not match their checksum".into());
+    }
+    let ids: Vec<u32> = payload
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(format!(
+            "token id {id} is outside the vocabulary of {vocab}"
+        )),
+        None => Ok(ids),
+    }
 }
 
 /// A batch of rows: `inputs`/`targets` are `[batch, seq]` row-major; `loss_mask` says which

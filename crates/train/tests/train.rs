@@ -240,6 +240,61 @@ fn truncated_checkpoint_is_reported() {
 }
 
 #[test]
+fn a_manifest_edited_in_place_is_caught_by_its_own_checksum() {
+    let device = Device::flex();
+    let (dir, _) = run_with_two_checkpoints();
+    let manifest = dir.path().join("checkpoints/step-00000004/manifest.json");
+    // Still valid JSON, still a plausible manifest: only its checksum can tell.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let edited = text.replacen("\"next_sample\": 16", "\"next_sample\": 17", 1);
+    assert_ne!(text, edited);
+    std::fs::write(&manifest, edited).unwrap();
+    let loaded = checkpoint::load_latest(dir.path(), &device).unwrap();
+    assert_eq!(loaded.state.step, 2);
+    let w = &loaded.warnings[0];
+    assert!(
+        w.contains("step-00000004") && w.contains("manifest.json is corrupt"),
+        "{w}"
+    );
+}
+
+#[test]
+fn resaving_a_step_replaces_it_whole_and_leaves_nothing_behind() {
+    let device = Device::flex();
+    let (dir, mut s) = run_with_two_checkpoints();
+    train_step(&mut s, &addition(), &hyper(10, 4, 1));
+    s.step = 4;
+    checkpoint::save(dir.path(), &s, &RunConfig::default(), 5).unwrap();
+    let loaded = checkpoint::load_latest(dir.path(), &device).unwrap();
+    assert_eq!(state_bits(&loaded.state), state_bits(&s), "the new copy");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path().join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["step-00000002", "step-00000004"]);
+}
+
+#[test]
+fn a_damaged_token_cache_is_detected_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = holdfast_model::Tokenizer::Bytes;
+    let text = "to be, or not to be";
+    let ids = holdfast_train::data::tokenize_cached(text, &tok, dir.path()).unwrap();
+    let cache = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    flip_byte(&cache, 4);
+    let again = holdfast_train::data::tokenize_cached(text, &tok, dir.path()).unwrap();
+    assert_eq!(again, ids, "the damaged cache was used");
+    let rebuilt = holdfast_train::data::tokenize_cached(text, &tok, dir.path()).unwrap();
+    assert_eq!(rebuilt, ids);
+}
+
+#[test]
 fn half_written_checkpoint_is_ignored_and_old_ones_pruned() {
     let device = Device::flex();
     let (dir, state) = run_with_two_checkpoints();
