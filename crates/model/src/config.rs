@@ -23,7 +23,9 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
 }
 
-/// The subset of a Hugging Face `config.json` we read; everything else there is ignored.
+/// The subset of a Hugging Face `config.json` we read. Keys naming a feature the decoder does
+/// not implement are read to refuse them (see [`HfConfigJson::unimplemented`]); the rest is
+/// ignored.
 #[derive(Deserialize)]
 struct HfConfigJson {
     vocab_size: usize,
@@ -40,6 +42,45 @@ struct HfConfigJson {
     #[serde(default)]
     tie_word_embeddings: bool,
     head_dim: Option<usize>,
+    model_type: Option<String>,
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    rope_scaling: Option<serde_json::Value>,
+}
+
+impl HfConfigJson {
+    /// The first feature this config asks for that the Llama decoder does not implement: a
+    /// model loaded without it would give wrong logits.
+    fn unimplemented(&self) -> Option<String> {
+        let what = if self.model_type.as_deref().is_some_and(|t| t != "llama") {
+            format!(
+                "model_type '{}'",
+                self.model_type.as_deref().unwrap_or_default()
+            )
+        } else if self.hidden_act.as_deref().is_some_and(|a| a != "silu") {
+            format!(
+                "hidden_act '{}'",
+                self.hidden_act.as_deref().unwrap_or_default()
+            )
+        } else if self.attention_bias {
+            "attention_bias".into()
+        } else if self.mlp_bias {
+            "mlp_bias".into()
+        } else if let Some(scaling) = self.rope_scaling.as_ref().filter(|s| {
+            let kind = s.get("rope_type").or_else(|| s.get("type"));
+            !s.is_null() && kind.and_then(|k| k.as_str()) != Some("default")
+        }) {
+            format!("rope_scaling {scaling}")
+        } else {
+            return None;
+        };
+        Some(format!(
+            "{what} is not implemented (a Llama decoder with SiLU, no biases and plain rope is)"
+        ))
+    }
 }
 
 fn default_rope_theta() -> f64 {
@@ -88,6 +129,12 @@ impl ModelConfig {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
+        if let Some(reason) = hf.unimplemented() {
+            return Err(ModelError::Format {
+                path: path.display().to_string(),
+                reason,
+            });
+        }
         let cfg = ModelConfig {
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,

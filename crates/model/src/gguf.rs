@@ -33,6 +33,9 @@ pub struct GgufInfo {
     pub chat_template: Option<String>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token`: whether a prompt starts with the BOS token (llama.cpp
+    /// adds it when this is true).
+    pub add_bos_token: bool,
 }
 
 /// A loaded GGUF model.
@@ -251,7 +254,9 @@ fn tensor_bytes(kind: u32, numel: u64) -> Result<u64, String> {
             "{numel} values is not a whole number of {values}-value blocks"
         ));
     }
-    Ok(numel / values * bytes)
+    (numel / values)
+        .checked_mul(bytes)
+        .ok_or_else(|| format!("{numel} values overflow a 64-bit size"))
 }
 
 /// Reads the file and parses its header.
@@ -279,19 +284,58 @@ pub fn gguf_config(path: &Path) -> Result<ModelConfig, ModelError> {
 /// Reads a Llama-architecture GGUF file onto `device` as f32 weights.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> {
     let (bytes, header) = read_file(path)?;
-    let meta = header.metadata();
-    let config = config_of(&header, path)?;
+    load_parsed(&bytes, &header, path, device)
+}
 
+/// Why a GGUF tensor this decoder has no place for is refused, rather than skipped: a model
+/// that needs it would load and give wrong logits.
+fn unsupported_tensor(name: &str) -> String {
+    let what = if name.ends_with(".bias") {
+        "biases (attention_bias / mlp_bias) are not implemented"
+    } else if name == "rope_freqs.weight" {
+        "per-dimension rope frequency factors (Llama 3 rope scaling) are not implemented"
+    } else {
+        "it is not part of the Llama decoder this build implements"
+    };
+    format!("tensor '{name}' is not supported: {what}")
+}
+
+fn load_parsed(
+    bytes: &[u8],
+    header: &Header,
+    path: &Path,
+    device: &Device,
+) -> Result<GgufModel, ModelError> {
+    let meta = header.metadata();
+    let config = config_of(header, path)?;
+    let specs: HashMap<String, Vec<usize>> = crate::param_specs(&config)
+        .into_iter()
+        .map(|s| (s.name, s.hf_shape))
+        .collect();
     let data_start = header.data_offset;
     let mut named = HashMap::new();
     for t in header.tensors() {
-        let Some(hf_name) = hf_name(&t.name) else {
-            // Precomputed rope frequencies and the like are derived from the config.
-            continue;
-        };
-        // GGUF lists dimensions innermost first; Hugging Face outermost first.
-        let shape: Vec<usize> = t.shape.iter().rev().map(|&d| d as usize).collect();
+        let hf_name =
+            hf_name(&t.name).ok_or_else(|| format_err(path, unsupported_tensor(&t.name)))?;
         let located = |reason: String| format_err(path, format!("tensor '{}': {reason}", t.name));
+        // GGUF lists dimensions innermost first; Hugging Face outermost first. The shape is
+        // checked before anything is read or allocated for it.
+        let shape: Vec<usize> = t.shape.iter().rev().map(|&d| d as usize).collect();
+        match specs.get(&hf_name) {
+            Some(want) if *want == shape => {}
+            Some(want) => {
+                return Err(located(format!(
+                    "shape {:?} (outermost first), the config needs {want:?}",
+                    shape
+                )));
+            }
+            None => {
+                return Err(located(format!(
+                    "no such tensor in a {}-layer model",
+                    config.num_hidden_layers
+                )));
+            }
+        }
         let numel = t
             .shape
             .iter()
@@ -302,12 +346,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
             .checked_add(t.offset)
             .and_then(|start| Some(start..start.checked_add(size)?))
             .and_then(|range| bytes.get(range.start as usize..range.end as usize))
-            .ok_or_else(|| {
-                format_err(
-                    path,
-                    format!("tensor '{}' runs past the end of the file", t.name),
-                )
-            })?;
+            .ok_or_else(|| located("runs past the end of the file".into()))?;
         let mut data = dequantize(t.kind, raw, numel as usize).map_err(located)?;
         // convert_hf_to_gguf.py permutes q/k rows for ggml's interleaved rope; the decoder
         // uses the half-split convention, so the permutation is undone here.
@@ -333,12 +372,50 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
         chat_template: string("tokenizer.chat_template"),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),
+        add_bos_token: add_bos_token(meta),
     };
     Ok(GgufModel {
         config,
         weights,
         info,
     })
+}
+
+/// `tokenizer.ggml.add_bos_token`, or llama.cpp's default when absent: true for a
+/// SentencePiece (`llama`) vocabulary, false for the others.
+fn add_bos_token(meta: &std::collections::BTreeMap<String, Value>) -> bool {
+    match meta.get("tokenizer.ggml.add_bos_token") {
+        Some(Value::Bool(b)) => *b,
+        _ => meta.get("tokenizer.ggml.model").and_then(Value::as_str) == Some("llama"),
+    }
+}
+
+/// Metadata of model features the decoder does not implement: refused by name, not ignored.
+fn refuse_unimplemented(meta: &std::collections::BTreeMap<String, Value>) -> Result<(), String> {
+    let scaling = meta.get("llama.rope.scaling.type").and_then(Value::as_str);
+    if scaling.is_some_and(|t| t != "none") {
+        return Err(format!(
+            "llama.rope.scaling.type = '{}': rope scaling is not implemented",
+            scaling.unwrap_or_default()
+        ));
+    }
+    let factor = meta
+        .get("llama.rope.scaling.factor")
+        .and_then(Value::as_f64);
+    if scaling.is_none() && factor.is_some_and(|f| f != 0.0 && f != 1.0) {
+        return Err(format!(
+            "llama.rope.scaling.factor = {}: rope scaling is not implemented",
+            factor.unwrap_or_default()
+        ));
+    }
+    if let Some(n) = meta.get("llama.expert_count").and_then(Value::as_u64)
+        && n > 0
+    {
+        return Err(format!(
+            "llama.expert_count = {n}: mixture-of-experts layers are not implemented"
+        ));
+    }
+    Ok(())
 }
 
 /// The model shape from `general.architecture` and the `<arch>.*` keys.
@@ -370,10 +447,11 @@ fn config_from_metadata(
             })
     };
     let float = |key: &str, default: f64| meta.get(key).and_then(Value::as_f64).unwrap_or(default);
+    refuse_unimplemented(meta).map_err(|reason| format_err(path, reason))?;
     let heads = uint("llama.attention.head_count")?;
     let hidden = uint("llama.embedding_length")?;
     if let Ok(rope_dims) = uint("llama.rope.dimension_count")
-        && rope_dims * heads != hidden
+        && rope_dims.checked_mul(heads) != Some(hidden)
     {
         return Err(format_err(
             path,
@@ -381,6 +459,18 @@ fn config_from_metadata(
                 "llama.rope.dimension_count = {rope_dims}: partial rotary embeddings are not supported"
             ),
         ));
+    }
+    for key in ["llama.attention.key_length", "llama.attention.value_length"] {
+        if let Ok(width) = uint(key)
+            && width.checked_mul(heads) != Some(hidden)
+        {
+            return Err(format_err(
+                path,
+                format!(
+                    "{key} = {width}: head widths decoupled from the embedding are not implemented"
+                ),
+            ));
+        }
     }
     let cfg = ModelConfig {
         vocab_size: match embedding_rows {
@@ -613,6 +703,210 @@ mod header_tests {
     fn string(out: &mut Vec<u8>, s: &str) {
         out.extend((s.len() as u64).to_le_bytes());
         out.extend(s.as_bytes());
+    }
+
+    enum Meta {
+        Str(&'static str),
+        U32(u32),
+        F32(f32),
+        Bool(bool),
+    }
+
+    /// The metadata of a one-layer llama: width 8, two heads of 4, vocabulary 16.
+    fn tiny_meta() -> Vec<(&'static str, Meta)> {
+        vec![
+            ("general.architecture", Meta::Str("llama")),
+            ("llama.block_count", Meta::U32(1)),
+            ("llama.context_length", Meta::U32(32)),
+            ("llama.embedding_length", Meta::U32(8)),
+            ("llama.feed_forward_length", Meta::U32(16)),
+            ("llama.attention.head_count", Meta::U32(2)),
+            ("llama.rope.freq_base", Meta::F32(10000.0)),
+        ]
+    }
+
+    /// The tensors of [`tiny_meta`]'s model, dimensions innermost first as GGUF lists them.
+    fn tiny_tensors() -> Vec<(&'static str, Vec<u64>)> {
+        let mut t = vec![
+            ("token_embd.weight", vec![8, 16]),
+            ("output_norm.weight", vec![8]),
+        ];
+        for (name, shape) in [
+            ("attn_norm", vec![8]),
+            ("attn_q", vec![8, 8]),
+            ("attn_k", vec![8, 8]),
+            ("attn_v", vec![8, 8]),
+            ("attn_output", vec![8, 8]),
+            ("ffn_norm", vec![8]),
+            ("ffn_gate", vec![8, 16]),
+            ("ffn_up", vec![8, 16]),
+            ("ffn_down", vec![16, 8]),
+        ] {
+            let name: &'static str = Box::leak(format!("blk.0.{name}.weight").into_boxed_str());
+            t.push((name, shape));
+        }
+        t
+    }
+
+    /// A whole GGUF file of F32 tensors (each sized by its listed shape, saturating).
+    fn gguf_file(meta: &[(&str, Meta)], tensors: &[(&str, Vec<u64>)]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend(MAGIC.to_le_bytes());
+        f.extend(3u32.to_le_bytes());
+        f.extend((tensors.len() as u64).to_le_bytes());
+        f.extend((meta.len() as u64).to_le_bytes());
+        for (key, value) in meta {
+            string(&mut f, key);
+            match value {
+                Meta::Str(v) => {
+                    f.extend(8u32.to_le_bytes());
+                    string(&mut f, v);
+                }
+                Meta::U32(v) => {
+                    f.extend(4u32.to_le_bytes());
+                    f.extend(v.to_le_bytes());
+                }
+                Meta::F32(v) => {
+                    f.extend(6u32.to_le_bytes());
+                    f.extend(v.to_le_bytes());
+                }
+                Meta::Bool(v) => {
+                    f.extend(7u32.to_le_bytes());
+                    f.push(u8::from(*v));
+                }
+            }
+        }
+        let mut offset = 0u64;
+        let sizes: Vec<u64> = tensors
+            .iter()
+            .map(|(_, shape)| {
+                shape
+                    .iter()
+                    .fold(4u64, |n, &d| n.saturating_mul(d))
+                    .min(1 << 20)
+            })
+            .collect();
+        for ((name, shape), size) in tensors.iter().zip(&sizes) {
+            string(&mut f, name);
+            f.extend((shape.len() as u32).to_le_bytes());
+            for d in shape {
+                f.extend(d.to_le_bytes());
+            }
+            f.extend(GGML_F32.to_le_bytes());
+            f.extend(offset.to_le_bytes());
+            offset += size.div_ceil(32) * 32;
+        }
+        f.resize(f.len().div_ceil(32) * 32, 0);
+        for size in sizes {
+            let values = (0..size / 4).flat_map(|i| ((i % 7) as f32 * 0.01).to_le_bytes());
+            f.extend(values);
+            f.resize(f.len().div_ceil(32) * 32, 0);
+        }
+        f
+    }
+
+    fn load(file: &[u8]) -> Result<GgufModel, String> {
+        let path = Path::new("crafted.gguf");
+        let header = parse_header(file)?;
+        load_parsed(file, &header, path, &Device::flex()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_well_formed_tiny_model_loads() {
+        let m = load(&gguf_file(&tiny_meta(), &tiny_tensors())).unwrap();
+        assert_eq!((m.config.vocab_size, m.config.head_dim()), (16, 4));
+        assert!(m.config.tie_word_embeddings);
+        assert!(
+            !m.info.add_bos_token,
+            "no vocabulary type: llama.cpp's default is no BOS"
+        );
+    }
+
+    #[test]
+    fn crafted_tensor_shapes_are_errors_not_panics() {
+        let cases: [(&str, Vec<u64>, &str); 5] = [
+            ("blk.0.attn_q.weight", vec![64], "the config needs [8, 8]"),
+            ("blk.0.attn_k.weight", vec![0, 8], "the config needs [8, 8]"),
+            (
+                "blk.0.attn_k.weight",
+                vec![8, 8, 1],
+                "the config needs [8, 8]",
+            ),
+            (
+                "blk.0.ffn_up.weight",
+                vec![u64::MAX, 2],
+                "the config needs [16, 8]",
+            ),
+            ("blk.0.ffn_up.weight", vec![8], "the config needs [16, 8]"),
+        ];
+        for (name, shape, why) in cases {
+            let mut tensors = tiny_tensors();
+            tensors.iter_mut().find(|t| t.0 == name).unwrap().1 = shape.clone();
+            let err = load(&gguf_file(&tiny_meta(), &tensors)).err().unwrap();
+            assert!(
+                err.contains(name) && err.contains(why),
+                "{name} {shape:?}: {err}"
+            );
+        }
+        // A vocabulary so large the embedding's byte size overflows.
+        let mut tensors = tiny_tensors();
+        tensors[0].1 = vec![8, 1 << 62];
+        let err = load(&gguf_file(&tiny_meta(), &tensors)).err().unwrap();
+        assert!(err.contains("overflow"), "{err}");
+    }
+
+    #[test]
+    fn unimplemented_model_features_are_refused_by_name() {
+        let extra = |name: &'static str, shape: Vec<u64>| {
+            let mut t = tiny_tensors();
+            t.push((name, shape));
+            load(&gguf_file(&tiny_meta(), &t)).err().unwrap()
+        };
+        let err = extra("blk.0.attn_q.bias", vec![8]);
+        assert!(
+            err.contains("blk.0.attn_q.bias") && err.contains("biases"),
+            "{err}"
+        );
+        let err = extra("rope_freqs.weight", vec![2]);
+        assert!(err.contains("rope frequency factors"), "{err}");
+        let err = extra("blk.1.attn_q.weight", vec![8, 8]);
+        assert!(err.contains("1-layer"), "{err}");
+
+        let with = |key: &'static str, value: Meta| {
+            let mut m = tiny_meta();
+            m.push((key, value));
+            load(&gguf_file(&m, &tiny_tensors())).err().unwrap()
+        };
+        let err = with("llama.rope.scaling.type", Meta::Str("yarn"));
+        assert!(err.contains("rope scaling"), "{err}");
+        let err = with("llama.rope.scaling.factor", Meta::F32(4.0));
+        assert!(err.contains("rope scaling"), "{err}");
+        let err = with("llama.expert_count", Meta::U32(8));
+        assert!(err.contains("mixture-of-experts"), "{err}");
+        let err = with("llama.attention.key_length", Meta::U32(8));
+        assert!(err.contains("key_length"), "{err}");
+    }
+
+    #[test]
+    fn bos_follows_the_file_and_llama_cpp_defaults() {
+        let bos = |extra: Vec<(&'static str, Meta)>| {
+            let mut m = tiny_meta();
+            m.extend(extra);
+            load(&gguf_file(&m, &tiny_tensors()))
+                .unwrap()
+                .info
+                .add_bos_token
+        };
+        assert!(bos(vec![(
+            "tokenizer.ggml.add_bos_token",
+            Meta::Bool(true)
+        )]));
+        assert!(!bos(vec![(
+            "tokenizer.ggml.add_bos_token",
+            Meta::Bool(false)
+        )]));
+        assert!(bos(vec![("tokenizer.ggml.model", Meta::Str("llama"))]));
+        assert!(!bos(vec![("tokenizer.ggml.model", Meta::Str("gpt2"))]));
     }
 
     #[test]

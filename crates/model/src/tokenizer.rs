@@ -51,6 +51,18 @@ impl Tokenizer {
         }
     }
 
+    /// [`Tokenizer::encode`], plus the special tokens a Hugging Face tokenizer's post-processor
+    /// adds (a BOS, for many models): what `transformers` does by default.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        match self {
+            Tokenizer::Bytes => self.encode(text),
+            Tokenizer::Hf { inner, .. } => inner
+                .encode(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| ModelError::Tokenizer(e.to_string())),
+        }
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Tokenizer::Bytes => {
@@ -68,6 +80,14 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => None,
             Tokenizer::Hf { inner, .. } => inner.token_to_id(token),
+        }
+    }
+
+    /// The text of token `id` (a special token's name, such as `<s>`).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf { inner, .. } => inner.id_to_token(id),
         }
     }
 }

@@ -266,3 +266,38 @@ fn loads_a_hugging_face_config_json() {
     // SmolLM2-135M has 134,515,008 parameters with tied embeddings.
     assert_eq!(cfg.num_params(), 134_515_008);
 }
+
+#[test]
+fn a_hugging_face_config_with_an_unimplemented_feature_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let base = r#""hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+        "num_attention_heads":4,"vocab_size":256,"max_position_embeddings":64"#;
+    for (extra, named) in [
+        (
+            r#""rope_scaling":{"rope_type":"llama3","factor":8.0}"#,
+            "rope_scaling",
+        ),
+        (r#""hidden_act":"gelu""#, "hidden_act"),
+        (r#""attention_bias":true"#, "attention_bias"),
+        (r#""mlp_bias":true"#, "mlp_bias"),
+        (r#""model_type":"qwen2""#, "model_type"),
+    ] {
+        std::fs::write(&path, format!("{{{base},{extra}}}")).unwrap();
+        let err = ModelConfig::from_hf_config_json(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(named) && err.contains("not implemented"),
+            "{extra}: {err}"
+        );
+    }
+    // What this decoder is, stated explicitly, is fine.
+    for fine in [
+        r#""hidden_act":"silu","attention_bias":false,"mlp_bias":false,"rope_scaling":null,"model_type":"llama""#,
+        r#""rope_scaling":{"rope_type":"default"}"#,
+    ] {
+        std::fs::write(&path, format!("{{{base},{fine}}}")).unwrap();
+        ModelConfig::from_hf_config_json(&path).unwrap();
+    }
+}
