@@ -90,15 +90,14 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
     }
-    let text = if args.chat {
-        model.render_chat(&[ChatMessage {
+    let prompt = if args.chat {
+        model.chat_ids(&[ChatMessage {
             role: "user".into(),
             content: args.prompt.clone(),
         }])?
     } else {
-        args.prompt.clone()
+        model.prompt_ids(&args.prompt)?
     };
-    let prompt = model.tokenizer.encode(&text)?;
     if prompt.is_empty() {
         bail!("--prompt is empty");
     }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use holdfast_model::{ModelConfig, Tokenizer, Weights, load_gguf, load_safetensors};
+use holdfast_model::{ModelConfig, ModelError, Tokenizer, Weights, load_gguf, load_safetensors};
 use serde::{Deserialize, Serialize};
 
 use crate::ServeError;
@@ -21,12 +21,43 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// How prompt text becomes token ids, as the model's own files say.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PromptRule {
+    /// Starts every completion prompt: a GGUF's BOS when `tokenizer.ggml.add_bos_token` says
+    /// so (as llama.cpp adds it).
+    pub bos: Option<u32>,
+    /// The BOS token's text, for chat templates that write `{{ bos_token }}`.
+    pub bos_text: Option<String>,
+    /// Encode with the tokenizer.json's post-processor, which adds the special tokens the
+    /// model expects (`transformers`' default): Hugging Face model directories.
+    pub post_process: bool,
+}
+
+impl PromptRule {
+    /// The ids of a completion prompt.
+    pub fn encode(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
+        let mut ids = if self.post_process {
+            tokenizer.encode_with_special_tokens(text)?
+        } else {
+            tokenizer.encode(text)?
+        };
+        if let Some(bos) = self.bos
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+}
+
 pub struct ServedModel {
     /// The name clients pass as `model`.
     pub id: String,
     pub weights: Weights,
     /// Shared with the HTTP handlers, which tokenize and validate before queueing.
     pub tokenizer: Arc<Tokenizer>,
+    pub prompt_rule: PromptRule,
     /// Jinja chat template (Hugging Face convention); None uses ChatML.
     pub chat_template: Option<String>,
     /// Generation stops at these ids.
@@ -45,6 +76,8 @@ impl ServedModel {
             id,
             weights,
             tokenizer: Arc::new(tokenizer),
+            // As the run was trained: plain text, no special tokens added.
+            prompt_rule: PromptRule::default(),
             chat_template: None,
             stop_tokens,
             device,
@@ -80,17 +113,22 @@ impl ServedModel {
         let hf_config =
             read_tokenizer_config(&tokenizer_path.with_file_name("tokenizer_config.json"))?;
 
+        let mut rule = PromptRule::default();
         let (weights, mut template, mut stops) = if path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
             let m = load_gguf(path, device)?;
+            let bos = m.info.bos_token_id;
+            rule.bos = bos.filter(|_| m.info.add_bos_token);
+            rule.bos_text = bos.and_then(|id| tok.id_to_token(id));
             (
                 m.weights,
                 m.info.chat_template,
                 m.info.eos_token_id.into_iter().collect(),
             )
         } else if path.is_dir() {
+            rule.post_process = true;
             let cfg = ModelConfig::from_hf_config_json(&require(
                 path.join("config.json"),
                 path,
@@ -107,6 +145,9 @@ impl ServedModel {
         if let Some(t) = hf_config.chat_template {
             template.get_or_insert(t);
         }
+        if let Some(t) = hf_config.bos_token {
+            rule.bos_text.get_or_insert(t);
+        }
         if let Some(eos) = hf_config.eos_token.and_then(|t| tok.token_id(&t)) {
             stops.push(eos);
         }
@@ -120,6 +161,7 @@ impl ServedModel {
         }
         let mut model = ServedModel::new(id, weights, tok, device.clone());
         model.chat_template = template;
+        model.prompt_rule = rule;
         for s in stops {
             if !model.stop_tokens.contains(&s) {
                 model.stop_tokens.push(s);
@@ -133,15 +175,27 @@ impl ServedModel {
         self.weights.cfg.max_position_embeddings
     }
 
-    /// Renders messages with the model's chat template, ready for the assistant's turn.
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ServeError> {
-        render_chat(self.chat_template.as_deref(), messages)
+    /// The ids of a completion prompt (with a BOS when the model's files ask for one).
+    pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>, ServeError> {
+        Ok(self.prompt_rule.encode(&self.tokenizer, text)?)
+    }
+
+    /// The ids of `messages` rendered with the model's chat template for the assistant's turn.
+    /// The template writes any BOS itself (`{{ bos_token }}`), as `transformers` renders it.
+    pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ServeError> {
+        let bos = self.prompt_rule.bos_text.as_deref();
+        let text = render_chat(self.chat_template.as_deref(), messages, bos)?;
+        Ok(self.tokenizer.encode(&text)?)
     }
 }
 
 /// Renders messages with a Jinja chat template (ChatML when None), ready for the assistant's
-/// turn.
-pub fn render_chat(template: Option<&str>, messages: &[ChatMessage]) -> Result<String, ServeError> {
+/// turn; `bos_token` is the model's BOS text (empty when it has none).
+pub fn render_chat(
+    template: Option<&str>,
+    messages: &[ChatMessage],
+    bos_token: Option<&str>,
+) -> Result<String, ServeError> {
     let source = template.unwrap_or(FALLBACK_CHAT_TEMPLATE);
     let mut env = minijinja::Environment::new();
     // Hugging Face templates call raise_exception() to reject a conversation.
@@ -161,7 +215,7 @@ pub fn render_chat(template: Option<&str>, messages: &[ChatMessage]) -> Result<S
             t.render(minijinja::context! {
                 messages => messages,
                 add_generation_prompt => true,
-                bos_token => "",
+                bos_token => bos_token.unwrap_or(""),
                 eos_token => "",
             })
         })
@@ -184,6 +238,7 @@ fn require(p: PathBuf, model: &Path, what: &str) -> Result<PathBuf, ServeError> 
 struct TokenizerConfig {
     chat_template: Option<String>,
     eos_token: Option<String>,
+    bos_token: Option<String>,
 }
 
 /// The chat template and end-of-sequence token of a tokenizer_config.json, when present.
@@ -198,5 +253,73 @@ fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig, ServeError> {
     Ok(TokenizerConfig {
         chat_template: string("chat_template"),
         eos_token: string("eos_token"),
+        bos_token: string("bos_token"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer whose post-processor starts every sequence with `<s>` (id 0), as
+    /// Llama's tokenizer.json files do.
+    fn bos_adding_tokenizer() -> Tokenizer {
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,
+            "added_tokens":[{"id":0,"content":"<s>","single_word":false,"lstrip":false,
+                "rstrip":false,"normalized":false,"special":true}],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},
+            "post_processor":{"type":"TemplateProcessing",
+                "single":[{"SpecialToken":{"id":"<s>","type_id":0}},{"Sequence":{"id":"A","type_id":0}}],
+                "pair":[{"Sequence":{"id":"A","type_id":0}},{"Sequence":{"id":"B","type_id":1}}],
+                "special_tokens":{"<s>":{"id":"<s>","ids":[0],"tokens":["<s>"]}}},
+            "decoder":null,
+            "model":{"type":"WordLevel","vocab":{"<s>":0,"hello":1,"world":2,"[UNK]":3},"unk_token":"[UNK]"}}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        Tokenizer::from_file(&path).unwrap()
+    }
+
+    #[test]
+    fn a_prompt_gets_the_bos_its_model_asks_for_once() {
+        let tok = bos_adding_tokenizer();
+        let plain = PromptRule::default();
+        assert_eq!(plain.encode(&tok, "hello world").unwrap(), [1, 2]);
+        // A Hugging Face directory: the tokenizer's post-processor, as transformers encodes.
+        let hf = PromptRule {
+            post_process: true,
+            ..PromptRule::default()
+        };
+        assert_eq!(hf.encode(&tok, "hello world").unwrap(), [0, 1, 2]);
+        // A GGUF with add_bos_token: prepended, never doubled.
+        let gguf = PromptRule {
+            bos: Some(0),
+            ..PromptRule::default()
+        };
+        assert_eq!(gguf.encode(&tok, "hello world").unwrap(), [0, 1, 2]);
+        assert_eq!(gguf.encode(&tok, "<s> hello").unwrap(), [0, 1]);
+        let both = PromptRule {
+            bos: Some(0),
+            post_process: true,
+            ..PromptRule::default()
+        };
+        assert_eq!(both.encode(&tok, "hello").unwrap(), [0, 1]);
+    }
+
+    #[test]
+    fn a_chat_template_gets_the_bos_text() {
+        let template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}";
+        let messages = [ChatMessage {
+            role: "user".into(),
+            content: "hello".into(),
+        }];
+        assert_eq!(
+            render_chat(Some(template), &messages, Some("<s>")).unwrap(),
+            "<s>hello"
+        );
+        assert_eq!(
+            render_chat(Some(template), &messages, None).unwrap(),
+            "hello"
+        );
+    }
 }

@@ -1,10 +1,11 @@
 //! OpenAI-compatible HTTP server: `/v1/completions`, `/v1/chat/completions` (JSON or SSE
 //! streaming), `/v1/models`, `/health`.
 //!
-//! One thread owns the model and runs one generation at a time; handlers tokenize and validate
-//! first, then queue. Admission is bounded: a request holds a slot from admission until its
-//! response is fully sent (or the client goes away), and a request that finds every slot taken
-//! is answered 429 at once instead of waiting unboundedly.
+//! One thread owns the model and runs one generation at a time. A handler checks the request's
+//! cheap fields, then takes an admission slot, and only then renders the chat and tokenizes
+//! (on a blocking thread, off the runtime) and queues: a request that finds every slot taken
+//! is answered 429 at once, before any work on its text. A request holds its slot until its
+//! response is fully sent (or the client goes away).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::model::render_chat;
+use crate::model::{PromptRule, render_chat};
 use crate::{ChatMessage, Completion, SamplingOptions, ServedModel, generate};
 
 #[derive(Clone, Debug)]
@@ -53,6 +54,7 @@ enum JobEvent {
 struct AppState {
     model_id: String,
     tokenizer: Arc<Tokenizer>,
+    prompt_rule: PromptRule,
     chat_template: Option<String>,
     stop_tokens: Vec<u32>,
     context: usize,
@@ -169,13 +171,8 @@ struct ChatRequest {
 /// Default `max_tokens` of `/v1/completions`, as in OpenAI's API.
 const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
 
-/// Checks a request against the model and turns it into a job's prompt and sampling options.
-fn prepare(
-    state: &AppState,
-    text: &str,
-    common: &Common,
-    default_max_tokens: Option<usize>,
-) -> Result<(Vec<u32>, SamplingOptions), ApiError> {
+/// Checks the fields that cost nothing to check, before the request is admitted.
+fn check_fields(state: &AppState, common: &Common) -> Result<(), ApiError> {
     if common.model != state.model_id {
         return Err(ApiError::invalid(
             format!(
@@ -209,10 +206,50 @@ fn prepare(
             "invalid_value",
         ));
     }
-    let prompt = state
-        .tokenizer
-        .encode(text)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt"), "invalid_value"))?;
+    if stops(common).len() > 4 || stops(common).iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop takes up to 4 non-empty strings",
+            Some("stop"),
+            "invalid_value",
+        ));
+    }
+    Ok(())
+}
+
+fn stops(common: &Common) -> Vec<String> {
+    match &common.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    }
+}
+
+/// What an admitted request asks for: a completion's prompt, or a chat to render.
+enum Input {
+    Prompt(String),
+    Chat(Vec<ChatMessage>),
+}
+
+/// Renders and tokenizes an admitted request (checked by [`check_fields`]) into a job's prompt
+/// and sampling options.
+fn prepare(
+    state: &AppState,
+    input: Input,
+    common: &Common,
+    default_max_tokens: Option<usize>,
+) -> Result<(Vec<u32>, SamplingOptions), ApiError> {
+    let encoded = match input {
+        Input::Prompt(text) => state.prompt_rule.encode(&state.tokenizer, &text),
+        Input::Chat(messages) => {
+            let bos = state.prompt_rule.bos_text.as_deref();
+            let text = render_chat(state.chat_template.as_deref(), &messages, bos)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages"), "invalid_value"))?;
+            // The template wrote any BOS the model wants, as transformers' chat does.
+            state.tokenizer.encode(&text)
+        }
+    };
+    let prompt =
+        encoded.map_err(|e| ApiError::invalid(e.to_string(), Some("prompt"), "invalid_value"))?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             "the prompt is empty",
@@ -248,25 +285,13 @@ fn prepare(
             "invalid_value",
         ));
     }
-    let stop = match &common.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s.clone()],
-        Some(Stop::Many(v)) => v.clone(),
-    };
-    if stop.len() > 4 || stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            "stop takes up to 4 non-empty strings",
-            Some("stop"),
-            "invalid_value",
-        ));
-    }
     let sampling = SamplingOptions {
-        temperature,
+        temperature: common.temperature.unwrap_or(1.0),
         top_k: common.top_k.unwrap_or(0),
-        top_p,
+        top_p: common.top_p.unwrap_or(1.0),
         max_new_tokens: max_tokens,
         seed: request_seed(common.seed),
-        stop,
+        stop: stops(common),
         stop_tokens: state.stop_tokens.clone(),
     };
     Ok((prompt, sampling))
@@ -338,13 +363,15 @@ async fn completions(
             ));
         }
     };
-    let (prompt, sampling) = prepare(
-        &state,
-        &text,
-        &req.common,
-        Some(COMPLETION_DEFAULT_MAX_TOKENS),
-    )?;
-    respond(state, Kind::Completion, prompt, sampling, req.common.stream).await
+    let default = Some(COMPLETION_DEFAULT_MAX_TOKENS);
+    respond(
+        state,
+        Kind::Completion,
+        Input::Prompt(text),
+        req.common,
+        default,
+    )
+    .await
 }
 
 async fn chat_completions(
@@ -359,20 +386,26 @@ async fn chat_completions(
             "invalid_value",
         ));
     }
-    let text = render_chat(state.chat_template.as_deref(), &req.messages)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages"), "invalid_value"))?;
-    let (prompt, sampling) = prepare(&state, &text, &req.common, None)?;
-    respond(state, Kind::Chat, prompt, sampling, req.common.stream).await
+    respond(
+        state,
+        Kind::Chat,
+        Input::Chat(req.messages),
+        req.common,
+        None,
+    )
+    .await
 }
 
-/// Admits and queues a job, then answers with one JSON body or an SSE stream.
+/// Checks, admits, prepares and queues a job, then answers with one JSON body or an SSE
+/// stream.
 async fn respond(
     state: Arc<AppState>,
     kind: Kind,
-    prompt: Vec<u32>,
-    sampling: SamplingOptions,
-    stream: bool,
+    input: Input,
+    common: Common,
+    default_max_tokens: Option<usize>,
 ) -> Result<Response, ApiError> {
+    check_fields(&state, &common)?;
     let slot = admit(&state.pending, state.options.max_pending).ok_or(ApiError {
         status: StatusCode::TOO_MANY_REQUESTS,
         message: format!(
@@ -382,6 +415,12 @@ async fn respond(
         code: "queue_full",
         param: None,
     })?;
+    let stream = common.stream;
+    let shared = state.clone();
+    let (prompt, sampling) =
+        tokio::task::spawn_blocking(move || prepare(&shared, input, &common, default_max_tokens))
+            .await
+            .map_err(|_| unavailable())??;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let prompt_tokens = prompt.len();
     state
@@ -539,6 +578,7 @@ pub fn router(model: ServedModel, options: ServerOptions) -> Router {
     let state = Arc::new(AppState {
         model_id: model.id.clone(),
         tokenizer: model.tokenizer.clone(),
+        prompt_rule: model.prompt_rule.clone(),
         chat_template: model.chat_template.clone(),
         stop_tokens: model.stop_tokens.clone(),
         context: model.context(),
@@ -619,5 +659,53 @@ mod tests {
         let c = admit(&pending, 2).unwrap();
         drop((b, c));
         assert_eq!(pending.load(Ordering::SeqCst), 0);
+    }
+
+    /// A server state whose every admission slot is taken, with a chat template that fails.
+    fn full_state() -> Arc<AppState> {
+        let (jobs, _) = mpsc::unbounded_channel();
+        Arc::new(AppState {
+            model_id: "m".into(),
+            tokenizer: Arc::new(Tokenizer::Bytes),
+            prompt_rule: PromptRule::default(),
+            chat_template: Some("{{ raise_exception('never rendered') }}".into()),
+            stop_tokens: Vec::new(),
+            context: 64,
+            jobs,
+            options: ServerOptions {
+                api_key: None,
+                max_pending: 1,
+            },
+            pending: Arc::new(AtomicUsize::new(1)),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_full_server_refuses_before_rendering_or_tokenizing() {
+        // Each would be a 400 once rendered or tokenized; while full, none is looked at.
+        let empty: CompletionRequest =
+            serde_json::from_value(json!({"model": "m", "prompt": ""})).unwrap();
+        let err = completions(State(full_state()), Ok(Json(empty)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.status, err.code),
+            (StatusCode::TOO_MANY_REQUESTS, "queue_full")
+        );
+        let chat: ChatRequest = serde_json::from_value(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap();
+        let err = chat_completions(State(full_state()), Ok(Json(chat)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, StatusCode::TOO_MANY_REQUESTS);
+        // A field that costs nothing to check is still checked first.
+        let wrong: CompletionRequest =
+            serde_json::from_value(json!({"model": "other", "prompt": "x"})).unwrap();
+        let err = completions(State(full_state()), Ok(Json(wrong)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, "model_not_found");
     }
 }
