@@ -6,6 +6,9 @@
 #   bash bench/cluster.sh goodput   # 4 workers, fault-free vs one kill per minute
 #   bash bench/cluster.sh overhead  # one process vs --workers 1 on the default task, twice, interleaved
 #   bash bench/cluster.sh guards    # one process with and without the guards, twice, interleaved
+#   bash bench/cluster.sh sdc       # compute-corruption detection: 3 workers, 48 rounds, one
+#                                   #   contribution bit flip every other round (bits 30 down to
+#                                   #   23, three of each), against the same run fault-free
 #
 # HOLDFAST (binary), DATA (corpus) and OUT (where runs go) may be set in the environment.
 set -euo pipefail
@@ -64,8 +67,59 @@ guards)
     done
   done
   ;;
+sdc)
+  mode=${SYNC:-diloco}
+  common=(--workers 3 --sync "$mode" --inner-steps 20 --batch-size 32 --seed 7 --no-progress)
+  [ "$mode" = ddp ] && common=(--workers 3 --sync ddp --batch-size 32 --seed 7 --no-progress)
+  steps=${STEPS:-960}
+  spec=""
+  for i in $(seq 0 23); do
+    bit=$((30 - i / 3)); worker=$((i % 3)); round=$((2 * i + 1))
+    spec="$spec${spec:+; }sdc:worker=$worker,at=$round,bit=$bit"
+  done
+  "$BIN" train "${common[@]}" --steps "$steps" --run-dir "$OUT/sdc-clean" > /dev/null
+  "$BIN" train "${common[@]}" --steps "$steps" --chaos "$spec" --run-dir "$OUT/sdc-faulty" > /dev/null
+  python3 - "$OUT" "$spec" <<'PY'
+import json, sys
+out, spec = sys.argv[1], sys.argv[2]
+def caught(run):
+    ev = [json.loads(l)["detail"] for l in open(f"{out}/{run}/events.jsonl")]
+    return [(e["round"], e["name"]) for e in ev if e["event"] == "contribution_outlier"]
+faults = []
+for item in spec.split("; "):
+    kv = dict(p.split("=") for p in item.split(":")[1].split(","))
+    faults.append((int(kv["at"]), f"worker-{kv['worker']}", int(kv["bit"])))
+hits = set(caught("sdc-faulty"))
+# What each flip did to its value, from the workers' logs: "(before → after)".
+import glob, re
+change = {}
+for log in glob.glob(f"{out}/sdc-faulty/logs/worker-*.log"):
+    name = log.rsplit("/", 1)[1][:-4]
+    for m in re.finditer(r"flipped bit (\d+) of value \d+ of round (\d+)'s contribution \((\S+) → (\S+)\)", open(log).read()):
+        before, after = abs(float(m[3])), abs(float(m[4]))
+        change[(int(m[2]), name)] = after / before if before else float("inf")
+by_bit, by_size = {}, {"grew >= 2^16": [0, 0], "grew 2-256x": [0, 0], "shrank": [0, 0]}
+for rnd, name, bit in faults:
+    by_bit.setdefault(bit, [0, 0])
+    by_bit[bit][1] += 1
+    by_bit[bit][0] += (rnd, name) in hits
+    f = change.get((rnd, name))
+    size = None if f is None else "grew >= 2^16" if f >= 2**16 else "grew 2-256x" if f > 1 else "shrank"
+    if size:
+        by_size[size][1] += 1
+        by_size[size][0] += (rnd, name) in hits
+clean = json.load(open(f"{out}/sdc-clean/summary.json"))
+faulty = json.load(open(f"{out}/sdc-faulty/summary.json"))
+print(json.dumps({"run": "sdc", "injected": len(faults), "caught": sum(v[0] for v in by_bit.values()),
+                  "caught_by_bit": {b: f"{v[0]}/{v[1]}" for b, v in sorted(by_bit.items(), reverse=True)},
+                  "caught_by_effect": {k: f"{v[0]}/{v[1]}" for k, v in by_size.items()},
+                  "flagged_not_injected": len(hits - {(r, n) for r, n, _ in faults}),
+                  "false_positives_clean": len(caught("sdc-clean")), "rounds_clean": clean["rounds"],
+                  "val_loss_clean": clean["eval"]["val_loss"], "val_loss_faulty": faulty["eval"]["val_loss"]}))
+PY
+  ;;
 *)
-  echo "usage: bash bench/cluster.sh sync|goodput|overhead|guards" >&2
+  echo "usage: bash bench/cluster.sh sync|goodput|overhead|guards|sdc" >&2
   exit 2
   ;;
 esac

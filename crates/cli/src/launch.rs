@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use holdfast_cluster::coordinator::Event;
-use holdfast_cluster::wire::random_bytes;
+use holdfast_cluster::wire::{Auth, fresh_secret};
 use holdfast_train::RunConfig;
 use holdfast_train::chaos::{ChaosPlan, Signal};
 use holdfast_train::coordinate::{ClusterRun, ClusterSummary, Progress, Restore};
@@ -152,10 +152,7 @@ pub fn run(
     opts: &LaunchOptions,
     restore: Option<Restore>,
 ) -> Result<ClusterSummary> {
-    let secret: String = random_bytes::<32>()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let secret = fresh_secret();
     let mut cluster = ClusterRun::start(
         run_dir,
         cfg,
@@ -442,14 +439,20 @@ pub fn secret_from_env_or_file(file: Option<&PathBuf>) -> Result<Vec<u8>> {
         if s.is_empty() {
             bail!("--secret-file {} is empty", path.display());
         }
-        return Ok(s.as_bytes().to_vec());
+        return strong(s.as_bytes(), &format!("--secret-file {}", path.display()));
     }
     match std::env::var(SECRET_ENV) {
-        Ok(s) if !s.is_empty() => Ok(s.into_bytes()),
+        Ok(s) if !s.is_empty() => strong(s.as_bytes(), SECRET_ENV),
         _ => bail!(
-            "no shared secret: set {SECRET_ENV} or pass --secret-file (every peer of a run needs the same one)"
+            "no shared secret: set {SECRET_ENV} or pass --secret-file (every peer of a run needs the same one; `holdfast secret` prints one)"
         ),
     }
+}
+
+/// `secret`, when it is strong enough to protect a run.
+fn strong(secret: &[u8], source: &str) -> Result<Vec<u8>> {
+    Auth::new(secret).with_context(|| format!("{source}: weak secret"))?;
+    Ok(secret.to_vec())
 }
 
 #[cfg(test)]
@@ -487,11 +490,18 @@ mod tests {
     }
 
     #[test]
-    fn a_secret_file_is_trimmed_and_an_empty_one_refused() {
+    fn a_secret_file_is_trimmed_and_an_empty_or_weak_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret");
-        std::fs::write(&file, "  s3cret\n").unwrap();
-        assert_eq!(secret_from_env_or_file(Some(&file)).unwrap(), b"s3cret");
+        let secret = fresh_secret();
+        std::fs::write(&file, format!("  {secret}\n")).unwrap();
+        assert_eq!(
+            secret_from_env_or_file(Some(&file)).unwrap(),
+            secret.as_bytes()
+        );
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let err = secret_from_env_or_file(Some(&file)).unwrap_err();
+        assert!(format!("{err:#}").contains("weak secret"), "{err:#}");
         std::fs::write(&file, "\n").unwrap();
         let err = secret_from_env_or_file(Some(&file))
             .unwrap_err()

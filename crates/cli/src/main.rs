@@ -47,6 +47,8 @@ enum Command {
     Coordinator(Box<CoordinatorArgs>),
     /// Join a multi-worker run (`holdfast coordinator` or `holdfast train --workers`).
     Worker(WorkerArgs),
+    /// Print a fresh random shared secret (256 bits, hex) for a multi-worker run.
+    Secret,
     /// Measure performance without writing a run directory.
     Bench {
         #[command(subcommand)]
@@ -213,6 +215,10 @@ fn main() -> ExitCode {
         } => serving::cmd_bench_generate(args),
         Command::Coordinator(args) => cmd_coordinator(*args),
         Command::Worker(args) => cmd_worker(args),
+        Command::Secret => {
+            println!("{}", holdfast_cluster::wire::fresh_secret());
+            Ok(())
+        }
         Command::Bench {
             what:
                 BenchCommand::Train {

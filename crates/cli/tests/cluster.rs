@@ -18,6 +18,9 @@ use common::{KillOnDrop, LIMIT, bounded, fails_with, holdfast, ok};
 /// neighbouring test cannot pass for a hung worker.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The shared secret of the runs started apart (128 bits, hex).
+const RIGHT_SECRET: &str = "0123456789abcdef0123456789abcdef";
+
 /// A short DiLoCo run of the default task: `steps` inner steps per worker, H = 20.
 fn train_args<'a>(run: &'a str, workers: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
@@ -577,15 +580,20 @@ fn a_run_restarted_cold_from_its_checkpoint_matches_one_that_never_stopped() {
     );
 }
 
+/// Runs `train_args(name, workers, steps)` with `--chaos spec` in `d`; returns the run directory.
+fn chaos_run(d: &Path, name: &str, workers: &str, steps: &str, spec: &str) -> std::path::PathBuf {
+    let mut args = train_args(name, workers, steps);
+    args.extend(["--chaos", spec]);
+    ok(&holdfast(d, &args));
+    d.join(name)
+}
+
 #[test]
 fn a_flipped_bit_is_outvoted_and_the_replica_heals() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut args = train_args("flip", "3", "240");
-    args.extend(["--chaos", "bitflip:worker=2,at=3"]);
-    ok(&holdfast(d, &args));
-    let run = d.join("flip");
+    let run = chaos_run(d, "flip", "3", "240", "bitflip:worker=2,at=3");
     let caught = events(&run, "corruption");
     assert_eq!(caught.len(), 1, "{caught:?}");
     assert_eq!(
@@ -718,6 +726,38 @@ fn a_corrupted_replica_never_reaches_a_checkpoint_and_a_slow_one_changes_only_ti
 }
 
 #[test]
+fn a_corrupted_contribution_is_voided_before_it_is_averaged_in() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // An exponent bit of one value of worker-1's pseudo-gradient, in compute: the replica
+    // vote cannot see it (every replica would average it in identically).
+    let run = chaos_run(d, "sdc", "3", "240", "sdc:worker=1,at=3,bit=30");
+    let caught = events(&run, "contribution_outlier");
+    assert_eq!(caught.len(), 1, "{caught:?}");
+    assert_eq!(
+        (caught[0]["name"].as_str(), caught[0]["round"].as_u64()),
+        (Some("worker-1"), Some(3))
+    );
+    let removed = events(&run, "removed");
+    assert!(
+        removed.iter().any(|e| e["name"] == "worker-1"
+            && e["reason"].as_str().unwrap().contains("suspect hardware")),
+        "{removed:?}"
+    );
+    // Never applied: every replica's state agreed after every round, and no round was undone.
+    assert_states_agree(&run);
+    assert!(events(&run, "rounds_voided").is_empty());
+    let s = summary(&run);
+    assert_eq!(
+        (s["outliers"].as_u64(), s["corruptions"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+    assert_exactly_once(&run);
+}
+
+#[test]
 fn workers_skip_a_nan_step_and_roll_back_a_spike_within_their_round() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
@@ -834,7 +874,7 @@ fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
             "c",
         ])
         .args(["--steps", "60", "--inner-steps", "20", "--batch-size", "16"])
-        .env("HOLDFAST_SECRET", "right")
+        .env("HOLDFAST_SECRET", RIGHT_SECRET)
         .current_dir(d)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -859,7 +899,7 @@ fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
     let mut stranger = Command::new(bin);
     stranger
         .args(["worker", "--join", &addr, "--name", "intruder"])
-        .env("HOLDFAST_SECRET", "wrong")
+        .env("HOLDFAST_SECRET", "fedcba9876543210fedcba9876543210")
         .current_dir(d);
     fails_with(&bounded(stranger, Duration::from_secs(60)), "secret");
 
@@ -867,7 +907,7 @@ fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
         .map(|i| {
             let c = Command::new(bin)
                 .args(["worker", "--join", &addr, "--name", &format!("host-{i}")])
-                .env("HOLDFAST_SECRET", "right")
+                .env("HOLDFAST_SECRET", RIGHT_SECRET)
                 .env("RAYON_NUM_THREADS", "1")
                 .current_dir(d)
                 .stdout(Stdio::null())
@@ -958,6 +998,11 @@ fn bad_multi_worker_input_is_a_clear_error() {
         .env_remove("HOLDFAST_SECRET")
         .current_dir(d);
     fails_with(&bounded(cmd, Duration::from_secs(30)), "HOLDFAST_SECRET");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    cmd.args(["worker", "--join", "127.0.0.1:9"])
+        .env("HOLDFAST_SECRET", "hunter2")
+        .current_dir(d);
+    fails_with(&bounded(cmd, Duration::from_secs(30)), "weak secret");
     assert!(
         !d.join("runs").exists(),
         "no run directory for rejected input"

@@ -13,10 +13,12 @@
 //! weights see each batch exactly once), a running attempt is aborted, and the survivors retry
 //! on a ring without it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::fingerprint::{self, Fingerprint, Outlier};
 
 pub type WorkerId = u64;
 
@@ -48,6 +50,10 @@ pub struct Options {
     /// again after this many rewinds with no clean damped stretch between them.
     pub max_rewinds: u32,
     pub damp_rounds: u64,
+    /// Judge each round's contributions by their fingerprints before committing it (see
+    /// [`crate::fingerprint`]): an outlier's attempt is voided, the worker removed (it rejoins
+    /// by live recovery) and the round redone without its contribution. None: not judged.
+    pub outlier_ratio: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -64,6 +70,9 @@ pub struct WorkerRoundStats {
     pub skipped_steps: u64,
     #[serde(default)]
     pub rollbacks: u64,
+    /// Of the contribution sent to the all-reduce (absent from older workers).
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// See [`Coordinator::checkpoint_source`].
@@ -248,6 +257,13 @@ pub enum Event {
         reason: String,
     },
     Committed(RoundRecord),
+    /// A contribution whose fingerprint stood out (see [`crate::fingerprint`]): its attempt
+    /// was voided and its worker removed.
+    ContributionOutlier {
+        round: u64,
+        #[serde(flatten)]
+        outlier: Outlier,
+    },
     /// A replica's state hash after a commit (equal across replicas that are in sync).
     StateReported {
         next_round: u64,
@@ -410,6 +426,8 @@ pub struct Coordinator {
     /// Batch ids of recently committed rounds, by round, for undoing them.
     recent_batches: BTreeMap<u64, Vec<u64>>,
     corruption_flags: BTreeMap<String, u32>,
+    /// Each member's recent contribution fingerprints, by name.
+    fingerprints: BTreeMap<String, VecDeque<Fingerprint>>,
     /// The rewinds of the current unstable episode.
     rewinds: Vec<Rewind>,
     /// Why the run was declared unstable, once it has been.
@@ -439,6 +457,7 @@ impl Coordinator {
             agreed: BTreeMap::new(),
             recent_batches: BTreeMap::new(),
             corruption_flags: BTreeMap::new(),
+            fingerprints: BTreeMap::new(),
             rewinds: Vec::new(),
             unstable: None,
         }
@@ -1137,6 +1156,18 @@ impl Coordinator {
             Phase::Reducing { ring, reduced } if current == attempt => {
                 reduced.insert(worker, stats);
                 if ring.iter().all(|id| reduced.contains_key(id)) {
+                    if self.void_outliers(now, round) {
+                        return match self.members.contains_key(&worker) {
+                            true => Reply::Retry {
+                                round,
+                                reason: "a contribution was an outlier; redone without it".into(),
+                            },
+                            false => Reply::Evicted {
+                                reason: "your contribution was an outlier (suspect hardware)"
+                                    .into(),
+                            },
+                        };
+                    }
                     self.commit(now);
                     Reply::Commit { round }
                 } else {
@@ -1150,6 +1181,52 @@ impl Coordinator {
                 reason: format!("attempt {attempt} was aborted"),
             },
         }
+    }
+
+    /// The fingerprints of a fully reduced attempt, by member name.
+    fn round_fingerprints(&self) -> Vec<(WorkerId, String, Fingerprint)> {
+        let Some(Phase::Reducing { ring, reduced }) = self.active.as_ref().map(|a| &a.phase) else {
+            return Vec::new();
+        };
+        ring.iter()
+            .filter_map(|id| {
+                let fp = reduced.get(id)?.fingerprint?;
+                Some((*id, self.members[id].name.clone(), fp))
+            })
+            .collect()
+    }
+
+    /// Judges a fully reduced attempt by its contributions' fingerprints. Outliers are
+    /// reported and removed, which aborts the attempt: the others redo it without them (their
+    /// batches go back to the pool). True when any was found.
+    fn void_outliers(&mut self, now: Instant, round: u64) -> bool {
+        let Some(ratio) = self.opts.outlier_ratio else {
+            return false;
+        };
+        let judged = self.round_fingerprints();
+        let named: Vec<(String, Fingerprint)> =
+            judged.iter().map(|(_, n, f)| (n.clone(), *f)).collect();
+        let found = fingerprint::outliers(&named, &self.fingerprints, ratio);
+        for o in &found {
+            let Some((id, ..)) = judged.iter().find(|(_, n, _)| *n == o.name) else {
+                continue;
+            };
+            *self.corruption_flags.entry(o.name.clone()).or_default() += 1;
+            self.events.push(Event::ContributionOutlier {
+                round,
+                outlier: o.clone(),
+            });
+            let reason = format!(
+                "suspect hardware: its contribution's {} was {:.3e}, {:.2e}× the median of {} ({:.3e})",
+                o.statistic,
+                o.value,
+                o.value / o.reference,
+                o.against,
+                o.reference
+            );
+            self.remove(*id, now, reason);
+        }
+        !found.is_empty()
     }
 
     fn failed(&mut self, worker: WorkerId, round: u64, attempt: u32, error: String) -> Reply {
@@ -1176,6 +1253,12 @@ impl Coordinator {
     }
 
     fn commit(&mut self, now: Instant) {
+        let judged: Vec<(String, Fingerprint)> = self
+            .round_fingerprints()
+            .into_iter()
+            .map(|(_, n, f)| (n, f))
+            .collect();
+        fingerprint::remember(&mut self.fingerprints, &judged);
         let a = self.active.take().expect("an active round commits");
         let Phase::Reducing { ring, reduced } = a.phase else {
             unreachable!("commit happens while reducing")
@@ -1367,6 +1450,7 @@ mod tests {
             max_corruption_flags: 2,
             max_rewinds: 2,
             damp_rounds: 3,
+            outlier_ratio: None,
         };
         (Coordinator::new(opts, 77, "job".into()), Instant::now())
     }
@@ -2090,6 +2174,7 @@ mod tests {
             max_corruption_flags: 2,
             max_rewinds: 2,
             damp_rounds: 3,
+            outlier_ratio: None,
         };
         let t0 = Instant::now();
         let mut c =
@@ -2156,6 +2241,7 @@ mod tests {
             max_corruption_flags: 2,
             max_rewinds: 2,
             damp_rounds: 3,
+            outlier_ratio: None,
         };
         let t0 = Instant::now();
         let mut c = Coordinator::new(opts, 77, "job".into());
@@ -2361,6 +2447,71 @@ mod tests {
             next(&mut c, t0, ws[0]),
             Reply::Round { round: 9, .. }
         ));
+    }
+
+    #[test]
+    fn an_outlying_contribution_is_voided_and_the_round_redone_without_it() {
+        let (mut c, t0, ws) = voting(&["w0", "w1", "w2"]);
+        c.opts.outlier_ratio = Some(8.0);
+        let stats = |norm: f64, max_abs: f64| WorkerRoundStats {
+            tokens: 10,
+            fingerprint: Some(Fingerprint { norm, max_abs }),
+            ..Default::default()
+        };
+        for &w in &ws {
+            next(&mut c, t0, w);
+        }
+        for &w in &ws {
+            ready(&mut c, t0, w, 0);
+        }
+        let honest = |c: &mut Coordinator, w| {
+            let req = Request::Reduced {
+                worker: w,
+                round: 0,
+                attempt: 1,
+                stats: stats(1.0, 0.01),
+            };
+            c.handle(t0, req)
+        };
+        honest(&mut c, ws[0]);
+        honest(&mut c, ws[1]);
+        // w2's contribution has one value blown up by a flipped exponent bit.
+        let req = Request::Reduced {
+            worker: ws[2],
+            round: 0,
+            attempt: 1,
+            stats: stats(1.0e12, 1.0e12),
+        };
+        assert!(matches!(c.handle(t0, req), Reply::Evicted { .. }));
+        assert_eq!(
+            c.committed_rounds(),
+            0,
+            "nothing of that attempt is applied"
+        );
+        assert!(matches!(honest(&mut c, ws[0]), Reply::Retry { .. }));
+        let events = c.drain_events();
+        assert!(
+            events.iter().any(|e| matches!(e,
+                Event::ContributionOutlier { round: 0, outlier } if outlier.name == "w2")),
+            "{events:?}"
+        );
+        assert_eq!(c.corruption_flags().get("w2"), Some(&1));
+        // The other two redo it; w2's batches wait in the pool for a later round.
+        for &w in &ws[..2] {
+            ready(&mut c, t0, w, 0);
+        }
+        for &w in &ws[..2] {
+            let req = Request::Reduced {
+                worker: w,
+                round: 0,
+                attempt: 2,
+                stats: stats(1.0, 0.01),
+            };
+            c.handle(t0, req);
+        }
+        let record = committed(&mut c).pop().expect("round 0 committed");
+        assert_eq!(record.quorum, 2);
+        assert_eq!(c.committed_position(), (1, 6, vec![4, 5]));
     }
 
     #[test]

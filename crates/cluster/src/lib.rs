@@ -13,6 +13,7 @@
 
 pub mod acceptor;
 pub mod coordinator;
+pub mod fingerprint;
 pub mod membership;
 pub mod peer;
 pub mod ring;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::acceptor::Acceptor;
+use crate::acceptor::{Acceptor, MAX_UNAUTHENTICATED, Unauthenticated};
 use crate::wire::{self, Auth, Conn, Kind, MAX_DATA_LEN, WireError};
 
 /// First message on a peer connection: what the caller wants.
@@ -108,8 +108,8 @@ impl PeerServer {
         let inbox = Arc::new(Inbox::default());
         let snapshots: Arc<Snapshots> = Arc::default();
         let (i, snaps) = (inbox.clone(), snapshots.clone());
-        let acceptor = Acceptor::start(listen, move |stream| {
-            if let Err(e) = serve_peer(stream, &auth, run_id, timeout, &i, &snaps) {
+        let acceptor = Acceptor::start(listen, MAX_UNAUTHENTICATED, move |stream, pending| {
+            if let Err(e) = serve_peer(stream, pending, &auth, run_id, timeout, &i, &snaps) {
                 tracing::debug!("peer connection: {e}");
             }
         })?;
@@ -134,6 +134,7 @@ impl PeerServer {
 
 fn serve_peer(
     stream: std::net::TcpStream,
+    pending: Unauthenticated,
     auth: &Auth,
     run_id: u64,
     timeout: Duration,
@@ -141,6 +142,7 @@ fn serve_peer(
     snapshots: &Snapshots,
 ) -> Result<(), WireError> {
     let mut conn = wire::accept(stream, auth, run_id, timeout)?;
+    drop(pending);
     match conn.recv_json::<PeerHello>()? {
         PeerHello::Ring {
             round,

@@ -80,7 +80,7 @@ pub fn all_reduce_sum(
     // The peer server accepted this connection with its own deadline (a state transfer's,
     // longer): a predecessor that hangs mid-collective must cost this one's timeout, no more.
     prev.set_timeout(timeout)?;
-    let next_handle = next.try_clone()?;
+    let next_handle = next.shutdown_handle()?;
     let len = buf.len();
     let result = std::thread::scope(|s| {
         // Chunks travel to the writer already encoded: one copy per chunk on this path.
@@ -151,6 +151,7 @@ pub fn all_reduce_sum(
 mod tests {
     use super::*;
     use crate::peer::PeerServer;
+    use crate::wire::TEST_SECRET;
 
     fn servers(n: usize, auth: &Auth) -> Vec<PeerServer> {
         servers_with_deadline(n, auth, Duration::from_secs(2))
@@ -178,7 +179,7 @@ mod tests {
         attempt: u32,
         timeout: Duration,
     ) -> Vec<Result<Vec<f32>, WireError>> {
-        let auth = Auth::new(b"ring");
+        let auth = Auth::new(TEST_SECRET).unwrap();
         let members: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = data
@@ -203,7 +204,7 @@ mod tests {
 
     #[test]
     fn sums_exactly_and_identically_on_every_rank() {
-        let auth = Auth::new(b"ring");
+        let auth = Auth::new(TEST_SECRET).unwrap();
         for (n, len) in [(2, 10), (3, 1000), (4, 3 * CHUNK + 17), (5, 3)] {
             let srv = servers(n, &auth);
             let data = inputs(n, len);
@@ -259,7 +260,7 @@ mod tests {
 
     #[test]
     fn a_peer_that_hangs_after_connecting_fails_every_survivor_within_the_timeout() {
-        let auth = Auth::new(b"ring");
+        let auth = Auth::new(TEST_SECRET).unwrap();
         // The servers' own deadline (a worker's is a state transfer's, 10 s) is far longer
         // than the collective's: the collective's must rule.
         let srv = servers_with_deadline(3, &auth, Duration::from_secs(30));
@@ -290,7 +291,7 @@ mod tests {
 
     #[test]
     fn a_missing_peer_fails_every_survivor_within_the_timeout() {
-        let auth = Auth::new(b"ring");
+        let auth = Auth::new(TEST_SECRET).unwrap();
         let srv = servers(3, &auth);
         let timeout = Duration::from_millis(300);
         let started = Instant::now();

@@ -387,6 +387,7 @@ mod tests {
     use crate::coordinator::{Coordinator, Options};
     use crate::membership::CoordinatorConnector;
     use crate::server::CoordinatorServer;
+    use crate::wire::TEST_SECRET;
 
     const RUN: u64 = 0x5eed;
 
@@ -401,13 +402,14 @@ mod tests {
             max_corruption_flags: 3,
             max_rewinds: 3,
             damp_rounds: 4,
+            outlier_ratio: None,
         };
         let c = Coordinator::new(opts, RUN, "the job".into());
-        CoordinatorServer::start("127.0.0.1:0", Auth::new(b"s"), RUN, c).unwrap()
+        CoordinatorServer::start("127.0.0.1:0", Auth::new(TEST_SECRET).unwrap(), RUN, c).unwrap()
     }
 
     fn join(addr: &str, name: &str) -> Joined {
-        let auth = Auth::new(b"s");
+        let auth = Auth::new(TEST_SECRET).unwrap();
         let connector = CoordinatorConnector {
             addr: addr.to_string(),
             auth: auth.clone(),

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::acceptor::Acceptor;
+use crate::acceptor::{Acceptor, MAX_UNAUTHENTICATED};
 use crate::coordinator::{Coordinator, Reply, Request, WorkerId};
 use crate::wire::{self, Auth, Conn, WireError};
 
@@ -29,12 +29,19 @@ impl CoordinatorServer {
     ) -> std::io::Result<Self> {
         let state = Arc::new(Mutex::new(coordinator));
         let st = state.clone();
-        let acceptor = Acceptor::start(listen, move |stream| {
-            match wire::accept(stream, &auth, run_id, HANDSHAKE_TIMEOUT) {
-                Ok(conn) => serve(conn, &st),
-                Err(e) => tracing::warn!("refused a connection: {e}"),
-            }
-        })?;
+        let acceptor =
+            Acceptor::start(
+                listen,
+                MAX_UNAUTHENTICATED,
+                move |stream, pending| match wire::accept(stream, &auth, run_id, HANDSHAKE_TIMEOUT)
+                {
+                    Ok(conn) => {
+                        drop(pending);
+                        serve(conn, &st)
+                    }
+                    Err(e) => tracing::warn!("refused a connection: {e}"),
+                },
+            )?;
         let (st, stop) = (state.clone(), acceptor.stop_flag());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {

@@ -90,6 +90,12 @@ fn default_eps() -> f64 {
     1e-5
 }
 
+/// Bounds [`ModelConfig::validate`] holds a config to: orders of magnitude past any real
+/// model (the largest open ones have about 2^7 layers, 2^14 width and 2^18 vocabulary).
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_DIMENSION: usize = 1 << 24;
+pub const MAX_PARAMS: u128 = 1 << 42;
+
 /// Names accepted by [`ModelConfig::preset`].
 pub const PRESETS: &[&str] = &["tiny", "char-small", "small"];
 
@@ -214,6 +220,16 @@ impl ModelConfig {
             if value == 0 {
                 return bad(field, value.to_string(), "must be at least 1");
             }
+            // A crafted file must not make the loader plan (and allocate for) a model no
+            // machine holds: far past any real one, and checked before anything is built.
+            let most = if field == "num_hidden_layers" {
+                MAX_LAYERS
+            } else {
+                MAX_DIMENSION
+            };
+            if value > most {
+                return bad(field, value.to_string(), &format!("must be at most {most}"));
+            }
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
@@ -247,6 +263,21 @@ impl ModelConfig {
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return bad("rms_norm_eps", self.rms_norm_eps.to_string(), "must be > 0");
+        }
+        let (v, h, f, l) = (
+            self.vocab_size as u128,
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+            self.num_hidden_layers as u128,
+        );
+        let kv = self.kv_width() as u128;
+        let params = 2 * v * h + l * (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h) + h;
+        if params > MAX_PARAMS {
+            return bad(
+                "num_hidden_layers",
+                self.num_hidden_layers.to_string(),
+                &format!("the model would have {params} parameters (at most {MAX_PARAMS})"),
+            );
         }
         Ok(())
     }

@@ -848,11 +848,15 @@ mod header_tests {
                 "{name} {shape:?}: {err}"
             );
         }
-        // A vocabulary so large the embedding's byte size overflows.
+        // A vocabulary so large the embedding's byte size would overflow: refused as a
+        // config no machine holds, before any size is computed.
         let mut tensors = tiny_tensors();
         tensors[0].1 = vec![8, 1 << 62];
         let err = load(&gguf_file(&tiny_meta(), &tensors)).err().unwrap();
-        assert!(err.contains("overflow"), "{err}");
+        assert!(
+            err.contains("vocab_size") && err.contains("at most"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -885,6 +889,9 @@ mod header_tests {
         assert!(err.contains("mixture-of-experts"), "{err}");
         let err = with("llama.attention.key_length", Meta::U32(8));
         assert!(err.contains("key_length"), "{err}");
+        // A layer count no machine holds is refused before anything is planned for it.
+        let err = with("llama.block_count", Meta::U32(4_000_000_000));
+        assert!(err.contains("at most"), "{err}");
     }
 
     #[test]
@@ -907,6 +914,46 @@ mod header_tests {
         )]));
         assert!(bos(vec![("tokenizer.ggml.model", Meta::Str("llama"))]));
         assert!(!bos(vec![("tokenizer.ggml.model", Meta::Str("gpt2"))]));
+    }
+
+    /// Parses `file` and, when its header parses, loads it: any error is fine, a panic is not.
+    fn parse_and_load(file: &[u8]) {
+        if let Ok(header) = parse_header(file) {
+            let _ = load_parsed(file, &header, Path::new("fuzz.gguf"), &Device::flex());
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn fuzz_any_bytes_are_parsed_or_refused(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            parse_and_load(&bytes);
+            // Past the magic and the version, into the counts and the metadata.
+            let mut f = MAGIC.to_le_bytes().to_vec();
+            f.extend(3u32.to_le_bytes());
+            f.extend(&bytes);
+            parse_and_load(&f);
+        }
+
+        #[test]
+        fn fuzz_a_mutated_model_loads_or_is_refused(
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+                1..6,
+            ),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let mut f = gguf_file(&tiny_meta(), &tiny_tensors());
+            for (at, byte) in edits {
+                let i = at.index(f.len());
+                f[i] = byte;
+            }
+            parse_and_load(&f);
+            parse_and_load(&f[..cut.index(f.len())]);
+        }
     }
 
     #[test]

@@ -301,3 +301,32 @@ fn a_hugging_face_config_with_an_unimplemented_feature_is_refused_by_name() {
         ModelConfig::from_hf_config_json(&path).unwrap();
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// A safetensors file, whole or damaged, is read or refused: never a panic.
+    #[test]
+    fn fuzz_safetensors_bytes_are_read_or_refused(
+        bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+        edits in proptest::collection::vec(
+            (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+            1..6,
+        ),
+    ) {
+        let _ = st::deserialize(&bytes, "fuzz");
+        let t = holdfast_model::HostTensor {
+            name: "w".into(),
+            shape: vec![2, 3],
+            data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        };
+        let mut good = st::serialize(&[t], Default::default()).unwrap();
+        for (at, byte) in edits {
+            let i = at.index(good.len());
+            good[i] = byte;
+        }
+        let _ = st::deserialize(&good, "fuzz");
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let _ = Weights::from_named(&cfg, st::deserialize(&good, "fuzz").unwrap_or_default(), "fuzz", &Device::flex());
+    }
+}

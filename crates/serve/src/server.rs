@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -538,6 +539,28 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
+/// The largest request body read (axum's default, stated).
+const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// A body declared larger than the limit is refused before any of it is read.
+async fn refuse_oversized(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > MAX_BODY_BYTES as u64) {
+        return ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("the request body is {n} bytes; the limit is {MAX_BODY_BYTES}"),
+            code: "request_too_large",
+            param: None,
+        }
+        .into_response();
+    }
+    next.run(req).await
+}
+
 async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &state.options.api_key {
         let given = req
@@ -609,6 +632,8 @@ pub fn router(model: ServedModel, options: ServerOptions) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
+        .layer(middleware::from_fn(refuse_oversized))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -641,6 +666,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
 
     #[test]
     fn a_request_without_a_seed_gets_a_fresh_one() {
@@ -707,5 +733,109 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code, "model_not_found");
+    }
+
+    /// A server state with room to admit, whose model thread is gone (every admitted request
+    /// ends in 503 after it is prepared).
+    fn open_state() -> Arc<AppState> {
+        let (jobs, _) = mpsc::unbounded_channel();
+        Arc::new(AppState {
+            model_id: "m".into(),
+            tokenizer: Arc::new(Tokenizer::Bytes),
+            prompt_rule: PromptRule {
+                bos: Some(1),
+                ..PromptRule::default()
+            },
+            chat_template: None,
+            stop_tokens: vec![0],
+            context: 64,
+            jobs,
+            options: ServerOptions {
+                api_key: None,
+                max_pending: 16,
+            },
+            pending: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            Just(json!(1e300)),
+            ".{0,24}".prop_map(Value::from),
+            proptest::collection::vec(".{0,6}", 0..6).prop_map(|v| json!(v)),
+        ]
+    }
+
+    /// A field that is absent, of its own type (edge values included), or anything at all.
+    fn field(kind: &'static str) -> impl proptest::strategy::Strategy<Value = Option<Value>> {
+        use proptest::prelude::*;
+        let typed = match kind {
+            "count" => prop_oneof![
+                (0u64..80).prop_map(Value::from),
+                Just(json!(u64::MAX)),
+                Just(json!(0))
+            ]
+            .boxed(),
+            "float" => prop_oneof![
+                6 => (0.01f64..1.0).prop_map(Value::from),
+                1 => Just(json!(-1.0)),
+                1 => Just(json!(1e300))
+            ]
+            .boxed(),
+            "stop" => prop_oneof![
+                ".{0,4}".prop_map(Value::from),
+                proptest::collection::vec(".{0,4}", 0..6).prop_map(|v| json!(v))
+            ]
+            .boxed(),
+            "bool" => any::<bool>().prop_map(Value::from).boxed(),
+            "one" => Just(json!(1)).boxed(),
+            _ => any::<u64>().prop_map(Value::from).boxed(),
+        };
+        prop_oneof![6 => Just(None), 6 => typed.prop_map(Some), 1 => any_json().prop_map(Some)]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any request body that deserializes is answered — a completion or an OpenAI-shaped
+        /// error — and none panics a handler.
+        #[test]
+        fn fuzz_any_request_body_is_answered(
+            raw in ".{0,64}",
+            model in proptest::prop_oneof![7 => proptest::prelude::Just("m".to_string()), 1 => ".{0,3}"],
+            prompt in proptest::prop_oneof![3 => ".{0,40}".prop_map(Value::from), 1 => any_json()],
+            fields in (
+                field("count"), field("count"), field("float"), field("float"), field("count"),
+                field("stop"), field("seed"), field("one"), field("bool"),
+            ),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(req) = serde_json::from_str::<CompletionRequest>(&raw) {
+                    let _ = completions(State(open_state()), Ok(Json(req))).await;
+                }
+                let keys = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                    "stop", "seed", "n", "stream"];
+                let (a, b, c, d, e, f, g, h, i) = fields;
+                let mut body = json!({"model": model, "prompt": prompt});
+                for (k, v) in keys.iter().zip([a, b, c, d, e, f, g, h, i]) {
+                    if let Some(v) = v {
+                        body[*k] = v;
+                    }
+                }
+                if let Ok(req) = serde_json::from_value::<CompletionRequest>(body.clone()) {
+                    let _ = completions(State(open_state()), Ok(Json(req))).await;
+                }
+                body["messages"] = json!([{"role": "user", "content": body["prompt"].clone()}]);
+                if let Ok(req) = serde_json::from_value::<ChatRequest>(body) {
+                    let _ = chat_completions(State(open_state()), Ok(Json(req))).await;
+                }
+            });
+        }
     }
 }

@@ -13,6 +13,9 @@
 //!   loss and gradients multiplied by X;
 //! - `bitflip:worker=N,at=ROUND` — after round ROUND commits, flip a bit in one parameter of
 //!   that worker's replica.
+//! - `sdc:worker=N,at=ROUND[,bit=B]` — silent corruption in compute: in round ROUND, flip bit B
+//!   (0–31 of the f32; default 30, the exponent's highest) of one value of what that worker
+//!   sends to the all-reduce (its pseudo-gradient, or its gradients in DDP).
 //!
 //! Durations: `500ms`, `30s`, `2m`, or a bare number of seconds. Rounds count from 0; steps
 //! count batches drawn from 0 (a skipped or rolled-back step still drew its batch). A step's
@@ -20,6 +23,9 @@
 //! rollback or a rewind) runs clean, as after a transient hardware fault.
 
 use std::time::Duration;
+
+/// The shortest period of `kill:every`.
+pub const MIN_KILL_PERIOD: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
@@ -51,6 +57,11 @@ pub enum Fault {
         worker: usize,
         round: u64,
     },
+    Sdc {
+        worker: usize,
+        round: u64,
+        bit: u8,
+    },
 }
 
 impl Fault {
@@ -70,6 +81,8 @@ pub struct NumberFaults {
     /// (first step, scale, steps)
     pub spikes: Vec<(u64, f64, u64)>,
     pub bitflip_rounds: Vec<u64>,
+    /// (round, bit) of each corruption of a contribution.
+    pub sdc: Vec<(u64, u8)>,
 }
 
 impl NumberFaults {
@@ -117,6 +130,13 @@ impl NumberFaults {
         self.bitflip_rounds.contains(&round)
     }
 
+    /// The bit to flip in round `round`'s contribution, once: a round retried or redone
+    /// sends a clean one, as after a transient fault.
+    pub fn take_sdc(&mut self, round: u64) -> Option<u8> {
+        let at = self.sdc.iter().position(|&(r, _)| r == round)?;
+        Some(self.sdc.remove(at).1)
+    }
+
     /// The same faults as a spec string (for a worker process's command line).
     pub fn to_spec(&self) -> String {
         let mut parts: Vec<String> = self
@@ -133,6 +153,11 @@ impl NumberFaults {
             self.bitflip_rounds
                 .iter()
                 .map(|r| format!("bitflip:worker=0,at={r}")),
+        );
+        parts.extend(
+            self.sdc
+                .iter()
+                .map(|(r, b)| format!("sdc:worker=0,at={r},bit={b}")),
         );
         parts.join(";")
     }
@@ -174,7 +199,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(secs.is_finite() && secs >= 0.0) {
         return Err(format!("`{s}` is not a non-negative duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
 }
 
 impl ChaosPlan {
@@ -186,9 +211,9 @@ impl ChaosPlan {
             return Err("kill, hang and slow act on worker processes; they need --workers".into());
         }
         let faults = plan.number_faults(0);
-        if !faults.bitflip_rounds.is_empty() {
+        if !faults.bitflip_rounds.is_empty() || !faults.sdc.is_empty() {
             return Err(
-                "bitflip corrupts a replica after a multi-worker round; it needs --workers".into(),
+                "bitflip and sdc corrupt a multi-worker replica or contribution; they need --workers".into(),
             );
         }
         Ok(faults)
@@ -203,7 +228,7 @@ impl ChaosPlan {
                 .ok_or_else(|| format!("chaos `{item}`: expected KIND:key=value,..."))?;
             let mut worker = None;
             let (mut at_raw, mut every, mut duration, mut factor) = (None, None, None, None);
-            let (mut scale, mut steps) = (None, None);
+            let (mut scale, mut steps, mut bit) = (None, None, None);
             for kv in args.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let (k, v) = kv
                     .split_once('=')
@@ -240,6 +265,12 @@ impl ChaosPlan {
                             .ok_or_else(|| bad(format!("`{v}` is not a step count ≥ 1")))?;
                         steps = Some(n);
                     }
+                    "bit" => {
+                        let b: u8 = v.parse().ok().filter(|&b| b < 32).ok_or_else(|| {
+                            bad(format!("`{v}` is not a bit of an f32 (0 to 31)"))
+                        })?;
+                        bit = Some(b);
+                    }
                     "every" => every = Some(parse_duration(v).map_err(bad)?),
                     "for" => duration = Some(parse_duration(v).map_err(bad)?),
                     "factor" => {
@@ -266,8 +297,12 @@ impl ChaosPlan {
             };
             faults.push(match kind {
                 "kill" => match (at, every) {
-                    (_, Some(e)) if e.is_zero() => {
-                        return Err(format!("chaos `{item}`: every must be > 0"));
+                    // A worker takes longer than this to restart; a shorter period would only
+                    // queue kills (and millions of them per poll at a nanosecond).
+                    (_, Some(e)) if e < MIN_KILL_PERIOD => {
+                        return Err(format!(
+                            "chaos `{item}`: every must be at least {MIN_KILL_PERIOD:?}"
+                        ));
                     }
                     (None, None) => return Err(need("at=DUR or every=DUR")),
                     (at, every) => Fault::Kill {
@@ -299,9 +334,14 @@ impl ChaosPlan {
                     worker: worker.ok_or_else(|| need("worker=N"))?,
                     round: at_count()?,
                 },
+                "sdc" => Fault::Sdc {
+                    worker: worker.ok_or_else(|| need("worker=N"))?,
+                    round: at_count()?,
+                    bit: bit.unwrap_or(30),
+                },
                 _ => {
                     return Err(format!(
-                        "chaos `{item}`: unknown fault `{kind}` (kill, hang, slow, nan, spike, bitflip)"
+                        "chaos `{item}`: unknown fault `{kind}` (kill, hang, slow, nan, spike, bitflip, sdc)"
                     ));
                 }
             });
@@ -326,6 +366,11 @@ impl ChaosPlan {
                 Fault::Bitflip { worker: w, round } if *w == worker => {
                     out.bitflip_rounds.push(*round)
                 }
+                Fault::Sdc {
+                    worker: w,
+                    round,
+                    bit,
+                } if *w == worker => out.sdc.push((*round, *bit)),
                 _ => {}
             }
         }
@@ -397,9 +442,10 @@ impl ChaosPlan {
                             },
                         ));
                     }
-                    if within(at + duration) {
+                    let end = at.saturating_add(duration);
+                    if within(end) {
                         timed.push((
-                            at + duration,
+                            end,
                             Action {
                                 worker,
                                 signal: Signal::Continue,
@@ -467,11 +513,15 @@ mod tests {
             ("kill:worker=1,at=soon", "not a duration"),
             ("kill:worker=1,at=3h", "unknown unit"),
             ("kill", "expected KIND"),
-            ("kill:every=0s", "every must be > 0"),
+            ("kill:every=0s", "every must be at least"),
+            ("kill:every=1ms", "every must be at least"),
+            ("kill:worker=1,at=99999999999999999999s", "too long"),
             ("nan:at=soon", "not a step or round number"),
             ("spike:at=5", "needs scale=X"),
             ("spike:at=5,scale=2,steps=0", "step count"),
             ("bitflip:at=3", "needs worker=N"),
+            ("sdc:worker=1", "needs at=N"),
+            ("sdc:worker=1,at=2,bit=32", "0 to 31"),
         ] {
             let err = ChaosPlan::parse(spec, 4).unwrap_err();
             assert!(err.contains(want), "{spec}: {err}");
@@ -481,7 +531,7 @@ mod tests {
     #[test]
     fn number_faults_go_to_their_worker_and_survive_the_command_line() {
         let p = ChaosPlan::parse(
-            "nan:at=7; spike:worker=1,at=10,scale=50,steps=2; bitflip:worker=2,at=3",
+            "nan:at=7; spike:worker=1,at=10,scale=50,steps=2; bitflip:worker=2,at=3; sdc:worker=1,at=4,bit=27; sdc:worker=1,at=6",
             3,
         )
         .unwrap();
@@ -502,6 +552,9 @@ mod tests {
             (1.0, 50.0, 50.0, 1.0)
         );
         assert!(p.number_faults(2).bitflip_after(3) && !w1.bitflip_after(3));
+        assert_eq!(w1.sdc, vec![(4, 27), (6, 30)], "bit 30 unless named");
+        let mut spent = w1.clone();
+        assert_eq!((spent.take_sdc(4), spent.take_sdc(4)), (Some(27), None));
         let again = ChaosPlan::parse(&w1.to_spec(), 1).unwrap().number_faults(0);
         assert_eq!(again, w1);
         assert!(
@@ -516,6 +569,7 @@ mod tests {
             nan_steps: vec![3, 9],
             spikes: vec![(10, 50.0, 4)],
             bitflip_rounds: vec![],
+            sdc: vec![],
         };
         f.spend(3);
         f.spend(11);
@@ -560,9 +614,36 @@ mod tests {
             "kill:worker=0,at=1s",
             "slow:worker=0,factor=2",
             "bitflip:worker=0,at=2",
+            "sdc:worker=0,at=2",
         ] {
             let err = ChaosPlan::single_process(spec).unwrap_err();
             assert!(err.contains("--workers"), "{spec}: {err}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+
+        /// Any spec is parsed or refused with a message, never a panic; a parsed plan's
+        /// actions, faults and command-line form can all be computed.
+        #[test]
+        fn fuzz_any_chaos_spec_is_parsed_or_refused(
+            raw in ".{0,48}",
+            shaped in "((kill|hang|slow|nan|spike|bitflip|sdc|x):((worker|at|every|for|factor|scale|steps|bit|y)=[-0-9a-z.e]{0,7},?){0,4}; ?){1,3}",
+            workers in 1usize..6,
+        ) {
+            for spec in [raw.as_str(), shaped.as_str()] {
+                let _ = ChaosPlan::single_process(spec);
+                if let Ok(plan) = ChaosPlan::parse(spec, workers) {
+                    let _ = plan.due(Duration::ZERO, Duration::from_secs(600), workers);
+                    for w in 0..workers {
+                        let faults = plan.number_faults(w);
+                        let back = ChaosPlan::parse(&faults.to_spec(), 1).map(|p| p.number_faults(0));
+                        proptest::prop_assert_eq!(back, Ok(faults));
+                        let _ = plan.slow_factor(w);
+                    }
+                }
+            }
         }
     }
 }

@@ -307,6 +307,10 @@ pub fn load_dir_with_extras(
         )));
     }
     verify_manifest_sum(dir, &text, manifest.format_version).map_err(bad)?;
+    manifest
+        .model
+        .validate()
+        .map_err(|e| bad(format!("{MANIFEST_FILE}: {e}")))?;
     let mut contents: HashMap<&str, Vec<u8>> = HashMap::new();
     let mut required = vec![MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE];
     if manifest.cluster.is_some() {

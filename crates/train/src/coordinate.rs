@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use holdfast_cluster::coordinator::{CheckpointSource, Coordinator, Event, Options, RoundRecord};
+use holdfast_cluster::fingerprint::{OUTLIER_RATIO, STEP_OUTLIER_RATIO};
 use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state_from};
 use holdfast_cluster::server::CoordinatorServer;
 use holdfast_cluster::wire::{Auth, random_bytes};
@@ -68,6 +69,9 @@ pub struct ClusterSummary {
     /// Replica states that disagreed with the majority, and the workers caught (with how
     /// often): suspect hardware.
     pub corruptions: u64,
+    /// Contributions voided for a fingerprint far above their peers' (corruption in compute);
+    /// their workers are counted among the suspects too.
+    pub outliers: u64,
     pub suspects: std::collections::BTreeMap<String, u32>,
     /// Inner steps the workers' guards did not apply, and their rollbacks (in committed
     /// rounds that were not undone).
@@ -112,6 +116,7 @@ pub struct ClusterRun {
     aborted: u64,
     divergences: u64,
     corruptions: u64,
+    outliers: u64,
     suspects: std::collections::BTreeMap<String, u32>,
     rewinds: u64,
     skipped_batches: u64,
@@ -166,9 +171,13 @@ impl ClusterRun {
             max_corruption_flags: cfg.guard.max_corruption_flags.max(1),
             max_rewinds: cfg.guard.max_rollbacks,
             damp_rounds: DAMP_ROUNDS,
+            outlier_ratio: cfg.guard.enabled.then_some(match cfg.sync.mode {
+                SyncMode::Diloco => OUTLIER_RATIO,
+                SyncMode::Ddp => STEP_OUTLIER_RATIO,
+            }),
         };
         let run_id = u64::from_le_bytes(random_bytes());
-        let auth = Auth::new(secret);
+        let auth = Auth::new(secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
         let (coordinator, restored) = match restore {
             None => (Coordinator::new(opts, run_id, cfg.to_toml()), None),
             Some(r) => {
@@ -245,6 +254,7 @@ impl ClusterRun {
             aborted: 0,
             divergences: 0,
             corruptions: 0,
+            outliers: 0,
             suspects: Default::default(),
             rewinds: 0,
             skipped_batches: 0,
@@ -307,6 +317,10 @@ impl ClusterRun {
                     self.records.retain(|r| r.round < *from);
                 }
                 Event::Divergence { .. } => self.divergences += 1,
+                Event::ContributionOutlier { outlier, .. } => {
+                    self.outliers += 1;
+                    *self.suspects.entry(outlier.name.clone()).or_default() += 1;
+                }
             }
             append_jsonl(
                 &self.run_dir.join(EVENTS_FILE),
@@ -478,6 +492,7 @@ impl ClusterRun {
             aborted_attempts: self.aborted,
             divergences: self.divergences,
             corruptions: self.corruptions,
+            outliers: self.outliers,
             suspects: self.suspects.clone(),
             guard_skips: self.records.iter().map(|r| r.guard_skips).sum(),
             guard_rollbacks: self.records.iter().map(|r| r.guard_rollbacks).sum(),

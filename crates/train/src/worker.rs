@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use burn::tensor::Device;
 use holdfast_cluster::coordinator::{StateReport, WorkerRoundStats};
+use holdfast_cluster::fingerprint::Fingerprint;
 use holdfast_cluster::membership::CoordinatorConnector;
 use holdfast_cluster::round::{
     Assignment, JoinOptions, Joined, Next, ProtocolError, RoundClient, Synced,
@@ -62,7 +63,7 @@ impl From<ProtocolError> for TrainError {
 /// Runs until the coordinator says the run is finished. Errors when the coordinator is gone
 /// or refuses this worker.
 pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
-    let auth = Auth::new(&o.secret);
+    let auth = Auth::new(&o.secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
     let membership = CoordinatorConnector {
         addr: o.coordinator.clone(),
         auth: auth.clone(),
@@ -144,7 +145,8 @@ fn session(
             step_scale: a.step_scale,
             slow_factor: o.slow_factor,
         };
-        let contribution = strategy.contribute(r, &work, &mut stepper);
+        let mut contribution = strategy.contribute(r, &work, &mut stepper);
+        corrupt_if_planned(stepper.faults(), &mut contribution.payload, a.round);
         let sum = match client.sync(a.round, &contribution.payload, round_stats(&contribution))? {
             Synced::Committed { sum, .. } => sum,
             Synced::Evicted(reason) => return Ok(SessionEnd::Evicted(reason)),
@@ -222,9 +224,12 @@ fn fetch_replica(
     Ok(r)
 }
 
-/// What the coordinator hears of this worker's round besides the traffic.
+/// What the coordinator hears of this worker's round besides the traffic: among it, the
+/// fingerprint of the values it sends (their weight, last, left out).
 fn round_stats(c: &Contribution) -> WorkerRoundStats {
+    let values = &c.payload[..c.payload.len().saturating_sub(1)];
     WorkerRoundStats {
+        fingerprint: Some(Fingerprint::of(values)),
         tokens: c.tokens,
         loss: c.loss,
         compute_s: c.compute_s,
@@ -232,6 +237,30 @@ fn round_stats(c: &Contribution) -> WorkerRoundStats {
         rollbacks: c.rollbacks,
         ..Default::default()
     }
+}
+
+/// Chaos: silent corruption in compute — one bit of one value this worker sends in `round`,
+/// once (a retried or redone round sends a clean contribution).
+fn corrupt_if_planned(faults: &mut NumberFaults, payload: &mut [f32], round: u64) {
+    let Some(bit) = faults.take_sdc(round) else {
+        return;
+    };
+    let values = payload.len().saturating_sub(1);
+    if values == 0 {
+        return;
+    }
+    // A value that moves: one a replica made no progress on is left alone.
+    let start = (round as usize).wrapping_mul(7919) % values;
+    let i = (start..values)
+        .chain(0..start)
+        .find(|&i| payload[i] != 0.0)
+        .unwrap_or(start);
+    let before = payload[i];
+    payload[i] = f32::from_bits(before.to_bits() ^ (1 << bit));
+    tracing::warn!(
+        "chaos: flipped bit {bit} of value {i} of round {round}'s contribution ({before:e} → {:e})",
+        payload[i]
+    );
 }
 
 /// Chaos: silent data corruption of one parameter of this replica after `round`, once (a

@@ -195,14 +195,16 @@ fn corrupt_latest_checkpoint_is_named_and_the_previous_one_used() {
     let (dir, _) = run_with_two_checkpoints();
     let latest = dir.path().join("checkpoints/step-00000004");
     flip_byte(&latest.join("model.safetensors"), 10);
-    let loaded = checkpoint::load_latest(dir.path(), &device).unwrap();
+    assert_fell_back_to_step_2(dir.path(), &device, "model.safetensors is corrupt");
+}
+
+/// The newest checkpoint (step 4) was passed over, named with `why`, and step 2 loaded.
+fn assert_fell_back_to_step_2(run: &std::path::Path, device: &Device, why: &str) {
+    let loaded = checkpoint::load_latest(run, device).unwrap();
     assert_eq!(loaded.state.step, 2);
     assert_eq!(loaded.warnings.len(), 1);
     let w = &loaded.warnings[0];
-    assert!(
-        w.contains("step-00000004") && w.contains("model.safetensors is corrupt"),
-        "{w}"
-    );
+    assert!(w.contains("step-00000004") && w.contains(why), "{w}");
 }
 
 #[test]
@@ -249,13 +251,7 @@ fn a_manifest_edited_in_place_is_caught_by_its_own_checksum() {
     let edited = text.replacen("\"next_sample\": 16", "\"next_sample\": 17", 1);
     assert_ne!(text, edited);
     std::fs::write(&manifest, edited).unwrap();
-    let loaded = checkpoint::load_latest(dir.path(), &device).unwrap();
-    assert_eq!(loaded.state.step, 2);
-    let w = &loaded.warnings[0];
-    assert!(
-        w.contains("step-00000004") && w.contains("manifest.json is corrupt"),
-        "{w}"
-    );
+    assert_fell_back_to_step_2(dir.path(), &device, "manifest.json is corrupt");
 }
 
 #[test]
@@ -412,4 +408,83 @@ fn config_values_are_validated_by_name() {
     );
     let err = toml::from_str::<RunConfig>("[train]\nlearning_rate = 1.0\n").unwrap_err();
     assert!(err.to_string().contains("learning_rate"), "{err}");
+}
+
+/// A checkpoint to fuzz copies of, made once.
+fn fuzz_source() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TrainState::new(&tiny(), 2, &Device::flex());
+        checkpoint::save(dir.path(), &s, &RunConfig::default(), 1).unwrap();
+        dir
+    })
+    .path()
+}
+
+use proptest::prelude::Strategy as _;
+
+/// Fields of a manifest a crafted file could set, by JSON pointer.
+const MANIFEST_FIELDS: &[&str] = &[
+    "/format_version",
+    "/step",
+    "/cursor/next_sample",
+    "/optimizer_steps",
+    "/rng/seed",
+    "/model/vocab_size",
+    "/model/hidden_size",
+    "/model/intermediate_size",
+    "/model/num_hidden_layers",
+    "/model/num_attention_heads",
+    "/model/num_key_value_heads",
+    "/model/max_position_embeddings",
+    "/model/rope_theta",
+    "/files/model.safetensors/bytes",
+    "/run/train/batch_size",
+];
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// A manifest edited by hand or by a bad disk — and re-checksummed, so the parser sees it —
+    /// loads or is refused with a message, never a panic.
+    #[test]
+    fn fuzz_a_crafted_manifest_is_loaded_or_refused(
+        field in proptest::sample::select(MANIFEST_FIELDS),
+        value in proptest::prop_oneof![
+            proptest::prelude::Just(serde_json::json!(0)),
+            proptest::prelude::Just(serde_json::json!(u64::MAX)),
+            proptest::prelude::Just(serde_json::json!(-1)),
+            proptest::prelude::Just(serde_json::json!(1e300)),
+            proptest::prelude::Just(serde_json::json!("x")),
+            proptest::prelude::Just(serde_json::Value::Null),
+            proptest::prelude::any::<u32>().prop_map(|v| serde_json::json!(v)),
+        ],
+        edits in proptest::collection::vec(
+            (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+            0..3,
+        ),
+    ) {
+        let src = std::fs::read_dir(fuzz_source().join("checkpoints")).unwrap().next().unwrap().unwrap().path();
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("checkpoints").join(src.file_name().unwrap());
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+        let text = std::fs::read(dst.join("manifest.json")).unwrap();
+        let mut m: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        if let Some(slot) = m.pointer_mut(field) {
+            *slot = value;
+        }
+        let mut bytes = serde_json::to_vec_pretty(&m).unwrap();
+        for (at, byte) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        std::fs::write(dst.join("manifest.json"), &bytes).unwrap();
+        std::fs::write(dst.join("manifest.blake3"), blake3::hash(&bytes).to_hex().as_bytes()).unwrap();
+        let _ = checkpoint::load_latest(dir.path(), &Device::flex());
+    }
 }
