@@ -7,8 +7,9 @@
 #   bash bench/cluster.sh overhead  # one process vs --workers 1 on the default task, twice, interleaved
 #   bash bench/cluster.sh guards    # one process with and without the guards, twice, interleaved
 #   bash bench/cluster.sh sdc       # compute-corruption detection: 3 workers, 48 rounds, one
-#                                   #   contribution bit flip every other round (bits 30 down to
-#                                   #   23, three of each), against the same run fault-free
+#                                   #   contribution bit flip every other round (exponent bits 30
+#                                   #   to 23 and mantissa bits down to 0, two each), with replay audits at 5% and 100% of
+#                                   #   rounds; fault-free runs with and without audits (their cost)
 #
 # HOLDFAST (binary), DATA (corpus) and OUT (where runs go) may be set in the environment.
 set -euo pipefail
@@ -73,49 +74,81 @@ sdc)
   [ "$mode" = ddp ] && common=(--workers 3 --sync ddp --batch-size 32 --seed 7 --no-progress)
   steps=${STEPS:-960}
   spec=""
+  bits=(30 28 26 25 24 23 22 20 15 10 5 0)
   for i in $(seq 0 23); do
-    bit=$((30 - i / 3)); worker=$((i % 3)); round=$((2 * i + 1))
+    bit=${bits[$((i / 2))]}; worker=$((i % 3)); round=$((2 * i + 1))
     spec="$spec${spec:+; }sdc:worker=$worker,at=$round,bit=$bit"
   done
-  "$BIN" train "${common[@]}" --steps "$steps" --run-dir "$OUT/sdc-clean" > /dev/null
-  "$BIN" train "${common[@]}" --steps "$steps" --chaos "$spec" --run-dir "$OUT/sdc-faulty" > /dev/null
+  for p in 0 0.05 1; do printf '[guard]\naudit_probability = %s\n' "$p" > "$OUT/audit-$p.toml"; done
+  # Clean runs without audits and with every round audited (their cost, and any false
+  # verdict), then the same faults with audits at the default chance and at every round.
+  for run in clean:0 clean:1 faulty:0.05 faulty:1; do
+    kind=${run%%:*}; p=${run#*:}
+    chaos=(); [ "$kind" = faulty ] && chaos=(--chaos "$spec")
+    "$BIN" train "${common[@]}" --steps "$steps" --config "$OUT/audit-$p.toml" "${chaos[@]}" \
+      --run-dir "$OUT/sdc-$kind-p$p" > /dev/null
+  done
   python3 - "$OUT" "$spec" <<'PY'
-import json, sys
+import glob, json, re, sys
 out, spec = sys.argv[1], sys.argv[2]
+def events(run):
+    return [json.loads(l)["detail"] for l in open(f"{out}/{run}/events.jsonl")]
 def caught(run):
-    ev = [json.loads(l)["detail"] for l in open(f"{out}/{run}/events.jsonl")]
-    return [(e["round"], e["name"]) for e in ev if e["event"] == "contribution_outlier"]
+    ev = events(run)
+    by_fp = {(e["round"], e["name"]) for e in ev if e["event"] == "contribution_outlier"}
+    by_audit = {(e["round"], e["of"]) for e in ev if e["event"] == "audit" and e["verdict"] == "failed"}
+    return by_fp, by_audit
 faults = []
 for item in spec.split("; "):
     kv = dict(p.split("=") for p in item.split(":")[1].split(","))
     faults.append((int(kv["at"]), f"worker-{kv['worker']}", int(kv["bit"])))
-hits = set(caught("sdc-faulty"))
-# What each flip did to its value, from the workers' logs: "(before → after)".
-import glob, re
-change = {}
-for log in glob.glob(f"{out}/sdc-faulty/logs/worker-*.log"):
-    name = log.rsplit("/", 1)[1][:-4]
-    for m in re.finditer(r"flipped bit (\d+) of value \d+ of round (\d+)'s contribution \((\S+) → (\S+)\)", open(log).read()):
-        before, after = abs(float(m[3])), abs(float(m[4]))
-        change[(int(m[2]), name)] = after / before if before else float("inf")
-by_bit, by_size = {}, {"grew >= 2^16": [0, 0], "grew 2-256x": [0, 0], "shrank": [0, 0]}
-for rnd, name, bit in faults:
-    by_bit.setdefault(bit, [0, 0])
-    by_bit[bit][1] += 1
-    by_bit[bit][0] += (rnd, name) in hits
-    f = change.get((rnd, name))
-    size = None if f is None else "grew >= 2^16" if f >= 2**16 else "grew 2-256x" if f > 1 else "shrank"
-    if size:
-        by_size[size][1] += 1
-        by_size[size][0] += (rnd, name) in hits
-clean = json.load(open(f"{out}/sdc-clean/summary.json"))
-faulty = json.load(open(f"{out}/sdc-faulty/summary.json"))
-print(json.dumps({"run": "sdc", "injected": len(faults), "caught": sum(v[0] for v in by_bit.values()),
-                  "caught_by_bit": {b: f"{v[0]}/{v[1]}" for b, v in sorted(by_bit.items(), reverse=True)},
-                  "caught_by_effect": {k: f"{v[0]}/{v[1]}" for k, v in by_size.items()},
-                  "flagged_not_injected": len(hits - {(r, n) for r, n, _ in faults}),
-                  "false_positives_clean": len(caught("sdc-clean")), "rounds_clean": clean["rounds"],
-                  "val_loss_clean": clean["eval"]["val_loss"], "val_loss_faulty": faulty["eval"]["val_loss"]}))
+def change(run):
+    # What each flip did to its value, from the workers' logs: "(before → after)".
+    out_ = {}
+    for log in glob.glob(f"{out}/{run}/logs/worker-*.log"):
+        name = log.rsplit("/", 1)[1][:-4]
+        pat = r"flipped bit (\d+) of value \d+ of round (\d+)'s contribution \((\S+) → (\S+)\)"
+        for m in re.finditer(pat, open(log).read()):
+            before, after = abs(float(m[3])), abs(float(m[4]))
+            out_[(int(m[2]), name)] = after / before if before else float("inf")
+    return out_
+def size(f):
+    if f is None:
+        return None
+    if f >= 2**16:
+        return "grew >= 2^16"
+    if f >= 2:
+        return "grew 2-256x"
+    if f > 0.5:
+        return "mantissa (< 2x either way)"
+    return "shrank"
+for p in ["0.05", "1"]:
+    run = f"sdc-faulty-p{p}"
+    fp, audit = caught(run)
+    ch = change(run)
+    table = {}
+    for rnd, name, bit in faults:
+        k = size(ch.get((rnd, name)))
+        row = table.setdefault(k, [0, 0, 0])
+        row[0] += 1
+        row[1] += (rnd, name) in fp
+        row[2] += (rnd, name) in audit
+    s = json.load(open(f"{out}/{run}/summary.json"))
+    print(json.dumps({"run": run, "injected": len(faults),
+                      "caught": len({(r, n) for r, n, _ in faults} & (fp | audit)),
+                      "by_effect(injected, by fingerprint, by audit)": table,
+                      "flagged_not_injected": len((fp | audit) - {(r, n) for r, n, _ in faults}),
+                      "audits": sum(e["event"] == "audit" for e in events(run)),
+                      "val_loss": s["eval"]["val_loss"]}))
+for p in ["0", "1"]:
+    run = f"sdc-clean-p{p}"
+    fp, audit = caught(run)
+    s = json.load(open(f"{out}/{run}/summary.json"))
+    verdicts = [e["verdict"] for e in events(run) if e["event"] == "audit"]
+    print(json.dumps({"run": run, "rounds": s["rounds"], "false_outliers": len(fp),
+                      "audits": len(verdicts), "audits_not_passed": len([v for v in verdicts if v != "passed"]),
+                      "goodput_tokens_per_s": round(s["goodput_tokens_per_s"]), "wall_s": round(s["wall_s"], 1),
+                      "val_loss": s["eval"]["val_loss"]}))
 PY
   ;;
 *)

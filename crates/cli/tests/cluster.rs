@@ -758,6 +758,39 @@ fn a_corrupted_contribution_is_voided_before_it_is_averaged_in() {
 }
 
 #[test]
+fn a_replay_audit_catches_one_flipped_mantissa_bit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("audit.toml"), "[guard]\naudit_probability = 1.0\n").unwrap();
+    let mut args = train_args("audit", "3", "240");
+    // The lowest mantissa bit of one value, far too small for the fingerprints to see, in
+    // every worker's round-3 contribution: whichever is audited is caught.
+    let flips = "sdc:worker=0,at=3,bit=0; sdc:worker=1,at=3,bit=0; sdc:worker=2,at=3,bit=0";
+    args.extend(["--config", "audit.toml", "--chaos", flips]);
+    ok(&holdfast(d, &args));
+    let run = d.join("audit");
+    let audits = events(&run, "audit");
+    let verdicts: Vec<(u64, &str, &str)> = audits
+        .iter()
+        .map(|e| {
+            let (round, of) = (e["round"].as_u64().unwrap(), e["of"].as_str().unwrap());
+            (round, of, e["verdict"].as_str().unwrap())
+        })
+        .collect();
+    assert!(
+        verdicts.iter().any(|v| v.0 == 3 && v.2 == "failed"),
+        "{verdicts:?}"
+    );
+    // Every other audit of the run passed: replays are exact.
+    let failed: Vec<_> = verdicts.iter().filter(|v| v.2 != "passed").collect();
+    assert_eq!(failed.len(), 1, "{verdicts:?}");
+    assert!(events(&run, "contribution_outlier").is_empty());
+    assert_states_agree(&run);
+    assert_exactly_once(&run);
+}
+
+#[test]
 fn workers_skip_a_nan_step_and_roll_back_a_spike_within_their_round() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

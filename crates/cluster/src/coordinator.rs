@@ -54,6 +54,26 @@ pub struct Options {
     /// [`crate::fingerprint`]): an outlier's attempt is voided, the worker removed (it rejoins
     /// by live recovery) and the round redone without its contribution. None: not judged.
     pub outlier_ratio: Option<f64>,
+    /// The chance that a round (of at least three members) is audited: two members replay a
+    /// third's contribution from the state it started from, and a replay both auditors agree
+    /// on that differs from what it sent voids the attempt and removes it. 0: never.
+    pub audit_probability: f64,
+}
+
+/// A replay audit: recompute `of`'s contribution this round from the state it started from
+/// (served by its peer endpoint `donor`) and its `batches`, and report its hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditTask {
+    pub of: String,
+    pub donor: String,
+    pub batches: Vec<u64>,
+}
+
+/// An auditor's replay of another member's contribution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditReport {
+    pub of: String,
+    pub blake3: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -73,6 +93,20 @@ pub struct WorkerRoundStats {
     /// Of the contribution sent to the all-reduce (absent from older workers).
     #[serde(default)]
     pub fingerprint: Option<Fingerprint>,
+    /// BLAKE3 of the contribution sent (see [`fingerprint::payload_hash`]).
+    #[serde(default)]
+    pub payload_blake3: Option<String>,
+    /// This member's replay of another's contribution, when it was told to audit one.
+    #[serde(default)]
+    pub audit: Option<AuditReport>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditVerdict {
+    Passed,
+    Failed,
+    Inconclusive,
 }
 
 /// See [`Coordinator::checkpoint_source`].
@@ -175,6 +209,9 @@ pub enum Reply {
         /// step (DiLoCo's outer learning rate, taken without momentum; DDP's learning rate).
         #[serde(default = "full_step")]
         step_scale: f64,
+        /// A contribution of another member this one replays, besides its own.
+        #[serde(default)]
+        audit: Option<AuditTask>,
     },
     Ring {
         round: u64,
@@ -257,6 +294,15 @@ pub enum Event {
         reason: String,
     },
     Committed(RoundRecord),
+    /// A round's replay audit (see [`Options::audit_probability`]).
+    Audit {
+        round: u64,
+        of: String,
+        verdict: AuditVerdict,
+        /// The audited member's hash of what it sent, and its auditors' replays.
+        sent: Option<String>,
+        replays: Vec<String>,
+    },
     /// A contribution whose fingerprint stood out (see [`crate::fingerprint`]): its attempt
     /// was voided and its worker removed.
     ContributionOutlier {
@@ -345,6 +391,8 @@ struct ActiveRound {
     first_ready: Option<Instant>,
     discarded: u64,
     first_step: u64,
+    /// The member audited this round and its two auditors.
+    audit: Option<(WorkerId, [WorkerId; 2])>,
 }
 
 /// Batch ids not yet committed: fresh ones, and ones handed back by a member that failed.
@@ -756,6 +804,7 @@ impl Coordinator {
             round: self.round,
             members: ids.iter().map(|id| self.members[id].name.clone()).collect(),
         });
+        let audit = self.draw_audit(self.round, &ids);
         self.active = Some(ActiveRound {
             round: self.round,
             members: ids,
@@ -768,6 +817,7 @@ impl Coordinator {
             first_ready: None,
             discarded: 0,
             first_step,
+            audit,
         });
     }
 
@@ -1096,7 +1146,40 @@ impl Coordinator {
             donor,
             first_step: active.first_step,
             step_scale: self.step_scale(active.round),
+            audit: self.audit_task(active, worker),
         }
+    }
+
+    /// What `worker` audits in `active`, if anything.
+    fn audit_task(&self, active: &ActiveRound, worker: WorkerId) -> Option<AuditTask> {
+        let (of, auditors) = active.audit?;
+        let (member, batches) = (self.members.get(&of)?, active.batches.get(&of)?);
+        auditors.contains(&worker).then(|| AuditTask {
+            of: member.name.clone(),
+            donor: member.data_addr.clone(),
+            batches: batches.clone(),
+        })
+    }
+
+    /// Whether round `round` of members `ids` is audited, and whom: drawn from the run id and
+    /// the round, so every decision is reproducible from the run's own record.
+    fn draw_audit(&self, round: u64, ids: &[WorkerId]) -> Option<(WorkerId, [WorkerId; 2])> {
+        let n = ids.len();
+        if n < 3 || self.opts.audit_probability <= 0.0 {
+            return None;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"holdfast audit draw");
+        h.update(&self.run_id.to_le_bytes());
+        h.update(&round.to_le_bytes());
+        let bytes = h.finalize();
+        let word = |i: usize| u64::from_le_bytes(bytes.as_bytes()[i..i + 8].try_into().expect("8"));
+        let chance = word(0) as f64 / 2f64.powi(64);
+        if chance >= self.opts.audit_probability {
+            return None;
+        }
+        let at = (word(8) % n as u64) as usize;
+        Some((ids[at], [ids[(at + 1) % n], ids[(at + 2) % n]]))
     }
 
     fn not_in_round(&self, round: u64) -> Reply {
@@ -1156,7 +1239,7 @@ impl Coordinator {
             Phase::Reducing { ring, reduced } if current == attempt => {
                 reduced.insert(worker, stats);
                 if ring.iter().all(|id| reduced.contains_key(id)) {
-                    if self.void_outliers(now, round) {
+                    if self.void_outliers(now, round) || self.void_failed_audit(now, round) {
                         return match self.members.contains_key(&worker) {
                             true => Reply::Retry {
                                 round,
@@ -1227,6 +1310,53 @@ impl Coordinator {
             self.remove(*id, now, reason);
         }
         !found.is_empty()
+    }
+
+    /// Judges the round's replay audit, once every member has reduced: the audited member's
+    /// own hash against its two auditors' replays. Both auditors agreeing against it is a
+    /// failure: reported, and the member removed, which aborts the attempt (the others redo it
+    /// without it). A member whose guard acted this round, or a missing replay, or auditors
+    /// that disagree with each other, make the audit inconclusive. True on a failure.
+    fn void_failed_audit(&mut self, now: Instant, round: u64) -> bool {
+        let Some(active) = self.active.as_ref() else {
+            return false;
+        };
+        let (Some((of, auditors)), Phase::Reducing { reduced, .. }) = (active.audit, &active.phase)
+        else {
+            return false;
+        };
+        // An audited member already removed (its audit failed an earlier attempt) is not in
+        // this one.
+        let (Some(member), Some(own)) = (self.members.get(&of), reduced.get(&of)) else {
+            return false;
+        };
+        let name = member.name.clone();
+        let replays: Vec<String> = auditors
+            .iter()
+            .filter_map(|a| reduced.get(a)?.audit.as_ref())
+            .filter(|r| r.of == name)
+            .map(|r| r.blake3.clone())
+            .collect();
+        let guarded = own.skipped_steps > 0 || own.rollbacks > 0;
+        let verdict = match (&own.payload_blake3, replays.as_slice()) {
+            (Some(sent), [a, b]) if !guarded && a == b && a != sent => AuditVerdict::Failed,
+            (Some(sent), [a, b]) if a == sent && b == sent => AuditVerdict::Passed,
+            _ => AuditVerdict::Inconclusive,
+        };
+        self.events.push(Event::Audit {
+            round,
+            of: name.clone(),
+            verdict,
+            sent: own.payload_blake3.clone(),
+            replays,
+        });
+        if verdict != AuditVerdict::Failed {
+            return false;
+        }
+        *self.corruption_flags.entry(name).or_default() += 1;
+        let reason = "suspect hardware: two replays of its contribution agree with each other, not with what it sent".to_string();
+        self.remove(of, now, reason);
+        true
     }
 
     fn failed(&mut self, worker: WorkerId, round: u64, attempt: u32, error: String) -> Reply {
@@ -1451,6 +1581,7 @@ mod tests {
             max_rewinds: 2,
             damp_rounds: 3,
             outlier_ratio: None,
+            audit_probability: 0.0,
         };
         (Coordinator::new(opts, 77, "job".into()), Instant::now())
     }
@@ -2175,6 +2306,7 @@ mod tests {
             max_rewinds: 2,
             damp_rounds: 3,
             outlier_ratio: None,
+            audit_probability: 0.0,
         };
         let t0 = Instant::now();
         let mut c =
@@ -2242,6 +2374,7 @@ mod tests {
             max_rewinds: 2,
             damp_rounds: 3,
             outlier_ratio: None,
+            audit_probability: 0.0,
         };
         let t0 = Instant::now();
         let mut c = Coordinator::new(opts, 77, "job".into());
@@ -2512,6 +2645,142 @@ mod tests {
         let record = committed(&mut c).pop().expect("round 0 committed");
         assert_eq!(record.quorum, 2);
         assert_eq!(c.committed_position(), (1, 6, vec![4, 5]));
+    }
+
+    /// A voting coordinator of `workers` that audits every round.
+    fn auditing(workers: &[&str]) -> (Coordinator, Instant, Vec<WorkerId>) {
+        let (mut c, t0, ws) = voting(workers);
+        c.opts.audit_probability = 1.0;
+        (c, t0, ws)
+    }
+
+    fn with_hashes(sent: &str, audit: Option<(&str, &str)>) -> WorkerRoundStats {
+        WorkerRoundStats {
+            tokens: 10,
+            payload_blake3: Some(sent.into()),
+            audit: audit.map(|(of, h)| AuditReport {
+                of: of.into(),
+                blake3: h.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn two_replays_against_one_contribution_void_it_and_remove_its_worker() {
+        let (mut c, t0, ws) = auditing(&["w0", "w1", "w2"]);
+        let tasks: Vec<Option<AuditTask>> = ws
+            .iter()
+            .map(|&w| match next(&mut c, t0, w) {
+                Reply::Round { audit, .. } => audit,
+                r => panic!("{r:?}"),
+            })
+            .collect();
+        // One member is audited by the two others, from its own state and batches.
+        let audited: Vec<&AuditTask> = tasks.iter().flatten().collect();
+        assert_eq!(audited.len(), 2);
+        assert_eq!(audited[0], audited[1]);
+        let of = audited[0].of.clone();
+        let of_id = ws[["w0", "w1", "w2"].iter().position(|n| *n == of).unwrap()];
+        assert!(tasks[["w0", "w1", "w2"].iter().position(|n| *n == of).unwrap()].is_none());
+        assert_eq!(audited[0].donor, format!("{of}:1"));
+        for &w in &ws {
+            ready(&mut c, t0, w, 0);
+        }
+        for &w in &ws {
+            let stats = if w == of_id {
+                with_hashes("corrupted", None)
+            } else {
+                with_hashes("mine", Some((&of, "replayed")))
+            };
+            let req = Request::Reduced {
+                worker: w,
+                round: 0,
+                attempt: 1,
+                stats,
+            };
+            c.handle(t0, req);
+        }
+        assert_eq!(
+            c.committed_rounds(),
+            0,
+            "the audited attempt is not applied"
+        );
+        let events = c.drain_events();
+        assert!(
+            events.iter().any(|e| matches!(e,
+                Event::Audit { verdict: AuditVerdict::Failed, of: o, .. } if *o == of)),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Removed { name, .. } if *name == of))
+        );
+        // The other two redo the attempt (their stats, audit reports included, as before) and
+        // it commits without the removed member's contribution.
+        let others: Vec<WorkerId> = ws.iter().copied().filter(|&w| w != of_id).collect();
+        for &w in &others {
+            ready(&mut c, t0, w, 0);
+        }
+        for &w in &others {
+            let req = Request::Reduced {
+                worker: w,
+                round: 0,
+                attempt: 2,
+                stats: with_hashes("mine", Some((&of, "replayed"))),
+            };
+            c.handle(t0, req);
+        }
+        assert_eq!(committed(&mut c).pop().map(|r| r.quorum), Some(2));
+    }
+
+    #[test]
+    fn an_audit_passes_on_agreement_and_is_inconclusive_after_a_guard_action() {
+        for (guard_acted, want) in [
+            (false, AuditVerdict::Passed),
+            (true, AuditVerdict::Inconclusive),
+        ] {
+            let (mut c, t0, ws) = auditing(&["w0", "w1", "w2"]);
+            let mut of = String::new();
+            for &w in &ws {
+                if let Reply::Round { audit: Some(t), .. } = next(&mut c, t0, w) {
+                    of = t.of;
+                }
+            }
+            for &w in &ws {
+                ready(&mut c, t0, w, 0);
+            }
+            for (i, &w) in ws.iter().enumerate() {
+                let mut stats = if ["w0", "w1", "w2"][i] == of {
+                    with_hashes(if guard_acted { "skipped" } else { "h" }, None)
+                } else {
+                    with_hashes("mine", Some((&of, "h")))
+                };
+                stats.skipped_steps = u64::from(guard_acted && ["w0", "w1", "w2"][i] == of);
+                let req = Request::Reduced {
+                    worker: w,
+                    round: 0,
+                    attempt: 1,
+                    stats,
+                };
+                c.handle(t0, req);
+            }
+            assert_eq!(c.committed_rounds(), 1);
+            let events = c.drain_events();
+            assert!(
+                events
+                    .iter()
+                    .any(|e| matches!(e, Event::Audit { verdict, .. } if *verdict == want)),
+                "{events:?}"
+            );
+        }
+        // Two members are too few to tell which of a pair is wrong: never audited.
+        let (mut c, t0, ws) = auditing(&["w0", "w1"]);
+        assert!(matches!(
+            next(&mut c, t0, ws[0]),
+            Reply::Round { audit: None, .. }
+        ));
     }
 
     #[test]

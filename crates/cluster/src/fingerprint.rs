@@ -125,6 +125,16 @@ pub fn outliers(
     found
 }
 
+/// BLAKE3 of a contribution's values (little-endian f32): what a replay audit compares.
+pub fn payload_hash(values: &[f32]) -> String {
+    let mut h = blake3::Hasher::new();
+    for chunk in values.chunks(1 << 14) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+        h.update(&bytes);
+    }
+    h.finalize().to_hex().to_string()
+}
+
 /// Adds a committed round's fingerprints to the members' histories (the newest [`HISTORY`]).
 pub fn remember(
     history: &mut BTreeMap<String, VecDeque<Fingerprint>>,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::coordinator::{Reply, Request, StateReport, WorkerId, WorkerRoundStats};
+use crate::coordinator::{AuditTask, Reply, Request, StateReport, WorkerId, WorkerRoundStats};
 use crate::membership::{Membership, MembershipConnector};
 use crate::peer::{PeerServer, Snapshot, fetch_state_from};
 use crate::ring::{RingSpec, all_reduce_sum};
@@ -50,6 +50,8 @@ pub struct Assignment {
     pub first_step: u64,
     /// Scale of this round's step (below 1 after a rewind).
     pub step_scale: f64,
+    /// Another member's contribution to replay and report the hash of.
+    pub audit: Option<AuditTask>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -219,6 +221,7 @@ impl RoundClient {
                 donor,
                 first_step,
                 step_scale,
+                audit,
                 ..
             } => Ok(Next::Round(Assignment {
                 round,
@@ -226,6 +229,7 @@ impl RoundClient {
                 donor,
                 first_step,
                 step_scale,
+                audit,
             })),
             Reply::Finished => Ok(Next::Finished),
             Reply::Evicted { reason } => Ok(Next::Evicted(reason)),
@@ -403,6 +407,7 @@ mod tests {
             max_rewinds: 3,
             damp_rounds: 4,
             outlier_ratio: None,
+            audit_probability: 0.0,
         };
         let c = Coordinator::new(opts, RUN, "the job".into());
         CoordinatorServer::start("127.0.0.1:0", Auth::new(TEST_SECRET).unwrap(), RUN, c).unwrap()

@@ -322,6 +322,13 @@ impl RunConfig {
             }
         }
         let g = &self.guard;
+        if !(0.0..=1.0).contains(&g.audit_probability) {
+            return bad(
+                "guard.audit_probability",
+                g.audit_probability.to_string(),
+                "must be in [0, 1]",
+            );
+        }
         if !(g.spike_threshold.is_finite() && g.spike_threshold > 0.0) {
             return bad(
                 "guard.spike_threshold",

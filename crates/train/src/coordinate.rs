@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use holdfast_cluster::coordinator::{CheckpointSource, Coordinator, Event, Options, RoundRecord};
+use holdfast_cluster::coordinator::{
+    AuditVerdict, CheckpointSource, Coordinator, Event, Options, RoundRecord,
+};
 use holdfast_cluster::fingerprint::{OUTLIER_RATIO, STEP_OUTLIER_RATIO};
 use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state_from};
 use holdfast_cluster::server::CoordinatorServer;
@@ -72,6 +74,9 @@ pub struct ClusterSummary {
     /// Contributions voided for a fingerprint far above their peers' (corruption in compute);
     /// their workers are counted among the suspects too.
     pub outliers: u64,
+    /// Replay audits held, and those whose replays disagreed with what the member sent.
+    pub audits: u64,
+    pub failed_audits: u64,
     pub suspects: std::collections::BTreeMap<String, u32>,
     /// Inner steps the workers' guards did not apply, and their rollbacks (in committed
     /// rounds that were not undone).
@@ -117,6 +122,8 @@ pub struct ClusterRun {
     divergences: u64,
     corruptions: u64,
     outliers: u64,
+    audits: u64,
+    failed_audits: u64,
     suspects: std::collections::BTreeMap<String, u32>,
     rewinds: u64,
     skipped_batches: u64,
@@ -175,6 +182,11 @@ impl ClusterRun {
                 SyncMode::Diloco => OUTLIER_RATIO,
                 SyncMode::Ddp => STEP_OUTLIER_RATIO,
             }),
+            audit_probability: if cfg.guard.enabled {
+                cfg.guard.audit_probability
+            } else {
+                0.0
+            },
         };
         let run_id = u64::from_le_bytes(random_bytes());
         let auth = Auth::new(secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
@@ -255,6 +267,8 @@ impl ClusterRun {
             divergences: 0,
             corruptions: 0,
             outliers: 0,
+            audits: 0,
+            failed_audits: 0,
             suspects: Default::default(),
             rewinds: 0,
             skipped_batches: 0,
@@ -320,6 +334,13 @@ impl ClusterRun {
                 Event::ContributionOutlier { outlier, .. } => {
                     self.outliers += 1;
                     *self.suspects.entry(outlier.name.clone()).or_default() += 1;
+                }
+                Event::Audit { of, verdict, .. } => {
+                    self.audits += 1;
+                    if *verdict == AuditVerdict::Failed {
+                        self.failed_audits += 1;
+                        *self.suspects.entry(of.clone()).or_default() += 1;
+                    }
                 }
             }
             append_jsonl(
@@ -493,6 +514,8 @@ impl ClusterRun {
             divergences: self.divergences,
             corruptions: self.corruptions,
             outliers: self.outliers,
+            audits: self.audits,
+            failed_audits: self.failed_audits,
             suspects: self.suspects.clone(),
             guard_skips: self.records.iter().map(|r| r.guard_skips).sum(),
             guard_rollbacks: self.records.iter().map(|r| r.guard_rollbacks).sum(),

@@ -44,6 +44,9 @@ pub struct GuardSection {
     /// Multi-worker: a worker whose state disagrees with the majority this many times is
     /// removed as suspect hardware.
     pub max_corruption_flags: u32,
+    /// Multi-worker, three or more workers: the chance a round is audited (two workers replay
+    /// a third's contribution; see the coordinator's `Options::audit_probability`).
+    pub audit_probability: f64,
 }
 
 impl Default for GuardSection {
@@ -61,6 +64,7 @@ impl Default for GuardSection {
             max_rollbacks: 3,
             rollback_window: 1000,
             max_corruption_flags: 3,
+            audit_probability: 0.05,
         }
     }
 }

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use burn::tensor::Device;
-use holdfast_cluster::coordinator::{StateReport, WorkerRoundStats};
-use holdfast_cluster::fingerprint::Fingerprint;
+use holdfast_cluster::coordinator::{AuditReport, AuditTask, StateReport, WorkerRoundStats};
+use holdfast_cluster::fingerprint::{Fingerprint, payload_hash};
 use holdfast_cluster::membership::CoordinatorConnector;
 use holdfast_cluster::round::{
     Assignment, JoinOptions, Joined, Next, ProtocolError, RoundClient, Synced,
@@ -23,7 +23,7 @@ use crate::chaos::NumberFaults;
 use crate::guarded::GuardedStep;
 use crate::replica::Replica;
 use crate::run::{Prepared, prepare_data};
-use crate::sync::{Contribution, RoundWork, strategy};
+use crate::sync::{Contribution, RoundWork, SyncStrategy, strategy};
 use crate::{RunConfig, TrainError};
 
 const POLL: Duration = Duration::from_millis(10);
@@ -147,7 +147,14 @@ fn session(
         };
         let mut contribution = strategy.contribute(r, &work, &mut stepper);
         corrupt_if_planned(stepper.faults(), &mut contribution.payload, a.round);
-        let sum = match client.sync(a.round, &contribution.payload, round_stats(&contribution))? {
+        let audit = a.audit.as_ref().and_then(|task| {
+            let replayed = replay(&client, task, &a, cfg, data, &o.device, strategy.as_ref());
+            replayed
+                .inspect_err(|e| tracing::warn!("round {}: audit of {}: {e}", a.round, task.of))
+                .ok()
+        });
+        let stats = round_stats(&contribution, audit);
+        let sum = match client.sync(a.round, &contribution.payload, stats)? {
             Synced::Committed { sum, .. } => sum,
             Synced::Evicted(reason) => return Ok(SessionEnd::Evicted(reason)),
         };
@@ -224,12 +231,45 @@ fn fetch_replica(
     Ok(r)
 }
 
+/// A replay audit: `task.of`'s contribution this round, recomputed here from the state it
+/// started from (fetched from its peer endpoint) and its batches, with no faults and no
+/// slow-down of this worker's own; the hash of what it would have sent.
+fn replay(
+    client: &RoundClient,
+    task: &AuditTask,
+    a: &Assignment,
+    cfg: &RunConfig,
+    data: &Prepared,
+    device: &Device,
+    strategy: &dyn SyncStrategy,
+) -> Result<AuditReport, TrainError> {
+    let mut replica = fetch_replica(client, &task.donor, a.round, data, device)?;
+    let work = RoundWork {
+        data: &data.dataset,
+        train: &cfg.train,
+        batches: &task.batches,
+        first_step: a.first_step,
+        step_scale: a.step_scale,
+        slow_factor: 1.0,
+    };
+    let mut no_faults = NumberFaults::default();
+    let mut stepper = GuardedStep::new(cfg.guard.clone(), &mut no_faults);
+    let replayed = strategy.contribute(&mut replica, &work, &mut stepper);
+    Ok(AuditReport {
+        of: task.of.clone(),
+        blake3: payload_hash(&replayed.payload),
+    })
+}
+
 /// What the coordinator hears of this worker's round besides the traffic: among it, the
-/// fingerprint of the values it sends (their weight, last, left out).
-fn round_stats(c: &Contribution) -> WorkerRoundStats {
+/// fingerprint and hash of the values it sends (the fingerprint leaves their weight, last,
+/// out), and its replay of another's contribution when it audits one.
+fn round_stats(c: &Contribution, audit: Option<AuditReport>) -> WorkerRoundStats {
     let values = &c.payload[..c.payload.len().saturating_sub(1)];
     WorkerRoundStats {
         fingerprint: Some(Fingerprint::of(values)),
+        payload_blake3: Some(payload_hash(&c.payload)),
+        audit,
         tokens: c.tokens,
         loss: c.loss,
         compute_s: c.compute_s,
