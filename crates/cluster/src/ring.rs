@@ -179,8 +179,20 @@ mod tests {
         attempt: u32,
         timeout: Duration,
     ) -> Vec<Result<Vec<f32>, WireError>> {
-        let auth = Auth::new(TEST_SECRET).unwrap();
         let members: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        run_via(servers, &members, data, attempt, timeout)
+    }
+
+    /// [`run`], each rank reaching its successor at `members` (which may pass through a
+    /// proxy).
+    fn run_via(
+        servers: &[PeerServer],
+        members: &[String],
+        data: Vec<Vec<f32>>,
+        attempt: u32,
+        timeout: Duration,
+    ) -> Vec<Result<Vec<f32>, WireError>> {
+        let auth = Auth::new(TEST_SECRET).unwrap();
         std::thread::scope(|s| {
             let handles: Vec<_> = data
                 .into_iter()
@@ -189,7 +201,7 @@ mod tests {
                     let spec = RingSpec {
                         round: 3,
                         attempt,
-                        members: members.clone(),
+                        members: members.to_vec(),
                         rank,
                     };
                     let (auth, inbox) = (auth.clone(), servers[rank].inbox.clone());
@@ -303,5 +315,67 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// One whole frame off a raw stream; None at its end.
+    fn raw_frame(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+        use std::io::Read;
+        let mut frame = vec![0u8; wire::HEADER_LEN];
+        s.read_exact(&mut frame).ok()?;
+        let len = u32::from_le_bytes(frame[16..20].try_into().unwrap()) as usize;
+        frame.resize(wire::HEADER_LEN + len, 0);
+        s.read_exact(&mut frame[wire::HEADER_LEN..]).ok()?;
+        Some(frame)
+    }
+
+    /// A man in the middle of the link into `target`, without the secret: it passes the
+    /// handshake and the ring hello through, then flips one bit of the first data frame.
+    fn tampering_proxy(target: String) -> String {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut from, _) = listener.accept().unwrap();
+            let mut to = std::net::TcpStream::connect(target).unwrap();
+            let mut back = (from.try_clone().unwrap(), to.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut back.1, &mut back.0));
+            for i in 0.. {
+                let Some(mut frame) = raw_frame(&mut from) else {
+                    break;
+                };
+                if i == 2 {
+                    let last = frame.len() - 1;
+                    frame[last] ^= 1;
+                }
+                if to.write_all(&frame).is_err() {
+                    break;
+                }
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_tampered_link_fails_the_attempt_for_every_rank_and_a_retry_sums_exactly() {
+        let auth = Auth::new(TEST_SECRET).unwrap();
+        let srv = servers(3, &auth);
+        let data = inputs(3, 1000);
+        let mut members: Vec<String> = srv.iter().map(|s| s.addr.clone()).collect();
+        members[1] = tampering_proxy(members[1].clone());
+        let out = run_via(&srv, &members, data.clone(), 0, Duration::from_secs(1));
+        assert!(out.iter().all(|r| r.is_err()), "{out:?}");
+        assert!(
+            out.iter()
+                .any(|r| matches!(r, Err(e) if e.to_string().contains("failed authentication"))),
+            "{out:?}"
+        );
+        // The next attempt, on a clean link, sums exactly as if nothing had happened.
+        let again = run(&srv, data.clone(), 1, Duration::from_secs(5));
+        let first = again[0].as_ref().unwrap();
+        for i in 0..1000 {
+            let want: f64 = data.iter().map(|d| d[i] as f64).sum();
+            assert!((first[i] as f64 - want).abs() < 1e-3, "i={i}");
+        }
+        assert!(again.iter().all(|r| r.as_ref().ok() == Some(first)));
     }
 }
