@@ -1626,15 +1626,25 @@ mod tests {
             tokens: 10,
             ..Default::default()
         };
-        c.handle(
-            now,
-            Request::Reduced {
-                worker: w,
-                round,
-                attempt,
-                stats,
-            },
-        )
+        reduced_with(c, now, w, (round, attempt), stats)
+    }
+
+    /// `w` reports attempt `at.1` of round `at.0` reduced, with `stats`.
+    fn reduced_with(
+        c: &mut Coordinator,
+        now: Instant,
+        w: WorkerId,
+        at: (u64, u32),
+        stats: WorkerRoundStats,
+    ) -> Reply {
+        let (round, attempt) = at;
+        let req = Request::Reduced {
+            worker: w,
+            round,
+            attempt,
+            stats,
+        };
+        c.handle(now, req)
     }
 
     /// Drives every worker in `ws` through one clean round.
@@ -2597,25 +2607,12 @@ mod tests {
         for &w in &ws {
             ready(&mut c, t0, w, 0);
         }
-        let honest = |c: &mut Coordinator, w| {
-            let req = Request::Reduced {
-                worker: w,
-                round: 0,
-                attempt: 1,
-                stats: stats(1.0, 0.01),
-            };
-            c.handle(t0, req)
-        };
+        let honest = |c: &mut Coordinator, w| reduced_with(c, t0, w, (0, 1), stats(1.0, 0.01));
         honest(&mut c, ws[0]);
         honest(&mut c, ws[1]);
         // w2's contribution has one value blown up by a flipped exponent bit.
-        let req = Request::Reduced {
-            worker: ws[2],
-            round: 0,
-            attempt: 1,
-            stats: stats(1.0e12, 1.0e12),
-        };
-        assert!(matches!(c.handle(t0, req), Reply::Evicted { .. }));
+        let reply = reduced_with(&mut c, t0, ws[2], (0, 1), stats(1.0e12, 1.0e12));
+        assert!(matches!(reply, Reply::Evicted { .. }));
         assert_eq!(
             c.committed_rounds(),
             0,
@@ -2634,13 +2631,7 @@ mod tests {
             ready(&mut c, t0, w, 0);
         }
         for &w in &ws[..2] {
-            let req = Request::Reduced {
-                worker: w,
-                round: 0,
-                attempt: 2,
-                stats: stats(1.0, 0.01),
-            };
-            c.handle(t0, req);
+            reduced_with(&mut c, t0, w, (0, 2), stats(1.0, 0.01));
         }
         let record = committed(&mut c).pop().expect("round 0 committed");
         assert_eq!(record.quorum, 2);
@@ -2693,13 +2684,7 @@ mod tests {
             } else {
                 with_hashes("mine", Some((&of, "replayed")))
             };
-            let req = Request::Reduced {
-                worker: w,
-                round: 0,
-                attempt: 1,
-                stats,
-            };
-            c.handle(t0, req);
+            reduced_with(&mut c, t0, w, (0, 1), stats);
         }
         assert_eq!(
             c.committed_rounds(),
@@ -2724,13 +2709,13 @@ mod tests {
             ready(&mut c, t0, w, 0);
         }
         for &w in &others {
-            let req = Request::Reduced {
-                worker: w,
-                round: 0,
-                attempt: 2,
-                stats: with_hashes("mine", Some((&of, "replayed"))),
-            };
-            c.handle(t0, req);
+            reduced_with(
+                &mut c,
+                t0,
+                w,
+                (0, 2),
+                with_hashes("mine", Some((&of, "replayed"))),
+            );
         }
         assert_eq!(committed(&mut c).pop().map(|r| r.quorum), Some(2));
     }
@@ -2758,13 +2743,7 @@ mod tests {
                     with_hashes("mine", Some((&of, "h")))
                 };
                 stats.skipped_steps = u64::from(guard_acted && ["w0", "w1", "w2"][i] == of);
-                let req = Request::Reduced {
-                    worker: w,
-                    round: 0,
-                    attempt: 1,
-                    stats,
-                };
-                c.handle(t0, req);
+                reduced_with(&mut c, t0, w, (0, 1), stats);
             }
             assert_eq!(c.committed_rounds(), 1);
             let events = c.drain_events();
