@@ -6,8 +6,7 @@
 //!
 //! What it can and cannot see: a fault that makes one value more than `ratio` times the
 //! largest honest one (a flipped high exponent bit) is caught; a smaller one (a low exponent
-//! or a mantissa bit) is not, and it also changes the averaged update by less than honest
-//! replicas differ from each other.
+//! or a mantissa bit) is not — the coordinator's replay audits are for those.
 
 use std::collections::{BTreeMap, VecDeque};
 
