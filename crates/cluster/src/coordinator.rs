@@ -212,6 +212,10 @@ pub enum Reply {
         /// A contribution of another member this one replays, besides its own.
         #[serde(default)]
         audit: Option<AuditTask>,
+        /// This member's own contribution is audited: it reports its hash (only then, to keep
+        /// a pass over the contribution off the other rounds).
+        #[serde(default)]
+        audited: bool,
     },
     Ring {
         round: u64,
@@ -659,11 +663,9 @@ impl Coordinator {
             .into_iter()
             .filter(|id| self.members[id].state_round == Some(self.round));
         let agreed = if self.opts.vote {
-            Some(
-                self.agreed
-                    .get(&self.round)
-                    .filter(|_| self.voted == Some(self.round))?,
-            )
+            // Only a vote inserts an agreed hash, and an undo drops those past the round it
+            // goes back to: one for this round means this round's state was voted on.
+            Some(self.agreed.get(&self.round)?)
         } else {
             None
         };
@@ -1147,6 +1149,7 @@ impl Coordinator {
             first_step: active.first_step,
             step_scale: self.step_scale(active.round),
             audit: self.audit_task(active, worker),
+            audited: active.audit.is_some_and(|(of, _)| of == worker),
         }
     }
 

@@ -127,11 +127,18 @@ pub fn outliers(
 /// BLAKE3 of a contribution's values (little-endian f32): what a replay audit compares.
 pub fn payload_hash(values: &[f32]) -> String {
     let mut h = blake3::Hasher::new();
-    for chunk in values.chunks(1 << 14) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-        h.update(&bytes);
-    }
+    hash_f32(&mut h, values);
     h.finalize().to_hex().to_string()
+}
+
+/// Feeds `values` to `h` as little-endian bytes, a block at a time (no copy of the whole).
+fn hash_f32(h: &mut blake3::Hasher, values: &[f32]) {
+    let mut block = Vec::with_capacity(4 << 16);
+    for chunk in values.chunks(1 << 16) {
+        block.clear();
+        block.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+        h.update(&block);
+    }
 }
 
 /// Adds a committed round's fingerprints to the members' histories (the newest [`HISTORY`]).

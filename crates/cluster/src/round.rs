@@ -52,6 +52,8 @@ pub struct Assignment {
     pub step_scale: f64,
     /// Another member's contribution to replay and report the hash of.
     pub audit: Option<AuditTask>,
+    /// This member's own contribution is audited: report its hash.
+    pub audited: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -222,6 +224,7 @@ impl RoundClient {
                 first_step,
                 step_scale,
                 audit,
+                audited,
                 ..
             } => Ok(Next::Round(Assignment {
                 round,
@@ -230,6 +233,7 @@ impl RoundClient {
                 first_step,
                 step_scale,
                 audit,
+                audited,
             })),
             Reply::Finished => Ok(Next::Finished),
             Reply::Evicted { reason } => Ok(Next::Evicted(reason)),

@@ -49,6 +49,18 @@ impl PromptRule {
         }
         Ok(ids)
     }
+
+    /// The ids of `messages` rendered with `template` for the assistant's turn. The template
+    /// writes any BOS itself (`{{ bos_token }}`), as `transformers` renders it.
+    pub fn chat_ids(
+        &self,
+        tokenizer: &Tokenizer,
+        template: Option<&str>,
+        messages: &[ChatMessage],
+    ) -> Result<Vec<u32>, ServeError> {
+        let text = render_chat(template, messages, self.bos_text.as_deref())?;
+        Ok(tokenizer.encode(&text)?)
+    }
 }
 
 pub struct ServedModel {
@@ -180,12 +192,12 @@ impl ServedModel {
         Ok(self.prompt_rule.encode(&self.tokenizer, text)?)
     }
 
-    /// The ids of `messages` rendered with the model's chat template for the assistant's turn.
-    /// The template writes any BOS itself (`{{ bos_token }}`), as `transformers` renders it.
+    /// The ids of `messages` rendered with the model's chat template (see
+    /// [`PromptRule::chat_ids`]).
     pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ServeError> {
-        let bos = self.prompt_rule.bos_text.as_deref();
-        let text = render_chat(self.chat_template.as_deref(), messages, bos)?;
-        Ok(self.tokenizer.encode(&text)?)
+        let template = self.chat_template.as_deref();
+        self.prompt_rule
+            .chat_ids(&self.tokenizer, template, messages)
     }
 }
 

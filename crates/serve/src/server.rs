@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::model::{PromptRule, render_chat};
-use crate::{ChatMessage, Completion, SamplingOptions, ServedModel, generate};
+use crate::model::PromptRule;
+use crate::{ChatMessage, Completion, SamplingOptions, ServeError, ServedModel, generate};
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -239,18 +239,21 @@ fn prepare(
     common: &Common,
     default_max_tokens: Option<usize>,
 ) -> Result<(Vec<u32>, SamplingOptions), ApiError> {
+    let (rule, tokenizer) = (&state.prompt_rule, &state.tokenizer);
     let encoded = match input {
-        Input::Prompt(text) => state.prompt_rule.encode(&state.tokenizer, &text),
+        Input::Prompt(text) => rule.encode(tokenizer, &text).map_err(ServeError::from),
         Input::Chat(messages) => {
-            let bos = state.prompt_rule.bos_text.as_deref();
-            let text = render_chat(state.chat_template.as_deref(), &messages, bos)
-                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages"), "invalid_value"))?;
-            // The template wrote any BOS the model wants, as transformers' chat does.
-            state.tokenizer.encode(&text)
+            rule.chat_ids(tokenizer, state.chat_template.as_deref(), &messages)
         }
     };
-    let prompt =
-        encoded.map_err(|e| ApiError::invalid(e.to_string(), Some("prompt"), "invalid_value"))?;
+    let prompt = encoded.map_err(|e| {
+        // A template that fails names the messages; a text that cannot be encoded, the prompt.
+        let param = match e {
+            ServeError::Template(_) => "messages",
+            _ => "prompt",
+        };
+        ApiError::invalid(e.to_string(), Some(param), "invalid_value")
+    })?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             "the prompt is empty",
@@ -397,16 +400,15 @@ async fn chat_completions(
     .await
 }
 
-/// Checks, admits, prepares and queues a job, then answers with one JSON body or an SSE
-/// stream.
-async fn respond(
-    state: Arc<AppState>,
-    kind: Kind,
+/// Checks the request's cheap fields, takes an admission slot, prepares the job off the
+/// runtime and queues it: the slot, the prompt's length and the job's events.
+async fn admit_and_queue(
+    state: &Arc<AppState>,
     input: Input,
     common: Common,
     default_max_tokens: Option<usize>,
-) -> Result<Response, ApiError> {
-    check_fields(&state, &common)?;
+) -> Result<(Slot, usize, mpsc::UnboundedReceiver<JobEvent>), ApiError> {
+    check_fields(state, &common)?;
     let slot = admit(&state.pending, state.options.max_pending).ok_or(ApiError {
         status: StatusCode::TOO_MANY_REQUESTS,
         message: format!(
@@ -416,22 +418,34 @@ async fn respond(
         code: "queue_full",
         param: None,
     })?;
-    let stream = common.stream;
     let shared = state.clone();
     let (prompt, sampling) =
         tokio::task::spawn_blocking(move || prepare(&shared, input, &common, default_max_tokens))
             .await
             .map_err(|_| unavailable())??;
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = prompt.len();
-    state
-        .jobs
-        .send(Job {
-            prompt,
-            sampling,
-            events: tx,
-        })
-        .map_err(|_| unavailable())?;
+    let job = Job {
+        prompt,
+        sampling,
+        events: tx,
+    };
+    state.jobs.send(job).map_err(|_| unavailable())?;
+    Ok((slot, prompt_tokens, rx))
+}
+
+/// Checks, admits, prepares and queues a job, then answers with one JSON body or an SSE
+/// stream.
+async fn respond(
+    state: Arc<AppState>,
+    kind: Kind,
+    input: Input,
+    common: Common,
+    default_max_tokens: Option<usize>,
+) -> Result<Response, ApiError> {
+    let stream = common.stream;
+    let (slot, prompt_tokens, mut rx) =
+        admit_and_queue(&state, input, common, default_max_tokens).await?;
     let id = format!("{}-{:x}", kind.id_prefix(), rand::random::<u64>());
     let created = now_secs();
     let model = state.model_id.clone();

@@ -153,7 +153,7 @@ fn session(
                 .inspect_err(|e| tracing::warn!("round {}: audit of {}: {e}", a.round, task.of))
                 .ok()
         });
-        let stats = round_stats(&contribution, audit);
+        let stats = round_stats(&contribution, a.audited, audit);
         let sum = match client.sync(a.round, &contribution.payload, stats)? {
             Synced::Committed { sum, .. } => sum,
             Synced::Evicted(reason) => return Ok(SessionEnd::Evicted(reason)),
@@ -262,13 +262,13 @@ fn replay(
 }
 
 /// What the coordinator hears of this worker's round besides the traffic: among it, the
-/// fingerprint and hash of the values it sends (the fingerprint leaves their weight, last,
-/// out), and its replay of another's contribution when it audits one.
-fn round_stats(c: &Contribution, audit: Option<AuditReport>) -> WorkerRoundStats {
+/// fingerprint of the values it sends (their weight, last, left out), their hash when they are
+/// `audited`, and its replay of another's contribution when it audits one.
+fn round_stats(c: &Contribution, audited: bool, audit: Option<AuditReport>) -> WorkerRoundStats {
     let values = &c.payload[..c.payload.len().saturating_sub(1)];
     WorkerRoundStats {
         fingerprint: Some(Fingerprint::of(values)),
-        payload_blake3: Some(payload_hash(&c.payload)),
+        payload_blake3: audited.then(|| payload_hash(&c.payload)),
         audit,
         tokens: c.tokens,
         loss: c.loss,
