@@ -3,6 +3,9 @@
 #
 #   bash bench/cluster.sh sync      # DDP vs DiLoCo H=50/100 on Tiny Shakespeare, 4 workers:
 #                                   #   bytes sent per token and final validation loss
+#   bash bench/cluster.sh outer     # DiLoCo's outer step on the `sync` runs: each of VARIANTS
+#                                   #   ("lr:momentum ...") at H (default 100) and PRECISION
+#                                   #   (default f32); EXTRA adds train flags
 #   bash bench/cluster.sh goodput   # 4 workers, fault-free vs one kill per minute
 #   bash bench/cluster.sh overhead  # one process vs --workers 1 on the default task, twice, interleaved
 #   bash bench/cluster.sh guards    # one process with and without the guards, twice, interleaved
@@ -25,7 +28,7 @@ import json, sys
 s = json.load(open(sys.argv[1] + "/summary.json"))
 keep = ["workers", "sync", "steps_per_round", "rounds", "wall_s", "committed_tokens",
         "goodput_tokens_per_s", "faults", "discarded_batches", "bytes_sent_per_token",
-        "median_sync_s", "max_fault_sync_s", "final_loss"]
+        "compute_utilisation", "median_sync_s", "max_fault_sync_s", "final_loss"]
 out = {"run": sys.argv[2], **{k: s[k] for k in keep}, "val_loss": s["eval"]["val_loss"]}
 print(json.dumps(out))
 PY
@@ -41,6 +44,22 @@ sync)
   for h in 50 100; do
     "$BIN" train "${common[@]}" --sync diloco --inner-steps "$h" --run-dir "$OUT/diloco-h$h" > /dev/null
     summary "$OUT/diloco-h$h" "diloco-h$h"
+  done
+  ;;
+outer)
+  [ -f "$DATA" ] || { echo "needs $DATA" >&2; exit 2; }
+  h=${H:-100}; precision=${PRECISION:-f32}
+  common=(--workers 4 --data "$DATA" --preset "${PRESET:-char-small}" --context 64 --batch-size 8
+          --steps "${STEPS:-400}" --seed 1 --no-progress --sync diloco --inner-steps "$h"
+          --sync-precision "$precision")
+  # shellcheck disable=SC2206
+  extra=(${EXTRA:-})
+  for v in ${VARIANTS:-0.7:0 1.0:0 1.5:0 2.0:0 0.7:0.9}; do
+    lr=${v%%:*}; momentum=${v#*:}
+    label="h$h-$precision-lr$lr-m$momentum-s${STEPS:-400}${EXTRA:+-$(echo "$EXTRA" | tr -d ' -')}"
+    printf '[sync]\nouter_lr = %s\nouter_momentum = %s\n' "$lr" "$momentum" > "$OUT/$label.toml"
+    "$BIN" train "${common[@]}" "${extra[@]}" --config "$OUT/$label.toml" --run-dir "$OUT/$label" > /dev/null
+    summary "$OUT/$label" "$label"
   done
   ;;
 goodput)

@@ -125,6 +125,10 @@ struct TrainArgs {
     /// DiLoCo's H: inner steps per outer round.
     #[arg(long)]
     inner_steps: Option<u64>,
+    /// How DiLoCo's pseudo-gradients travel: f32, or int8, int4, e2m1 (quantized, with
+    /// error feedback).
+    #[arg(long)]
+    sync_precision: Option<String>,
     /// A worker silent this long is dropped from the quorum.
     #[arg(long)]
     failure_timeout_ms: Option<u64>,
@@ -258,6 +262,7 @@ fn overrides(args: &TrainArgs) -> Result<Overrides> {
         checkpoint_every: args.checkpoint_every,
         sync: args.sync.as_deref().map(str::parse).transpose()?,
         inner_steps: args.inner_steps,
+        precision: args.sync_precision.as_deref().map(str::parse).transpose()?,
         failure_timeout_ms: args.failure_timeout_ms,
         no_guards: args.no_guards,
     })
@@ -288,6 +293,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     if let Some(workers) = args.workers {
         return cmd_train_workers(&args, workers, device);
     }
+    refuse_sync_flags_alone(&args)?;
     let faults = match &args.chaos {
         None => Default::default(),
         Some(spec) => holdfast_train::chaos::ChaosPlan::single_process(spec)
@@ -316,6 +322,26 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     print_summary(&summary, &cfg, &run_dir);
+    Ok(())
+}
+
+/// A single process has no replicas to sync: the flags that say how they sync would do nothing.
+fn refuse_sync_flags_alone(args: &TrainArgs) -> Result<()> {
+    let given: Vec<&str> = [
+        ("--sync", args.sync.is_some()),
+        ("--inner-steps", args.inner_steps.is_some()),
+        ("--sync-precision", args.sync_precision.is_some()),
+        ("--failure-timeout-ms", args.failure_timeout_ms.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect();
+    if !given.is_empty() {
+        bail!(
+            "{}: a single process has no replicas to sync (add --workers N)",
+            given.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -531,8 +557,8 @@ fn describe_sync(cfg: &RunConfig) -> String {
     match cfg.sync.mode {
         SyncMode::Ddp => "DDP (gradients averaged every step)".into(),
         SyncMode::Diloco => format!(
-            "DiLoCo (H={}, outer Nesterov lr {} momentum {})",
-            cfg.sync.inner_steps, cfg.sync.outer_lr, cfg.sync.outer_momentum
+            "DiLoCo (H={}, outer Nesterov lr {} momentum {}, pseudo-gradients as {})",
+            cfg.sync.inner_steps, cfg.sync.outer_lr, cfg.sync.outer_momentum, cfg.sync.precision
         ),
     }
 }

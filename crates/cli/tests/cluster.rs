@@ -758,6 +758,52 @@ fn a_corrupted_contribution_is_voided_before_it_is_averaged_in() {
 }
 
 #[test]
+fn quantized_sync_sends_a_seventh_of_the_bytes_and_survives_a_kill_and_a_hang() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bytes_per_token = |name: &str, precision: &str| {
+        let mut args = train_args(name, "3", "240");
+        args.extend(["--sync-precision", precision]);
+        ok(&holdfast(d, &args));
+        let run = d.join(name);
+        assert_states_agree(&run);
+        assert_exactly_once(&run);
+        summary(&run)["bytes_sent_per_token"].as_f64().unwrap()
+    };
+    // Ring in f32: 2·(n−1)/n of 4 bytes a value; mesh in 4 bits: the same share of half a
+    // byte, plus a 4-byte scale per 64 values.
+    let ratio = bytes_per_token("int4", "int4") / bytes_per_token("f32", "f32");
+    assert!(
+        (0.12..0.16).contains(&ratio),
+        "int4 sends {ratio} of f32's bytes"
+    );
+
+    let mut args = train_args("chaos", "3", "400");
+    args.extend([
+        "--sync-precision",
+        "int4",
+        "--failure-timeout-ms",
+        "1000",
+        "--chaos",
+        "kill:worker=1,at=2s;hang:worker=2,at=4s,for=2s",
+    ]);
+    ok(&holdfast(d, &args));
+    let run = d.join("chaos");
+    assert_removed_as_silent(&run, "worker-2");
+    let rejoined = |name: &str| {
+        events(&run, "joined")
+            .iter()
+            .filter(|e| e["name"] == name)
+            .count()
+    };
+    assert!(rejoined("worker-1") >= 2 && rejoined("worker-2") >= 2);
+    // Every replica, the rejoined ones with fresh residuals included, holds the same bits.
+    assert_states_agree(&run);
+    assert_exactly_once(&run);
+}
+
+#[test]
 fn a_replay_audit_catches_one_flipped_mantissa_bit() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
@@ -1004,6 +1050,29 @@ fn bad_multi_worker_input_is_a_clear_error() {
     fails_with(
         &holdfast(d, &["train", "--workers", "2", "--sync", "gossip"]),
         "sync.mode",
+    );
+    fails_with(
+        &holdfast(d, &["train", "--workers", "2", "--sync-precision", "fp8"]),
+        "sync.precision = 'fp8'",
+    );
+    fails_with(
+        &holdfast(
+            d,
+            &[
+                "train",
+                "--workers",
+                "2",
+                "--sync",
+                "ddp",
+                "--sync-precision",
+                "int4",
+            ],
+        ),
+        "DDP's gradients travel as f32",
+    );
+    fails_with(
+        &holdfast(d, &["train", "--sync-precision", "int8"]),
+        "--sync-precision: a single process has no replicas to sync",
     );
     fails_with(
         &holdfast(d, &["train", "--chaos", "kill:worker=0,at=1s"]),

@@ -9,13 +9,16 @@
 //! - [`membership`]: the trait a worker sees membership through;
 //! - [`peer`]: a worker's listener for ring neighbours and state transfer (live recovery);
 //! - [`ring`]: fault-tolerant ring all-reduce;
+//! - [`quant`] and [`mesh`]: block quantization, and the quantized all-reduce that uses it;
 //! - [`round`]: the worker's half of the round protocol (join, rounds, two-phase sync).
 
 pub mod acceptor;
 pub mod coordinator;
 pub mod fingerprint;
 pub mod membership;
+pub mod mesh;
 pub mod peer;
+pub mod quant;
 pub mod ring;
 pub mod round;
 pub mod server;

@@ -15,7 +15,8 @@ use crate::wire::{self, Auth, Conn, Kind, MAX_DATA_LEN, WireError};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "want", rename_all = "snake_case")]
 pub enum PeerHello {
-    /// "I am your ring predecessor for this attempt."
+    /// "I am rank `from_rank` of this attempt's collective" (a ring predecessor, or one of a
+    /// mesh's peers).
     Ring {
         round: u64,
         attempt: u32,
@@ -47,10 +48,10 @@ pub struct Snapshot {
 
 type RingKey = (u64, u32);
 
-/// Ring connections that arrived before the collective asked for them.
+/// Collective connections that arrived before the collective asked for them.
 #[derive(Default)]
 pub struct Inbox {
-    waiting: Mutex<HashMap<RingKey, (usize, Conn)>>,
+    waiting: Mutex<HashMap<RingKey, Vec<(usize, Conn)>>>,
     arrived: Condvar,
 }
 
@@ -59,16 +60,37 @@ impl Inbox {
         let mut w = self.waiting.lock().expect("inbox lock");
         // Older attempts are over; their connections are only noise now.
         w.retain(|k, _| *k >= key);
-        w.insert(key, (from_rank, conn));
+        let arrived = w.entry(key).or_default();
+        // A rank that connects again replaces its earlier connection.
+        arrived.retain(|(from, _)| *from != from_rank);
+        arrived.push((from_rank, conn));
         self.arrived.notify_all();
     }
 
-    /// Waits until `deadline` for the ring predecessor's connection of `key`.
+    /// Waits until `deadline` for the ring predecessor's connection of `key` (the first to
+    /// arrive: the caller checks its rank).
     pub fn take(&self, key: RingKey, deadline: Instant) -> Option<(usize, Conn)> {
+        self.take_where(key, deadline, |_| true)
+    }
+
+    /// Waits until `deadline` for rank `from`'s connection of `key`.
+    pub fn take_from(&self, key: RingKey, from: usize, deadline: Instant) -> Option<Conn> {
+        self.take_where(key, deadline, |rank| rank == from)
+            .map(|(_, conn)| conn)
+    }
+
+    fn take_where(
+        &self,
+        key: RingKey,
+        deadline: Instant,
+        wanted: impl Fn(usize) -> bool,
+    ) -> Option<(usize, Conn)> {
         let mut w = self.waiting.lock().expect("inbox lock");
         loop {
-            if let Some(c) = w.remove(&key) {
-                return Some(c);
+            if let Some(arrived) = w.get_mut(&key)
+                && let Some(i) = arrived.iter().position(|(from, _)| wanted(*from))
+            {
+                return Some(arrived.remove(i));
             }
             let now = Instant::now();
             if now >= deadline {

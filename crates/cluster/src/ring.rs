@@ -32,7 +32,7 @@ pub struct RingStats {
     pub seconds: f64,
 }
 
-fn segment(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
+pub(crate) fn segment(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
     (i * len / n)..((i + 1) * len / n)
 }
 

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::coordinator::{AuditTask, Reply, Request, StateReport, WorkerId, WorkerRoundStats};
 use crate::membership::{Membership, MembershipConnector};
+use crate::mesh::{Quantized, QuantizedSum, all_reduce_quantized};
 use crate::peer::{PeerServer, Snapshot, fetch_state_from};
-use crate::ring::{RingSpec, all_reduce_sum};
+use crate::ring::{RingSpec, RingStats, all_reduce_sum};
 use crate::wire::{Auth, WireError};
 
 const POLL: Duration = Duration::from_millis(10);
@@ -71,6 +72,9 @@ pub enum Synced {
         sum: Vec<f32>,
         contributors: usize,
         stats: WorkerRoundStats,
+        /// What quantization dropped of this worker's part in the committed attempt (empty
+        /// when the values travelled as `f32`): the caller feeds it back next round.
+        residual: Vec<f32>,
     },
     Evicted(String),
 }
@@ -270,12 +274,14 @@ impl RoundClient {
     }
 
     /// Sums `contribution` over the round's members, retrying on re-formed rings until the
-    /// round commits or this worker is out. `stats` (what this worker did this round) go to
-    /// the coordinator with its result, completed with the traffic and waiting measured here.
+    /// round commits or this worker is out: in `f32` on a ring, or `quantized` on a mesh.
+    /// `stats` (what this worker did this round) go to the coordinator with its result,
+    /// completed with the traffic and waiting measured here.
     pub fn sync(
         &mut self,
         round: u64,
         contribution: &[f32],
+        quantized: Option<Quantized>,
         mut stats: WorkerRoundStats,
     ) -> Result<Synced, ProtocolError> {
         let worker = self.worker;
@@ -299,16 +305,9 @@ impl RoundClient {
             stats.wait_s += waited.elapsed().as_secs_f64();
             let mut sum = contribution.to_vec();
             let started = Instant::now();
-            let outcome = all_reduce_sum(
-                &mut sum,
-                &ring,
-                &self.auth,
-                self.run_id(),
-                &self.peer.inbox,
-                self.failure_timeout,
-            );
+            let outcome = self.all_reduce(&mut sum, &ring, quantized);
             stats.comm_s += started.elapsed().as_secs_f64();
-            let traffic = match outcome {
+            let (traffic, residual) = match outcome {
                 Ok(traffic) => traffic,
                 Err(e) => match self.report_failure(round, ring.attempt, &e)? {
                     Some(reason) => return Ok(Synced::Evicted(reason)),
@@ -333,12 +332,29 @@ impl RoundClient {
                         sum,
                         contributors,
                         stats,
+                        residual,
                     });
                 }
                 Reply::Retry { .. } => continue,
                 Reply::Evicted { reason } => return Ok(Synced::Evicted(reason)),
                 other => return Err(protocol_error("reduced", unexpected(&other))),
             }
+        }
+    }
+
+    /// One attempt's collective: its traffic, and what quantization dropped.
+    fn all_reduce(
+        &self,
+        sum: &mut [f32],
+        ring: &RingSpec,
+        quantized: Option<Quantized>,
+    ) -> Result<(RingStats, Vec<f32>), WireError> {
+        let (auth, inbox, timeout) = (&self.auth, &self.peer.inbox, self.failure_timeout);
+        match quantized {
+            None => all_reduce_sum(sum, ring, auth, self.run_id(), inbox, timeout)
+                .map(|stats| (stats, Vec::new())),
+            Some(q) => all_reduce_quantized(sum, q, ring, auth, self.run_id(), inbox, timeout)
+                .map(|QuantizedSum { stats, residual }| (stats, residual)),
         }
     }
 
@@ -450,11 +466,15 @@ mod tests {
                 tokens: 10,
                 ..Default::default()
             };
-            match client.sync(a.round, &[value, 2.0 * value], stats).unwrap() {
+            match client
+                .sync(a.round, &[value, 2.0 * value], None, stats)
+                .unwrap()
+            {
                 Synced::Committed {
                     sum,
                     contributors,
                     stats,
+                    ..
                 } => {
                     assert_eq!(contributors, 2);
                     assert!(stats.bytes_sent > 0 && stats.tokens == 10, "{stats:?}");

@@ -51,6 +51,44 @@ impl std::fmt::Display for SyncMode {
     }
 }
 
+/// How DiLoCo's pseudo-gradients travel (the cluster's `quant::Precision`, named here so that
+/// a build without the cluster still reads every config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Int8,
+    Int4,
+    E2m1,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self, TrainError> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "int8" => Ok(Precision::Int8),
+            "int4" => Ok(Precision::Int4),
+            "e2m1" => Ok(Precision::E2m1),
+            other => Err(TrainError::Config(format!(
+                "invalid config value: sync.precision = '{other}': known are f32, int8, int4, e2m1"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
+            Precision::E2m1 => "e2m1",
+        })
+    }
+}
+
 /// What a run trains on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +124,10 @@ pub struct SyncSection {
     pub outer_momentum: f64,
     /// A worker silent this long is out of the quorum; collectives give up on a peer after it.
     pub failure_timeout_ms: u64,
+    /// How DiLoCo's pseudo-gradients travel: `f32` on a ring, or quantized (`int8`, `int4`,
+    /// `e2m1`) on a mesh, with error feedback (each worker adds what quantization dropped to
+    /// its next contribution).
+    pub precision: Precision,
 }
 
 impl Default for SyncSection {
@@ -96,6 +138,7 @@ impl Default for SyncSection {
             outer_lr: 0.7,
             outer_momentum: 0.0,
             failure_timeout_ms: 2000,
+            precision: Precision::F32,
         }
     }
 }
@@ -372,6 +415,13 @@ impl RunConfig {
                 "sync.outer_momentum",
                 s.outer_momentum.to_string(),
                 "must be in [0, 1)",
+            );
+        }
+        if s.mode == SyncMode::Ddp && s.precision != Precision::F32 {
+            return bad(
+                "sync.precision",
+                format!("'{}'", s.precision),
+                "quantized sync carries DiLoCo's pseudo-gradients; DDP's gradients travel as f32",
             );
         }
         if s.failure_timeout_ms < 100 {

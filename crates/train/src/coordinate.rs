@@ -88,6 +88,9 @@ pub struct ClusterSummary {
     pub skipped_batches: u64,
     pub bytes_sent: u64,
     pub bytes_sent_per_token: f64,
+    /// Share of the wall time the workers spent computing (their mean per round, summed over
+    /// the committed rounds), not waiting on sync or on each other.
+    pub compute_utilisation: f64,
     /// Median time a clean round's sync held training up, and the worst for a round with a fault.
     pub median_sync_s: f64,
     pub max_fault_sync_s: f64,
@@ -523,6 +526,8 @@ impl ClusterRun {
             skipped_batches: self.skipped_batches,
             bytes_sent,
             bytes_sent_per_token: bytes_sent as f64 / committed_tokens.max(1) as f64,
+            compute_utilisation: self.records.iter().map(|r| r.compute_s).sum::<f64>()
+                / wall_s.max(1e-9),
             median_sync_s: clean.get(clean.len() / 2).copied().unwrap_or(0.0),
             max_fault_sync_s: self
                 .records

@@ -26,6 +26,7 @@ pub struct Overrides {
     pub checkpoint_every: Option<u64>,
     pub sync: Option<SyncMode>,
     pub inner_steps: Option<u64>,
+    pub precision: Option<crate::config::Precision>,
     pub failure_timeout_ms: Option<u64>,
     pub no_guards: bool,
 }
@@ -89,6 +90,7 @@ impl RunConfig {
         let s = &mut self.sync;
         set(&mut s.mode, o.sync);
         set(&mut s.inner_steps, o.inner_steps);
+        set(&mut s.precision, o.precision);
         set(&mut s.failure_timeout_ms, o.failure_timeout_ms);
         if o.no_guards {
             self.guard.enabled = false;

@@ -14,15 +14,19 @@ use burn::tensor::Device;
 use holdfast_cluster::coordinator::{AuditReport, AuditTask, StateReport, WorkerRoundStats};
 use holdfast_cluster::fingerprint::{Fingerprint, payload_hash};
 use holdfast_cluster::membership::CoordinatorConnector;
+use holdfast_cluster::mesh::Quantized;
+use holdfast_cluster::quant::Precision as WirePrecision;
 use holdfast_cluster::round::{
     Assignment, JoinOptions, Joined, Next, ProtocolError, RoundClient, Synced,
 };
 use holdfast_cluster::wire::Auth;
 
 use crate::chaos::NumberFaults;
+use crate::config::Precision;
 use crate::guarded::GuardedStep;
 use crate::replica::Replica;
 use crate::run::{Prepared, prepare_data};
+use crate::sync::feedback::ErrorFeedback;
 use crate::sync::{Contribution, RoundWork, SyncStrategy, strategy};
 use crate::{RunConfig, TrainError};
 
@@ -118,6 +122,9 @@ fn session(
     let mut stepper = GuardedStep::new(cfg.guard.clone(), faults);
     let mut replica: Option<Replica> = None;
     let mut report: Option<StateReport> = None;
+    // This session's own: a rejoining worker starts without one (see `feedback`).
+    let mut feedback = ErrorFeedback::default();
+    let quantized = quantized(cfg.sync.precision);
     loop {
         let a = match client.next_round(report.take())? {
             Next::Round(a) => a,
@@ -153,9 +160,13 @@ fn session(
                 .inspect_err(|e| tracing::warn!("round {}: audit of {}: {e}", a.round, task.of))
                 .ok()
         });
-        let stats = round_stats(&contribution, a.audited, audit);
-        let sum = match client.sync(a.round, &contribution.payload, stats)? {
-            Synced::Committed { sum, .. } => sum,
+        let sent = sendable(&mut feedback, &contribution.payload, quantized.is_some());
+        let stats = round_stats(&contribution, &sent, a.audited, audit);
+        let sum = match client.sync(a.round, &sent, quantized, stats)? {
+            Synced::Committed { sum, residual, .. } => {
+                feedback.commit(residual);
+                sum
+            }
             Synced::Evicted(reason) => return Ok(SessionEnd::Evicted(reason)),
         };
         if !strategy.apply(r, sum, &work) {
@@ -261,11 +272,49 @@ fn replay(
     })
 }
 
+/// How the values of a round travel: quantized ones on a mesh, with their weight (last) exact.
+fn quantized(p: Precision) -> Option<Quantized> {
+    let precision = match p {
+        Precision::F32 => return None,
+        Precision::Int8 => WirePrecision::Int8,
+        Precision::Int4 => WirePrecision::Int4,
+        Precision::E2m1 => WirePrecision::E2m1,
+    };
+    Some(Quantized {
+        precision,
+        exact_tail: 1,
+    })
+}
+
+/// What this worker sends for `payload`: with quantized sync, the payload plus its residual.
+/// A payload that is not finite cannot be quantized: it is sent as a refusal (zeros, weight
+/// 0), and its fingerprint, taken of the payload itself, tells the coordinator.
+fn sendable(feedback: &mut ErrorFeedback, payload: &[f32], quantized: bool) -> Vec<f32> {
+    if !quantized {
+        return payload.to_vec();
+    }
+    if payload.iter().any(|v| !v.is_finite()) {
+        tracing::warn!("a contribution that is not finite is sent as a refusal");
+        // A refusal carries no residual: the residual waits for the next round.
+        return feedback.compensate(&vec![0.0; payload.len()]);
+    }
+    feedback.compensate(payload)
+}
+
 /// What the coordinator hears of this worker's round besides the traffic: among it, the
-/// fingerprint of the values it sends (their weight, last, left out), their hash when they are
-/// `audited`, and its replay of another's contribution when it audits one.
-fn round_stats(c: &Contribution, audited: bool, audit: Option<AuditReport>) -> WorkerRoundStats {
-    let values = &c.payload[..c.payload.len().saturating_sub(1)];
+/// fingerprint of the values it computed (their weight, last, left out; a refusal sent for
+/// values that are not finite is fingerprinted as what it was), their hash when they are
+/// `audited` (before any residual is added: that is what a replay recomputes), and its
+/// replay of another's contribution when it audits one.
+fn round_stats(
+    c: &Contribution,
+    sent: &[f32],
+    audited: bool,
+    audit: Option<AuditReport>,
+) -> WorkerRoundStats {
+    let finite = c.payload.iter().all(|v| v.is_finite());
+    let fingerprinted = if finite { sent } else { &c.payload };
+    let values = &fingerprinted[..fingerprinted.len().saturating_sub(1)];
     WorkerRoundStats {
         fingerprint: Some(Fingerprint::of(values)),
         payload_blake3: audited.then(|| payload_hash(&c.payload)),

@@ -9,6 +9,7 @@
 
 pub mod ddp;
 pub mod diloco;
+pub mod feedback;
 pub mod outer;
 
 use std::time::Instant;
