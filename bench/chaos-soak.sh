@@ -17,7 +17,8 @@
 #     (summary.json max_fault_sync_s against the median round's wall time, that run's own
 #     when it is slower than the fault-free run's: a slow worker slows every round).
 # Prints one row per schedule and, for each failure, the command that reproduces it.
-# Exits 1 if any schedule failed. HOLDFAST (binary) and OUT (where runs go) may be set.
+# Exits 1 if any schedule failed. HOLDFAST (binary) and OUT (where runs go) may be set;
+# SYNC_ARGS adds train flags to every run, baselines included (e.g. "--sync-precision int4").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10}
@@ -27,7 +28,8 @@ KEEP_OUT=${OUT:+yes}
 OUT=${OUT:-$(mktemp -d -t holdfast-soak.XXXXXX)}
 SEEDS=(${SEEDS:-21 22 23})
 WORKERS=3 STEPS=800
-SHAPE=(--workers $WORKERS --steps $STEPS --inner-steps 20 --batch-size 32 --no-progress)
+# shellcheck disable=SC2206
+SHAPE=(--workers $WORKERS --steps $STEPS --inner-steps 20 --batch-size 32 --no-progress ${SYNC_ARGS:-})
 BUDGET=$((WORKERS * STEPS)) # batches
 TIMEOUT_S=2.0 # the default failure_timeout_ms
 PER_RUN_LIMIT=600
