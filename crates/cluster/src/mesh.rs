@@ -70,15 +70,18 @@ pub fn all_reduce_quantized(
         len: split,
         incoming,
     };
+    let mut segments = own.segments;
+    let mine_encoded = std::mem::take(&mut segments[spec.rank]);
     let (bytes_sent, sum_error) = with_writers(outgoing, |send| {
-        for (to, bytes) in own.segments.iter().enumerate() {
+        // Each segment goes to its owner as it is: no copy.
+        for (to, bytes) in segments.into_iter().enumerate() {
             if to != spec.rank {
                 send(to, wire::f32_le_bytes(tail));
-                send(to, bytes.clone());
+                send(to, bytes);
             }
         }
         let tails = mesh.gather_tails(tail)?;
-        let (sum, sum_error) = mesh.reduce_own_segment(&own)?;
+        let (sum, sum_error) = mesh.reduce_own_segment(&mine_encoded)?;
         for to in (0..n).filter(|&to| to != spec.rank) {
             send(to, sum.clone());
         }
@@ -181,17 +184,16 @@ impl Mesh<'_> {
             .collect()
     }
 
-    /// Sums this rank's segment over every rank in rank order; returns the sum encoded and
-    /// what encoding it dropped.
-    fn reduce_own_segment(&mut self, own: &Encoded) -> Result<(Vec<u8>, Vec<f32>), WireError> {
+    /// Sums this rank's segment over every rank in rank order (`own` is this rank's part,
+    /// encoded); returns the sum encoded and what encoding it dropped.
+    fn reduce_own_segment(&mut self, own: &[u8]) -> Result<(Vec<u8>, Vec<f32>), WireError> {
         let (rank, n, p) = (self.spec.rank, self.spec.members.len(), self.precision);
         let mine = segment(self.len, n, rank);
         let mut sum = vec![0.0f32; mine.len()];
         let want = p.encoded_len(sum.len());
         for t in 0..n {
             if t == rank {
-                p.decode_add(&own.segments[rank], &mut sum)
-                    .expect("own encoding decodes");
+                p.decode_add(own, &mut sum).expect("own encoding decodes");
                 continue;
             }
             let conn = self.from(t);

@@ -4,17 +4,14 @@
 //! block's largest value survives exactly and every rank that decodes the same bytes gets
 //! the same bits. Non-finite values are refused, never encoded.
 
-use serde::{Deserialize, Serialize};
-
 /// Values per block (one `f32` scale each).
 pub const BLOCK: usize = 64;
 
-/// How values travel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// How values travel. The run's config names these too (`train::config::Precision`), since
+/// the config is read where this crate is not built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Precision {
     /// Plain `f32`: the ring all-reduce, exact up to summation order.
-    #[default]
     F32,
     /// 8-bit sign-magnitude integers, levels k/127.
     Int8,
@@ -40,16 +37,6 @@ impl std::fmt::Display for Precision {
             Precision::Int4 => "int4",
             Precision::E2m1 => "e2m1",
         })
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        PRECISIONS
-            .into_iter()
-            .find(|p| p.to_string() == s)
-            .ok_or_else(|| format!("unknown precision '{s}': known are f32, int8, int4, e2m1"))
     }
 }
 
@@ -375,13 +362,5 @@ mod tests {
         let mut acc = vec![1.0, 1.0, 1.0];
         p.decode_add(&bytes, &mut acc).unwrap();
         assert_eq!(acc, vec![8.0, -6.0, 2.0]);
-    }
-
-    #[test]
-    fn precisions_parse_and_print_alike() {
-        for p in PRECISIONS {
-            assert_eq!(p.to_string().parse::<Precision>(), Ok(p));
-        }
-        assert!("fp8".parse::<Precision>().unwrap_err().contains("int8"));
     }
 }

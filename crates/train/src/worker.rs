@@ -162,7 +162,8 @@ fn session(
         });
         let sent = sendable(&mut feedback, &contribution.payload, quantized.is_some());
         let stats = round_stats(&contribution, &sent, a.audited, audit);
-        let sum = match client.sync(a.round, &sent, quantized, stats)? {
+        let sent = sent.values();
+        let sum = match client.sync(a.round, sent, quantized, stats)? {
             Synced::Committed { sum, residual, .. } => {
                 feedback.commit(residual);
                 sum
@@ -286,34 +287,54 @@ fn quantized(p: Precision) -> Option<Quantized> {
     })
 }
 
+/// What a worker sends for its contribution.
+enum Sent<'a> {
+    /// The contribution itself (sync in `f32`).
+    AsComputed(&'a [f32]),
+    /// The contribution plus its residual (quantized sync).
+    Compensated(Vec<f32>),
+    /// A refusal (zeros, weight 0) in place of values that are not finite, which cannot be
+    /// quantized.
+    Refusal(Vec<f32>),
+}
+
+impl Sent<'_> {
+    fn values(&self) -> &[f32] {
+        match self {
+            Sent::AsComputed(v) => v,
+            Sent::Compensated(v) | Sent::Refusal(v) => v,
+        }
+    }
+}
+
 /// What this worker sends for `payload`: with quantized sync, the payload plus its residual.
-/// A payload that is not finite cannot be quantized: it is sent as a refusal (zeros, weight
-/// 0), and its fingerprint, taken of the payload itself, tells the coordinator.
-fn sendable(feedback: &mut ErrorFeedback, payload: &[f32], quantized: bool) -> Vec<f32> {
+fn sendable<'a>(feedback: &mut ErrorFeedback, payload: &'a [f32], quantized: bool) -> Sent<'a> {
     if !quantized {
-        return payload.to_vec();
+        return Sent::AsComputed(payload);
     }
     if payload.iter().any(|v| !v.is_finite()) {
         tracing::warn!("a contribution that is not finite is sent as a refusal");
         // A refusal carries no residual: the residual waits for the next round.
-        return feedback.compensate(&vec![0.0; payload.len()]);
+        return Sent::Refusal(feedback.compensate(&vec![0.0; payload.len()]));
     }
-    feedback.compensate(payload)
+    Sent::Compensated(feedback.compensate(payload))
 }
 
 /// What the coordinator hears of this worker's round besides the traffic: among it, the
-/// fingerprint of the values it computed (their weight, last, left out; a refusal sent for
-/// values that are not finite is fingerprinted as what it was), their hash when they are
+/// fingerprint of the values it sends (their weight, last, left out; a refusal sent for values
+/// that are not finite is fingerprinted as what it stands for), their hash when they are
 /// `audited` (before any residual is added: that is what a replay recomputes), and its
 /// replay of another's contribution when it audits one.
 fn round_stats(
     c: &Contribution,
-    sent: &[f32],
+    sent: &Sent,
     audited: bool,
     audit: Option<AuditReport>,
 ) -> WorkerRoundStats {
-    let finite = c.payload.iter().all(|v| v.is_finite());
-    let fingerprinted = if finite { sent } else { &c.payload };
+    let fingerprinted = match sent {
+        Sent::Refusal(_) => &c.payload,
+        other => other.values(),
+    };
     let values = &fingerprinted[..fingerprinted.len().saturating_sub(1)];
     WorkerRoundStats {
         fingerprint: Some(Fingerprint::of(values)),

@@ -9,52 +9,47 @@
 //! per worker, a bounded amount, where a wrong residual (another worker's, or one from before
 //! a rewind) would be applied as if it were progress.
 
-/// A worker's residual. Empty until a quantized round commits.
+/// A worker's residual: what quantization dropped and no contribution has carried yet. Empty
+/// until a quantized round commits, and while it rides on a contribution in flight.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ErrorFeedback {
     residual: Vec<f32>,
-    /// Whether the residual rode on the contribution last sent (a refusal carries none).
-    sent_with_last: bool,
 }
 
 impl ErrorFeedback {
     /// What to send for `payload` (values, then the weight: 1 when it counts): its values plus
-    /// the residual. A refusal (weight 0, all zeros) is sent as it is, and the residual waits
-    /// for a contribution that counts.
+    /// the residual, which leaves with them. A refusal (weight 0, all zeros) is sent as it is,
+    /// and the residual waits for a contribution that counts.
     pub fn compensate(&mut self, payload: &[f32]) -> Vec<f32> {
         let (values, weight) = payload.split_at(payload.len().saturating_sub(1));
-        self.sent_with_last = weight == [1.0] && self.residual.len() == values.len();
         let mut out = payload.to_vec();
-        if self.sent_with_last {
+        if weight == [1.0] && self.residual.len() == values.len() {
             out.iter_mut()
-                .zip(&self.residual)
+                .zip(std::mem::take(&mut self.residual))
                 .for_each(|(v, r)| *v += r);
         }
         out
     }
 
     /// After the round committed: `dropped` is what quantization dropped of what was sent
-    /// (the collective's residual; empty when values travelled as `f32`).
+    /// (the collective's residual; empty when values travelled as `f32`), added to what
+    /// waited, if anything did.
     pub fn commit(&mut self, dropped: Vec<f32>) {
-        if dropped.is_empty() {
-            // Exact sync: whatever was carried arrived.
-            if self.sent_with_last {
-                self.residual.clear();
+        if self.residual.len() != dropped.len() {
+            if !dropped.is_empty() {
+                self.residual = dropped;
             }
             return;
         }
-        if self.sent_with_last || self.residual.len() != dropped.len() {
-            self.residual = dropped;
-        } else {
-            self.residual
-                .iter_mut()
-                .zip(&dropped)
-                .for_each(|(r, d)| *r += d);
-        }
+        self.residual
+            .iter_mut()
+            .zip(&dropped)
+            .for_each(|(r, d)| *r += d);
     }
 
-    /// The residual's L2 norm (for the logs).
-    pub fn norm(&self) -> f64 {
+    /// The residual's L2 norm.
+    #[cfg(test)]
+    fn norm(&self) -> f64 {
         self.residual
             .iter()
             .map(|&r| f64::from(r) * f64::from(r))
