@@ -5,7 +5,8 @@
 #                                   #   bytes sent per token and final validation loss
 #   bash bench/cluster.sh outer     # DiLoCo's outer step on the `sync` runs: each of VARIANTS
 #                                   #   ("lr:momentum ...") at H (default 100) and PRECISION
-#                                   #   (default f32); EXTRA adds train flags
+#                                   #   (default f32); MIXING sets streaming's α (default 0);
+#                                   #   EXTRA adds train flags (e.g. "--fragments 4 --overlap-steps 5")
 #   bash bench/cluster.sh goodput   # 4 workers, fault-free vs one kill per minute
 #   bash bench/cluster.sh overhead  # one process vs --workers 1 on the default task, twice, interleaved
 #   bash bench/cluster.sh guards    # one process with and without the guards, twice, interleaved
@@ -26,7 +27,7 @@ summary() { # run-dir label
   python3 - "$1" "$2" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1] + "/summary.json"))
-keep = ["workers", "sync", "steps_per_round", "rounds", "wall_s", "committed_tokens",
+keep = ["workers", "sync", "steps_per_round", "rounds", "wall_s", "training_s", "committed_tokens",
         "goodput_tokens_per_s", "faults", "discarded_batches", "bytes_sent_per_token",
         "compute_utilisation", "median_sync_s", "max_fault_sync_s", "final_loss"]
 out = {"run": sys.argv[2], **{k: s[k] for k in keep}, "val_loss": s["eval"]["val_loss"]}
@@ -56,8 +57,9 @@ outer)
   extra=(${EXTRA:-})
   for v in ${VARIANTS:-0.7:0 1.0:0 1.5:0 2.0:0 0.7:0.9}; do
     lr=${v%%:*}; momentum=${v#*:}
-    label="h$h-$precision-lr$lr-m$momentum-s${STEPS:-400}${EXTRA:+-$(echo "$EXTRA" | tr -d ' -')}"
-    printf '[sync]\nouter_lr = %s\nouter_momentum = %s\n' "$lr" "$momentum" > "$OUT/$label.toml"
+    mixing=${MIXING:-0}
+    label="h$h-$precision-lr$lr-m$momentum-s${STEPS:-400}${EXTRA:+-$(echo "$EXTRA" | tr -d ' -')}${MIXING:+-a$mixing}"
+    printf '[sync]\nouter_lr = %s\nouter_momentum = %s\nmixing = %s\n' "$lr" "$momentum" "$mixing" > "$OUT/$label.toml"
     "$BIN" train "${common[@]}" "${extra[@]}" --config "$OUT/$label.toml" --run-dir "$OUT/$label" > /dev/null
     summary "$OUT/$label" "$label"
   done

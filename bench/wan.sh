@@ -8,7 +8,8 @@
 #
 #   bash bench/wan.sh run RUN_DIR WORKERS [TRAIN ARGS...]   # one run; prints its summary line
 #   WAN_PREFIX=P bash bench/wan.sh clean   # kill and remove what a run named P left behind
-#   bash bench/wan.sh compare     # char-small, 4 workers: DDP (short) and DiLoCo f32/int8/int4/e2m1
+#   bash bench/wan.sh compare     # char-small, 4 workers: DDP (short), DiLoCo f32/int8/int4/e2m1,
+#                                 #   and streaming DiLoCo (P=4, τ=OVERLAP (5), α=MIXING (0), int4)
 #
 # RATE (tc rate, default 100mbit), DELAY_MS (one way, default 20), HOLDFAST (binary), DATA.
 set -euo pipefail
@@ -91,7 +92,8 @@ summary() { # run-dir label
 import json, sys
 s = json.load(open(sys.argv[1] + "/summary.json"))
 keep = ["workers", "sync", "steps_per_round", "rounds", "wall_s", "committed_tokens",
-        "goodput_tokens_per_s", "bytes_sent_per_token", "compute_utilisation", "median_sync_s"]
+        "training_s", "goodput_tokens_per_s", "bytes_sent_per_token", "compute_utilisation",
+        "median_sync_s"]
 print(json.dumps({"run": sys.argv[2], "rate": sys.argv[3], "delay_ms": float(sys.argv[4]),
                   **{k: s[k] for k in keep}, "val_loss": s["eval"]["val_loss"]}))
 PY
@@ -144,6 +146,10 @@ compare)
     bash "$0" run "$OUT/diloco-h100-$p" 4 "${common[@]}" --steps "${STEPS:-400}" --sync diloco \
       --inner-steps 100 --sync-precision "$p"
   done
+  printf '[sync]\nmixing = %s\n' "${MIXING:-0}" > "$OUT/streaming.toml"
+  bash "$0" run "$OUT/streaming-p4-int4" 4 "${common[@]}" --steps "${STEPS:-400}" --sync diloco \
+    --inner-steps 100 --sync-precision int4 --fragments 4 --overlap-steps "${OVERLAP:-5}" \
+    --config "$OUT/streaming.toml"
   ;;
-*) sed -n '2,14p' "$0"; exit 2 ;;
+*) sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -129,6 +129,13 @@ struct TrainArgs {
     /// error feedback).
     #[arg(long)]
     sync_precision: Option<String>,
+    /// Streaming DiLoCo's P: fragments of the parameters (strided by layer), one synced per
+    /// round of H/P steps.
+    #[arg(long)]
+    fragments: Option<u64>,
+    /// Streaming DiLoCo's τ: inner steps that train while a round's all-reduce runs.
+    #[arg(long)]
+    overlap_steps: Option<u64>,
     /// A worker silent this long is dropped from the quorum.
     #[arg(long)]
     failure_timeout_ms: Option<u64>,
@@ -263,6 +270,8 @@ fn overrides(args: &TrainArgs) -> Result<Overrides> {
         sync: args.sync.as_deref().map(str::parse).transpose()?,
         inner_steps: args.inner_steps,
         precision: args.sync_precision.as_deref().map(str::parse).transpose()?,
+        fragments: args.fragments,
+        overlap_steps: args.overlap_steps,
         failure_timeout_ms: args.failure_timeout_ms,
         no_guards: args.no_guards,
     })
@@ -331,6 +340,8 @@ fn refuse_sync_flags_alone(args: &TrainArgs) -> Result<()> {
         ("--sync", args.sync.is_some()),
         ("--inner-steps", args.inner_steps.is_some()),
         ("--sync-precision", args.sync_precision.is_some()),
+        ("--fragments", args.fragments.is_some()),
+        ("--overlap-steps", args.overlap_steps.is_some()),
         ("--failure-timeout-ms", args.failure_timeout_ms.is_some()),
     ]
     .into_iter()
@@ -556,6 +567,16 @@ fn new_cluster_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepare
 fn describe_sync(cfg: &RunConfig) -> String {
     match cfg.sync.mode {
         SyncMode::Ddp => "DDP (gradients averaged every step)".into(),
+        SyncMode::Diloco if cfg.sync.fragments > 1 || cfg.sync.overlap_steps > 0 => format!(
+            "streaming DiLoCo (H={}, {} fragments, overlap {} steps, mixing {}, outer Nesterov lr {} momentum {}, pseudo-gradients as {})",
+            cfg.sync.inner_steps,
+            cfg.sync.fragments,
+            cfg.sync.overlap_steps,
+            cfg.sync.mixing,
+            cfg.sync.outer_lr,
+            cfg.sync.outer_momentum,
+            cfg.sync.precision
+        ),
         SyncMode::Diloco => format!(
             "DiLoCo (H={}, outer Nesterov lr {} momentum {}, pseudo-gradients as {})",
             cfg.sync.inner_steps, cfg.sync.outer_lr, cfg.sync.outer_momentum, cfg.sync.precision

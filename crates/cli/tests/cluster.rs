@@ -447,6 +447,43 @@ fn losing_every_replica_at_once_ends_the_run_with_the_way_to_resume_it() {
 }
 
 #[test]
+fn a_ddp_run_resumed_as_diloco_carries_on_from_its_checkpoint() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A synchronous warm-up: DDP's checkpoint (no outer momentum) continued as DiLoCo.
+    let mut args = train_args("warm", "3", "40");
+    args.extend(["--sync", "ddp"]);
+    ok(&holdfast(d, &args));
+    let resume = [
+        "train",
+        "--resume",
+        "warm",
+        "--workers",
+        "3",
+        "--sync",
+        "diloco",
+        "--steps",
+        "80",
+        "--no-progress",
+    ];
+    ok(&holdfast(d, &resume));
+    let run = d.join("warm");
+    let s = summary(&run);
+    assert_eq!(
+        (s["sync"].as_str(), s["steps_per_round"].as_u64()),
+        (Some("diloco"), Some(20))
+    );
+    let ledger = assert_exactly_once(&run);
+    assert_eq!(
+        ledger.len(),
+        40 + 2,
+        "40 DDP rounds of a step, 2 DiLoCo rounds of 20"
+    );
+    assert_states_agree(&run);
+}
+
+#[test]
 fn a_killed_and_restarted_worker_rejoins_and_every_batch_is_committed_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
@@ -804,6 +841,59 @@ fn quantized_sync_sends_a_seventh_of_the_bytes_and_survives_a_kill_and_a_hang() 
 }
 
 #[test]
+fn streaming_diloco_survives_a_kill_and_a_hang_and_every_audit_replays_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("streaming.toml"),
+        "[sync]\nmixing = 0.5\n[guard]\naudit_probability = 1.0\n",
+    )
+    .unwrap();
+    let mut args = train_args("streaming", "3", "400");
+    // Rounds of 10 steps, each syncing one of the model's two layers (and the embedding or
+    // the head) in 4 bits, the last 3 steps training while it travels.
+    args.extend([
+        "--config",
+        "streaming.toml",
+        "--fragments",
+        "2",
+        "--overlap-steps",
+        "3",
+        "--sync-precision",
+        "int4",
+        "--failure-timeout-ms",
+        "1000",
+        "--chaos",
+        "kill:worker=1,at=2s;hang:worker=2,at=4s,for=2s",
+    ]);
+    ok(&holdfast(d, &args));
+    let run = d.join("streaming");
+    assert_eq!(summary(&run)["steps_per_round"].as_u64(), Some(10), "H / P");
+    assert_removed_as_silent(&run, "worker-2");
+    let joined = events(&run, "joined");
+    let rejoined = |name: &str| joined.iter().filter(|e| e["name"] == name).count();
+    assert!(
+        rejoined("worker-1") >= 2 && rejoined("worker-2") >= 2,
+        "{joined:?}"
+    );
+    // No round synced an empty fragment or one nobody moved.
+    let log = std::fs::read_to_string(run.join("logs/worker-0.log")).unwrap();
+    assert!(!log.contains("no replica made progress"), "{log}");
+    // A replica's own local weights travel with its state: an auditor replays its round
+    // exactly.
+    let audits = events(&run, "audit");
+    let passed = audits.iter().filter(|e| e["verdict"] == "passed").count();
+    assert!(passed >= 20, "{audits:?}");
+    assert!(
+        audits.iter().all(|e| e["verdict"] != "failed"),
+        "{audits:?}"
+    );
+    assert_states_agree(&run);
+    assert_exactly_once(&run);
+}
+
+#[test]
 fn a_replay_audit_catches_one_flipped_mantissa_bit() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
@@ -1069,6 +1159,31 @@ fn bad_multi_worker_input_is_a_clear_error() {
             ],
         ),
         "DDP's gradients travel as f32",
+    );
+    let streaming = |extra: &[&'static str], expected: &str| {
+        let mut args = vec!["train", "--workers", "2", "--inner-steps", "20"];
+        args.extend(extra);
+        fails_with(&holdfast(d, &args), expected);
+    };
+    streaming(
+        &["--fragments", "3"],
+        "sync.fragments = 3: must be at least 1 and divide sync.inner_steps (20)",
+    );
+    streaming(
+        &["--fragments", "2", "--overlap-steps", "10"],
+        "sync.overlap_steps = 10: must be below the steps of a round",
+    );
+    streaming(
+        &["--fragments", "4"],
+        "sync.fragments = 4: a fragment is one or more of the model's 2 layers",
+    );
+    streaming(
+        &["--sync", "ddp", "--fragments", "2"],
+        "fragments, overlap and mixing are DiLoCo's",
+    );
+    fails_with(
+        &holdfast(d, &["train", "--fragments", "2"]),
+        "--fragments: a single process has no replicas to sync",
     );
     fails_with(
         &holdfast(d, &["train", "--sync-precision", "int8"]),

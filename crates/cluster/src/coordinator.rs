@@ -163,6 +163,22 @@ pub enum Request {
 }
 
 impl Request {
+    /// What a worker asks again while this request is answered [`Reply::Wait`]: the same
+    /// question (a state report goes once), or `None` for a request that is never waited on.
+    pub fn asked_again(&self) -> Option<Request> {
+        match self {
+            Request::NextRound { worker, .. } => Some(Request::NextRound {
+                worker: *worker,
+                state: None,
+            }),
+            Request::Ready { .. } | Request::Reduced { .. } => Some(self.clone()),
+            Request::Join { .. }
+            | Request::Heartbeat { .. }
+            | Request::Failed { .. }
+            | Request::Leave { .. } => None,
+        }
+    }
+
     /// The worker a request comes from (none for a join, which asks for an id).
     pub fn worker(&self) -> Option<WorkerId> {
         match self {

@@ -410,7 +410,7 @@ mod tests {
     use super::*;
     use crate::coordinator::{Coordinator, Options};
     use crate::membership::CoordinatorConnector;
-    use crate::server::CoordinatorServer;
+    use crate::server::{CoordinatorClient, CoordinatorServer};
     use crate::wire::TEST_SECRET;
 
     const RUN: u64 = 0x5eed;
@@ -522,6 +522,43 @@ mod tests {
         let mut all: Vec<u64> = one.1.iter().chain(&two.1).copied().collect();
         all.sort();
         assert_eq!(all, (0..6).collect::<Vec<_>>(), "every batch once");
+    }
+
+    #[test]
+    fn a_request_the_coordinator_cannot_decide_yet_is_answered_once_it_is() {
+        let server = coordinator(2, 1);
+        let auth = Auth::new(TEST_SECRET).unwrap();
+        let raw = || {
+            CoordinatorClient::connect(&server.addr, &auth, RUN, Duration::from_secs(5)).unwrap()
+        };
+        let join = |c: &mut CoordinatorClient, name: &str| {
+            let req = Request::Join {
+                name: name.into(),
+                data_addr: "127.0.0.1:1".into(),
+            };
+            match c.call(&req).unwrap() {
+                Reply::Welcome { worker, .. } => worker,
+                other => panic!("{other:?}"),
+            }
+        };
+        let mut first = raw();
+        let worker = join(&mut first, "w0");
+        let mut second = raw();
+        let asked = Instant::now();
+        let late = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(150));
+                join(&mut second, "w1")
+            });
+            first.call(&Request::NextRound {
+                worker,
+                state: None,
+            })
+        });
+        // One call, answered when the second worker made the round possible: not `Wait`,
+        // which would cost the worker another round trip to learn it.
+        assert!(matches!(late, Ok(Reply::Round { .. })), "{late:?}");
+        assert!(asked.elapsed() >= Duration::from_millis(150));
     }
 
     #[test]

@@ -13,6 +13,12 @@ use crate::wire::{self, Auth, Conn, WireError};
 /// not by this, so it only bounds a connection nobody will ever use again.
 const IDLE_CONTROL_TIMEOUT: Duration = Duration::from_secs(3600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request the coordinator cannot decide yet is held here before it is answered
+/// `Wait`: asked again in-process, a worker hears a decision as soon as it is made instead of
+/// up to a round trip later — several round trips a round on a slow link. Well within the
+/// worker's read timeout.
+const HOLD: Duration = Duration::from_millis(500);
+const RECHECK: Duration = Duration::from_millis(2);
 
 pub struct CoordinatorServer {
     pub addr: String,
@@ -72,10 +78,7 @@ fn serve(mut conn: Conn, state: &Mutex<Coordinator>) {
                 }
             };
             let worker = req.worker();
-            let reply = state
-                .lock()
-                .expect("coordinator lock")
-                .handle(Instant::now(), req);
+            let reply = decide(state, req);
             let id = match &reply {
                 Reply::Welcome { worker, .. } => Some(*worker),
                 Reply::Evicted { .. } => None,
@@ -93,6 +96,30 @@ fn serve(mut conn: Conn, state: &Mutex<Coordinator>) {
     for id in speaks_for {
         c.disconnected(Instant::now(), id);
     }
+}
+
+/// The coordinator's answer to `req`; one that would be `Wait` is asked again until it is
+/// decided or [`HOLD`] has passed.
+fn decide(state: &Mutex<Coordinator>, req: Request) -> Reply {
+    let held = Instant::now();
+    let mut again = req.asked_again();
+    let mut reply = state
+        .lock()
+        .expect("coordinator lock")
+        .handle(Instant::now(), req);
+    while let (Reply::Wait { .. }, Some(req)) = (&reply, &again) {
+        if held.elapsed() >= HOLD {
+            break;
+        }
+        std::thread::sleep(RECHECK);
+        let req = req.clone();
+        again = req.asked_again();
+        reply = state
+            .lock()
+            .expect("coordinator lock")
+            .handle(Instant::now(), req);
+    }
+    reply
 }
 
 /// A worker's side of the control connection.

@@ -128,6 +128,15 @@ pub struct SyncSection {
     /// `e2m1`) on a mesh, with error feedback (each worker adds what quantization dropped to
     /// its next contribution).
     pub precision: Precision,
+    /// Streaming DiLoCo's P: the parameters split into this many fragments, strided by layer;
+    /// one fragment syncs per round, so each syncs every `inner_steps` steps and a round is
+    /// `inner_steps / fragments` steps. 1 syncs the whole model every round.
+    pub fragments: u64,
+    /// τ: a round's pseudo-gradient is taken this many inner steps before the round ends, and
+    /// its all-reduce runs while those steps train.
+    pub overlap_steps: u64,
+    /// α: after a round, the synced fragment's local weights become α·local + (1−α)·outer.
+    pub mixing: f64,
 }
 
 impl Default for SyncSection {
@@ -139,16 +148,58 @@ impl Default for SyncSection {
             outer_momentum: 0.0,
             failure_timeout_ms: 2000,
             precision: Precision::F32,
+            fragments: 1,
+            overlap_steps: 0,
+            mixing: 0.0,
         }
     }
 }
 
 impl SyncSection {
+    /// Streaming DiLoCo's settings: fragments that divide H, an overlap shorter than a round,
+    /// a mixing factor in [0, 1); none of them in DDP, whose every step syncs every value.
+    fn validate_streaming(&self) -> Result<(), TrainError> {
+        let bad = |field: &str, value: String, why: String| {
+            Err(TrainError::Config(format!(
+                "invalid config value: sync.{field} = {value}: {why}"
+            )))
+        };
+        let streaming = self.fragments != 1 || self.overlap_steps != 0 || self.mixing != 0.0;
+        if self.mode == SyncMode::Ddp && streaming {
+            let why =
+                "fragments, overlap and mixing are DiLoCo's; DDP syncs every value every step";
+            return bad("mode", "'ddp'".into(), why.into());
+        }
+        if self.fragments == 0 || !self.inner_steps.is_multiple_of(self.fragments) {
+            let why = format!(
+                "must be at least 1 and divide sync.inner_steps ({})",
+                self.inner_steps
+            );
+            return bad("fragments", self.fragments.to_string(), why);
+        }
+        let round = self.inner_steps / self.fragments;
+        if self.overlap_steps >= round {
+            let why = format!(
+                "must be below the steps of a round (inner_steps / fragments = {round}): the \
+                 pseudo-gradient is taken after at least one of them"
+            );
+            return bad("overlap_steps", self.overlap_steps.to_string(), why);
+        }
+        if !(0.0..1.0).contains(&self.mixing) {
+            return bad(
+                "mixing",
+                self.mixing.to_string(),
+                "must be in [0, 1)".into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Optimizer steps each worker takes per sync round.
     pub fn steps_per_round(&self) -> u64 {
         match self.mode {
             SyncMode::Ddp => 1,
-            SyncMode::Diloco => self.inner_steps,
+            SyncMode::Diloco => self.inner_steps / self.fragments.max(1),
         }
     }
 }
@@ -424,6 +475,7 @@ impl RunConfig {
                 "quantized sync carries DiLoCo's pseudo-gradients; DDP's gradients travel as f32",
             );
         }
+        s.validate_streaming()?;
         if s.failure_timeout_ms < 100 {
             return bad(
                 "sync.failure_timeout_ms",
@@ -431,7 +483,15 @@ impl RunConfig {
                 "must be at least 100",
             );
         }
-        self.base_model_config()?.validate()?;
+        let model = self.base_model_config()?;
+        model.validate()?;
+        if s.fragments as usize > model.num_hidden_layers {
+            let why = format!(
+                "a fragment is one or more of the model's {} layers",
+                model.num_hidden_layers
+            );
+            return bad("sync.fragments", s.fragments.to_string(), &why);
+        }
         Ok(())
     }
 }

@@ -61,6 +61,9 @@ pub struct ClusterSummary {
     /// Batch ids committed: the whole budget.
     pub committed_batches: u64,
     pub wall_s: f64,
+    /// From the first round's start to the last round's commit: the wall time of training,
+    /// without the final checkpoint's fetch and evaluation that follow it.
+    pub training_s: f64,
     pub committed_tokens: u64,
     /// Committed tokens per second of wall time, from the first round's start.
     pub goodput_tokens_per_s: f64,
@@ -88,8 +91,8 @@ pub struct ClusterSummary {
     pub skipped_batches: u64,
     pub bytes_sent: u64,
     pub bytes_sent_per_token: f64,
-    /// Share of the wall time the workers spent computing (their mean per round, summed over
-    /// the committed rounds), not waiting on sync or on each other.
+    /// Share of the training time (`training_s`) the workers spent computing (their mean per
+    /// round, summed over the committed rounds), not waiting on sync or on each other.
     pub compute_utilisation: f64,
     /// Median time a clean round's sync held training up, and the worst for a round with a fault.
     pub median_sync_s: f64,
@@ -119,6 +122,7 @@ pub struct ClusterRun {
     device: Device,
     started: Instant,
     first_round: Option<Instant>,
+    last_commit: Option<Instant>,
     records: Vec<RoundRecord>,
     faults: u64,
     aborted: u64,
@@ -206,17 +210,12 @@ impl ClusterRun {
                     )));
                 }
                 let n = r.state.weights.specs.iter().map(|s| s.numel()).sum();
-                let velocity = match cfg.sync.mode {
-                    SyncMode::Diloco if r.outer_velocity.len() == n => r.outer_velocity,
-                    SyncMode::Diloco => vec![0.0; n],
-                    SyncMode::Ddp => Vec::new(),
-                };
                 let next_round = r.position.next_round;
-                let replica = Replica {
+                let mut replica = Replica {
                     outer: flatten(&r.state.weights.tensors),
                     weights: r.state.weights,
                     opt: r.state.opt,
-                    velocity,
+                    velocity: r.outer_velocity,
                     next_round,
                 };
                 if let Some(saved) = &r.position.state_blake3
@@ -226,6 +225,13 @@ impl ClusterRun {
                         "the checkpoint's replica state hashes to {}, but {saved} was saved with it",
                         replica.state_hash()
                     )));
+                }
+                // A run resumed in another mode (a DDP warm-up continued as DiLoCo, say) starts
+                // DiLoCo's outer momentum at zero; DDP carries none.
+                match cfg.sync.mode {
+                    SyncMode::Diloco if replica.velocity.len() == n => {}
+                    SyncMode::Diloco => replica.velocity = vec![0.0; n],
+                    SyncMode::Ddp => replica.velocity.clear(),
                 }
                 let peer =
                     PeerServer::start(&format!("{ip}:0"), auth.clone(), run_id, FETCH_TIMEOUT)
@@ -264,6 +270,7 @@ impl ClusterRun {
             device,
             started: Instant::now(),
             first_round: None,
+            last_commit: None,
             records: Vec::new(),
             faults: 0,
             aborted: 0,
@@ -303,6 +310,7 @@ impl ClusterRun {
                 Event::Committed(r) => {
                     append_jsonl(&self.run_dir.join(LEDGER_FILE), r)?;
                     self.records.push(r.clone());
+                    self.last_commit = Some(Instant::now());
                     continue;
                 }
                 Event::RoundStarted { .. } => {
@@ -382,7 +390,7 @@ impl ClusterRun {
         // publishes the new state only once it has applied it: ask for exactly the newest
         // committed round, and ask again (the round and its peers may move on meanwhile)
         // until someone has it.
-        let ((next_round, next_fresh_batch, pending_batches), replica, step) = loop {
+        let ((next_round, next_fresh_batch, pending_batches), mut replica, step) = loop {
             let (source, step) = {
                 let c = self.server.state.lock().expect("coordinator lock");
                 (c.checkpoint_source(), c.schedule_step())
@@ -410,6 +418,9 @@ impl ClusterRun {
             },
             outer_velocity: replica.velocity.clone(),
         };
+        // The model is the weights the replicas agree on: in streaming DiLoCo one replica's
+        // local weights also hold its own progress since each fragment's last sync.
+        replica.reset_local_to_outer();
         // Named by the schedule step its committed batches reached, not by rounds: a fault
         // costs rounds, not data.
         let state = replica.into_train_state(
@@ -488,6 +499,10 @@ impl ClusterRun {
             FINAL_EXACT_MATCH_PROBLEMS,
         );
         let wall_s = self.first_round.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let training_s = match (self.first_round, self.last_commit) {
+            (Some(first), Some(last)) => last.saturating_duration_since(first).as_secs_f64(),
+            _ => 0.0,
+        };
         let committed_tokens: u64 = self.records.iter().map(|r| r.tokens).sum();
         let bytes_sent: u64 = self.records.iter().map(|r| r.bytes_sent).sum();
         let mut clean: Vec<f64> = self
@@ -509,6 +524,7 @@ impl ClusterRun {
                 .map(|m| m.batches.len() as u64)
                 .sum(),
             wall_s,
+            training_s,
             committed_tokens,
             goodput_tokens_per_s: committed_tokens as f64 / wall_s.max(1e-9),
             discarded_batches: self.records.iter().map(|r| r.discarded_batches).sum(),
@@ -527,7 +543,7 @@ impl ClusterRun {
             bytes_sent,
             bytes_sent_per_token: bytes_sent as f64 / committed_tokens.max(1) as f64,
             compute_utilisation: self.records.iter().map(|r| r.compute_s).sum::<f64>()
-                / wall_s.max(1e-9),
+                / training_s.max(1e-9),
             median_sync_s: clean.get(clean.len() / 2).copied().unwrap_or(0.0),
             max_fault_sync_s: self
                 .records

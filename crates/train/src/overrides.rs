@@ -27,6 +27,8 @@ pub struct Overrides {
     pub sync: Option<SyncMode>,
     pub inner_steps: Option<u64>,
     pub precision: Option<crate::config::Precision>,
+    pub fragments: Option<u64>,
+    pub overlap_steps: Option<u64>,
     pub failure_timeout_ms: Option<u64>,
     pub no_guards: bool,
 }
@@ -91,6 +93,8 @@ impl RunConfig {
         set(&mut s.mode, o.sync);
         set(&mut s.inner_steps, o.inner_steps);
         set(&mut s.precision, o.precision);
+        set(&mut s.fragments, o.fragments);
+        set(&mut s.overlap_steps, o.overlap_steps);
         set(&mut s.failure_timeout_ms, o.failure_timeout_ms);
         if o.no_guards {
             self.guard.enabled = false;

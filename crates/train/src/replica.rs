@@ -1,8 +1,9 @@
 //! One worker's replica in a multi-worker run: its local weights and inner AdamW state on the
 //! device, and the shared outer weights and outer momentum as flat host buffers (what the
 //! collectives and the DiLoCo step work on). A replica serialises to safetensors — flat F32
-//! tensors `outer`, `velocity`, `exp_avg`, `exp_avg_sq` and the round in the metadata — which
-//! is what a healthy peer sends a rejoining one.
+//! tensors `outer`, `velocity`, `exp_avg`, `exp_avg_sq`, `local` when the local weights are
+//! not the outer ones (streaming DiLoCo), and the round in the metadata — which is what a
+//! healthy peer sends a rejoining one and what an auditor replays a round from.
 
 use std::collections::BTreeMap;
 
@@ -105,6 +106,30 @@ impl Replica {
         self.weights.tensors = unflatten(&self.outer, &self.weights.specs, &device);
     }
 
+    /// Mixes parameter `p`'s local weights toward its outer ones: α·local + (1−α)·outer, and
+    /// at α = 0 exactly the outer weights.
+    pub fn mix_local_toward_outer(&mut self, p: usize, mixing: f32) {
+        let mut at = 0;
+        for s in &self.weights.specs[..p] {
+            at += s.numel();
+        }
+        let shape = self.weights.specs[p].stored_shape();
+        let outer = &self.outer[at..at + shape[0] * shape[1]];
+        let values = if mixing == 0.0 {
+            outer.to_vec()
+        } else {
+            let mut local = Vec::with_capacity(outer.len());
+            flatten_into(std::slice::from_ref(&self.weights.tensors[p]), &mut local);
+            local
+                .iter()
+                .zip(outer)
+                .map(|(l, o)| mixing * l + (1.0 - mixing) * o)
+                .collect()
+        };
+        let device = self.weights.tensors[p].device();
+        self.weights.tensors[p] = Tensor::from_data(TensorData::new(values, shape), &device);
+    }
+
     /// BLAKE3 of the synced state (outer weights and momentum): equal on every replica that
     /// is in sync, bit for bit.
     pub fn state_hash(&self) -> String {
@@ -114,11 +139,12 @@ impl Replica {
         h.finalize().to_hex().to_string()
     }
 
-    /// The most bytes [`Replica::encode`] makes for model `cfg`: four flat f32 tensors of every
-    /// parameter (outer weights, outer momentum, AdamW's two moments) and a header. A peer's
-    /// state announced larger is refused before any of it is received or reserved.
+    /// The most bytes [`Replica::encode`] makes for model `cfg`: five flat f32 tensors of every
+    /// parameter (outer weights, outer momentum, AdamW's two moments, local weights) and a
+    /// header. A peer's state announced larger is refused before any of it is received or
+    /// reserved.
     pub fn encoded_bound(cfg: &ModelConfig) -> u64 {
-        16 * cfg.num_params() as u64 + HEADER_BOUND
+        20 * cfg.num_params() as u64 + HEADER_BOUND
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -127,12 +153,17 @@ impl Replica {
             shape: vec![data.len()],
             data,
         };
-        let tensors = [
+        let mut tensors = vec![
             flat("outer", self.outer.clone()),
             flat("velocity", self.velocity.clone()),
             flat("exp_avg", flatten(&self.opt.exp_avg)),
             flat("exp_avg_sq", flatten(&self.opt.exp_avg_sq)),
         ];
+        // Plain DiLoCo and DDP end every round with local = outer: no need to send it twice.
+        let local = flatten(&self.weights.tensors);
+        if local != self.outer {
+            tensors.push(flat("local", local));
+        }
         let meta = BTreeMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("next_round".to_string(), self.next_round.to_string()),
@@ -179,11 +210,15 @@ impl Replica {
         };
         let outer = get("outer", false)?;
         let velocity = get("velocity", true)?;
+        let local = match st.tensor("local") {
+            Ok(_) => get("local", false)?,
+            Err(_) => outer.clone(),
+        };
         let exp_avg = unflatten(&get("exp_avg", false)?, &specs, device);
         let exp_avg_sq = unflatten(&get("exp_avg_sq", false)?, &specs, device);
         let weights = Weights {
             cfg: cfg.clone(),
-            tensors: unflatten(&outer, &specs, device),
+            tensors: unflatten(&local, &specs, device),
             specs,
         };
         Ok(Replica {
@@ -200,7 +235,7 @@ impl Replica {
     }
 
     /// The replica as a single-worker training state (for checkpoints and evaluation): its
-    /// weights — the outer weights for a replica from [`Replica::decode`] —, its AdamW
+    /// local weights — the outer weights, in plain DiLoCo and DDP, after a round —, its AdamW
     /// moments, `steps` optimizer steps taken and the data position `next_sample`.
     pub fn into_train_state(self, seed: u64, steps: u64, next_sample: u64) -> TrainState {
         TrainState {
@@ -220,9 +255,10 @@ mod tests {
     #[test]
     fn the_size_bound_holds_an_encoded_replica_and_little_more() {
         let cfg = ModelConfig::preset("tiny").unwrap();
-        let bytes = Replica::fresh(&cfg, 1, &Device::flex(), true)
-            .encode()
-            .len() as u64;
+        // The largest kind: local weights of its own (streaming DiLoCo) travel too.
+        let mut r = Replica::fresh(&cfg, 1, &Device::flex(), true);
+        r.outer[0] += 1.0;
+        let bytes = r.encode().len() as u64;
         let bound = Replica::encoded_bound(&cfg);
         assert!(bytes <= bound, "{bytes} encoded, bound {bound}");
         assert!(

@@ -20,6 +20,7 @@ use holdfast_cluster::round::{
     Assignment, JoinOptions, Joined, Next, ProtocolError, RoundClient, Synced,
 };
 use holdfast_cluster::wire::Auth;
+use holdfast_model::weights::param_specs;
 
 use crate::chaos::NumberFaults;
 use crate::config::Precision;
@@ -118,13 +119,15 @@ fn session(
     let (cfg, data) = prepare(prepared, &job, o)?;
     crate::set_flush_denormals(cfg.train.flush_denormals);
     tracing::info!("{} joined as worker {}", o.name, client.worker());
-    let strategy = strategy(cfg);
+    let strategy = strategy(cfg, &param_specs(&data.model));
     let mut stepper = GuardedStep::new(cfg.guard.clone(), faults);
     let mut replica: Option<Replica> = None;
     let mut report: Option<StateReport> = None;
-    // This session's own: a rejoining worker starts without one (see `feedback`).
-    let mut feedback = ErrorFeedback::default();
+    // This session's own, one per fragment: a rejoining worker starts without (see `feedback`).
+    let mut feedback = vec![ErrorFeedback::default(); strategy.fragments()];
     let quantized = quantized(cfg.sync.precision);
+    // What the steps that overlapped the last round's sync did: reported with the next round.
+    let mut overlapped = Contribution::default();
     loop {
         let a = match client.next_round(report.take())? {
             Next::Round(a) => a,
@@ -145,6 +148,7 @@ fn session(
             Taken::Stale(reason) => return Ok(SessionEnd::Evicted(reason)),
         };
         let work = RoundWork {
+            round: a.round,
             data: &data.dataset,
             train: &cfg.train,
             batches: &a.batches,
@@ -160,10 +164,17 @@ fn session(
                 .inspect_err(|e| tracing::warn!("round {}: audit of {}: {e}", a.round, task.of))
                 .ok()
         });
-        let sent = sendable(&mut feedback, &contribution.payload, quantized.is_some());
-        let stats = round_stats(&contribution, &sent, a.audited, audit);
-        let sent = sent.values();
-        let sum = match client.sync(a.round, sent, quantized, stats)? {
+        let feedback = &mut feedback[a.round as usize % strategy.fragments()];
+        let sent = sendable(feedback, &contribution.payload, quantized.is_some());
+        let mut stats = round_stats(&contribution, &sent, a.audited, audit);
+        add_overlapped(&mut stats, &std::mem::take(&mut overlapped));
+        // The round's last steps train while its all-reduce runs.
+        let synced = std::thread::scope(|s| {
+            let sync = s.spawn(|| client.sync(a.round, sent.values(), quantized, stats));
+            overlapped = strategy.overlap(r, &work, &mut stepper, &contribution);
+            sync.join().expect("the sync thread does not panic")
+        });
+        let sum = match synced? {
             Synced::Committed { sum, residual, .. } => {
                 feedback.commit(residual);
                 sum
@@ -257,6 +268,7 @@ fn replay(
 ) -> Result<AuditReport, TrainError> {
     let mut replica = fetch_replica(client, &task.donor, a.round, data, device)?;
     let work = RoundWork {
+        round: a.round,
         data: &data.dataset,
         train: &cfg.train,
         batches: &task.batches,
@@ -347,6 +359,16 @@ fn round_stats(
         rollbacks: c.rollbacks,
         ..Default::default()
     }
+}
+
+/// Adds what the steps that overlapped the previous round's sync did to this round's report:
+/// they trained after that report had gone. Their loss is not averaged in (the report's is
+/// the mean of the steps before its contribution).
+fn add_overlapped(stats: &mut WorkerRoundStats, o: &Contribution) {
+    stats.tokens += o.tokens;
+    stats.compute_s += o.compute_s;
+    stats.skipped_steps += o.skipped_steps;
+    stats.rollbacks += o.rollbacks;
 }
 
 /// Chaos: silent corruption in compute — one bit of one value this worker sends in `round`,

@@ -1,26 +1,52 @@
 //! DiLoCo: each replica trains H guarded inner steps from the outer weights and contributes
 //! its pseudo-gradient (outer − local); the committed average takes one outer Nesterov step.
+//!
+//! Streaming DiLoCo (Douillard et al. 2025) is the same strategy with its three settings
+//! turned on: the parameters split into P [`Fragments`], a round of H/P steps syncs one of
+//! them (so each syncs every H steps, and the link carries 1/P of the model at a time); the
+//! pseudo-gradient is taken τ steps before the round ends and its all-reduce runs while those
+//! steps train ([`SyncStrategy::overlap`]); and the synced fragment's local weights are mixed
+//! with its new outer weights by α instead of replaced. P = 1, τ = 0, α = 0 is plain DiLoCo.
 
+use holdfast_model::weights::ParamSpec;
+
+use super::fragments::Fragments;
 use super::outer::{OuterNesterov, pseudo_gradient};
 use super::{Contribution, RoundWork, SyncStrategy, counted_mean, payload_buffer, timed, weighted};
 use crate::config::SyncSection;
 use crate::guarded::{GuardedStep, Outcome};
-use crate::replica::{Replica, flatten};
+use crate::replica::{Replica, flatten_into};
 #[cfg(test)]
 use crate::{config::TrainSection, data::Dataset, sync::testing::summed};
 
 pub struct Diloco {
     outer: OuterNesterov,
+    fragments: Fragments,
+    /// τ: the round's last steps, trained while its all-reduce runs.
+    overlap_steps: usize,
+    /// α: how much of its local weights a synced fragment keeps.
+    mixing: f32,
 }
 
 impl Diloco {
-    pub fn new(s: &SyncSection) -> Diloco {
+    /// The strategy `s` describes, for a model of parameters `specs`.
+    pub fn new(s: &SyncSection, specs: &[ParamSpec]) -> Diloco {
         Diloco {
             outer: OuterNesterov {
                 lr: s.outer_lr as f32,
                 momentum: s.outer_momentum as f32,
             },
+            fragments: Fragments::strided(specs, s.fragments.max(1) as usize),
+            overlap_steps: s.overlap_steps as usize,
+            mixing: s.mixing as f32,
         }
+    }
+
+    /// The round's optimizer steps: `(before the contribution, overlapping its sync)`.
+    fn split(&self, work: &RoundWork) -> (usize, usize) {
+        let steps = work.batches.len().div_ceil(work.train.grad_accum.max(1));
+        let overlap = self.overlap_steps.min(steps.saturating_sub(1));
+        (steps - overlap, overlap)
     }
 }
 
@@ -29,16 +55,29 @@ impl SyncStrategy for Diloco {
         true
     }
 
+    fn fragments(&self) -> usize {
+        self.fragments.count()
+    }
+
     fn contribute(
         &self,
         r: &mut Replica,
         work: &RoundWork,
         stepper: &mut GuardedStep,
     ) -> Contribution {
-        let (mut c, compute_s) = timed(|| inner_steps(r, work, stepper));
+        let (before, _) = self.split(work);
+        stepper.mark_good(&r.weights, &r.opt, work.first_step);
+        let (mut c, compute_s) = timed(|| inner_steps(r, work, stepper, 0..before));
         c.compute_s = compute_s;
-        let mut delta = payload_buffer(r.outer.len());
-        pseudo_gradient(&r.outer, &flatten(&r.weights.tensors), &mut delta);
+        let f = self.fragments.of_round(work.round);
+        let mut local = Vec::with_capacity(self.fragments.len(f));
+        for &p in self.fragments.params(f) {
+            flatten_into(std::slice::from_ref(&r.weights.tensors[p]), &mut local);
+        }
+        let mut outer = Vec::with_capacity(local.len());
+        self.fragments.gather_into(f, &r.outer, &mut outer);
+        let mut delta = payload_buffer(local.len());
+        pseudo_gradient(&outer, &local, &mut delta);
         // A replica that made no progress (rolled back, or every step refused) is not a vote
         // for standing still: the outer step is the mean of the replicas that moved.
         let moved = delta.iter().any(|&d| d != 0.0);
@@ -46,32 +85,69 @@ impl SyncStrategy for Diloco {
         c
     }
 
+    fn overlap(
+        &self,
+        r: &mut Replica,
+        work: &RoundWork,
+        stepper: &mut GuardedStep,
+        contributed: &Contribution,
+    ) -> Contribution {
+        let (before, overlap) = self.split(work);
+        if overlap == 0 || contributed.rollbacks > 0 {
+            // A rollback skips the rest of the round's batches.
+            return Contribution::default();
+        }
+        let (mut c, compute_s) = timed(|| inner_steps(r, work, stepper, before..before + overlap));
+        c.compute_s = compute_s;
+        c
+    }
+
     fn apply(&self, r: &mut Replica, sum: Vec<f32>, work: &RoundWork) -> bool {
+        let f = self.fragments.of_round(work.round);
+        let mut outer = Vec::with_capacity(self.fragments.len(f));
+        self.fragments.gather_into(f, &r.outer, &mut outer);
+        let mut velocity = Vec::with_capacity(outer.len());
+        self.fragments.gather_into(f, &r.velocity, &mut velocity);
         let moved = match counted_mean(sum) {
             Some(average) => {
-                let outer = self.outer.damped(work.step_scale as f32);
-                outer.apply_round(&mut r.outer, &mut r.velocity, &average)
+                let step = self.outer.damped(work.step_scale as f32);
+                step.apply_round(&mut outer, &mut velocity, &average)
             }
             // No replica made progress: no step, and the momentum that led here is cleared.
             None => {
-                r.velocity.fill(0.0);
+                velocity.fill(0.0);
                 false
             }
         };
-        r.reset_local_to_outer();
+        self.fragments.scatter(f, &outer, &mut r.outer);
+        self.fragments.scatter(f, &velocity, &mut r.velocity);
+        // What the overlapped steps changed in the fragment is overwritten (α = 0) or mixed:
+        // keeping it on top of the new outer weights measured worse (README, "Slow links").
+        for &p in self.fragments.params(f) {
+            r.mix_local_toward_outer(p, self.mixing);
+        }
         moved
     }
 }
 
-/// The round's inner steps. A rollback goes back to the round's start (the outer weights):
-/// the replica then contributes no change, and the rest of its batches this round are
-/// skipped. Past its rollback limit a replica goes on rolling back: whether the run is
-/// unstable is the coordinator's call, from every replica's rounds.
-fn inner_steps(r: &mut Replica, work: &RoundWork, stepper: &mut GuardedStep) -> Contribution {
+/// The round's inner steps `steps` (indices among its optimizer steps). A rollback goes back
+/// to the round's start: the replica then contributes what it held then (no change, in plain
+/// DiLoCo), and the rest of its batches this round are skipped. Past its rollback limit a
+/// replica goes on rolling back: whether the run is unstable is the coordinator's call, from
+/// every replica's rounds.
+fn inner_steps(
+    r: &mut Replica,
+    work: &RoundWork,
+    stepper: &mut GuardedStep,
+    steps: std::ops::Range<usize>,
+) -> Contribution {
     let mut c = Contribution::default();
     let mut measured = 0u32;
-    stepper.mark_good(&r.weights, &r.opt, work.first_step);
-    for (i, ids) in work.batches.chunks(work.train.grad_accum).enumerate() {
+    let accum = work.train.grad_accum;
+    for (i, ids) in work.batches.chunks(accum).enumerate().take(steps.end) {
+        if i < steps.start {
+            continue;
+        }
         let firsts = work.firsts(ids);
         let b = work.step(i, &firsts);
         let started = std::time::Instant::now();
@@ -105,15 +181,21 @@ fn inner_steps(r: &mut Replica, work: &RoundWork, stepper: &mut GuardedStep) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use holdfast_model::weights::param_specs;
+
     use crate::chaos::NumberFaults;
     use crate::guard::GuardSection;
+    use crate::replica::flatten;
     use crate::sync::testing::*;
 
     fn strategy() -> Diloco {
-        Diloco::new(&SyncSection {
-            outer_lr: 1.0,
-            ..Default::default()
-        })
+        Diloco::new(
+            &SyncSection {
+                outer_lr: 1.0,
+                ..Default::default()
+            },
+            &param_specs(&model()),
+        )
     }
 
     /// Three NaN steps from the round's first roll a replica back to its start.
@@ -226,5 +308,158 @@ mod tests {
         w.step_scale = 0.5;
         s.apply(&mut r, sum, &w);
         assert_eq!(r.outer[0], before[0] - 0.5);
+    }
+
+    fn streaming(fragments: u64, overlap_steps: u64, mixing: f64) -> Diloco {
+        let cfg = SyncSection {
+            outer_lr: 1.0,
+            inner_steps: 6,
+            fragments,
+            overlap_steps,
+            mixing,
+            ..Default::default()
+        };
+        let mut model = model();
+        model.num_hidden_layers = 2;
+        Diloco::new(&cfg, &param_specs(&model))
+    }
+
+    fn two_layer_replica() -> Replica {
+        let mut m = model();
+        m.num_hidden_layers = 2;
+        Replica::fresh(&m, 5, &burn::tensor::Device::flex(), true)
+    }
+
+    /// The values of `flat` inside (true) or outside (false) fragment `f`.
+    fn part(s: &Diloco, f: usize, flat: &[f32], inside: bool) -> Vec<f32> {
+        let mut mask = vec![!inside; flat.len()];
+        s.fragments
+            .ranges(f)
+            .flatten()
+            .for_each(|i| mask[i] = inside);
+        flat.iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m)
+            .map(|(v, _)| *v)
+            .collect()
+    }
+
+    #[test]
+    fn a_streaming_round_syncs_one_fragment_and_leaves_the_rest_local() {
+        let (data, train) = (data(), train());
+        let s = streaming(2, 0, 0.0);
+        let mut faults = NumberFaults::default();
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        let (mut a, mut b) = (two_layer_replica(), two_layer_replica());
+        let mut w = work(&data, &train, &[0, 1, 2]);
+        w.round = 7;
+        let ca = s.contribute(&mut a, &w, &mut stepper);
+        let wb = RoundWork {
+            batches: &[3, 4, 5],
+            ..w
+        };
+        let cb = s.contribute(&mut b, &wb, &mut stepper);
+        assert_eq!(
+            ca.payload.len(),
+            s.fragments.len(1) + 1,
+            "fragment 1, weight"
+        );
+        assert!(s.fragments.len(1) < a.outer.len() / 2 + a.outer.len() / 4);
+
+        let (outer_before, local_before) = (a.outer.clone(), flatten(&a.weights.tensors));
+        assert!(s.apply(&mut a, summed(&[&ca, &cb]), &w));
+        assert!(s.apply(&mut b, summed(&[&ca, &cb]), &w));
+        assert_eq!(a.state_hash(), b.state_hash(), "the shared state agrees");
+        let local = flatten(&a.weights.tensors);
+        assert_ne!(
+            part(&s, 1, &a.outer, true),
+            part(&s, 1, &outer_before, true)
+        );
+        assert_eq!(
+            part(&s, 1, &a.outer, false),
+            part(&s, 1, &outer_before, false)
+        );
+        assert!(
+            a.velocity
+                .iter()
+                .zip(&a.outer)
+                .zip(&outer_before)
+                .all(|((v, o), before)| (*v != 0.0) == (o != before)),
+            "momentum moves with its fragment only"
+        );
+        assert_eq!(
+            part(&s, 1, &local, true),
+            part(&s, 1, &a.outer, true),
+            "α = 0"
+        );
+        assert_eq!(
+            part(&s, 1, &local, false),
+            part(&s, 1, &local_before, false),
+            "the other fragment keeps its local progress"
+        );
+        assert_ne!(part(&s, 1, &local, false), part(&s, 1, &a.outer, false));
+    }
+
+    #[test]
+    fn mixing_keeps_alpha_of_the_local_weights() {
+        let (data, train) = (data(), train());
+        let s = streaming(2, 0, 0.25);
+        let mut faults = NumberFaults::default();
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        let mut r = two_layer_replica();
+        let w = work(&data, &train, &[0, 1]);
+        let c = s.contribute(&mut r, &w, &mut stepper);
+        let local_before = flatten(&r.weights.tensors);
+        s.apply(&mut r, summed(&[&c]), &w);
+        let local = flatten(&r.weights.tensors);
+        for i in s.fragments.ranges(0).flatten() {
+            let mixed = 0.25 * local_before[i] + 0.75 * r.outer[i];
+            assert_eq!(local[i], mixed, "value {i}");
+        }
+    }
+
+    #[test]
+    fn an_overlapped_round_sends_the_progress_before_its_last_steps_and_trains_them_after() {
+        let (data, train) = (data(), train());
+        let mut faults = NumberFaults::default();
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        let s = streaming(1, 1, 0.0);
+        let mut r = two_layer_replica();
+        let w = work(&data, &train, &[0, 1, 2]);
+        let c = s.contribute(&mut r, &w, &mut stepper);
+        let tail = s.overlap(&mut r, &w, &mut stepper, &c);
+        assert!(tail.tokens > 0 && tail.payload.is_empty(), "{tail:?}");
+        assert_eq!(tail.tokens * 2, c.tokens, "one step after, two before");
+
+        // The same payload as a round of the first two batches without overlap.
+        let plain = streaming(1, 0, 0.0);
+        let mut q = two_layer_replica();
+        let first_two = plain.contribute(&mut q, &work(&data, &train, &[0, 1]), &mut stepper);
+        assert_eq!(c.payload, first_two.payload);
+        assert_ne!(
+            flatten(&r.weights.tensors),
+            flatten(&q.weights.tensors),
+            "the overlapped step trained"
+        );
+    }
+
+    #[test]
+    fn a_replica_with_local_weights_of_its_own_travels_whole() {
+        let (data, train) = (data(), train());
+        let s = streaming(2, 0, 0.0);
+        let mut faults = NumberFaults::default();
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        let mut r = two_layer_replica();
+        let w = work(&data, &train, &[0, 1]);
+        let c = s.contribute(&mut r, &w, &mut stepper);
+        s.apply(&mut r, summed(&[&c]), &w);
+        let local = flatten(&r.weights.tensors);
+        assert_ne!(local, r.outer);
+        let bytes = r.encode();
+        assert!(bytes.len() as u64 <= Replica::encoded_bound(&r.weights.cfg));
+        let back =
+            Replica::decode(&bytes, &r.weights.cfg, &burn::tensor::Device::flex(), "me").unwrap();
+        assert_eq!(flatten(&back.weights.tensors), local);
+        assert_eq!(back.state_hash(), r.state_hash());
     }
 }

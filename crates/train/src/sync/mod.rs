@@ -10,9 +10,12 @@
 pub mod ddp;
 pub mod diloco;
 pub mod feedback;
+pub mod fragments;
 pub mod outer;
 
 use std::time::Instant;
+
+use holdfast_model::weights::ParamSpec;
 
 use crate::config::{RunConfig, SyncMode, TrainSection};
 use crate::data::Dataset;
@@ -22,6 +25,7 @@ use crate::replica::Replica;
 /// One round's work, as the coordinator assigned it.
 #[derive(Clone, Copy)]
 pub struct RoundWork<'a> {
+    pub round: u64,
     pub data: &'a Dataset,
     pub train: &'a TrainSection,
     pub batches: &'a [u64],
@@ -80,13 +84,30 @@ pub trait SyncStrategy {
     /// Whether the replica carries outer momentum.
     fn has_velocity(&self) -> bool;
 
-    /// Trains this replica's share of the round and returns what it sends.
+    /// How many fragments the parameters sync in, one per round (1: all of them every round).
+    fn fragments(&self) -> usize {
+        1
+    }
+
+    /// Trains this replica's share of the round up to what it sends, and returns that.
     fn contribute(
         &self,
         replica: &mut Replica,
         work: &RoundWork,
         stepper: &mut GuardedStep,
     ) -> Contribution;
+
+    /// Trains the rest of the round while what `contribute` returned (`contributed`) is being
+    /// synced; returns what those steps did (no payload). Nothing by default.
+    fn overlap(
+        &self,
+        _replica: &mut Replica,
+        _work: &RoundWork,
+        _stepper: &mut GuardedStep,
+        _contributed: &Contribution,
+    ) -> Contribution {
+        Contribution::default()
+    }
 
     /// Applies the round's committed `sum` of contributions (weights last) to the replica,
     /// identically on every replica: the mean of the contributions that counted, or no step
@@ -121,10 +142,10 @@ pub fn counted_mean(mut sum: Vec<f32>) -> Option<Vec<f32>> {
     Some(sum)
 }
 
-/// The strategy `cfg` names.
-pub fn strategy(cfg: &RunConfig) -> Box<dyn SyncStrategy> {
+/// The strategy `cfg` names, for a model of parameters `specs`.
+pub fn strategy(cfg: &RunConfig, specs: &[ParamSpec]) -> Box<dyn SyncStrategy> {
     match cfg.sync.mode {
-        SyncMode::Diloco => Box::new(diloco::Diloco::new(&cfg.sync)),
+        SyncMode::Diloco => Box::new(diloco::Diloco::new(&cfg.sync, specs)),
         SyncMode::Ddp => Box::new(ddp::Ddp),
     }
 }
@@ -178,6 +199,7 @@ pub(crate) mod testing {
         batches: &'a [u64],
     ) -> RoundWork<'a> {
         RoundWork {
+            round: 0,
             data,
             train,
             batches,
