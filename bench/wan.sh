@@ -138,18 +138,22 @@ run) shift; run "$@" ;;
 compare)
   [ -f "$DATA" ] || { echo "needs $DATA" >&2; exit 2; }
   OUT=${OUT:-bench-runs/wan-$(date +%Y%m%d-%H%M%S)}
+  mkdir -p "$OUT"
+  # Replay audits off: an audited round's auditors fetch a whole state over the slow link.
+  printf '[guard]\naudit_probability = 0.0\n' > "$OUT/job.toml"
+  printf '[sync]\nmixing = %s\n[guard]\naudit_probability = 0.0\n' "${MIXING:-0}" > "$OUT/streaming.toml"
   common=(--data "$DATA" --preset char-small --context 64 --batch-size 8 --seed 1)
   # DDP's bytes at this rate take hours for the whole budget: a short run measures its
   # utilisation (its loss is from `bench/cluster.sh sync`, on loopback).
-  bash "$0" run "$OUT/ddp" 4 "${common[@]}" --steps "${DDP_STEPS:-20}" --sync ddp
+  bash "$0" run "$OUT/ddp" 4 "${common[@]}" --config "$OUT/job.toml" --steps "${DDP_STEPS:-20}" \
+    --sync ddp
   for p in f32 int8 int4 e2m1; do
-    bash "$0" run "$OUT/diloco-h100-$p" 4 "${common[@]}" --steps "${STEPS:-400}" --sync diloco \
-      --inner-steps 100 --sync-precision "$p"
+    bash "$0" run "$OUT/diloco-h100-$p" 4 "${common[@]}" --config "$OUT/job.toml" \
+      --steps "${STEPS:-400}" --sync diloco --inner-steps 100 --sync-precision "$p"
   done
-  printf '[sync]\nmixing = %s\n' "${MIXING:-0}" > "$OUT/streaming.toml"
-  bash "$0" run "$OUT/streaming-p4-int4" 4 "${common[@]}" --steps "${STEPS:-400}" --sync diloco \
-    --inner-steps 100 --sync-precision int4 --fragments 4 --overlap-steps "${OVERLAP:-5}" \
-    --config "$OUT/streaming.toml"
+  bash "$0" run "$OUT/streaming-p4-int4" 4 "${common[@]}" --config "$OUT/streaming.toml" \
+    --steps "${STEPS:-400}" --sync diloco --inner-steps 100 --sync-precision int4 --fragments 4 \
+    --overlap-steps "${OVERLAP:-5}"
   ;;
 *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
