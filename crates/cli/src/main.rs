@@ -523,6 +523,28 @@ fn cmd_bench_train(
 }
 
 /// A multi-worker run restarted cold from its newest valid checkpoint.
+/// A multi-worker run to start: the one `--resume` names, from its newest checkpoint, or a
+/// new one.
+fn new_or_restored_cluster_run(
+    args: &TrainArgs,
+) -> Result<(
+    PathBuf,
+    RunConfig,
+    run::Prepared,
+    Option<holdfast_train::coordinate::Restore>,
+)> {
+    Ok(match &args.resume {
+        Some(run_dir) => {
+            let (cfg, prepared, restore) = restore_cluster_run(run_dir, args)?;
+            (run_dir.clone(), cfg, prepared, Some(restore))
+        }
+        None => {
+            let (run_dir, cfg, prepared) = new_cluster_run(args)?;
+            (run_dir, cfg, prepared, None)
+        }
+    })
+}
+
 fn restore_cluster_run(
     run_dir: &Path,
     args: &TrainArgs,
@@ -651,16 +673,7 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
             .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?,
         None => Default::default(),
     };
-    let (run_dir, cfg, prepared, restore) = match &args.resume {
-        Some(run_dir) => {
-            let (cfg, prepared, restore) = restore_cluster_run(run_dir, args)?;
-            (run_dir.clone(), cfg, prepared, Some(restore))
-        }
-        None => {
-            let (run_dir, cfg, prepared) = new_cluster_run(args)?;
-            (run_dir, cfg, prepared, None)
-        }
-    };
+    let (run_dir, cfg, prepared, restore) = new_or_restored_cluster_run(args)?;
     eprintln!(
         "training {} parameters on {} with {workers} worker processes, {}, {} steps each → {}",
         prepared.model.num_params(),
@@ -704,11 +717,6 @@ fn check_coordinator_args(args: &CoordinatorArgs) -> Result<()> {
             "--chaos: the coordinator starts no workers to fault; give each `holdfast worker` its numeric faults with --inject"
         );
     }
-    if args.train.resume.is_some() {
-        bail!(
-            "`holdfast coordinator` cannot resume yet; restart the run with `holdfast train --resume DIR --workers N`"
-        );
-    }
     Ok(())
 }
 
@@ -716,7 +724,7 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
     check_coordinator_args(&args)?;
     let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
     let device = device::parse(&args.train.device)?;
-    let (run_dir, cfg, prepared) = new_cluster_run(&args.train)?;
+    let (run_dir, cfg, prepared, restore) = new_or_restored_cluster_run(&args.train)?;
     let mut cluster = holdfast_train::coordinate::ClusterRun::start(
         &run_dir,
         &cfg,
@@ -725,7 +733,7 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
         &secret,
         args.min_workers,
         device,
-        None,
+        restore,
     )?;
     eprintln!(
         "coordinator for {} listening on {}: waiting for {} worker(s) (`holdfast worker --join ADDR`), {}",
@@ -810,7 +818,10 @@ mod tests {
             "--min-workers must be at least 1",
         );
         refused(check(&["--chaos", "nan:at=3"]), "--inject");
-        refused(check(&["--resume", "runs/x"]), "cannot resume");
+        assert!(
+            check(&["--resume", "runs/x"]).is_ok(),
+            "restarts a run cold"
+        );
     }
 
     #[test]

@@ -549,22 +549,9 @@ fn a_run_restarted_cold_from_its_checkpoint_matches_one_that_never_stopped() {
         .spawn()
         .unwrap();
     let mut launcher = KillOnDrop(launcher);
-    let started = Instant::now();
     // The coordinator checkpoints the newest committed round once 20 are done: which one
     // depends on timing, so any checkpoint will do.
-    let has_checkpoint = || {
-        std::fs::read_dir(d.join("cut/checkpoints")).is_ok_and(|mut r| {
-            r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))
-        })
-    };
-    while !has_checkpoint() {
-        assert!(started.elapsed() < LIMIT, "no checkpoint written");
-        assert!(
-            launcher.0.try_wait().unwrap().is_none(),
-            "run ended before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_checkpoint(&d.join("cut"), &mut launcher);
     launcher.0.kill().unwrap();
     launcher.0.wait().unwrap();
     let out = ok(&holdfast(
@@ -1026,39 +1013,158 @@ fn a_round_every_replica_rolled_back_in_is_rewound_and_the_run_completes() {
     assert!(val < 1.5, "validation loss {val}: {s}");
 }
 
-#[test]
-fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let bin = env!("CARGO_BIN_EXE_holdfast");
-    let coordinator = Command::new(bin)
-        .args([
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--min-workers",
-            "2",
-            "--run-dir",
-            "c",
-        ])
-        .args(["--steps", "60", "--inner-steps", "20", "--batch-size", "16"])
+/// How `process` exits, within `limit`.
+fn exit_status(process: &mut KillOnDrop, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = process.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the process did not exit in time"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the run at `run` holds a checkpoint, while `process` (which writes it) lives.
+fn wait_for_checkpoint(run: &Path, process: &mut KillOnDrop) {
+    let started = Instant::now();
+    let has_checkpoint = || {
+        std::fs::read_dir(run.join("checkpoints")).is_ok_and(|mut r| {
+            r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))
+        })
+    };
+    while !has_checkpoint() {
+        assert!(started.elapsed() < LIMIT, "no checkpoint written");
+        assert!(
+            process.0.try_wait().unwrap().is_none(),
+            "run ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `holdfast coordinator ARGS` in `d` and returns it with the address it listens on
+/// and what it printed up to there.
+fn start_coordinator(d: &Path, args: &[&str]) -> (KillOnDrop, String, String) {
+    let coordinator = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .arg("coordinator")
+        .args(args)
         .env("HOLDFAST_SECRET", RIGHT_SECRET)
         .current_dir(d)
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut coordinator = KillOnDrop(coordinator);
     let mut stderr = BufReader::new(coordinator.0.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
+    let (mut line, mut printed) = (String::new(), String::new());
+    // A restart prints where it restarts from first.
+    while !line.contains("listening") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "coordinator exited"
+        );
+        printed.push_str(&line);
+    }
     let addr = line
         .split_whitespace()
         .find(|w| w.starts_with("127.0.0.1:"))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .trim_end_matches(':')
         .to_string();
+    // Drain the rest so the coordinator never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (coordinator, addr, printed)
+}
+
+fn start_workers(d: &Path, addr: &str, count: usize) -> Vec<KillOnDrop> {
+    (0..count)
+        .map(|i| {
+            let c = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+                .args(["worker", "--join", addr, "--name", &format!("host-{i}")])
+                .env("HOLDFAST_SECRET", RIGHT_SECRET)
+                .env("RAYON_NUM_THREADS", "1")
+                .current_dir(d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            KillOnDrop(c)
+        })
+        .collect()
+}
+
+#[test]
+fn a_coordinator_started_apart_resumes_its_run_from_the_newest_checkpoint() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = [
+        "--listen",
+        "127.0.0.1:0",
+        "--min-workers",
+        "2",
+        "--run-dir",
+        "c",
+        "--sync",
+        "ddp",
+        "--steps",
+        "60",
+        "--checkpoint-every",
+        "20",
+        "--batch-size",
+        "16",
+        "--no-progress",
+    ];
+    let (mut coordinator, addr, _) = start_coordinator(d, &run);
+    let workers = start_workers(d, &addr, 2);
+    wait_for_checkpoint(&d.join("c"), &mut coordinator);
+    // The control plane dies; its workers, left without it, are stopped too.
+    coordinator.0.kill().unwrap();
+    coordinator.0.wait().unwrap();
+    drop(workers);
+
+    let resume = [
+        "--listen",
+        "127.0.0.1:0",
+        "--min-workers",
+        "2",
+        "--resume",
+        "c",
+    ];
+    let (mut coordinator, addr, printed) = start_coordinator(d, &resume);
+    let from = printed
+        .split("checkpoints/step-")
+        .nth(1)
+        .and_then(|rest| rest.get(..8)?.parse::<u64>().ok());
+    assert!(from.is_some_and(|step| step < 60), "{printed}");
+    let _workers = start_workers(d, &addr, 2);
+    assert!(exit_status(&mut coordinator, LIMIT).success());
+    let ledger = assert_exactly_once(&d.join("c"));
+    assert_eq!(ledger.len(), 60, "each round once, across the restart");
+    assert!(d.join("c/checkpoints/step-00000060").is_dir());
+}
+
+#[test]
+fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bin = env!("CARGO_BIN_EXE_holdfast");
+    let run = [
+        "--listen",
+        "127.0.0.1:0",
+        "--min-workers",
+        "2",
+        "--run-dir",
+        "c",
+    ];
+    let shape = ["--steps", "60", "--inner-steps", "20", "--batch-size", "16"];
+    let (mut coordinator, addr, _) = start_coordinator(d, &[&run[..], &shape[..]].concat());
 
     // Garbage and a wrong secret are refused; the coordinator keeps serving.
     let mut raw = std::net::TcpStream::connect(&addr).unwrap();
@@ -1072,40 +1178,11 @@ fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
         .current_dir(d);
     fails_with(&bounded(stranger, Duration::from_secs(60)), "secret");
 
-    let workers: Vec<KillOnDrop> = (0..2)
-        .map(|i| {
-            let c = Command::new(bin)
-                .args(["worker", "--join", &addr, "--name", &format!("host-{i}")])
-                .env("HOLDFAST_SECRET", RIGHT_SECRET)
-                .env("RAYON_NUM_THREADS", "1")
-                .current_dir(d)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            KillOnDrop(c)
-        })
-        .collect();
-    let started = Instant::now();
-    while coordinator.0.try_wait().unwrap().is_none() {
-        assert!(started.elapsed() < LIMIT, "coordinator did not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(coordinator.0.wait().unwrap().success());
+    let workers = start_workers(d, &addr, 2);
+    assert!(exit_status(&mut coordinator, LIMIT).success());
     // Released workers exit by themselves, successfully.
     for mut w in workers {
-        let started = Instant::now();
-        let status = loop {
-            if let Some(s) = w.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "worker did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success());
+        assert!(exit_status(&mut w, Duration::from_secs(30)).success());
     }
     let ledger = assert_exactly_once(&d.join("c"));
     assert_eq!(ledger.len(), 3);
