@@ -277,14 +277,19 @@ impl RoundClient {
     /// round commits or this worker is out: in `f32` on a ring, or `quantized` on a mesh.
     /// `stats` (what this worker did this round) go to the coordinator with its result,
     /// completed with the traffic and waiting measured here.
+    /// `finish_stats` completes the round's stats once the collective is done, before they
+    /// go to the coordinator: a worker that trains on while the collective runs adds what it
+    /// trained (and may block until it has).
     pub fn sync(
         &mut self,
         round: u64,
         contribution: &[f32],
         quantized: Option<Quantized>,
         mut stats: WorkerRoundStats,
+        finish_stats: impl FnOnce(&mut WorkerRoundStats),
     ) -> Result<Synced, ProtocolError> {
         let worker = self.worker;
+        let mut finish_stats = Some(finish_stats);
         loop {
             let waited = Instant::now();
             let ring = match self.call_until_decided(&Request::Ready { worker, round })? {
@@ -316,6 +321,9 @@ impl RoundClient {
             };
             stats.bytes_sent += traffic.bytes_sent;
             stats.bytes_received += traffic.bytes_received;
+            if let Some(finish) = finish_stats.take() {
+                finish(&mut stats);
+            }
             let waited = Instant::now();
             let req = Request::Reduced {
                 worker,
@@ -467,7 +475,7 @@ mod tests {
                 ..Default::default()
             };
             match client
-                .sync(a.round, &[value, 2.0 * value], None, stats)
+                .sync(a.round, &[value, 2.0 * value], None, stats, |_| {})
                 .unwrap()
             {
                 Synced::Committed {

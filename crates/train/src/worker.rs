@@ -126,8 +126,6 @@ fn session(
     // This session's own, one per fragment: a rejoining worker starts without (see `feedback`).
     let mut feedback = vec![ErrorFeedback::default(); strategy.fragments()];
     let quantized = quantized(cfg.sync.precision);
-    // What the steps that overlapped the last round's sync did: reported with the next round.
-    let mut overlapped = Contribution::default();
     loop {
         let a = match client.next_round(report.take())? {
             Next::Round(a) => a,
@@ -166,12 +164,23 @@ fn session(
         });
         let feedback = &mut feedback[a.round as usize % strategy.fragments()];
         let sent = sendable(feedback, &contribution.payload, quantized.is_some());
-        let mut stats = round_stats(&contribution, &sent, a.audited, audit);
-        add_overlapped(&mut stats, &std::mem::take(&mut overlapped));
-        // The round's last steps train while its all-reduce runs.
+        let stats = round_stats(&contribution, &sent, a.audited, audit);
+        // The round's last steps train while its all-reduce runs; what they did goes with the
+        // round's stats, which wait for them.
+        let (overlapped, tail) = std::sync::mpsc::channel();
         let synced = std::thread::scope(|s| {
-            let sync = s.spawn(|| client.sync(a.round, sent.values(), quantized, stats));
-            overlapped = strategy.overlap(r, &work, &mut stepper, &contribution);
+            let sync = s.spawn(|| {
+                // Moved in: a receiver is not shared between threads.
+                let tail = tail;
+                let add_tail = move |stats: &mut WorkerRoundStats| {
+                    if let Ok(t) = tail.recv() {
+                        add_overlapped(stats, &t);
+                    }
+                };
+                client.sync(a.round, sent.values(), quantized, stats, add_tail)
+            });
+            // The sync may have ended without waiting for it (evicted): nobody to tell.
+            let _ = overlapped.send(strategy.overlap(r, &work, &mut stepper, &contribution));
             sync.join().expect("the sync thread does not panic")
         });
         let sum = match synced? {
@@ -361,9 +370,8 @@ fn round_stats(
     }
 }
 
-/// Adds what the steps that overlapped the previous round's sync did to this round's report:
-/// they trained after that report had gone. Their loss is not averaged in (the report's is
-/// the mean of the steps before its contribution).
+/// Adds what the steps that overlapped the round's sync did to its report. Their loss is not
+/// averaged in (the report's is the mean of the steps before its contribution).
 fn add_overlapped(stats: &mut WorkerRoundStats, o: &Contribution) {
     stats.tokens += o.tokens;
     stats.compute_s += o.compute_s;
