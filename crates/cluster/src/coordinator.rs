@@ -232,6 +232,10 @@ pub enum Reply {
         /// a pass over the contribution off the other rounds).
         #[serde(default)]
         audited: bool,
+        /// The round takes the rest of the budget: no later round follows unless one of its
+        /// members fails (a worker then has no later report to carry late figures in).
+        #[serde(default)]
+        last: bool,
     },
     Ring {
         round: u64,
@@ -413,6 +417,8 @@ struct ActiveRound {
     first_step: u64,
     /// The member audited this round and its two auditors.
     audit: Option<(WorkerId, [WorkerId; 2])>,
+    /// No batch was left in the pool for a later round.
+    last: bool,
 }
 
 /// Batch ids not yet committed: fresh ones, and ones handed back by a member that failed.
@@ -823,6 +829,7 @@ impl Coordinator {
             members: ids.iter().map(|id| self.members[id].name.clone()).collect(),
         });
         let audit = self.draw_audit(self.round, &ids);
+        let last = self.pool.exhausted(budget);
         self.active = Some(ActiveRound {
             round: self.round,
             members: ids,
@@ -836,6 +843,7 @@ impl Coordinator {
             discarded: 0,
             first_step,
             audit,
+            last,
         });
     }
 
@@ -1166,6 +1174,7 @@ impl Coordinator {
             step_scale: self.step_scale(active.round),
             audit: self.audit_task(active, worker),
             audited: active.audit.is_some_and(|(of, _)| of == worker),
+            last: active.last,
         }
     }
 

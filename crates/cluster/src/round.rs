@@ -55,6 +55,8 @@ pub struct Assignment {
     pub audit: Option<AuditTask>,
     /// This member's own contribution is audited: report its hash.
     pub audited: bool,
+    /// The round takes the rest of the budget (see [`Reply::Round`]).
+    pub last: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -229,6 +231,7 @@ impl RoundClient {
                 step_scale,
                 audit,
                 audited,
+                last,
                 ..
             } => Ok(Next::Round(Assignment {
                 round,
@@ -238,6 +241,7 @@ impl RoundClient {
                 step_scale,
                 audit,
                 audited,
+                last,
             })),
             Reply::Finished => Ok(Next::Finished),
             Reply::Evicted { reason } => Ok(Next::Evicted(reason)),

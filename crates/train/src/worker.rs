@@ -126,6 +126,8 @@ fn session(
     // This session's own, one per fragment: a rejoining worker starts without (see `feedback`).
     let mut feedback = vec![ErrorFeedback::default(); strategy.fragments()];
     let quantized = quantized(cfg.sync.precision);
+    // What the steps that overlapped the last round's sync did: reported with this round.
+    let mut overlapped = Contribution::default();
     loop {
         let a = match client.next_round(report.take())? {
             Next::Round(a) => a,
@@ -165,24 +167,13 @@ fn session(
         let feedback = &mut feedback[a.round as usize % strategy.fragments()];
         let sent = sendable(feedback, &contribution.payload, quantized.is_some());
         let stats = round_stats(&contribution, &sent, a.audited, audit);
-        // The round's last steps train while its all-reduce runs; what they did goes with the
-        // round's stats, which wait for them.
-        let (overlapped, tail) = std::sync::mpsc::channel();
-        let synced = std::thread::scope(|s| {
-            let sync = s.spawn(|| {
-                // Moved in: a receiver is not shared between threads.
-                let tail = tail;
-                let add_tail = move |stats: &mut WorkerRoundStats| {
-                    if let Ok(t) = tail.recv() {
-                        add_overlapped(stats, &t);
-                    }
-                };
-                client.sync(a.round, sent.values(), quantized, stats, add_tail)
-            });
-            // The sync may have ended without waiting for it (evicted): nobody to tell.
-            let _ = overlapped.send(strategy.overlap(r, &work, &mut stepper, &contribution));
-            sync.join().expect("the sync thread does not panic")
-        });
+        let synced = sync_overlapping(
+            &mut client,
+            &a,
+            (sent.values(), quantized, stats),
+            &mut overlapped,
+            || strategy.overlap(r, &work, &mut stepper, &contribution),
+        );
         let sum = match synced? {
             Synced::Committed { sum, residual, .. } => {
                 feedback.commit(residual);
@@ -370,8 +361,46 @@ fn round_stats(
     }
 }
 
-/// Adds what the steps that overlapped the round's sync did to its report. Their loss is not
-/// averaged in (the report's is the mean of the steps before its contribution).
+/// Syncs round `a` on a thread of its own while `overlap` trains the round's last steps here.
+/// What those steps did is reported with the next round (`overlapped` carries it), so that
+/// the commit need not wait for them — except in the run's last round, whose report waits:
+/// no later one would carry them.
+fn sync_overlapping(
+    client: &mut RoundClient,
+    a: &Assignment,
+    (values, quantized, stats): (&[f32], Option<Quantized>, WorkerRoundStats),
+    overlapped: &mut Contribution,
+    overlap: impl FnOnce() -> Contribution,
+) -> Result<Synced, ProtocolError> {
+    let earlier = std::mem::take(overlapped);
+    let (tail_tx, tail_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let sync = s.spawn(|| {
+            // Moved in: a receiver is not shared between threads.
+            let tail_rx = tail_rx;
+            let add = move |stats: &mut WorkerRoundStats| {
+                add_overlapped(stats, &earlier);
+                if a.last
+                    && let Ok(tail) = tail_rx.recv()
+                {
+                    add_overlapped(stats, &tail);
+                }
+            };
+            client.sync(a.round, values, quantized, stats, add)
+        });
+        let tail = overlap();
+        if a.last {
+            // The sync may have ended without waiting for it (evicted): nobody to tell.
+            let _ = tail_tx.send(tail);
+        } else {
+            *overlapped = tail;
+        }
+        sync.join().expect("the sync thread does not panic")
+    })
+}
+
+/// Adds what steps that overlapped a sync did to a round's report. Their loss is not averaged
+/// in (the report's is the mean of the steps before its contribution).
 fn add_overlapped(stats: &mut WorkerRoundStats, o: &Contribution) {
     stats.tokens += o.tokens;
     stats.compute_s += o.compute_s;
