@@ -100,26 +100,22 @@ fn serve(mut conn: Conn, state: &Mutex<Coordinator>) {
 
 /// The coordinator's answer to `req`; one that would be `Wait` is asked again until it is
 /// decided or [`HOLD`] has passed.
-fn decide(state: &Mutex<Coordinator>, req: Request) -> Reply {
+fn decide(state: &Mutex<Coordinator>, mut req: Request) -> Reply {
     let held = Instant::now();
-    let mut again = req.asked_again();
-    let mut reply = state
-        .lock()
-        .expect("coordinator lock")
-        .handle(Instant::now(), req);
-    while let (Reply::Wait { .. }, Some(req)) = (&reply, &again) {
-        if held.elapsed() >= HOLD {
-            break;
-        }
-        std::thread::sleep(RECHECK);
-        let req = req.clone();
-        again = req.asked_again();
-        reply = state
+    loop {
+        let again = req.asked_again();
+        let reply = state
             .lock()
             .expect("coordinator lock")
             .handle(Instant::now(), req);
+        match (reply, again) {
+            (Reply::Wait { .. }, Some(next)) if held.elapsed() < HOLD => {
+                std::thread::sleep(RECHECK);
+                req = next;
+            }
+            (reply, _) => return reply,
+        }
     }
-    reply
 }
 
 /// A worker's side of the control connection.

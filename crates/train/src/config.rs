@@ -155,14 +155,20 @@ impl Default for SyncSection {
     }
 }
 
+/// The error for config `field` holding `value`, which is wrong for reason `why`.
+fn invalid(field: &str, value: String, why: &str) -> Result<(), TrainError> {
+    Err(TrainError::Config(format!(
+        "invalid config value: {field} = {value}: {why}"
+    )))
+}
+
 impl SyncSection {
-    /// Streaming DiLoCo's settings: fragments that divide H, an overlap shorter than a round,
-    /// a mixing factor in [0, 1); none of them in DDP, whose every step syncs every value.
-    fn validate_streaming(&self) -> Result<(), TrainError> {
+    /// Streaming DiLoCo's settings for a model of `layers` layers: fragments that divide H and
+    /// hold a layer each at least, an overlap shorter than a round, a mixing factor in [0, 1);
+    /// none of them in DDP, whose every step syncs every value.
+    fn validate_streaming(&self, layers: usize) -> Result<(), TrainError> {
         let bad = |field: &str, value: String, why: String| {
-            Err(TrainError::Config(format!(
-                "invalid config value: sync.{field} = {value}: {why}"
-            )))
+            invalid(&format!("sync.{field}"), value, &why)
         };
         let streaming = self.fragments != 1 || self.overlap_steps != 0 || self.mixing != 0.0;
         if self.mode == SyncMode::Ddp && streaming {
@@ -175,6 +181,10 @@ impl SyncSection {
                 "must be at least 1 and divide sync.inner_steps ({})",
                 self.inner_steps
             );
+            return bad("fragments", self.fragments.to_string(), why);
+        }
+        if self.fragments as usize > layers {
+            let why = format!("a fragment is one or more of the model's {layers} layers");
             return bad("fragments", self.fragments.to_string(), why);
         }
         let round = self.inner_steps / self.fragments;
@@ -346,11 +356,7 @@ impl RunConfig {
     /// Rejects values that would fail later or train nonsense, naming the field.
     pub fn validate(&self) -> Result<(), TrainError> {
         let t = &self.train;
-        let bad = |field: &str, value: String, why: &str| {
-            Err(TrainError::Config(format!(
-                "invalid config value: {field} = {value}: {why}"
-            )))
-        };
+        let bad = invalid;
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return bad("train.lr", t.lr.to_string(), "must be a positive number");
         }
@@ -475,7 +481,6 @@ impl RunConfig {
                 "quantized sync carries DiLoCo's pseudo-gradients; DDP's gradients travel as f32",
             );
         }
-        s.validate_streaming()?;
         if s.failure_timeout_ms < 100 {
             return bad(
                 "sync.failure_timeout_ms",
@@ -485,13 +490,6 @@ impl RunConfig {
         }
         let model = self.base_model_config()?;
         model.validate()?;
-        if s.fragments as usize > model.num_hidden_layers {
-            let why = format!(
-                "a fragment is one or more of the model's {} layers",
-                model.num_hidden_layers
-            );
-            return bad("sync.fragments", s.fragments.to_string(), &why);
-        }
-        Ok(())
+        s.validate_streaming(model.num_hidden_layers)
     }
 }

@@ -240,7 +240,8 @@ impl ClusterRun {
                         })?;
                 peer.publish(Snapshot {
                     next_round,
-                    bytes: replica.encode(),
+                    // Restored from the outer weights: local = outer.
+                    bytes: replica.encode(false),
                 });
                 let c = Coordinator::restore(
                     opts,

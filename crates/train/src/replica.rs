@@ -147,7 +147,10 @@ impl Replica {
         20 * cfg.num_params() as u64 + HEADER_BOUND
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The replica as bytes. `with_local`: its local weights may differ from the outer ones
+    /// (streaming DiLoCo) and travel too; otherwise (plain DiLoCo and DDP end every round with
+    /// local = outer) they are not sent twice, nor flattened and compared on every publish.
+    pub fn encode(&self, with_local: bool) -> Vec<u8> {
         let flat = |name: &str, data: Vec<f32>| HostTensor {
             name: name.into(),
             shape: vec![data.len()],
@@ -159,10 +162,8 @@ impl Replica {
             flat("exp_avg", flatten(&self.opt.exp_avg)),
             flat("exp_avg_sq", flatten(&self.opt.exp_avg_sq)),
         ];
-        // Plain DiLoCo and DDP end every round with local = outer: no need to send it twice.
-        let local = flatten(&self.weights.tensors);
-        if local != self.outer {
-            tensors.push(flat("local", local));
+        if with_local {
+            tensors.push(flat("local", flatten(&self.weights.tensors)));
         }
         let meta = BTreeMap::from([
             ("format".to_string(), FORMAT.to_string()),
@@ -258,7 +259,7 @@ mod tests {
         // The largest kind: local weights of its own (streaming DiLoCo) travel too.
         let mut r = Replica::fresh(&cfg, 1, &Device::flex(), true);
         r.outer[0] += 1.0;
-        let bytes = r.encode().len() as u64;
+        let bytes = r.encode(true).len() as u64;
         let bound = Replica::encoded_bound(&cfg);
         assert!(bytes <= bound, "{bytes} encoded, bound {bound}");
         assert!(
@@ -266,7 +267,7 @@ mod tests {
             "the bound is the real size, not a guess"
         );
         let back = Replica::decode(
-            &Replica::fresh(&cfg, 1, &Device::flex(), true).encode(),
+            &Replica::fresh(&cfg, 1, &Device::flex(), true).encode(false),
             &cfg,
             &Device::flex(),
             "me",

@@ -142,7 +142,16 @@ fn session(
                 strategy.has_velocity(),
             )
         };
-        let r = match take_state(&client, &mut replica, &a, data, &o.device, fresh) {
+        let with_local = strategy.keeps_local_weights();
+        let r = match take_state(
+            &client,
+            &mut replica,
+            &a,
+            data,
+            &o.device,
+            fresh,
+            with_local,
+        ) {
             Taken::Ready(r) => r,
             Taken::TryAgain => continue,
             Taken::Stale(reason) => return Ok(SessionEnd::Evicted(reason)),
@@ -164,7 +173,7 @@ fn session(
                 .inspect_err(|e| tracing::warn!("round {}: audit of {}: {e}", a.round, task.of))
                 .ok()
         });
-        let feedback = &mut feedback[a.round as usize % strategy.fragments()];
+        let feedback = &mut feedback[strategy.fragment_of(a.round)];
         let sent = sendable(feedback, &contribution.payload, quantized.is_some());
         let stats = round_stats(&contribution, &sent, a.audited, audit);
         let synced = sync_overlapping(
@@ -186,7 +195,7 @@ fn session(
         }
         r.next_round = a.round + 1;
         flip_a_bit_if_planned(stepper.faults(), r, a.round);
-        report = Some(publish(&client, r));
+        report = Some(publish(&client, r, with_local));
     }
 }
 
@@ -208,6 +217,7 @@ fn take_state<'r>(
     data: &Prepared,
     device: &Device,
     fresh: impl FnOnce() -> Replica,
+    with_local: bool,
 ) -> Taken<'r> {
     let mut acquired = replica.is_none();
     if let Some(donor) = &a.donor {
@@ -231,7 +241,7 @@ fn take_state<'r>(
         ));
     }
     if acquired {
-        client.publish(a.round, r.encode());
+        client.publish(a.round, r.encode(with_local));
     }
     Taken::Ready(r)
 }
@@ -444,9 +454,10 @@ fn flip_a_bit_if_planned(faults: &mut NumberFaults, r: &mut Replica, round: u64)
     tracing::warn!("chaos: flipped a bit of parameter 0 after round {round}");
 }
 
-/// Serves the replica's new state to peers and returns what to report of it.
-fn publish(client: &RoundClient, r: &Replica) -> StateReport {
-    client.publish(r.next_round, r.encode());
+/// Serves the replica's new state to peers (`with_local`: see [`Replica::encode`]) and returns
+/// what to report of it.
+fn publish(client: &RoundClient, r: &Replica, with_local: bool) -> StateReport {
+    client.publish(r.next_round, r.encode(with_local));
     StateReport {
         next_round: r.next_round,
         blake3: r.state_hash(),

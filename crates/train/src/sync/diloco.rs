@@ -59,6 +59,14 @@ impl SyncStrategy for Diloco {
         self.fragments.count()
     }
 
+    fn fragment_of(&self, round: u64) -> usize {
+        self.fragments.of_round(round)
+    }
+
+    fn keeps_local_weights(&self) -> bool {
+        self.fragments.count() > 1 || self.mixing != 0.0
+    }
+
     fn contribute(
         &self,
         r: &mut Replica,
@@ -455,7 +463,7 @@ mod tests {
         s.apply(&mut r, summed(&[&c]), &w);
         let local = flatten(&r.weights.tensors);
         assert_ne!(local, r.outer);
-        let bytes = r.encode();
+        let bytes = r.encode(s.keeps_local_weights());
         assert!(bytes.len() as u64 <= Replica::encoded_bound(&r.weights.cfg));
         let back =
             Replica::decode(&bytes, &r.weights.cfg, &burn::tensor::Device::flex(), "me").unwrap();

@@ -89,6 +89,17 @@ pub trait SyncStrategy {
         1
     }
 
+    /// The fragment round `round` syncs.
+    fn fragment_of(&self, _round: u64) -> usize {
+        0
+    }
+
+    /// Whether a replica's local weights may differ from its outer ones after a round (so
+    /// that its state must carry them).
+    fn keeps_local_weights(&self) -> bool {
+        false
+    }
+
     /// Trains this replica's share of the round up to what it sends, and returns that.
     fn contribute(
         &self,
