@@ -5,6 +5,7 @@
 //! would meet the same error. One killed by a signal or a panic is. Unstable training is not
 //! such an error: the coordinator judges it from every replica's rounds and ends the run.
 
+use std::ops::ControlFlow;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -143,6 +144,15 @@ fn signal(child: &Child, sig: Signal) {
     }
 }
 
+/// How one launch of a run ended, short of an error.
+pub enum Ended {
+    Complete(Box<ClusterSummary>),
+    /// Every worker holding the state after `rounds` committed rounds was lost at once.
+    StateLost {
+        rounds: u64,
+    },
+}
+
 pub fn run(
     run_dir: &Path,
     cfg: &RunConfig,
@@ -151,7 +161,7 @@ pub fn run(
     device: burn::tensor::Device,
     opts: &LaunchOptions,
     restore: Option<Restore>,
-) -> Result<ClusterSummary> {
+) -> Result<Ended> {
     let secret = fresh_secret();
     let mut cluster = ClusterRun::start(
         run_dir,
@@ -184,7 +194,7 @@ pub fn run(
     );
     let bar = progress_bar(opts.progress, cfg.cluster_steps());
     let started = Instant::now();
-    drive(&mut cluster, &bar, |p| {
+    let lost_after = drive(&mut cluster, &bar, |p| {
         let now = Instant::now();
         reap(&mut workers, &mut supervisor, &spawn.log_dir, started);
         let seen = Seen {
@@ -194,33 +204,35 @@ pub fn run(
         };
         for action in supervisor.decide(now, &seen) {
             match action {
-                Action::StateLost => {
-                    return Err(state_lost_error(run_dir, p.committed_rounds, opts.workers));
-                }
+                Action::StateLost => return Ok(ControlFlow::Break(p.committed_rounds)),
                 Action::AllExited { gave_up } => {
                     return Err(all_exited_error(&workers, gave_up, &spawn.log_dir));
                 }
                 other => act(other, &mut workers, &mut supervisor, &spawn, started),
             }
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     })?;
     bar.finish_and_clear();
+    if let Some(rounds) = lost_after {
+        return Ok(Ended::StateLost { rounds });
+    }
     let summary = cluster.finish(prepared)?;
     let stopped: Vec<usize> = (0..opts.workers)
         .filter(|&w| supervisor.is_stopped(w))
         .collect();
     let_workers_exit(&mut workers, &stopped);
-    Ok(summary)
+    Ok(Ended::Complete(Box::new(summary)))
 }
 
-/// Polls the run until it is complete, showing its progress and what happened;
-/// `tick` acts on each poll that is not the last (supervising local workers, say).
+/// Polls the run until it is complete (`None`), showing its progress and what happened;
+/// `tick` acts on each poll that is not the last (supervising local workers, say), and ends
+/// the drive early when every replica was lost, with the rounds committed by then.
 pub fn drive(
     cluster: &mut ClusterRun,
     bar: &ProgressBar,
-    mut tick: impl FnMut(&Progress) -> Result<()>,
-) -> Result<()> {
+    mut tick: impl FnMut(&Progress) -> Result<ControlFlow<u64>>,
+) -> Result<Option<u64>> {
     loop {
         let p = cluster.poll()?;
         for (elapsed_s, event) in &p.events {
@@ -241,9 +253,11 @@ pub fn drive(
             p.faults
         ));
         if p.complete {
-            return Ok(());
+            return Ok(None);
         }
-        tick(&p)?;
+        if let ControlFlow::Break(rounds) = tick(&p)? {
+            return Ok(Some(rounds));
+        }
         std::thread::sleep(SUPERVISE_EVERY);
     }
 }
@@ -389,18 +403,22 @@ fn let_workers_exit(workers: &mut Workers, stopped: &[usize]) {
     }
 }
 
+/// Whether the run has a checkpoint to restart from.
+pub fn checkpointed(run_dir: &Path) -> bool {
+    run_dir
+        .join("checkpoints")
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some())
+}
+
 /// The run's end when no live worker holds the state after `rounds` committed rounds: the way
 /// to go on from the newest checkpoint, if one was written.
-fn state_lost_error(run_dir: &Path, rounds: u64, workers: usize) -> anyhow::Error {
+pub fn state_lost_error(run_dir: &Path, rounds: u64, workers: usize) -> anyhow::Error {
     let lost = format!(
         "every worker holding the training state after round {rounds} was lost at once, so the \
          run cannot go on live"
     );
-    let checkpointed = run_dir
-        .join("checkpoints")
-        .read_dir()
-        .is_ok_and(|mut d| d.next().is_some());
-    if checkpointed {
+    if checkpointed(run_dir) {
         anyhow::anyhow!(
             "{lost}; restart it from its newest checkpoint with `holdfast train --resume {} \
              --workers {workers}`",

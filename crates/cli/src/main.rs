@@ -14,6 +14,7 @@ use indicatif::ProgressBar;
 use holdfast_model::ModelConfig;
 use holdfast_train::overrides::Overrides;
 use holdfast_train::run::{self, Event};
+use holdfast_train::supervise::{AfterStateLost, after_state_lost};
 use holdfast_train::{RunConfig, SyncMode, Task, TrainState, checkpoint, rundir};
 
 #[derive(Parser)]
@@ -522,7 +523,6 @@ fn cmd_bench_train(
     Ok(())
 }
 
-/// A multi-worker run restarted cold from its newest valid checkpoint.
 /// A multi-worker run to start: the one `--resume` names, from its newest checkpoint, or a
 /// new one.
 fn new_or_restored_cluster_run(
@@ -535,7 +535,9 @@ fn new_or_restored_cluster_run(
 )> {
     Ok(match &args.resume {
         Some(run_dir) => {
-            let (cfg, prepared, restore) = restore_cluster_run(run_dir, args)?;
+            let device = device::parse(&args.device)?;
+            let (cfg, prepared, restore) =
+                restore_cluster_run(run_dir, &overrides(args)?, &device)?;
             (run_dir.clone(), cfg, prepared, Some(restore))
         }
         None => {
@@ -545,21 +547,23 @@ fn new_or_restored_cluster_run(
     })
 }
 
+/// A multi-worker run restarted cold from its newest valid checkpoint, with `o` applied.
 fn restore_cluster_run(
     run_dir: &Path,
-    args: &TrainArgs,
+    o: &Overrides,
+    device: &burn::tensor::Device,
 ) -> Result<(
     RunConfig,
     run::Prepared,
     holdfast_train::coordinate::Restore,
 )> {
-    let device = device::parse(&args.device)?;
     let rundir::Resumed {
         cfg,
         prepared,
         loaded,
-    } = load_for_resume(run_dir, args, &device, rundir::RunKind::MultiWorker)?;
-    let position = loaded.manifest.cluster.clone().ok_or_else(|| {
+    } = rundir::load_for_resume(run_dir, o, device, rundir::RunKind::MultiWorker)?;
+    warn_about(&loaded);
+    let cluster = loaded.cluster.ok_or_else(|| {
         anyhow::anyhow!(
             "checkpoint {} lacks a multi-worker position",
             loaded.dir.display()
@@ -569,13 +573,12 @@ fn restore_cluster_run(
         "restarting {} from {} (round {}, step {})",
         run_dir.display(),
         loaded.dir.display(),
-        position.next_round,
+        cluster.position.next_round,
         loaded.state.step
     );
     let restore = holdfast_train::coordinate::Restore {
         state: loaded.state,
-        position,
-        outer_velocity: loaded.outer_velocity.unwrap_or_default(),
+        cluster,
     };
     Ok((cfg, prepared, restore))
 }
@@ -673,7 +676,7 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
             .map_err(|e| anyhow::anyhow!("--chaos: {e}"))?,
         None => Default::default(),
     };
-    let (run_dir, cfg, prepared, restore) = new_or_restored_cluster_run(args)?;
+    let (run_dir, mut cfg, mut prepared, mut restore) = new_or_restored_cluster_run(args)?;
     eprintln!(
         "training {} parameters on {} with {workers} worker processes, {}, {} steps each → {}",
         prepared.model.num_params(),
@@ -682,7 +685,7 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
         cfg.train.steps,
         run_dir.display()
     );
-    let opts = launch::LaunchOptions {
+    let mut opts = launch::LaunchOptions {
         workers,
         chaos,
         respawn_after: (!args.no_respawn).then_some(std::time::Duration::from_secs(1)),
@@ -690,9 +693,54 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
         progress: !args.no_progress,
     };
     let cache = run::token_cache_dir(&run_dir);
-    let summary = launch::run(&run_dir, &cfg, &prepared, &cache, device, &opts, restore)?;
-    print_cluster_summary(&summary, &run_dir, &cfg);
-    Ok(())
+    let mut restarts = 0;
+    loop {
+        let ended = launch::run(
+            &run_dir,
+            &cfg,
+            &prepared,
+            &cache,
+            device.clone(),
+            &opts,
+            restore,
+        )?;
+        let rounds = match ended {
+            launch::Ended::Complete(summary) => {
+                print_cluster_summary(&summary, &run_dir, &cfg);
+                return Ok(());
+            }
+            launch::Ended::StateLost { rounds } => rounds,
+        };
+        restarts = cold_restart_attempt(&run_dir, rounds, restarts, &cfg, workers)?;
+        // The chaos schedule was the first launch's; a restart runs clean.
+        opts.chaos = Default::default();
+        let restored = restore_cluster_run(&run_dir, &Overrides::default(), &device)?;
+        (cfg, prepared, restore) = (restored.0, restored.1, Some(restored.2));
+    }
+}
+
+/// After every worker holding the state was lost at once, `restarts_done` cold restarts so
+/// far: the number of the cold restart to make now, or the error that ends the run.
+fn cold_restart_attempt(
+    run_dir: &Path,
+    rounds: u64,
+    restarts_done: u32,
+    cfg: &RunConfig,
+    workers: usize,
+) -> Result<u32> {
+    let max = cfg.sync.max_cold_restarts;
+    match after_state_lost(restarts_done, max, launch::checkpointed(run_dir)) {
+        AfterStateLost::RestartCold { attempt } => {
+            eprintln!(
+                "every worker holding the state after round {rounds} was lost at once; restarting cold from the newest checkpoint (restart {attempt} of at most {max})"
+            );
+            Ok(attempt)
+        }
+        AfterStateLost::End { reason } => {
+            let lost = launch::state_lost_error(run_dir, rounds, workers);
+            bail!("{lost} ({reason})")
+        }
+    }
 }
 
 fn check_worker_count(workers: usize) -> Result<()> {
@@ -743,7 +791,9 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
         describe_sync(&cfg)
     );
     let bar = launch::progress_bar(!args.train.no_progress, cfg.cluster_steps());
-    launch::drive(&mut cluster, &bar, |_| Ok(()))?;
+    launch::drive(&mut cluster, &bar, |_| {
+        Ok(std::ops::ControlFlow::Continue(()))
+    })?;
     bar.finish_and_clear();
     let summary = cluster.finish(&prepared)?;
     print_cluster_summary(&summary, &run_dir, &cfg);

@@ -409,27 +409,72 @@ fn survivors_of_a_long_hang_train_through_the_transition_without_waiting_for_it(
     );
 }
 
+/// Every worker killed in the same instant: no process holds the trained state any more, and
+/// restarted workers cannot rebuild it.
+const KILL_EVERY_WORKER: &str = "kill:worker=0,at=2s;kill:worker=1,at=2s;kill:worker=2,at=2s";
+
 #[test]
-fn losing_every_replica_at_once_ends_the_run_with_the_way_to_resume_it() {
+fn losing_every_replica_at_once_restarts_the_run_cold_and_it_ends_as_if_it_never_stopped() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Every worker killed in the same instant: no process holds the trained state any more,
-    // and restarted workers cannot rebuild it. The run must say so, not wait for ever.
-    // DDP, whose cold restart is exact (tested below): a DiLoCo run of this shape restarted
-    // cold from its step-120 checkpoint diverges and stops (measured; cause not yet found).
+    let args = |run: &'static str| {
+        let mut a = train_args(run, "3", "400");
+        a.extend(["--checkpoint-every", "40"]);
+        a
+    };
+    ok(&holdfast(d, &args("whole")));
+    let mut lost = args("lost");
+    lost.extend(["--chaos", KILL_EVERY_WORKER]);
+    let o = holdfast(d, &lost);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "was lost at once; restarting cold from the newest checkpoint (restart 1 of at most 3)"
+        ),
+        "{err}"
+    );
+    let restarts = events(&d.join("lost"), "restarted_cold");
+    assert_eq!(restarts.len(), 1, "{restarts:?}");
+    assert_eq!(restarts[0]["workers_own_states"], 3);
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let read = |run: &str| {
+            std::fs::read(d.join(run).join("checkpoints/step-00000400").join(file)).unwrap()
+        };
+        assert!(
+            read("whole") == read("lost"),
+            "{file}: the restarted run differs"
+        );
+    }
+    assert_exactly_once(&d.join("lost"));
+}
+
+#[test]
+fn losing_every_replica_with_no_restarts_left_ends_the_run_with_the_way_to_resume_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("no-restarts.toml"),
+        "[sync]\nmax_cold_restarts = 0\n",
+    )
+    .unwrap();
     let mut args = train_args("all", "3", "200");
     args.extend([
+        "--config",
+        "no-restarts.toml",
         "--sync",
         "ddp",
         "--checkpoint-every",
         "20",
         "--chaos",
-        "kill:worker=0,at=2s;kill:worker=1,at=2s;kill:worker=2,at=2s",
+        KILL_EVERY_WORKER,
     ]);
     let o = holdfast(d, &args);
     fails_with(&o, "was lost at once");
     fails_with(&o, "holdfast train --resume all --workers 3");
+    fails_with(&o, "the most sync.max_cold_restarts allows");
     // The command it names finishes the run from the newest checkpoint, each batch once.
     ok(&holdfast(
         d,
@@ -602,6 +647,78 @@ fn a_run_restarted_cold_from_its_checkpoint_matches_one_that_never_stopped() {
         &holdfast(d, &["train", "--resume", "single", "--workers", "2"]),
         "single-worker run",
     );
+}
+
+/// Runs the DiLoCo shape (3 workers, 400 steps, H = 20, a checkpoint every 40 steps,
+/// plus `extra`) whole, and again with its launcher SIGKILLed once the step-120 checkpoint
+/// exists, then resumed cold: both must end with the same bytes. Each worker's inner AdamW
+/// moments (and, with `extra`, its error-feedback residuals and local weights) differ from
+/// the others', so this holds only when the checkpoint carries every worker's own state.
+fn assert_diloco_cold_restart_is_exact(d: &Path, extra: &[&str]) {
+    let args = |run: &'static str| {
+        let mut a = train_args(run, "3", "400");
+        a.extend(["--checkpoint-every", "40"]);
+        a.extend(extra);
+        a
+    };
+    ok(&holdfast(d, &args("whole")));
+    let launcher = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(args("cut"))
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut launcher = KillOnDrop(launcher);
+    wait_for_checkpoint_of(&d.join("cut"), "step-00000120", &mut launcher);
+    launcher.0.kill().unwrap();
+    launcher.0.wait().unwrap();
+    let resume = [
+        "train",
+        "--resume",
+        "cut",
+        "--workers",
+        "3",
+        "--no-progress",
+    ];
+    ok(&holdfast(d, &resume));
+    for file in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "outer.safetensors",
+    ] {
+        let read = |run: &str| {
+            let p = d.join(run).join("checkpoints/step-00000400").join(file);
+            std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        };
+        assert!(
+            read("whole") == read("cut"),
+            "{file}: the run restarted cold differs from the uninterrupted one"
+        );
+    }
+    assert_exactly_once(&d.join("cut"));
+}
+
+#[test]
+fn a_diloco_run_restarted_cold_matches_one_that_never_stopped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    assert_diloco_cold_restart_is_exact(dir.path(), &[]);
+}
+
+#[test]
+fn a_streaming_quantized_run_restarted_cold_matches_one_that_never_stopped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let streaming = [
+        "--sync-precision",
+        "int4",
+        "--fragments",
+        "2",
+        "--overlap-steps",
+        "3",
+    ];
+    assert_diloco_cold_restart_is_exact(dir.path(), &streaming);
 }
 
 /// Runs `train_args(name, workers, steps)` with `--chaos spec` in `d`; returns the run directory.
@@ -1070,10 +1187,16 @@ fn exit_status(process: &mut KillOnDrop, limit: Duration) -> std::process::ExitS
 
 /// Waits until the run at `run` holds a checkpoint, while `process` (which writes it) lives.
 fn wait_for_checkpoint(run: &Path, process: &mut KillOnDrop) {
+    wait_for_checkpoint_of(run, "step-", process)
+}
+
+/// Waits until the run at `run` holds a checkpoint whose directory name starts with `prefix`,
+/// while `process` (which writes it) lives.
+fn wait_for_checkpoint_of(run: &Path, prefix: &str, process: &mut KillOnDrop) {
     let started = Instant::now();
     let has_checkpoint = || {
         std::fs::read_dir(run.join("checkpoints")).is_ok_and(|mut r| {
-            r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))
+            r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(prefix)))
         })
     };
     while !has_checkpoint() {

@@ -116,8 +116,15 @@ pub struct CheckpointSource {
     pub position: (u64, u64, Vec<u64>),
     /// The hash the state must have (none with the vote off).
     pub agreed: Option<String>,
-    /// Peers holding it, best first.
-    pub peers: Vec<String>,
+    /// Members holding it, best first.
+    pub peers: Vec<StateHolder>,
+}
+
+/// A member that holds a state, and the peer address it serves it on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateHolder {
+    pub name: String,
+    pub addr: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -487,6 +494,9 @@ pub struct Coordinator {
     /// A cold restart: a peer address serving the checkpointed state of this round, for
     /// as long as no member holds it.
     restored: Option<(u64, String)>,
+    /// With `restored`: addresses serving a worker's own checkpointed state of that round (its
+    /// inner optimizer state, say), by worker name.
+    restored_own: BTreeMap<String, String>,
     /// After an undo: the round gone back to, and the members that serve its state, in the
     /// order they are asked (any live one will do).
     undo_donors: Option<(u64, Vec<WorkerId>)>,
@@ -525,6 +535,7 @@ impl Coordinator {
             events: Vec::new(),
             pool_at_commit: BatchPool::default(),
             restored: None,
+            restored_own: BTreeMap::new(),
             undo_donors: None,
             last_agreed: Some(0),
             voted: None,
@@ -564,6 +575,21 @@ impl Coordinator {
         c.last_agreed = Some(next_round);
         c.voted = Some(next_round);
         c
+    }
+
+    /// A restored coordinator whose checkpoint also kept workers' own states: `addrs` serve
+    /// them by worker name. A worker of that name that needs the restored round's state gets
+    /// its own, so that a run restarted cold continues each worker where it stood; any other
+    /// gets the shared one.
+    pub fn serving_own_states(mut self, addrs: BTreeMap<String, String>) -> Coordinator {
+        self.restored_own = addrs;
+        self
+    }
+
+    /// The address serving `worker`'s own checkpointed state of `round`, if there is one.
+    fn restored_own_state(&self, round: u64, worker: WorkerId) -> Option<String> {
+        self.restored.as_ref().filter(|(r, _)| *r == round)?;
+        self.restored_own.get(&self.members[&worker].name).cloned()
     }
 
     /// Where the run stands after its last commit: the next round, the next fresh batch id
@@ -697,7 +723,10 @@ impl Coordinator {
         };
         let peers = synced
             .filter(|id| agreed.is_none() || reported(id) == agreed)
-            .map(|id| self.members[&id].data_addr.clone())
+            .map(|id| StateHolder {
+                name: self.members[&id].name.clone(),
+                addr: self.members[&id].data_addr.clone(),
+            })
             .collect();
         Some(CheckpointSource {
             position: self.committed_position(),
@@ -1155,7 +1184,8 @@ impl Coordinator {
         {
             None
         } else {
-            match self.donor_for(active.round, &active.members) {
+            let own = self.restored_own_state(active.round, worker);
+            match own.or_else(|| self.donor_for(active.round, &active.members)) {
                 Some(addr) => Some(addr),
                 None => {
                     return Reply::Wait {
@@ -1596,6 +1626,10 @@ mod tests {
     use super::*;
 
     const T: Duration = Duration::from_millis(2000);
+
+    fn addrs(peers: &[StateHolder]) -> Vec<&str> {
+        peers.iter().map(|p| p.addr.as_str()).collect()
+    }
 
     fn coord(min_workers: usize, rounds: u64) -> (Coordinator, Instant) {
         let opts = Options {
@@ -2158,10 +2192,8 @@ mod tests {
             next(&mut c, t0, a),
             Reply::Round { donor: None, .. }
         ));
-        assert_eq!(
-            c.checkpoint_source().map(|s| s.peers),
-            Some(vec!["w0:1".to_string(), "w1:1".to_string()])
-        );
+        let source = c.checkpoint_source().expect("voted");
+        assert_eq!(addrs(&source.peers), ["w0:1", "w1:1"]);
     }
 
     #[test]
@@ -2347,8 +2379,13 @@ mod tests {
             audit_probability: 0.0,
         };
         let t0 = Instant::now();
+        let own = BTreeMap::from([
+            ("w1".to_string(), "own-w1:1".to_string()),
+            ("gone".to_string(), "own-gone:1".to_string()),
+        ]);
         let mut c =
-            Coordinator::restore(opts, 77, "job".into(), 6, 30, vec![3, 17], "ckpt:1".into());
+            Coordinator::restore(opts, 77, "job".into(), 6, 30, vec![3, 17], "ckpt:1".into())
+                .serving_own_states(own);
         let a = join(&mut c, t0, "w0");
         assert!(matches!(next(&mut c, t0, a), Reply::Wait { reason } if reason.contains("1 of 2")));
         let b = join(&mut c, t0, "w1");
@@ -2371,7 +2408,8 @@ mod tests {
         assert_eq!(round, 6);
         assert_eq!(
             (da.as_deref(), db.as_deref()),
-            (Some("ckpt:1"), Some("ckpt:1"))
+            (Some("ckpt:1"), Some("own-w1:1")),
+            "a worker the checkpoint kept its own state of gets that one"
         );
         assert_eq!(
             (ba, bb),
@@ -2559,10 +2597,11 @@ mod tests {
         assert_eq!(source.agreed.as_deref(), Some("good"));
         assert_eq!(source.position, (1, 6, vec![]));
         assert_eq!(
-            source.peers,
+            addrs(&source.peers),
             vec!["w1:1", "w2:1"],
             "never the outvoted replica, though it ranks first"
         );
+        assert_eq!(source.peers[0].name, "w1");
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! - `optimizer.safetensors`: AdamW moments (`NAME.exp_avg`, `NAME.exp_avg_sq`),
 //! - `manifest.json`: format version, step, data cursor, RNG, run config and the BLAKE3 and size
 //!   of every other file,
+//! - `outer.safetensors` (multi-worker runs): DiLoCo's outer momentum,
+//! - `workers.safetensors` (DiLoCo runs): each worker's own inner state ([`OwnState`]), so
+//!   that a run restarted cold continues every worker exactly where it stood,
 //! - `manifest.blake3`: the BLAKE3 of `manifest.json` (from format 2), so that an edit of the
 //!   manifest itself is caught too.
 //!
@@ -22,6 +25,7 @@ use holdfast_model::{HostTensor, ModelConfig, Weights, st};
 
 use crate::data::DataCursor;
 use crate::optim::AdamW;
+use crate::replica::OwnState;
 use crate::state::TrainState;
 use crate::{RunConfig, TrainError, atomic_write, sync_dir};
 
@@ -32,6 +36,11 @@ const HF_CONFIG_FILE: &str = "config.json";
 const MANIFEST_FILE: &str = "manifest.json";
 const MANIFEST_SUM_FILE: &str = "manifest.blake3";
 const OUTER_FILE: &str = "outer.safetensors";
+const WORKERS_FILE: &str = "workers.safetensors";
+const WORKERS_FORMAT: &str = "holdfast-workers-1";
+/// Bounds on what `workers.safetensors` may declare, checked before anything is built.
+const MAX_WORKERS: usize = 4096;
+const MAX_FRAGMENTS: usize = 4096;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -76,12 +85,116 @@ pub struct ClusterPosition {
     pub state_blake3: Option<String>,
 }
 
-/// The multi-worker extras of a checkpoint: its position, and DiLoCo's outer momentum (flat,
-/// in parameter order and device layout; empty for DDP), stored in `outer.safetensors`.
+/// The multi-worker extras of a checkpoint: its position, DiLoCo's outer momentum (flat, in
+/// parameter order and device layout; empty for DDP), stored in `outer.safetensors`, and
+/// DiLoCo workers' own states (`workers.safetensors`; none in DDP, whose replicas hold the
+/// same inner state).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterExtras {
     pub position: ClusterPosition,
     pub outer_velocity: Vec<f32>,
+    pub workers: Vec<OwnState>,
+}
+
+/// What `workers.safetensors`'s metadata says of each worker; tensor `I.NAME` is worker I's.
+#[derive(Serialize, Deserialize)]
+struct WorkerEntry {
+    name: String,
+    adam_t: u64,
+    local: bool,
+    residuals: usize,
+}
+
+fn workers_bytes(workers: &[OwnState]) -> Result<Vec<u8>, TrainError> {
+    let mut tensors = Vec::new();
+    let mut entries = Vec::new();
+    let mut add = |name: String, data: &[f32]| {
+        tensors.push(HostTensor {
+            name,
+            shape: vec![data.len()],
+            data: data.to_vec(),
+        })
+    };
+    for (i, w) in workers.iter().enumerate() {
+        add(format!("{i}.exp_avg"), &w.exp_avg);
+        add(format!("{i}.exp_avg_sq"), &w.exp_avg_sq);
+        if let Some(local) = &w.local {
+            add(format!("{i}.local"), local);
+        }
+        for (f, r) in w.residuals.iter().enumerate() {
+            add(format!("{i}.residual.{f}"), r);
+        }
+        entries.push(WorkerEntry {
+            name: w.name.clone(),
+            adam_t: w.adam_t,
+            local: w.local.is_some(),
+            residuals: w.residuals.len(),
+        });
+    }
+    let meta = BTreeMap::from([
+        ("format".to_string(), WORKERS_FORMAT.to_string()),
+        (
+            "workers".to_string(),
+            serde_json::to_string(&entries).expect("json serialises"),
+        ),
+    ]);
+    Ok(st::serialize(&tensors, meta)?)
+}
+
+/// Reads `workers.safetensors` of a model of `n` parameters, checking every count and length.
+fn parse_workers(bytes: &[u8], n: usize) -> Result<Vec<OwnState>, String> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some(WORKERS_FORMAT) {
+        return Err(format!("not a {WORKERS_FORMAT} file"));
+    }
+    let entries: Vec<WorkerEntry> = meta
+        .get("workers")
+        .and_then(|w| serde_json::from_str(w).ok())
+        .ok_or("metadata `workers` missing or not a list of workers")?;
+    if entries.len() > MAX_WORKERS {
+        return Err(format!("{} workers, at most {MAX_WORKERS}", entries.len()));
+    }
+    let get = |name: String, exact: bool| -> Result<Vec<f32>, String> {
+        let t = st.tensor(&name).map_err(|e| format!("{name}: {e}"))?;
+        let v = st::f32_from_le_bytes(t.data());
+        if t.dtype() != safetensors::tensor::Dtype::F32 || v.len() > n || (exact && v.len() != n) {
+            return Err(format!(
+                "{name} is {:?} with {} values; the model has {n} parameters",
+                t.dtype(),
+                v.len()
+            ));
+        }
+        Ok(v)
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, e) in entries.into_iter().enumerate() {
+        if e.name.is_empty() || !seen.insert(e.name.clone()) {
+            return Err(format!(
+                "worker {i} has an empty or repeated name {:?}",
+                e.name
+            ));
+        }
+        if e.residuals > MAX_FRAGMENTS {
+            return Err(format!("worker {i} declares {} residuals", e.residuals));
+        }
+        out.push(OwnState {
+            exp_avg: get(format!("{i}.exp_avg"), true)?,
+            exp_avg_sq: get(format!("{i}.exp_avg_sq"), true)?,
+            adam_t: e.adam_t,
+            local: e
+                .local
+                .then(|| get(format!("{i}.local"), true))
+                .transpose()?,
+            residuals: (0..e.residuals)
+                .map(|f| get(format!("{i}.residual.{f}"), false))
+                .collect::<Result<_, _>>()?,
+            name: e.name,
+        });
+    }
+    Ok(out)
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -166,6 +279,10 @@ pub fn save_with(
     let outer = cluster
         .map(|c| outer_bytes(&c.outer_velocity))
         .transpose()?;
+    let workers = cluster
+        .filter(|c| !c.workers.is_empty())
+        .map(|c| workers_bytes(&c.workers))
+        .transpose()?;
     let mut files = BTreeMap::new();
     let mut contents = vec![
         (MODEL_FILE, &model_bytes),
@@ -174,6 +291,9 @@ pub fn save_with(
     ];
     if let Some(b) = &outer {
         contents.push((OUTER_FILE, b));
+    }
+    if let Some(b) = &workers {
+        contents.push((WORKERS_FILE, b));
     }
     for (file, bytes) in contents {
         atomic_write(&tmp.join(file), bytes)?;
@@ -288,11 +408,11 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<(TrainState, Manifest), T
     load_dir_with_extras(dir, device).map(|(s, m, _)| (s, m))
 }
 
-/// [`load_dir`], also returning a multi-worker checkpoint's outer momentum.
+/// [`load_dir`], also returning a multi-worker checkpoint's extras.
 pub fn load_dir_with_extras(
     dir: &Path,
     device: &Device,
-) -> Result<(TrainState, Manifest, Option<Vec<f32>>), TrainError> {
+) -> Result<(TrainState, Manifest, Option<ClusterExtras>), TrainError> {
     let bad =
         |what: String| TrainError::Checkpoint(format!("checkpoint {}: {what}", dir.display()));
     let manifest_path = dir.join(MANIFEST_FILE);
@@ -315,6 +435,10 @@ pub fn load_dir_with_extras(
     let mut required = vec![MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE];
     if manifest.cluster.is_some() {
         required.push(OUTER_FILE);
+    }
+    // Listed only by checkpoints that have it; once listed, it is checked like the others.
+    if manifest.files.contains_key(WORKERS_FILE) {
+        required.push(WORKERS_FILE);
     }
     for file in required {
         let entry = manifest
@@ -373,34 +497,42 @@ pub fn load_dir_with_extras(
         cursor: manifest.cursor,
         seed: manifest.rng.seed,
     };
-    let velocity = match contents.get(OUTER_FILE) {
-        None => None,
-        Some(bytes) => {
+    let n: usize = state.weights.specs.iter().map(|s| s.numel()).sum();
+    let workers = match contents.get(WORKERS_FILE) {
+        None => Vec::new(),
+        Some(bytes) => parse_workers(bytes, n).map_err(|e| bad(format!("{WORKERS_FILE}: {e}")))?,
+    };
+    let extras = match (contents.get(OUTER_FILE), &manifest.cluster) {
+        (Some(bytes), Some(position)) => {
             let st = safetensors::SafeTensors::deserialize(bytes)
                 .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?;
             let t = st
                 .tensor("outer_velocity")
                 .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?;
             let v = holdfast_model::st::f32_from_le_bytes(t.data());
-            let n: usize = state.weights.specs.iter().map(|s| s.numel()).sum();
             if t.dtype() != safetensors::tensor::Dtype::F32 || !(v.is_empty() || v.len() == n) {
                 return Err(bad(format!(
                     "{OUTER_FILE}: outer_velocity has {} values, the model has {n}",
                     v.len()
                 )));
             }
-            Some(v)
+            Some(ClusterExtras {
+                position: position.clone(),
+                outer_velocity: v,
+                workers,
+            })
         }
+        _ => None,
     };
-    Ok((state, manifest, velocity))
+    Ok((state, manifest, extras))
 }
 
 /// The newest checkpoint that verifies, with a warning for each newer one that did not.
 pub struct Loaded {
     pub state: TrainState,
     pub manifest: Manifest,
-    /// DiLoCo's outer momentum, in a multi-worker checkpoint.
-    pub outer_velocity: Option<Vec<f32>>,
+    /// What a multi-worker checkpoint holds beyond a single worker's.
+    pub cluster: Option<ClusterExtras>,
     pub dir: PathBuf,
     pub warnings: Vec<String>,
 }
@@ -419,11 +551,11 @@ pub fn load_latest(run_dir: &Path, device: &Device) -> Result<Loaded, TrainError
     let mut warnings = Vec::new();
     for (_, dir) in found {
         match load_dir_with_extras(&dir, device) {
-            Ok((state, manifest, outer_velocity)) => {
+            Ok((state, manifest, cluster)) => {
                 return Ok(Loaded {
                     state,
                     manifest,
-                    outer_velocity,
+                    cluster,
                     dir,
                     warnings,
                 });
@@ -440,4 +572,50 @@ pub fn load_latest(run_dir: &Path, device: &Device) -> Result<Loaded, TrainError
             .collect::<Vec<_>>()
             .join("; ")
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own(name: &str, n: usize, local: bool) -> OwnState {
+        OwnState {
+            name: name.into(),
+            exp_avg: vec![0.5; n],
+            exp_avg_sq: vec![0.25; n],
+            adam_t: 40,
+            local: local.then(|| vec![1.0; n]),
+            residuals: vec![vec![], vec![-2.0; n / 2]],
+        }
+    }
+
+    #[test]
+    fn workers_own_states_round_trip() {
+        let workers = vec![own("worker-0", 6, false), own("worker-1", 6, true)];
+        let bytes = workers_bytes(&workers).unwrap();
+        assert_eq!(parse_workers(&bytes, 6).unwrap(), workers);
+    }
+
+    #[test]
+    fn a_malformed_workers_file_is_refused_with_the_reason() {
+        let cases = [
+            (
+                vec![own("a", 6, false), own("a", 6, false)],
+                6,
+                "repeated name",
+            ),
+            (vec![own("", 6, false)], 6, "empty or repeated name"),
+            (vec![own("a", 6, false)], 5, "the model has 5 parameters"),
+        ];
+        for (workers, n, why) in cases {
+            let err = parse_workers(&workers_bytes(&workers).unwrap(), n).unwrap_err();
+            assert!(err.contains(why), "{why}: {err}");
+        }
+        let mut lying = own("a", 6, false);
+        lying.residuals = vec![vec![]; MAX_FRAGMENTS + 1];
+        let err = parse_workers(&workers_bytes(&[lying]).unwrap(), 6).unwrap_err();
+        assert!(err.contains("declares 4097 residuals"), "{err}");
+        let not_ours = outer_bytes(&[1.0]).unwrap();
+        assert!(parse_workers(&not_ours, 1).unwrap_err().contains("not a"));
+    }
 }

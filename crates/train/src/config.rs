@@ -137,6 +137,9 @@ pub struct SyncSection {
     pub overlap_steps: u64,
     /// α: after a round, the synced fragment's local weights become α·local + (1−α)·outer.
     pub mixing: f64,
+    /// When every worker holding the state is lost at once, `train --workers` restarts the
+    /// run from its newest checkpoint by itself this many times at most.
+    pub max_cold_restarts: u32,
 }
 
 impl Default for SyncSection {
@@ -151,6 +154,7 @@ impl Default for SyncSection {
             fragments: 1,
             overlap_steps: 0,
             mixing: 0.0,
+            max_cold_restarts: 3,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! collects the final state from a healthy worker, evaluates it and lets the workers go.
 //! Checkpoints come from a live peer, so no worker needs the coordinator's disk.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -21,8 +22,9 @@ use serde::Serialize;
 
 use crate::checkpoint::{ClusterExtras, ClusterPosition};
 use crate::config::SyncMode;
-use crate::replica::{Replica, flatten};
+use crate::replica::{OwnState, Replica, flatten};
 use crate::run::{EvalReport, FINAL_EXACT_MATCH_PROBLEMS, Prepared, evaluate};
+use crate::sync::strategy;
 use crate::{RunConfig, TrainError, TrainState, append_jsonl, checkpoint};
 
 pub const LEDGER_FILE: &str = "ledger.jsonl";
@@ -105,14 +107,14 @@ pub struct ClusterSummary {
 /// A checkpoint to restart a multi-worker run from.
 pub struct Restore {
     pub state: TrainState,
-    pub position: ClusterPosition,
-    pub outer_velocity: Vec<f32>,
+    pub cluster: ClusterExtras,
 }
 
 pub struct ClusterRun {
     pub server: CoordinatorServer,
-    /// Serves the checkpoint a cold restart begins from, until workers hold it.
-    _restored: Option<PeerServer>,
+    /// Serve the checkpoint a cold restart begins from (the shared state, then each worker's
+    /// own), until workers hold it.
+    _restored: Vec<PeerServer>,
     run_dir: PathBuf,
     cfg: RunConfig,
     /// The model trained (its vocabulary set by the tokenizer), to read workers' states with.
@@ -160,6 +162,114 @@ fn truncate_ledger(path: &Path, next_round: u64) -> Result<(), TrainError> {
     crate::atomic_write(path, kept.as_bytes())
 }
 
+/// A run restarting cold from a checkpoint.
+struct RestoredRun<'a> {
+    cfg: &'a RunConfig,
+    listen: &'a str,
+    auth: &'a Auth,
+    run_id: u64,
+}
+
+impl RestoredRun<'_> {
+    /// The coordinator of the checkpoint's position, and the peer servers it names as donors:
+    /// one for the shared state, and in DiLoCo one for each worker whose own state the
+    /// checkpoint kept (see [`Coordinator::serving_own_states`]).
+    fn coordinator(
+        &self,
+        opts: Options,
+        r: Restore,
+    ) -> Result<(Coordinator, Vec<PeerServer>), TrainError> {
+        let ip = self
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| TrainError::Cluster(format!("--listen {}: {e}", self.listen)))?
+            .ip();
+        if ip.is_unspecified() {
+            return Err(TrainError::Cluster(format!(
+                "restarting from a checkpoint needs a specific --listen address (not {ip}) to serve it from"
+            )));
+        }
+        let Restore { state, cluster } = r;
+        let specs = state.weights.specs.clone();
+        let shared = self.shared_replica(state, &cluster)?;
+        let serve = |replica: &Replica, with_local: bool| {
+            let peer = PeerServer::start(
+                &format!("{ip}:0"),
+                self.auth.clone(),
+                self.run_id,
+                FETCH_TIMEOUT,
+            )
+            .map_err(|e| TrainError::Cluster(format!("serving the checkpoint on {ip}: {e}")))?;
+            peer.publish(Snapshot {
+                next_round: replica.next_round,
+                bytes: replica.encode(with_local),
+            });
+            Ok::<_, TrainError>(peer)
+        };
+        // Restored from the outer weights: local = outer.
+        let mut servers = vec![serve(&shared, false)?];
+        let mut own_addrs = BTreeMap::new();
+        if self.cfg.sync.mode == SyncMode::Diloco {
+            let with_local = strategy(self.cfg, &specs).keeps_local_weights();
+            for own in &cluster.workers {
+                let mut own = own.clone();
+                if !with_local {
+                    own.local = None;
+                }
+                let peer = serve(&shared.with_own_state(&own), with_local)?;
+                own_addrs.insert(own.name.clone(), peer.addr.clone());
+                servers.push(peer);
+            }
+        }
+        let p = cluster.position;
+        let c = Coordinator::restore(
+            opts,
+            self.run_id,
+            self.cfg.to_toml(),
+            p.next_round,
+            p.next_fresh_batch,
+            p.pending_batches,
+            servers[0].addr.clone(),
+        )
+        .serving_own_states(own_addrs);
+        Ok((c, servers))
+    }
+
+    /// The state every replica shares, checked against the hash saved with it. A run resumed
+    /// in another mode (a DDP warm-up continued as DiLoCo, say) starts DiLoCo's outer momentum
+    /// at zero; DDP carries none.
+    fn shared_replica(
+        &self,
+        state: TrainState,
+        cluster: &ClusterExtras,
+    ) -> Result<Replica, TrainError> {
+        let n = state.weights.specs.iter().map(|s| s.numel()).sum();
+        let mut replica = Replica {
+            outer: flatten(&state.weights.tensors),
+            weights: state.weights,
+            opt: state.opt,
+            velocity: cluster.outer_velocity.clone(),
+            next_round: cluster.position.next_round,
+            owner: String::new(),
+            feedback: Vec::new(),
+        };
+        if let Some(saved) = &cluster.position.state_blake3
+            && *saved != replica.state_hash()
+        {
+            return Err(TrainError::Cluster(format!(
+                "the checkpoint's replica state hashes to {}, but {saved} was saved with it",
+                replica.state_hash()
+            )));
+        }
+        match self.cfg.sync.mode {
+            SyncMode::Diloco if replica.velocity.len() == n => {}
+            SyncMode::Diloco => replica.velocity = vec![0.0; n],
+            SyncMode::Ddp => replica.velocity.clear(),
+        }
+        Ok(replica)
+    }
+}
+
 impl ClusterRun {
     /// Starts serving a run whose directory already exists (see `run::create_run_dir`), from
     /// scratch or, with `restore`, from a checkpoint. `model` is the prepared run's model.
@@ -198,63 +308,28 @@ impl ClusterRun {
         let run_id = u64::from_le_bytes(random_bytes());
         let auth = Auth::new(secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
         let (coordinator, restored) = match restore {
-            None => (Coordinator::new(opts, run_id, cfg.to_toml()), None),
+            None => (Coordinator::new(opts, run_id, cfg.to_toml()), Vec::new()),
             Some(r) => {
-                let ip = listen
-                    .parse::<std::net::SocketAddr>()
-                    .map_err(|e| TrainError::Cluster(format!("--listen {listen}: {e}")))?
-                    .ip();
-                if ip.is_unspecified() {
-                    return Err(TrainError::Cluster(format!(
-                        "restarting from a checkpoint needs a specific --listen address (not {ip}) to serve it from"
-                    )));
-                }
-                let n = r.state.weights.specs.iter().map(|s| s.numel()).sum();
-                let next_round = r.position.next_round;
-                let mut replica = Replica {
-                    outer: flatten(&r.state.weights.tensors),
-                    weights: r.state.weights,
-                    opt: r.state.opt,
-                    velocity: r.outer_velocity,
-                    next_round,
-                };
-                if let Some(saved) = &r.position.state_blake3
-                    && *saved != replica.state_hash()
-                {
-                    return Err(TrainError::Cluster(format!(
-                        "the checkpoint's replica state hashes to {}, but {saved} was saved with it",
-                        replica.state_hash()
-                    )));
-                }
-                // A run resumed in another mode (a DDP warm-up continued as DiLoCo, say) starts
-                // DiLoCo's outer momentum at zero; DDP carries none.
-                match cfg.sync.mode {
-                    SyncMode::Diloco if replica.velocity.len() == n => {}
-                    SyncMode::Diloco => replica.velocity = vec![0.0; n],
-                    SyncMode::Ddp => replica.velocity.clear(),
-                }
-                let peer =
-                    PeerServer::start(&format!("{ip}:0"), auth.clone(), run_id, FETCH_TIMEOUT)
-                        .map_err(|e| {
-                            TrainError::Cluster(format!("serving the checkpoint on {ip}: {e}"))
-                        })?;
-                peer.publish(Snapshot {
-                    next_round,
-                    // Restored from the outer weights: local = outer.
-                    bytes: replica.encode(false),
-                });
-                let c = Coordinator::restore(
-                    opts,
+                let restored = RestoredRun {
+                    cfg,
+                    listen,
+                    auth: &auth,
                     run_id,
-                    cfg.to_toml(),
-                    next_round,
-                    r.position.next_fresh_batch,
-                    r.position.pending_batches,
-                    peer.addr.clone(),
-                );
+                };
+                let own_states = r.cluster.workers.len();
+                let (c, servers) = restored.coordinator(opts, r)?;
                 // Rounds committed after the checkpoint will be trained again.
-                truncate_ledger(&run_dir.join(LEDGER_FILE), next_round)?;
-                (c, Some(peer))
+                truncate_ledger(&run_dir.join(LEDGER_FILE), c.committed_rounds())?;
+                let restart = serde_json::json!({
+                    "event": "restarted_cold",
+                    "next_round": c.committed_rounds(),
+                    "workers_own_states": own_states,
+                });
+                append_jsonl(
+                    &run_dir.join(EVENTS_FILE),
+                    &serde_json::json!({"elapsed_s": 0.0, "detail": restart}),
+                )?;
+                (c, servers)
             }
         };
         let checkpoint_every_rounds = cfg.train.checkpoint_every.div_ceil(per_round).max(1);
@@ -391,7 +466,7 @@ impl ClusterRun {
         // publishes the new state only once it has applied it: ask for exactly the newest
         // committed round, and ask again (the round and its peers may move on meanwhile)
         // until someone has it.
-        let ((next_round, next_fresh_batch, pending_batches), mut replica, step) = loop {
+        let ((next_round, next_fresh_batch, pending_batches), (mut replica, workers), step) = loop {
             let (source, step) = {
                 let c = self.server.state.lock().expect("coordinator lock");
                 (c.checkpoint_source(), c.schedule_step())
@@ -418,6 +493,7 @@ impl ClusterRun {
                 state_blake3: Some(replica.state_hash()),
             },
             outer_velocity: replica.velocity.clone(),
+            workers,
         };
         // The model is the weights the replicas agree on: in streaming DiLoCo one replica's
         // local weights also hold its own progress since each fragment's last sync.
@@ -440,48 +516,60 @@ impl ClusterRun {
     }
 
     /// The state `source` names, from the first of its peers that serves it with the agreed
-    /// hash; a peer that serves another is passed over (and named in the error).
-    fn fetch_agreed(&self, source: &CheckpointSource) -> Result<Replica, TrainError> {
-        let (auth, bound) = (&self.auth, Replica::encoded_bound(&self.model));
+    /// hash; a peer that serves another is passed over (and named in the error). In DiLoCo,
+    /// also every agreeing holder's own state (its inner optimizer, say), which differs from
+    /// worker to worker: a holder that cannot serve it restarts cold from the shared state.
+    fn fetch_agreed(
+        &self,
+        source: &CheckpointSource,
+    ) -> Result<(Replica, Vec<OwnState>), TrainError> {
         let round = source.position.0;
+        let mut shared: Option<Replica> = None;
+        let mut own = Vec::new();
         let mut last = TrainError::Cluster("no live replica holds it".into());
-        for peer in &source.peers {
-            let peer = std::slice::from_ref(peer);
-            let fetched = fetch_state_from(
-                peer,
-                auth,
-                self.run_id,
-                round,
-                bound,
-                FETCH_TIMEOUT,
-                Duration::ZERO,
-            );
-            let decoded = fetched
-                .map_err(|e| TrainError::Cluster(e.to_string()))
-                .and_then(|(peer, snap)| {
-                    Replica::decode(&snap.bytes, &self.model, &self.device, &peer)
-                });
-            let replica = match decoded {
-                Ok(r) => r,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            match &source.agreed {
-                Some(agreed) if replica.state_hash() != *agreed => {
-                    let why = format!(
+        for holder in &source.peers {
+            let fetched = self
+                .fetch_from(&holder.addr, round)
+                .and_then(|r| match &source.agreed {
+                    Some(agreed) if r.state_hash() != *agreed => Err(TrainError::Cluster(format!(
                         "{} served a state of round {round} with hash {}, not the agreed {agreed}",
-                        peer[0],
-                        replica.state_hash()
-                    );
-                    tracing::warn!("checkpoint: {why}");
-                    last = TrainError::Cluster(why);
+                        holder.addr,
+                        r.state_hash()
+                    ))),
+                    _ => Ok(r),
+                });
+            match fetched {
+                Ok(r) => {
+                    if r.owner == holder.name {
+                        own.push(r.own_state());
+                    }
+                    shared.get_or_insert(r);
+                    if self.cfg.sync.mode != SyncMode::Diloco {
+                        break;
+                    }
                 }
-                _ => return Ok(replica),
+                Err(e) => {
+                    tracing::warn!("checkpoint: {e}");
+                    last = e;
+                }
             }
         }
-        Err(last)
+        shared.map(|r| (r, own)).ok_or(last)
+    }
+
+    /// The replica that `addr` serves for the start of `round`.
+    fn fetch_from(&self, addr: &str, round: u64) -> Result<Replica, TrainError> {
+        let (peer, snap) = fetch_state_from(
+            std::slice::from_ref(&addr.to_string()),
+            &self.auth,
+            self.run_id,
+            round,
+            Replica::encoded_bound(&self.model),
+            FETCH_TIMEOUT,
+            Duration::ZERO,
+        )
+        .map_err(|e| TrainError::Cluster(e.to_string()))?;
+        Replica::decode(&snap.bytes, &self.model, &self.device, &peer)
     }
 
     /// Once the run is complete: final checkpoint from a healthy worker, evaluation, summary;

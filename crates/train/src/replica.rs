@@ -2,8 +2,10 @@
 //! device, and the shared outer weights and outer momentum as flat host buffers (what the
 //! collectives and the DiLoCo step work on). A replica serialises to safetensors — flat F32
 //! tensors `outer`, `velocity`, `exp_avg`, `exp_avg_sq`, `local` when the local weights are
-//! not the outer ones (streaming DiLoCo), and the round in the metadata — which is what a
-//! healthy peer sends a rejoining one and what an auditor replays a round from.
+//! not the outer ones (streaming DiLoCo), `residual.F` for each fragment's error-feedback
+//! residual, and the round and owner in the metadata — which is what a healthy peer sends a
+//! rejoining one, what an auditor replays a round from, and what a checkpoint keeps of each
+//! worker ([`OwnState`]).
 
 use std::collections::BTreeMap;
 
@@ -16,12 +18,16 @@ use holdfast_model::st::f32_from_le_bytes;
 
 use crate::data::DataCursor;
 use crate::optim::AdamW;
+use crate::sync::feedback::ErrorFeedback;
 use crate::{TrainError, TrainState};
 
 const FORMAT: &str = "holdfast-replica-1";
-/// Room for the safetensors header of an encoded replica: four tensor entries and three short
-/// metadata values take a few hundred bytes.
+/// Room for the safetensors header of an encoded replica: five tensor entries, one per
+/// fragment's residual (at most one per layer) and four short metadata values take a few
+/// kilobytes at most.
 const HEADER_BOUND: u64 = 64 << 10;
+/// The most fragments a state may carry residuals for (a fragment is at least one layer).
+const MAX_FRAGMENTS: usize = 4096;
 
 /// Concatenates tensors' values in their device layout.
 pub fn flatten(tensors: &[Tensor<2>]) -> Vec<f32> {
@@ -79,6 +85,26 @@ pub struct Replica {
     pub velocity: Vec<f32>,
     /// The round this state starts.
     pub next_round: u64,
+    /// The worker whose own this state is (empty for the seeded or a checkpointed one): its
+    /// inner optimizer state and residuals come from that worker's training.
+    pub owner: String,
+    /// Error feedback, one per fragment, of `owner`'s quantized contributions.
+    pub feedback: Vec<ErrorFeedback>,
+}
+
+/// What a DiLoCo worker holds of its own, beyond the state every replica shares: its inner
+/// AdamW moments and step count, its local weights where they may differ from the outer
+/// ones (streaming), and its error-feedback residuals. A checkpoint keeps one per worker so
+/// that a run restarted cold continues each worker where it stood.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnState {
+    pub name: String,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+    pub adam_t: u64,
+    pub local: Option<Vec<f32>>,
+    /// Residuals by fragment (empty where none waits).
+    pub residuals: Vec<Vec<f32>>,
 }
 
 impl Replica {
@@ -97,6 +123,65 @@ impl Replica {
             outer,
             velocity,
             next_round: 0,
+            owner: String::new(),
+            feedback: Vec::new(),
+        }
+    }
+
+    /// Makes this state `name`'s own, with one error feedback per fragment. Residuals another
+    /// worker left in it are dropped: they are what *its* contributions lost, and adding them
+    /// to this worker's would count that loss twice.
+    pub fn make_own(&mut self, name: &str, fragments: usize) {
+        if self.owner != name {
+            self.feedback.clear();
+            self.owner = name.to_string();
+        }
+        self.feedback.resize(fragments, ErrorFeedback::default());
+    }
+
+    /// Its owner's own part; the local weights only where they differ from the outer ones.
+    pub fn own_state(&self) -> OwnState {
+        let local = flatten(&self.weights.tensors);
+        OwnState {
+            name: self.owner.clone(),
+            exp_avg: flatten(&self.opt.exp_avg),
+            exp_avg_sq: flatten(&self.opt.exp_avg_sq),
+            adam_t: self.opt.t,
+            local: (local != self.outer).then_some(local),
+            residuals: self
+                .feedback
+                .iter()
+                .map(|f| f.residual().to_vec())
+                .collect(),
+        }
+    }
+
+    /// The shared state of `self` (outer weights, momentum, round) with `own`'s part: what
+    /// worker `own.name` held.
+    pub fn with_own_state(&self, own: &OwnState) -> Replica {
+        let device = self.weights.tensors[0].device();
+        let specs = &self.weights.specs;
+        let local = own.local.as_deref().unwrap_or(&self.outer);
+        Replica {
+            weights: Weights {
+                cfg: self.weights.cfg.clone(),
+                tensors: unflatten(local, specs, &device),
+                specs: specs.clone(),
+            },
+            opt: AdamW {
+                exp_avg: unflatten(&own.exp_avg, specs, &device),
+                exp_avg_sq: unflatten(&own.exp_avg_sq, specs, &device),
+                t: own.adam_t,
+            },
+            outer: self.outer.clone(),
+            velocity: self.velocity.clone(),
+            next_round: self.next_round,
+            owner: own.name.clone(),
+            feedback: own
+                .residuals
+                .iter()
+                .map(|r| ErrorFeedback::carrying(r.clone()))
+                .collect(),
         }
     }
 
@@ -140,11 +225,11 @@ impl Replica {
     }
 
     /// The most bytes [`Replica::encode`] makes for model `cfg`: five flat f32 tensors of every
-    /// parameter (outer weights, outer momentum, AdamW's two moments, local weights) and a
-    /// header. A peer's state announced larger is refused before any of it is received or
-    /// reserved.
+    /// parameter (outer weights, outer momentum, AdamW's two moments, local weights), the
+    /// residuals (one value per parameter over all fragments) and a header. A peer's state
+    /// announced larger is refused before any of it is received or reserved.
     pub fn encoded_bound(cfg: &ModelConfig) -> u64 {
-        20 * cfg.num_params() as u64 + HEADER_BOUND
+        24 * cfg.num_params() as u64 + HEADER_BOUND
     }
 
     /// The replica as bytes. `with_local`: its local weights may differ from the outer ones
@@ -165,10 +250,16 @@ impl Replica {
         if with_local {
             tensors.push(flat("local", flatten(&self.weights.tensors)));
         }
+        for (f, feedback) in self.feedback.iter().enumerate() {
+            if !feedback.residual().is_empty() {
+                tensors.push(flat(&format!("residual.{f}"), feedback.residual().to_vec()));
+            }
+        }
         let meta = BTreeMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("next_round".to_string(), self.next_round.to_string()),
             ("adam_t".to_string(), self.opt.t.to_string()),
+            ("owner".to_string(), self.owner.clone()),
         ]);
         st::serialize(&tensors, meta).expect("flat f32 tensors serialise")
     }
@@ -215,6 +306,7 @@ impl Replica {
             Ok(_) => get("local", false)?,
             Err(_) => outer.clone(),
         };
+        let feedback = residuals(&st, n).map_err(bad)?;
         let exp_avg = unflatten(&get("exp_avg", false)?, &specs, device);
         let exp_avg_sq = unflatten(&get("exp_avg_sq", false)?, &specs, device);
         let weights = Weights {
@@ -232,6 +324,8 @@ impl Replica {
             outer,
             velocity,
             next_round: num("next_round")?,
+            owner: meta.get("owner").cloned().unwrap_or_default(),
+            feedback,
         })
     }
 
@@ -249,6 +343,34 @@ impl Replica {
     }
 }
 
+/// The residuals `residual.F` of an encoded state, by fragment; each at most `n` values.
+fn residuals(st: &safetensors::SafeTensors, n: usize) -> Result<Vec<ErrorFeedback>, String> {
+    let mut out = Vec::new();
+    for (name, t) in st.tensors() {
+        let Some(f) = name.strip_prefix("residual.") else {
+            continue;
+        };
+        let f: usize = f
+            .parse()
+            .ok()
+            .filter(|&f| f < MAX_FRAGMENTS)
+            .ok_or_else(|| format!("tensor `{name}` names no fragment below {MAX_FRAGMENTS}"))?;
+        let values = f32_from_le_bytes(t.data());
+        if t.dtype() != Dtype::F32 || values.len() > n {
+            return Err(format!(
+                "{name} is {:?} with {} values, expected at most {n} F32",
+                t.dtype(),
+                values.len()
+            ));
+        }
+        if out.len() <= f {
+            out.resize(f + 1, ErrorFeedback::default());
+        }
+        out[f] = ErrorFeedback::carrying(values);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,9 +378,14 @@ mod tests {
     #[test]
     fn the_size_bound_holds_an_encoded_replica_and_little_more() {
         let cfg = ModelConfig::preset("tiny").unwrap();
-        // The largest kind: local weights of its own (streaming DiLoCo) travel too.
+        // The largest kind: local weights of its own (streaming DiLoCo) and residuals for
+        // every parameter (quantized sync) travel too.
         let mut r = Replica::fresh(&cfg, 1, &Device::flex(), true);
         r.outer[0] += 1.0;
+        let n = r.outer.len();
+        r.make_own("w0", 2);
+        r.feedback[0] = ErrorFeedback::carrying(vec![0.5; n / 2]);
+        r.feedback[1] = ErrorFeedback::carrying(vec![0.5; n - n / 2]);
         let bytes = r.encode(true).len() as u64;
         let bound = Replica::encoded_bound(&cfg);
         assert!(bytes <= bound, "{bytes} encoded, bound {bound}");
@@ -273,5 +400,100 @@ mod tests {
             "me",
         );
         assert!(back.is_ok());
+    }
+
+    fn replica() -> Replica {
+        Replica::fresh(
+            &ModelConfig::preset("tiny").unwrap(),
+            1,
+            &Device::flex(),
+            true,
+        )
+    }
+
+    fn decoded(bytes: &[u8]) -> Result<Replica, TrainError> {
+        let r = replica();
+        Replica::decode(bytes, &r.weights.cfg, &Device::flex(), "peer")
+    }
+
+    #[test]
+    fn a_state_carries_its_owners_residuals_and_another_worker_drops_them() {
+        let mut r = replica();
+        r.make_own("w0", 3);
+        r.feedback[1] = ErrorFeedback::carrying(vec![0.25, -1.5]);
+        let mut back = decoded(&r.encode(false)).unwrap();
+        assert_eq!(back.owner, "w0");
+        assert_eq!(back.feedback[1].residual(), [0.25, -1.5]);
+        back.make_own("w0", 3);
+        assert_eq!(back.feedback, r.feedback, "its own worker keeps them");
+        back.make_own("w1", 3);
+        assert_eq!(back.owner, "w1");
+        assert_eq!(back.feedback, vec![ErrorFeedback::default(); 3]);
+    }
+
+    #[test]
+    fn a_workers_own_state_rebuilds_its_replica_on_the_shared_one() {
+        let mut r = replica();
+        r.make_own("w2", 1);
+        r.feedback[0] = ErrorFeedback::carrying(vec![3.0; 5]);
+        r.weights.tensors[1] = r.weights.tensors[1].clone().add_scalar(0.5);
+        r.opt.exp_avg[0] = r.opt.exp_avg[0].clone().add_scalar(0.125);
+        r.opt.t = 7;
+        let own = r.own_state();
+        assert!(
+            own.local.is_some(),
+            "its local weights moved off the outer ones"
+        );
+        let rebuilt = replica().with_own_state(&own);
+        assert_eq!(rebuilt.own_state(), own);
+        assert_eq!((rebuilt.owner.as_str(), rebuilt.opt.t), ("w2", 7));
+        assert!(rebuilt.outer == r.outer && rebuilt.velocity == r.velocity);
+        assert_eq!(rebuilt.state_hash(), r.state_hash());
+        let mut plain = replica();
+        plain.make_own("w3", 1);
+        assert_eq!(
+            plain.own_state().local,
+            None,
+            "local = outer is not kept twice"
+        );
+    }
+
+    #[test]
+    fn a_malformed_residual_is_refused_by_name() {
+        let r = replica();
+        let n = r.outer.len();
+        let with_residual = |name: &str, len: usize| {
+            let mut tensors: Vec<HostTensor> = ["outer", "velocity", "exp_avg", "exp_avg_sq"]
+                .iter()
+                .map(|t| HostTensor {
+                    name: t.to_string(),
+                    shape: vec![n],
+                    data: vec![0.0; n],
+                })
+                .collect();
+            tensors.push(HostTensor {
+                name: name.into(),
+                shape: vec![len],
+                data: vec![0.0; len],
+            });
+            let meta = BTreeMap::from([
+                ("format".to_string(), FORMAT.to_string()),
+                ("next_round".to_string(), "0".to_string()),
+                ("adam_t".to_string(), "0".to_string()),
+            ]);
+            st::serialize(&tensors, meta).unwrap()
+        };
+        assert!(decoded(&with_residual("residual.0", n)).is_ok());
+        for (name, len, why) in [
+            ("residual.0", n + 1, "expected at most"),
+            ("residual.x", 1, "names no fragment"),
+            ("residual.99999", 1, "names no fragment"),
+        ] {
+            let err = decoded(&with_residual(name, len))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(why) && err.contains("peer"), "{name}: {err}");
+        }
     }
 }

@@ -19,6 +19,35 @@ pub const STATE_LOST_GRACE: Duration = Duration::from_secs(5);
 /// How long a worker that could not be started waits before the next try.
 pub const SPAWN_RETRY: Duration = Duration::from_secs(5);
 
+/// What the launcher does once every worker holding the state was lost at once.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AfterStateLost {
+    /// Restart the run cold from its newest checkpoint: this is restart `attempt` (from 1).
+    RestartCold { attempt: u32 },
+    /// End the run; `reason` says why it is not restarted.
+    End { reason: String },
+}
+
+/// Restart cold while restarts remain and a checkpoint exists to restart from, after
+/// `restarts_done` of at most `max`.
+pub fn after_state_lost(restarts_done: u32, max: u32, checkpointed: bool) -> AfterStateLost {
+    if !checkpointed {
+        return AfterStateLost::End {
+            reason: "no checkpoint had been written yet".into(),
+        };
+    }
+    if restarts_done >= max {
+        return AfterStateLost::End {
+            reason: format!(
+                "it was restarted cold {restarts_done} time(s), the most sync.max_cold_restarts allows"
+            ),
+        };
+    }
+    AfterStateLost::RestartCold {
+        attempt: restarts_done + 1,
+    }
+}
+
 /// How a worker process ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Exit {
@@ -349,5 +378,24 @@ mod tests {
         );
         assert_eq!(s.decide(t0 + S(6), &lost), vec![]);
         assert_eq!(s.decide(t0 + S(11), &lost), vec![Action::StateLost]);
+    }
+
+    #[test]
+    fn a_lost_state_restarts_cold_while_restarts_remain_and_a_checkpoint_exists() {
+        assert_eq!(
+            after_state_lost(0, 3, true),
+            AfterStateLost::RestartCold { attempt: 1 }
+        );
+        assert_eq!(
+            after_state_lost(2, 3, true),
+            AfterStateLost::RestartCold { attempt: 3 }
+        );
+        let end = |done, max, checkpointed| match after_state_lost(done, max, checkpointed) {
+            AfterStateLost::End { reason } => reason,
+            restart => panic!("{restart:?}"),
+        };
+        assert!(end(3, 3, true).contains("restarted cold 3 time(s)"));
+        assert!(end(0, 0, true).contains("max_cold_restarts"));
+        assert!(end(0, 3, false).contains("no checkpoint"));
     }
 }

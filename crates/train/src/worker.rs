@@ -123,8 +123,6 @@ fn session(
     let mut stepper = GuardedStep::new(cfg.guard.clone(), faults);
     let mut replica: Option<Replica> = None;
     let mut report: Option<StateReport> = None;
-    // This session's own, one per fragment: a rejoining worker starts without (see `feedback`).
-    let mut feedback = vec![ErrorFeedback::default(); strategy.fragments()];
     let quantized = quantized(cfg.sync.precision);
     // What the steps that overlapped the last round's sync did: reported with this round.
     let mut overlapped = Contribution::default();
@@ -142,16 +140,12 @@ fn session(
                 strategy.has_velocity(),
             )
         };
-        let with_local = strategy.keeps_local_weights();
-        let r = match take_state(
-            &client,
-            &mut replica,
-            &a,
-            data,
-            &o.device,
-            fresh,
-            with_local,
-        ) {
+        let holder = Holder {
+            name: &o.name,
+            fragments: strategy.fragments(),
+            with_local: strategy.keeps_local_weights(),
+        };
+        let r = match take_state(&client, &mut replica, &a, data, &o.device, fresh, &holder) {
             Taken::Ready(r) => r,
             Taken::TryAgain => continue,
             Taken::Stale(reason) => return Ok(SessionEnd::Evicted(reason)),
@@ -173,8 +167,12 @@ fn session(
                 .inspect_err(|e| tracing::warn!("round {}: audit of {}: {e}", a.round, task.of))
                 .ok()
         });
-        let feedback = &mut feedback[strategy.fragment_of(a.round)];
-        let sent = sendable(feedback, &contribution.payload, quantized.is_some());
+        let fragment = strategy.fragment_of(a.round);
+        let sent = sendable(
+            &mut r.feedback[fragment],
+            &contribution.payload,
+            quantized.is_some(),
+        );
         let stats = round_stats(&contribution, &sent, a.audited, audit);
         let synced = sync_overlapping(
             &mut client,
@@ -185,7 +183,7 @@ fn session(
         );
         let sum = match synced? {
             Synced::Committed { sum, residual, .. } => {
-                feedback.commit(residual);
+                r.feedback[fragment].commit(residual);
                 sum
             }
             Synced::Evicted(reason) => return Ok(SessionEnd::Evicted(reason)),
@@ -195,8 +193,18 @@ fn session(
         }
         r.next_round = a.round + 1;
         flip_a_bit_if_planned(stepper.faults(), r, a.round);
-        report = Some(publish(&client, r, with_local));
+        report = Some(publish(&client, r, holder.with_local));
     }
+}
+
+/// How this worker holds a replica.
+struct Holder<'a> {
+    /// Its name: the owner of the states it publishes.
+    name: &'a str,
+    /// The strategy's fragments, one error feedback each.
+    fragments: usize,
+    /// Whether its local weights may differ from the outer ones and travel with its state.
+    with_local: bool,
 }
 
 enum Taken<'r> {
@@ -208,8 +216,9 @@ enum Taken<'r> {
 }
 
 /// The state that starts the round: the donor's when the coordinator names one, else the one
-/// held (or the seeded initial state). A state taken here is also published: a rewind may
-/// need it once newer ones exist.
+/// held (or the seeded initial state), made this worker's own (a state taken from another
+/// comes without its residuals: see `feedback`). A state taken here is also published: a
+/// rewind may need it once newer ones exist.
 fn take_state<'r>(
     client: &RoundClient,
     replica: &'r mut Option<Replica>,
@@ -217,7 +226,7 @@ fn take_state<'r>(
     data: &Prepared,
     device: &Device,
     fresh: impl FnOnce() -> Replica,
-    with_local: bool,
+    holder: &Holder,
 ) -> Taken<'r> {
     let mut acquired = replica.is_none();
     if let Some(donor) = &a.donor {
@@ -240,8 +249,9 @@ fn take_state<'r>(
             r.next_round, a.round
         ));
     }
+    r.make_own(holder.name, holder.fragments);
     if acquired {
-        client.publish(a.round, r.encode(with_local));
+        client.publish(a.round, r.encode(holder.with_local));
     }
     Taken::Ready(r)
 }

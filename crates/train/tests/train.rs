@@ -488,3 +488,43 @@ proptest::proptest! {
         let _ = checkpoint::load_latest(dir.path(), &Device::flex());
     }
 }
+
+/// A DiLoCo checkpoint keeps every worker's own state, verified like the rest of it.
+#[test]
+fn a_checkpoint_keeps_each_workers_own_state_and_checks_it() {
+    use holdfast_train::checkpoint::{ClusterExtras, ClusterPosition};
+    use holdfast_train::replica::OwnState;
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TrainState::new(&tiny(), 2, &device);
+    let n = tiny().num_params();
+    let extras = ClusterExtras {
+        position: ClusterPosition {
+            next_round: 1,
+            next_fresh_batch: 3,
+            pending_batches: vec![],
+            state_blake3: None,
+        },
+        outer_velocity: vec![0.0; n],
+        workers: vec![OwnState {
+            name: "worker-1".into(),
+            exp_avg: vec![0.5; n],
+            exp_avg_sq: vec![0.25; n],
+            adam_t: 20,
+            local: None,
+            residuals: vec![vec![0.125; n]],
+        }],
+    };
+    for step in [2, 4] {
+        s.step = step;
+        checkpoint::save_with(dir.path(), &s, &RunConfig::default(), 5, Some(&extras)).unwrap();
+    }
+    let loaded = checkpoint::load_latest(dir.path(), &device).unwrap();
+    assert_eq!(loaded.cluster.as_ref(), Some(&extras));
+    flip_byte(
+        &dir.path()
+            .join("checkpoints/step-00000004/workers.safetensors"),
+        10,
+    );
+    assert_fell_back_to_step_2(dir.path(), &device, "workers.safetensors is corrupt");
+}

@@ -3,11 +3,12 @@
 //! add up to the pseudo-gradients computed, instead of losing whatever falls between the
 //! levels (a small steady component can be rounded to zero every single round).
 //!
-//! The residual is this worker's own, like its inner optimizer state, and lives in the worker
-//! process only. It is reset when the worker leaves the quorum and rejoins, and a run resumed
-//! from a checkpoint starts without one: what is lost then is one round's quantization error
-//! per worker, a bounded amount, where a wrong residual (another worker's, or one from before
-//! a rewind) would be applied as if it were progress.
+//! The residual is this worker's own, like its inner optimizer state: it travels with the
+//! replica's state (`Replica::feedback`), so a checkpoint keeps each worker's and a run
+//! restarted cold continues with it, and a state reloaded after a rewind brings the residual
+//! of its own round. A worker that takes another's state (live recovery) drops the residual
+//! in it and starts without: what is lost then is one round's quantization error, a bounded
+//! amount, where another worker's residual would be applied as if it were progress.
 
 /// A worker's residual: what quantization dropped and no contribution has carried yet. Empty
 /// until a quantized round commits, and while it rides on a contribution in flight.
@@ -17,6 +18,16 @@ pub struct ErrorFeedback {
 }
 
 impl ErrorFeedback {
+    /// Feedback with `residual` waiting (a worker's own, restored).
+    pub fn carrying(residual: Vec<f32>) -> ErrorFeedback {
+        ErrorFeedback { residual }
+    }
+
+    /// What waits to be added to the next contribution.
+    pub fn residual(&self) -> &[f32] {
+        &self.residual
+    }
+
     /// What to send for `payload` (values, then the weight: 1 when it counts): its values plus
     /// the residual, which leaves with them. A refusal (weight 0, all zeros) is sent as it is,
     /// and the residual waits for a contribution that counts.
