@@ -12,6 +12,9 @@
 #                                 #   and streaming DiLoCo (P=4, τ=OVERLAP (5), α=MIXING (0), int4)
 #
 # RATE (tc rate, default 100mbit), DELAY_MS (one way, default 20), HOLDFAST (binary), DATA.
+# PARTITION=K@AT+FOR cuts host K (worker K; 0 is the coordinator) off the network AT seconds
+# after the workers start, for FOR seconds: every packet in or out of its link is dropped
+# (iptables in its namespace), then the link is healed. Logged in RUN_DIR/logs/partition.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${HOLDFAST:-${CARGO_TARGET_DIR:-target}/release/holdfast}")
@@ -41,6 +44,7 @@ ns() { echo "$PREFIX-$1"; }
 
 cleanup() {
   local pids
+  jobs -p | xargs -r kill 2> /dev/null || true
   pids=$(for n in $(ip netns list 2> /dev/null | awk '{print $1}' | grep "^$PREFIX-"); do
     ip netns pids "$n" 2> /dev/null; done)
   [ -n "$pids" ] && kill $pids 2> /dev/null || true
@@ -99,9 +103,34 @@ print(json.dumps({"run": sys.argv[2], "rate": sys.argv[3], "delay_ms": float(sys
 PY
 }
 
+# Parses PARTITION=K@AT+FOR for a run of `workers` workers; prints "K AT FOR".
+partition_spec() { # spec workers
+  local k at dur
+  [[ "$1" =~ ^([0-9]+)@([0-9]+(\.[0-9]+)?)\+([0-9]+(\.[0-9]+)?)$ ]] \
+    || { echo "PARTITION=$1: expected K@AT+FOR (host, seconds, seconds)" >&2; return 2; }
+  k=${BASH_REMATCH[1]} at=${BASH_REMATCH[2]} dur=${BASH_REMATCH[4]}
+  [ "$k" -le "$2" ] || { echo "PARTITION=$1: host $k, but the run has hosts 0..$2" >&2; return 2; }
+  echo "$k $at $dur"
+}
+
+# Cuts host K off for FOR seconds from AT seconds on, logging both moments to `log`.
+partition() { # k at for log
+  local host rules=(INPUT -i eth0 -j DROP) out=(OUTPUT -o eth0 -j DROP)
+  host=$(ns "h$1")
+  sleep "$2"
+  ip netns exec "$host" iptables -A "${rules[@]}"
+  ip netns exec "$host" iptables -A "${out[@]}"
+  echo "$(date +%s.%N) cut h$1" >> "$4"
+  sleep "$3"
+  ip netns exec "$host" iptables -D "${rules[@]}"
+  ip netns exec "$host" iptables -D "${out[@]}"
+  echo "$(date +%s.%N) healed h$1" >> "$4"
+}
+
 run() { # run-dir workers train-args...
-  local dir=$1 workers=$2
+  local dir=$1 workers=$2 cut=""
   shift 2
+  [ -z "${PARTITION:-}" ] || cut=$(partition_spec "$PARTITION" "$workers")
   check
   trap cleanup EXIT
   trap 'exit 143' INT TERM # exit runs the EXIT trap; a signal alone would not
@@ -123,6 +152,8 @@ run() { # run-dir workers train-args...
       --listen-ip "10.77.$k.2" --secret-file "$secret" --cache-dir "$dir/token-cache" \
       > "$dir/logs/worker-$k.log" 2>&1 &
   done
+  # shellcheck disable=SC2086 # "K AT FOR", split on purpose
+  [ -z "$cut" ] || partition $cut "$dir/logs/partition.log" >> "$dir/logs/partition.log" 2>&1 &
   if ! wait "$coordinator"; then
     echo "the coordinator failed; its log:" >&2
     tail -20 "$dir/logs/coordinator.log" >&2

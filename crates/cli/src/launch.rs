@@ -412,18 +412,14 @@ pub fn checkpointed(run_dir: &Path) -> bool {
 }
 
 /// The run's end when no live worker holds the state after `rounds` committed rounds: the way
-/// to go on from the newest checkpoint, if one was written.
-pub fn state_lost_error(run_dir: &Path, rounds: u64, workers: usize) -> anyhow::Error {
+/// to go on from the newest checkpoint (`resume`, the command), if one was written.
+pub fn state_lost_error(run_dir: &Path, rounds: u64, resume: &str) -> anyhow::Error {
     let lost = format!(
         "every worker holding the training state after round {rounds} was lost at once, so the \
          run cannot go on live"
     );
     if checkpointed(run_dir) {
-        anyhow::anyhow!(
-            "{lost}; restart it from its newest checkpoint with `holdfast train --resume {} \
-             --workers {workers}`",
-            run_dir.display()
-        )
+        anyhow::anyhow!("{lost}; restart it from its newest checkpoint with `{resume}`")
     } else {
         anyhow::anyhow!("{lost}, and no checkpoint had been written yet; start it again")
     }
@@ -494,13 +490,14 @@ mod tests {
     #[test]
     fn a_lost_state_names_the_resume_command_only_when_a_checkpoint_exists() {
         let dir = tempfile::tempdir().unwrap();
-        let none = state_lost_error(dir.path(), 7, 3).to_string();
+        let resume = "holdfast train --resume RUN --workers 3";
+        let none = state_lost_error(dir.path(), 7, resume).to_string();
         assert!(
             none.contains("after round 7") && none.contains("no checkpoint"),
             "{none}"
         );
         std::fs::create_dir_all(dir.path().join("checkpoints/step-00000040")).unwrap();
-        let some = state_lost_error(dir.path(), 7, 3).to_string();
+        let some = state_lost_error(dir.path(), 7, resume).to_string();
         assert!(
             some.contains("--resume") && some.contains("--workers 3"),
             "{some}"

@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 use holdfast_model::ModelConfig;
 use holdfast_train::overrides::Overrides;
 use holdfast_train::run::{self, Event};
-use holdfast_train::supervise::{AfterStateLost, after_state_lost};
+use holdfast_train::supervise::{AfterStateLost, LossClock, after_state_lost};
 use holdfast_train::{RunConfig, SyncMode, Task, TrainState, checkpoint, rundir};
 
 #[derive(Parser)]
@@ -711,7 +711,11 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
             }
             launch::Ended::StateLost { rounds } => rounds,
         };
-        restarts = cold_restart_attempt(&run_dir, rounds, restarts, &cfg, workers)?;
+        let resume = format!(
+            "holdfast train --resume {} --workers {workers}",
+            run_dir.display()
+        );
+        restarts = cold_restart_attempt(&run_dir, rounds, restarts, &cfg, &resume)?;
         // The chaos schedule was the first launch's; a restart runs clean.
         opts.chaos = Default::default();
         let restored = restore_cluster_run(&run_dir, &Overrides::default(), &device)?;
@@ -720,13 +724,14 @@ fn cmd_train_workers(args: &TrainArgs, workers: usize, device: burn::tensor::Dev
 }
 
 /// After every worker holding the state was lost at once, `restarts_done` cold restarts so
-/// far: the number of the cold restart to make now, or the error that ends the run.
+/// far: the number of the cold restart to make now, or the error that ends the run (naming
+/// the `resume` command).
 fn cold_restart_attempt(
     run_dir: &Path,
     rounds: u64,
     restarts_done: u32,
     cfg: &RunConfig,
-    workers: usize,
+    resume: &str,
 ) -> Result<u32> {
     let max = cfg.sync.max_cold_restarts;
     match after_state_lost(restarts_done, max, launch::checkpointed(run_dir)) {
@@ -737,7 +742,7 @@ fn cold_restart_attempt(
             Ok(attempt)
         }
         AfterStateLost::End { reason } => {
-            let lost = launch::state_lost_error(run_dir, rounds, workers);
+            let lost = launch::state_lost_error(run_dir, rounds, resume);
             bail!("{lost} ({reason})")
         }
     }
@@ -791,10 +796,26 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
         describe_sync(&cfg)
     );
     let bar = launch::progress_bar(!args.train.no_progress, cfg.cluster_steps());
-    launch::drive(&mut cluster, &bar, |_| {
-        Ok(std::ops::ControlFlow::Continue(()))
+    // It starts no workers, so it cannot restart them cold: once the state has stayed lost,
+    // it ends and says how to go on (a service manager restarting it with --resume does).
+    let mut loss = LossClock::default();
+    let lost = launch::drive(&mut cluster, &bar, |p| {
+        let expired = loss.expired(std::time::Instant::now(), p.state_lost);
+        Ok(match expired {
+            true => std::ops::ControlFlow::Break(p.committed_rounds),
+            false => std::ops::ControlFlow::Continue(()),
+        })
     })?;
     bar.finish_and_clear();
+    if let Some(rounds) = lost {
+        let resume = format!(
+            "holdfast coordinator --listen {} --min-workers {} --resume {}",
+            cluster.server.addr,
+            args.min_workers,
+            run_dir.display()
+        );
+        return Err(launch::state_lost_error(&run_dir, rounds, &resume));
+    }
     let summary = cluster.finish(&prepared)?;
     print_cluster_summary(&summary, &run_dir, &cfg);
     // Give released workers a moment to hear that the run is finished.
@@ -872,6 +893,40 @@ mod tests {
             check(&["--resume", "runs/x"]).is_ok(),
             "restarts a run cold"
         );
+    }
+
+    /// Every `holdfast` command the deployment examples run, with its arguments.
+    fn deployed_commands() -> Vec<Vec<String>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+        let mut commands = Vec::new();
+        for unit in std::fs::read_dir(&dir).unwrap() {
+            let text = std::fs::read_to_string(unit.unwrap().path()).unwrap();
+            let exec = text.lines().filter_map(|l| l.strip_prefix("ExecStart="));
+            for invocation in exec.flat_map(|l| l.split("/usr/local/bin/holdfast ").skip(1)) {
+                let args = invocation.split([';', '\'']).next().unwrap();
+                let args = args.replace("\"$RUN\"", "/var/lib/holdfast/run");
+                commands.push(args.split_whitespace().map(str::to_string).collect());
+            }
+        }
+        commands
+    }
+
+    #[test]
+    fn the_deployment_examples_run_commands_this_binary_accepts() {
+        let commands = deployed_commands();
+        assert_eq!(
+            commands.len(),
+            3,
+            "two coordinator forms and a worker: {commands:?}"
+        );
+        for args in commands {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            match parse(&args) {
+                Command::Coordinator(a) => check_coordinator_args(&a).unwrap(),
+                Command::Worker(a) => check_worker_args(&a).unwrap(),
+                _ => panic!("{args:?} is not a coordinator or a worker"),
+            }
+        }
     }
 
     #[test]

@@ -1212,6 +1212,20 @@ fn wait_for_checkpoint_of(run: &Path, prefix: &str, process: &mut KillOnDrop) {
 /// Starts `holdfast coordinator ARGS` in `d` and returns it with the address it listens on
 /// and what it printed up to there.
 fn start_coordinator(d: &Path, args: &[&str]) -> (KillOnDrop, String, String) {
+    let ((coordinator, _rest), addr, printed) = start_coordinator_keeping_stderr(d, args);
+    (coordinator, addr, printed)
+}
+
+/// [`start_coordinator`], with what it prints after that, read until it exits.
+#[allow(clippy::type_complexity)]
+fn start_coordinator_keeping_stderr(
+    d: &Path,
+    args: &[&str],
+) -> (
+    (KillOnDrop, std::thread::JoinHandle<String>),
+    String,
+    String,
+) {
     let coordinator = Command::new(env!("CARGO_BIN_EXE_holdfast"))
         .arg("coordinator")
         .args(args)
@@ -1240,8 +1254,12 @@ fn start_coordinator(d: &Path, args: &[&str]) -> (KillOnDrop, String, String) {
         .trim_end_matches(':')
         .to_string();
     // Drain the rest so the coordinator never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    (coordinator, addr, printed)
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        rest
+    });
+    ((coordinator, rest), addr, printed)
 }
 
 fn start_workers(d: &Path, addr: &str, count: usize) -> Vec<KillOnDrop> {
@@ -1262,7 +1280,7 @@ fn start_workers(d: &Path, addr: &str, count: usize) -> Vec<KillOnDrop> {
 }
 
 #[test]
-fn a_coordinator_started_apart_resumes_its_run_from_the_newest_checkpoint() {
+fn a_restarted_coordinator_resumes_from_its_newest_checkpoint_and_its_workers_rejoin_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -1286,30 +1304,60 @@ fn a_coordinator_started_apart_resumes_its_run_from_the_newest_checkpoint() {
     let (mut coordinator, addr, _) = start_coordinator(d, &run);
     let workers = start_workers(d, &addr, 2);
     wait_for_checkpoint(&d.join("c"), &mut coordinator);
-    // The control plane dies; its workers, left without it, are stopped too.
+    // The control plane dies; its workers, left without it, keep trying to rejoin.
     coordinator.0.kill().unwrap();
     coordinator.0.wait().unwrap();
-    drop(workers);
 
-    let resume = [
-        "--listen",
-        "127.0.0.1:0",
-        "--min-workers",
-        "2",
-        "--resume",
-        "c",
-    ];
-    let (mut coordinator, addr, printed) = start_coordinator(d, &resume);
+    // Restarted on the same address, as a service manager would: the same workers find it.
+    let resume = ["--listen", &addr, "--min-workers", "2", "--resume", "c"];
+    let (mut coordinator, _, printed) = start_coordinator(d, &resume);
     let from = printed
         .split("checkpoints/step-")
         .nth(1)
         .and_then(|rest| rest.get(..8)?.parse::<u64>().ok());
     assert!(from.is_some_and(|step| step < 60), "{printed}");
-    let _workers = start_workers(d, &addr, 2);
     assert!(exit_status(&mut coordinator, LIMIT).success());
+    for mut w in workers {
+        assert!(exit_status(&mut w, Duration::from_secs(30)).success());
+    }
     let ledger = assert_exactly_once(&d.join("c"));
     assert_eq!(ledger.len(), 60, "each round once, across the restart");
     assert!(d.join("c/checkpoints/step-00000060").is_dir());
+}
+
+#[test]
+fn a_coordinator_started_apart_whose_every_replica_is_lost_ends_naming_its_resume_command() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = [
+        "--listen",
+        "127.0.0.1:0",
+        "--min-workers",
+        "2",
+        "--run-dir",
+        "c",
+        "--steps",
+        "400",
+        "--inner-steps",
+        "20",
+        "--checkpoint-every",
+        "20",
+        "--no-progress",
+    ];
+    let (mut coordinator, addr, _) = start_coordinator_keeping_stderr(d, &run);
+    let workers = start_workers(d, &addr, 2);
+    wait_for_checkpoint(&d.join("c"), &mut coordinator.0);
+    drop(workers);
+    // The grace (5 s), then it ends instead of waiting for ever.
+    let status = exit_status(&mut coordinator.0, Duration::from_secs(30));
+    assert!(!status.success());
+    let err = coordinator.1.join().unwrap();
+    let resume = format!("holdfast coordinator --listen {addr} --min-workers 2 --resume c");
+    assert!(
+        err.contains("was lost at once") && err.contains(&resume),
+        "{err}"
+    );
 }
 
 #[test]

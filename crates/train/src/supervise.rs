@@ -19,6 +19,25 @@ pub const STATE_LOST_GRACE: Duration = Duration::from_secs(5);
 /// How long a worker that could not be started waits before the next try.
 pub const SPAWN_RETRY: Duration = Duration::from_secs(5);
 
+/// How long the state has stayed lost, against [`STATE_LOST_GRACE`].
+#[derive(Clone, Debug, Default)]
+pub struct LossClock {
+    since: Option<Instant>,
+}
+
+impl LossClock {
+    /// Whether the state, lost at `now` or not (`lost`), has stayed lost for the grace; a
+    /// moment it is not lost starts the clock again.
+    pub fn expired(&mut self, now: Instant, lost: bool) -> bool {
+        if !lost {
+            self.since = None;
+            return false;
+        }
+        let since = *self.since.get_or_insert(now);
+        now.duration_since(since) >= STATE_LOST_GRACE
+    }
+}
+
 /// What the launcher does once every worker holding the state was lost at once.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AfterStateLost {
@@ -101,7 +120,7 @@ pub struct Supervisor {
     slots: Vec<Slot>,
     chaos_started: Option<Instant>,
     chaos_clock: Duration,
-    state_lost_since: Option<Instant>,
+    state_lost: LossClock,
 }
 
 impl Supervisor {
@@ -122,7 +141,7 @@ impl Supervisor {
             slots: vec![slot; workers],
             chaos_started: None,
             chaos_clock: Duration::ZERO,
-            state_lost_since: None,
+            state_lost: LossClock::default(),
         }
     }
 
@@ -178,13 +197,10 @@ impl Supervisor {
         actions
     }
 
+    /// A stopped (hung) worker may come back with the state: no loss while one is.
     fn state_is_lost(&mut self, now: Instant, seen: &Seen) -> bool {
-        if !seen.state_lost || self.slots.iter().any(|s| s.stopped) {
-            self.state_lost_since = None;
-            return false;
-        }
-        let since = *self.state_lost_since.get_or_insert(now);
-        now.duration_since(since) >= STATE_LOST_GRACE
+        let lost = seen.state_lost && !self.slots.iter().any(|s| s.stopped);
+        self.state_lost.expired(now, lost)
     }
 
     fn chaos_due(&mut self, now: Instant, seen: &Seen) -> Vec<Action> {

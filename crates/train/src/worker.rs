@@ -77,6 +77,7 @@ pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
     let mut prepared: Option<(RunConfig, Prepared)> = None;
     // Injected faults fire once each, whatever rounds are retried or redone.
     let mut faults = o.faults.clone();
+    let mut contact = Contact::default();
     loop {
         let join = JoinOptions {
             name: &o.name,
@@ -84,13 +85,53 @@ pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
             listen_ip: o.listen_ip.as_deref(),
             peer_timeout: PEER_TIMEOUT,
         };
-        let joined = RoundClient::join(&membership, &join)?;
-        match session(o, joined, &mut prepared, &mut faults)? {
-            SessionEnd::Finished => return Ok(()),
-            SessionEnd::Evicted(reason) => {
+        let ended = RoundClient::join(&membership, &join)
+            .map_err(TrainError::from)
+            .and_then(|joined| {
+                contact.joined();
+                session(o, joined, &mut prepared, &mut faults)
+            });
+        match ended {
+            Ok(SessionEnd::Finished) => return Ok(()),
+            Ok(SessionEnd::Evicted(reason)) => {
                 tracing::warn!("{}: out of the quorum ({reason}); rejoining", o.name);
             }
+            Err(e) => {
+                contact.lost(e, std::time::Instant::now())?;
+                std::thread::sleep(REJOIN_EVERY);
+            }
         }
+    }
+}
+
+/// How long a worker that has been a member goes on trying to rejoin a coordinator it lost
+/// (a partition, or the coordinator restarting) before it gives up.
+const REJOIN_PATIENCE: Duration = Duration::from_secs(60);
+const REJOIN_EVERY: Duration = Duration::from_millis(500);
+
+/// Whether losing the coordinator ends the worker: at once before it ever joined (a wrong
+/// address or secret will not mend), else after [`REJOIN_PATIENCE`] without a successful join.
+#[derive(Default)]
+struct Contact {
+    ever_joined: bool,
+    lost_since: Option<std::time::Instant>,
+}
+
+impl Contact {
+    fn joined(&mut self) {
+        (self.ever_joined, self.lost_since) = (true, None);
+    }
+
+    /// A session or a join ended with `e` at `now`: `e` back when the worker should give up. Only the cluster's own failures (an
+    /// unreachable or vanished coordinator) are retried; bad data or config are not.
+    fn lost(&mut self, e: TrainError, now: std::time::Instant) -> Result<(), TrainError> {
+        let since = *self.lost_since.get_or_insert(now);
+        let transient = matches!(e, TrainError::Cluster(_));
+        if !self.ever_joined || !transient || now.duration_since(since) > REJOIN_PATIENCE {
+            return Err(e);
+        }
+        tracing::warn!("lost the coordinator ({e}); rejoining");
+        Ok(())
     }
 }
 
@@ -471,5 +512,27 @@ fn publish(client: &RoundClient, r: &Replica, with_local: bool) -> StateReport {
     StateReport {
         next_round: r.next_round,
         blake3: r.state_hash(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_that_lost_its_coordinator_rejoins_for_a_while_and_no_one_else_does() {
+        let t0 = std::time::Instant::now();
+        let gone = || TrainError::Cluster("coordinator: timed out".into());
+        let mut c = Contact::default();
+        assert!(c.lost(gone(), t0).is_err(), "never joined: a wrong address");
+        c.joined();
+        assert!(c.lost(gone(), t0).is_ok());
+        assert!(c.lost(gone(), t0 + REJOIN_PATIENCE).is_ok());
+        let late = t0 + REJOIN_PATIENCE + Duration::from_secs(1);
+        assert!(c.lost(gone(), late).is_err(), "patience ran out");
+        c.joined();
+        assert!(c.lost(gone(), late).is_ok(), "a join starts it again");
+        let bad = TrainError::Data("no such file".into());
+        assert!(c.lost(bad, late).is_err(), "bad input does not mend");
     }
 }
