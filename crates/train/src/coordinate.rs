@@ -333,6 +333,9 @@ impl ClusterRun {
             }
         };
         let checkpoint_every_rounds = cfg.train.checkpoint_every.div_ceil(per_round).max(1);
+        // A restarted run's first checkpoint comes a period after the one it restarted from,
+        // not at once: that state is on disk already, and has no vote to wait for yet.
+        let next_checkpoint_round = coordinator.committed_rounds() + checkpoint_every_rounds;
         let server = CoordinatorServer::start(listen, auth.clone(), run_id, coordinator)
             .map_err(|e| TrainError::Cluster(format!("listening on {listen}: {e}")))?;
         Ok(ClusterRun {
@@ -359,7 +362,7 @@ impl ClusterRun {
             rewinds: 0,
             skipped_batches: 0,
             checkpoint_every_rounds,
-            next_checkpoint_round: checkpoint_every_rounds,
+            next_checkpoint_round,
             workers: min_workers,
         })
     }
