@@ -5,7 +5,9 @@
 #   bash bench/chaos-soak.sh [N] [BASE]     # N schedules (default 10) from seed BASE (default 1)
 #
 # Schedule i draws 1-3 faults from seed BASE+i: kills, hangs of 0.5-60 s, slow workers (2-3x),
-# NaN steps, loss spikes, bit flips. Its training seed is one of SEEDS (default "21 22 23", which
+# NaN steps, loss spikes, bit flips; and, one schedule in four (from a second draw, so the
+# others stay what they were), every worker killed at once at 4-15 s, which the launcher
+# survives by restarting cold from the newest checkpoint (one every 100 steps). Its training seed is one of SEEDS (default "21 22 23", which
 # pass the transition in this shape: 99.7-100% held-out exact match), each trained once without
 # faults as the baseline; a baseline still on the plateau is refused. A schedule passes when the run
 #   - completes (exit 0),
@@ -29,7 +31,7 @@ OUT=${OUT:-$(mktemp -d -t holdfast-soak.XXXXXX)}
 SEEDS=(${SEEDS:-21 22 23})
 WORKERS=3 STEPS=800
 # shellcheck disable=SC2206
-SHAPE=(--workers $WORKERS --steps $STEPS --inner-steps 20 --batch-size 32 --no-progress ${SYNC_ARGS:-})
+SHAPE=(--workers $WORKERS --steps $STEPS --inner-steps 20 --batch-size 32 --checkpoint-every 100 --no-progress ${SYNC_ARGS:-})
 BUDGET=$((WORKERS * STEPS)) # batches
 TIMEOUT_S=2.0 # the default failure_timeout_ms
 PER_RUN_LIMIT=600
@@ -63,6 +65,10 @@ for f in faults:
     key = f.split(",")[0] if f.startswith("slow") else f
     if key not in seen:
         seen.add(key); kept.append(f)
+every = random.Random(int(sys.argv[1]) * 1000003 + 17)
+if every.random() < 0.25:
+    at = every.uniform(4, 15)
+    kept += [f"kill:worker={w},at={at:.1f}s" for w in range(3)]
 print(";".join(kept))
 PY
 }
