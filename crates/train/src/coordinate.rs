@@ -526,30 +526,37 @@ impl ClusterRun {
         &self,
         source: &CheckpointSource,
     ) -> Result<(Replica, Vec<OwnState>), TrainError> {
-        let round = source.position.0;
+        let fetched = if self.cfg.sync.mode == SyncMode::Diloco {
+            // All at once: a holder that hangs costs one fetch timeout, not one per holder.
+            std::thread::scope(|s| {
+                let fetches: Vec<_> = (source.peers.iter())
+                    .map(|holder| s.spawn(move || self.fetch_checked(source, &holder.addr)))
+                    .collect();
+                (fetches.into_iter())
+                    .map(|f| f.join().expect("a fetch does not panic"))
+                    .collect()
+            })
+        } else {
+            // Every replica holds the same: the first that serves it will do.
+            let mut fetched = Vec::new();
+            for holder in &source.peers {
+                fetched.push(self.fetch_checked(source, &holder.addr));
+                if fetched.last().is_some_and(Result::is_ok) {
+                    break;
+                }
+            }
+            fetched
+        };
         let mut shared: Option<Replica> = None;
         let mut own = Vec::new();
         let mut last = TrainError::Cluster("no live replica holds it".into());
-        for holder in &source.peers {
-            let fetched = self
-                .fetch_from(&holder.addr, round)
-                .and_then(|r| match &source.agreed {
-                    Some(agreed) if r.state_hash() != *agreed => Err(TrainError::Cluster(format!(
-                        "{} served a state of round {round} with hash {}, not the agreed {agreed}",
-                        holder.addr,
-                        r.state_hash()
-                    ))),
-                    _ => Ok(r),
-                });
-            match fetched {
+        for (holder, result) in source.peers.iter().zip(fetched) {
+            match result {
                 Ok(r) => {
                     if r.owner == holder.name {
                         own.push(r.own_state());
                     }
                     shared.get_or_insert(r);
-                    if self.cfg.sync.mode != SyncMode::Diloco {
-                        break;
-                    }
                 }
                 Err(e) => {
                     tracing::warn!("checkpoint: {e}");
@@ -558,6 +565,19 @@ impl ClusterRun {
             }
         }
         shared.map(|r| (r, own)).ok_or(last)
+    }
+
+    /// The replica `addr` serves for the state `source` names, if it has the agreed hash.
+    fn fetch_checked(&self, source: &CheckpointSource, addr: &str) -> Result<Replica, TrainError> {
+        let round = source.position.0;
+        let r = self.fetch_from(addr, round)?;
+        match &source.agreed {
+            Some(agreed) if r.state_hash() != *agreed => Err(TrainError::Cluster(format!(
+                "{addr} served a state of round {round} with hash {}, not the agreed {agreed}",
+                r.state_hash()
+            ))),
+            _ => Ok(r),
+        }
     }
 
     /// The replica that `addr` serves for the start of `round`.
