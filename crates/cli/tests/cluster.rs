@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{KillOnDrop, LIMIT, bounded, fails_with, holdfast, ok};
+use common::{KillOnDrop, LIMIT, bounded, fails_with, holdfast, jsonl, ok};
 
 /// Runs of several worker processes share two cores: one at a time, so that load from a
 /// neighbouring test cannot pass for a hung worker.
@@ -39,14 +39,6 @@ fn train_args<'a>(run: &'a str, workers: &'a str, steps: &'a str) -> Vec<&'a str
         "7",
         "--no-progress",
     ]
-}
-
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
 }
 
 fn summary(run: &Path) -> Value {
@@ -441,16 +433,27 @@ fn losing_every_replica_at_once_restarts_the_run_cold_and_it_ends_as_if_it_never
     let restarts = events(&d.join("lost"), "restarted_cold");
     assert_eq!(restarts.len(), 1, "{restarts:?}");
     assert_eq!(restarts[0]["workers_own_states"], 3);
-    for file in ["model.safetensors", "optimizer.safetensors"] {
+    assert_same_final_checkpoint(d, "whole", "lost");
+    assert_exactly_once(&d.join("lost"));
+}
+
+/// Runs `a` and `b` in `d` ended with byte-identical step-400 checkpoints: the model, its
+/// AdamW moments and DiLoCo's outer momentum.
+fn assert_same_final_checkpoint(d: &Path, a: &str, b: &str) {
+    for file in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "outer.safetensors",
+    ] {
         let read = |run: &str| {
-            std::fs::read(d.join(run).join("checkpoints/step-00000400").join(file)).unwrap()
+            let p = d.join(run).join("checkpoints/step-00000400").join(file);
+            std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
         };
         assert!(
-            read("whole") == read("lost"),
-            "{file}: the restarted run differs"
+            read(a) == read(b),
+            "{file}: {b}, restarted cold, differs from {a}, which never stopped"
         );
     }
-    assert_exactly_once(&d.join("lost"));
 }
 
 #[test]
@@ -685,20 +688,7 @@ fn assert_diloco_cold_restart_is_exact(d: &Path, extra: &[&str]) {
         "--no-progress",
     ];
     ok(&holdfast(d, &resume));
-    for file in [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "outer.safetensors",
-    ] {
-        let read = |run: &str| {
-            let p = d.join(run).join("checkpoints/step-00000400").join(file);
-            std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        };
-        assert!(
-            read("whole") == read("cut"),
-            "{file}: the run restarted cold differs from the uninterrupted one"
-        );
-    }
+    assert_same_final_checkpoint(d, "whole", "cut");
     assert_exactly_once(&d.join("cut"));
 }
 

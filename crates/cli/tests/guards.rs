@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{KillOnDrop, LIMIT, bounded, holdfast, ok};
+use common::{KillOnDrop, LIMIT, bounded, holdfast, jsonl, ok};
 
 /// 200 steps of the default task (loss is on a smooth stretch there), batch 16.
 fn run(d: &Path, name: &str, extra: &[&str]) -> (String, Vec<Value>) {
@@ -23,12 +23,7 @@ fn run(d: &Path, name: &str, extra: &[&str]) -> (String, Vec<Value>) {
     ];
     args.extend(extra);
     let out = ok(&holdfast(d, &args));
-    let metrics = std::fs::read_to_string(d.join(name).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (out, metrics)
+    (out, jsonl(&d.join(name).join("metrics.jsonl")))
 }
 
 /// The last evaluation's validation loss (JSON writes a NaN as null).

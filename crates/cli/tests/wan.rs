@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::{bounded, ok, skipped};
+use common::{bounded, jsonl, ok, skipped};
 
 fn wan_script() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/wan.sh")
@@ -55,14 +55,6 @@ fn wan_run(dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)]) -> Option
     }
     let line = ok(&out);
     Some(serde_json::from_str(line.trim()).expect("a summary line"))
-}
-
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! of committed rounds (`ledger.jsonl`, one line per round: who trained which batch ids, and
 //! what the round cost), membership events (`events.jsonl`), checkpoints — and at the end
 //! collects the final state from a healthy worker, evaluates it and lets the workers go.
-//! Checkpoints come from a live peer, so no worker needs the coordinator's disk.
+//! Checkpoints come from live peers (in DiLoCo every worker's own state too), so no worker
+//! needs the coordinator's disk.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

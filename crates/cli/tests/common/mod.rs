@@ -81,3 +81,12 @@ pub fn fails_with(o: &Output, needle: &str) {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The JSON values of a `.jsonl` file (a run's ledger, events or metrics), one a line.
+pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
