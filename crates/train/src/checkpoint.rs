@@ -431,38 +431,7 @@ pub fn load_dir_with_extras(
         .model
         .validate()
         .map_err(|e| bad(format!("{MANIFEST_FILE}: {e}")))?;
-    let mut contents: HashMap<&str, Vec<u8>> = HashMap::new();
-    let mut required = vec![MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE];
-    if manifest.cluster.is_some() {
-        required.push(OUTER_FILE);
-    }
-    // Listed only by checkpoints that have it; once listed, it is checked like the others.
-    if manifest.files.contains_key(WORKERS_FILE) {
-        required.push(WORKERS_FILE);
-    }
-    for file in required {
-        let entry = manifest
-            .files
-            .get(file)
-            .ok_or_else(|| bad(format!("manifest lists no {file}")))?;
-        let bytes =
-            std::fs::read(dir.join(file)).map_err(|e| bad(format!("cannot read {file}: {e}")))?;
-        if bytes.len() as u64 != entry.bytes {
-            return Err(bad(format!(
-                "{file} is truncated or extended: {} bytes, manifest says {}",
-                bytes.len(),
-                entry.bytes
-            )));
-        }
-        let hash = blake3::hash(&bytes).to_hex().to_string();
-        if hash != entry.blake3 {
-            return Err(bad(format!(
-                "{file} is corrupt: BLAKE3 {hash} does not match the manifest's {}",
-                entry.blake3
-            )));
-        }
-        contents.insert(file, bytes);
-    }
+    let contents = read_verified(dir, &manifest).map_err(bad)?;
     let source = |f: &str| dir.join(f).display().to_string();
     let named = st::deserialize(&contents[MODEL_FILE], &source(MODEL_FILE))?;
     let weights = Weights::from_named(&manifest.model, named, &source(MODEL_FILE), device)?;
@@ -498,33 +467,74 @@ pub fn load_dir_with_extras(
         seed: manifest.rng.seed,
     };
     let n: usize = state.weights.specs.iter().map(|s| s.numel()).sum();
-    let workers = match contents.get(WORKERS_FILE) {
-        None => Vec::new(),
-        Some(bytes) => parse_workers(bytes, n).map_err(|e| bad(format!("{WORKERS_FILE}: {e}")))?,
-    };
     let extras = match (contents.get(OUTER_FILE), &manifest.cluster) {
-        (Some(bytes), Some(position)) => {
-            let st = safetensors::SafeTensors::deserialize(bytes)
-                .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?;
-            let t = st
-                .tensor("outer_velocity")
-                .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?;
-            let v = holdfast_model::st::f32_from_le_bytes(t.data());
-            if t.dtype() != safetensors::tensor::Dtype::F32 || !(v.is_empty() || v.len() == n) {
-                return Err(bad(format!(
-                    "{OUTER_FILE}: outer_velocity has {} values, the model has {n}",
-                    v.len()
-                )));
-            }
-            Some(ClusterExtras {
-                position: position.clone(),
-                outer_velocity: v,
-                workers,
-            })
-        }
+        (Some(outer), Some(position)) => Some(ClusterExtras {
+            position: position.clone(),
+            outer_velocity: parse_velocity(outer, n)
+                .map_err(|e| bad(format!("{OUTER_FILE}: {e}")))?,
+            workers: match contents.get(WORKERS_FILE) {
+                None => Vec::new(),
+                Some(bytes) => {
+                    parse_workers(bytes, n).map_err(|e| bad(format!("{WORKERS_FILE}: {e}")))?
+                }
+            },
+        }),
         _ => None,
     };
     Ok((state, manifest, extras))
+}
+
+/// The files `manifest` requires of a checkpoint in `dir`, each checked against the size and
+/// BLAKE3 the manifest gives for it.
+fn read_verified(
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<HashMap<&'static str, Vec<u8>>, String> {
+    let mut required = vec![MODEL_FILE, OPTIMIZER_FILE, HF_CONFIG_FILE];
+    if manifest.cluster.is_some() {
+        required.push(OUTER_FILE);
+    }
+    // Listed only by checkpoints that have it; once listed, it is checked like the others.
+    if manifest.files.contains_key(WORKERS_FILE) {
+        required.push(WORKERS_FILE);
+    }
+    let mut contents = HashMap::new();
+    for file in required {
+        let entry =
+            (manifest.files.get(file)).ok_or_else(|| format!("manifest lists no {file}"))?;
+        let bytes =
+            std::fs::read(dir.join(file)).map_err(|e| format!("cannot read {file}: {e}"))?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(format!(
+                "{file} is truncated or extended: {} bytes, manifest says {}",
+                bytes.len(),
+                entry.bytes
+            ));
+        }
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        if hash != entry.blake3 {
+            return Err(format!(
+                "{file} is corrupt: BLAKE3 {hash} does not match the manifest's {}",
+                entry.blake3
+            ));
+        }
+        contents.insert(file, bytes);
+    }
+    Ok(contents)
+}
+
+/// DiLoCo's outer momentum from `outer.safetensors`: empty (DDP) or one value a parameter.
+fn parse_velocity(bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let t = st.tensor("outer_velocity").map_err(|e| e.to_string())?;
+    let v = st::f32_from_le_bytes(t.data());
+    if t.dtype() != safetensors::tensor::Dtype::F32 || !(v.is_empty() || v.len() == n) {
+        return Err(format!(
+            "outer_velocity has {} values, the model has {n}",
+            v.len()
+        ));
+    }
+    Ok(v)
 }
 
 /// The newest checkpoint that verifies, with a warning for each newer one that did not.

@@ -163,6 +163,31 @@ fn truncate_ledger(path: &Path, next_round: u64) -> Result<(), TrainError> {
     crate::atomic_write(path, kept.as_bytes())
 }
 
+/// The coordinator's options for a run of `cfg` that waits for `min_workers`.
+fn coordinator_options(cfg: &RunConfig, min_workers: usize) -> Options {
+    let per_round = cfg.sync.steps_per_round();
+    Options {
+        failure_timeout: Duration::from_millis(cfg.sync.failure_timeout_ms),
+        min_workers,
+        batches_per_round: per_round * cfg.train.grad_accum as u64,
+        budget_batches: cfg.budget_batches(min_workers),
+        schedule_steps: cfg.cluster_steps(),
+        vote: cfg.guard.enabled,
+        max_corruption_flags: cfg.guard.max_corruption_flags.max(1),
+        max_rewinds: cfg.guard.max_rollbacks,
+        damp_rounds: DAMP_ROUNDS,
+        outlier_ratio: cfg.guard.enabled.then_some(match cfg.sync.mode {
+            SyncMode::Diloco => OUTLIER_RATIO,
+            SyncMode::Ddp => STEP_OUTLIER_RATIO,
+        }),
+        audit_probability: if cfg.guard.enabled {
+            cfg.guard.audit_probability
+        } else {
+            0.0
+        },
+    }
+}
+
 /// A run restarting cold from a checkpoint.
 struct RestoredRun<'a> {
     cfg: &'a RunConfig,
@@ -286,26 +311,7 @@ impl ClusterRun {
         restore: Option<Restore>,
     ) -> Result<ClusterRun, TrainError> {
         let per_round = cfg.sync.steps_per_round();
-        let opts = Options {
-            failure_timeout: Duration::from_millis(cfg.sync.failure_timeout_ms),
-            min_workers,
-            batches_per_round: per_round * cfg.train.grad_accum as u64,
-            budget_batches: cfg.budget_batches(min_workers),
-            schedule_steps: cfg.cluster_steps(),
-            vote: cfg.guard.enabled,
-            max_corruption_flags: cfg.guard.max_corruption_flags.max(1),
-            max_rewinds: cfg.guard.max_rollbacks,
-            damp_rounds: DAMP_ROUNDS,
-            outlier_ratio: cfg.guard.enabled.then_some(match cfg.sync.mode {
-                SyncMode::Diloco => OUTLIER_RATIO,
-                SyncMode::Ddp => STEP_OUTLIER_RATIO,
-            }),
-            audit_probability: if cfg.guard.enabled {
-                cfg.guard.audit_probability
-            } else {
-                0.0
-            },
-        };
+        let opts = coordinator_options(cfg, min_workers);
         let run_id = u64::from_le_bytes(random_bytes());
         let auth = Auth::new(secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
         let (coordinator, restored) = match restore {
