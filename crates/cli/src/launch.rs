@@ -16,7 +16,7 @@ use holdfast_cluster::coordinator::Event;
 use holdfast_cluster::wire::{Auth, fresh_secret};
 use holdfast_train::RunConfig;
 use holdfast_train::chaos::{ChaosPlan, Signal};
-use holdfast_train::coordinate::{ClusterRun, ClusterSummary, Progress, Restore};
+use holdfast_train::coordinate::{ClusterRun, ClusterSummary, Progress, Restore, Start};
 use holdfast_train::run::Prepared;
 use holdfast_train::supervise::{Action, Exit, Seen, Supervisor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -171,7 +171,8 @@ pub fn run(
         secret.as_bytes(),
         opts.workers,
         device,
-        restore,
+        restore.map_or(Start::Fresh, |r| Start::Restore(Box::new(r))),
+        None,
     )?;
     let spawn = SpawnSpec {
         coordinator: cluster.server.addr.clone(),

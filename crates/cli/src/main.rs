@@ -3,6 +3,8 @@
 mod device;
 mod launch;
 mod serving;
+#[cfg(feature = "etcd")]
+mod standby;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,9 +14,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::ProgressBar;
 
 use holdfast_model::ModelConfig;
+use holdfast_train::coordinate::Start;
 use holdfast_train::overrides::Overrides;
 use holdfast_train::run::{self, Event};
 use holdfast_train::supervise::{AfterStateLost, LossClock, after_state_lost};
+use holdfast_train::worker::CoordinatorAt;
 use holdfast_train::{RunConfig, SyncMode, Task, TrainState, checkpoint, rundir};
 
 #[derive(Parser)]
@@ -154,6 +158,11 @@ struct CoordinatorArgs {
     /// File holding the run's shared secret (default: the HOLDFAST_SECRET environment variable).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Coordinate through etcd (endpoints `host:port`, comma-separated): every coordinator of
+    /// the run (same --run-dir, shared) campaigns to lead it; the others stand by and take
+    /// over from its last commit when it dies.
+    #[arg(long, value_delimiter = ',', requires = "run_dir")]
+    etcd: Vec<String>,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -161,8 +170,15 @@ struct CoordinatorArgs {
 #[derive(Args)]
 struct WorkerArgs {
     /// The coordinator's address.
-    #[arg(long)]
-    join: String,
+    #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
+    join: Option<String>,
+    /// Find the coordinator leading run --run through etcd (endpoints `host:port`,
+    /// comma-separated), again at every rejoin.
+    #[arg(long, value_delimiter = ',', requires = "run")]
+    etcd: Vec<String>,
+    /// With --etcd: the run's name (its run directory's name).
+    #[arg(long, requires = "etcd")]
+    run: Option<String>,
     /// This worker's name (ranks are ordered by name). Default: HOST-PID.
     #[arg(long)]
     name: Option<String>,
@@ -775,10 +791,16 @@ fn check_coordinator_args(args: &CoordinatorArgs) -> Result<()> {
 
 fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
     check_coordinator_args(&args)?;
+    if !args.etcd.is_empty() {
+        #[cfg(feature = "etcd")]
+        return standby::cmd_coordinator_etcd(&args);
+        #[cfg(not(feature = "etcd"))]
+        bail!(holdfast_train::worker::WITHOUT_ETCD);
+    }
     let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
     let device = device::parse(&args.train.device)?;
     let (run_dir, cfg, prepared, restore) = new_or_restored_cluster_run(&args.train)?;
-    let mut cluster = holdfast_train::coordinate::ClusterRun::start(
+    let cluster = holdfast_train::coordinate::ClusterRun::start(
         &run_dir,
         &cfg,
         &prepared.model,
@@ -786,18 +808,46 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
         &secret,
         args.min_workers,
         device,
-        restore,
+        restore.map_or(Start::Fresh, |r| Start::Restore(Box::new(r))),
+        None,
     )?;
+    let addr = cluster.server.addr.clone();
+    // Started apart from its workers, it cannot restart them cold: once the state has stayed
+    // lost, it ends and says how to go on (a service manager restarting it with --resume does).
+    match coordinate(cluster, &args, (&run_dir, &cfg, &prepared))? {
+        None => Ok(()),
+        Some(rounds) => Err(launch::state_lost_error(
+            &run_dir,
+            rounds,
+            &resume_command(&addr, &args, &run_dir),
+        )),
+    }
+}
+
+/// How to restart a coordinator listening on `addr` cold from its newest checkpoint.
+fn resume_command(addr: &str, args: &CoordinatorArgs, run_dir: &Path) -> String {
+    format!(
+        "holdfast coordinator --listen {addr} --min-workers {} --resume {}",
+        args.min_workers,
+        run_dir.display()
+    )
+}
+
+/// Serves the run until it is complete, then finishes it; or, once no worker has held its
+/// state for the grace, returns the rounds committed.
+fn coordinate(
+    mut cluster: holdfast_train::coordinate::ClusterRun,
+    args: &CoordinatorArgs,
+    (run_dir, cfg, prepared): (&Path, &RunConfig, &run::Prepared),
+) -> Result<Option<u64>> {
     eprintln!(
         "coordinator for {} listening on {}: waiting for {} worker(s) (`holdfast worker --join ADDR`), {}",
         run_dir.display(),
         cluster.server.addr,
         args.min_workers,
-        describe_sync(&cfg)
+        describe_sync(cfg)
     );
     let bar = launch::progress_bar(!args.train.no_progress, cfg.cluster_steps());
-    // It starts no workers, so it cannot restart them cold: once the state has stayed lost,
-    // it ends and says how to go on (a service manager restarting it with --resume does).
     let mut loss = LossClock::default();
     let lost = launch::drive(&mut cluster, &bar, |p| {
         let expired = loss.expired(std::time::Instant::now(), p.state_lost);
@@ -807,20 +857,14 @@ fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
         })
     })?;
     bar.finish_and_clear();
-    if let Some(rounds) = lost {
-        let resume = format!(
-            "holdfast coordinator --listen {} --min-workers {} --resume {}",
-            cluster.server.addr,
-            args.min_workers,
-            run_dir.display()
-        );
-        return Err(launch::state_lost_error(&run_dir, rounds, &resume));
+    if lost.is_some() {
+        return Ok(lost);
     }
-    let summary = cluster.finish(&prepared)?;
-    print_cluster_summary(&summary, &run_dir, &cfg);
+    let summary = cluster.finish(prepared)?;
+    print_cluster_summary(&summary, run_dir, cfg);
     // Give released workers a moment to hear that the run is finished.
     std::thread::sleep(std::time::Duration::from_secs(1));
-    Ok(())
+    Ok(None)
 }
 
 fn check_worker_args(args: &WorkerArgs) -> Result<()> {
@@ -838,8 +882,16 @@ fn cmd_worker(args: WorkerArgs) -> Result<()> {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
         format!("{}-{}", host.trim(), std::process::id())
     });
+    let coordinator = match (&args.join, &args.run) {
+        (Some(addr), _) => CoordinatorAt::Address(addr.clone()),
+        (None, Some(run)) => CoordinatorAt::Etcd {
+            endpoints: args.etcd.clone(),
+            run: run.clone(),
+        },
+        (None, None) => bail!("give --join ADDR, or --etcd URLS with --run NAME"),
+    };
     let opts = holdfast_train::worker::WorkerOptions {
-        coordinator: args.join.clone(),
+        coordinator,
         name,
         secret,
         listen_ip: args.listen_ip.clone(),
@@ -916,8 +968,8 @@ mod tests {
         let commands = deployed_commands();
         assert_eq!(
             commands.len(),
-            3,
-            "two coordinator forms and a worker: {commands:?}"
+            5,
+            "two coordinator forms and a worker, and with etcd one of each: {commands:?}"
         );
         for args in commands {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -927,6 +979,51 @@ mod tests {
                 _ => panic!("{args:?} is not a coordinator or a worker"),
             }
         }
+    }
+
+    #[test]
+    fn etcd_flags_come_with_what_they_need() {
+        let parses = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("holdfast").chain(args.iter().copied())).is_ok()
+        };
+        assert!(parses(&["worker", "--etcd", "e:2379", "--run", "r"]));
+        assert!(
+            !parses(&["worker", "--etcd", "e:2379"]),
+            "--etcd needs --run"
+        );
+        assert!(!parses(&[
+            "worker", "--join", "h:1", "--etcd", "e:2379", "--run", "r"
+        ]));
+        assert!(!parses(&["worker"]), "a worker needs --join or --etcd");
+        let coordinator = [
+            "coordinator",
+            "--listen",
+            "10.0.0.1:7070",
+            "--etcd",
+            "e:2379",
+        ];
+        assert!(!parses(&coordinator), "--etcd needs the shared --run-dir");
+        assert!(parses(
+            &[&coordinator[..], &["--run-dir", "runs/r"]].concat()
+        ));
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn a_build_without_etcd_refuses_etcd_and_says_how_to_get_it() {
+        let args = [
+            "coordinator",
+            "--listen",
+            "10.0.0.1:7070",
+            "--etcd",
+            "e:2379",
+            "--run-dir",
+            "r",
+        ];
+        let Command::Coordinator(a) = parse(&args) else {
+            unreachable!()
+        };
+        refused(cmd_coordinator(*a), "--features etcd");
     }
 
     #[test]

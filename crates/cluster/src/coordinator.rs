@@ -134,12 +134,25 @@ pub struct StateReport {
     pub blake3: String,
 }
 
+/// The state a worker holds when it joins: a coordinator that took over from another (or the
+/// same one, after the worker lost it for a moment) can count it as a holder of the committed
+/// state instead of having every worker fetch one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldState {
+    /// The run it belongs to: a state of another run is never taken for this one's.
+    pub run_id: u64,
+    pub next_round: u64,
+    pub blake3: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     Join {
         name: String,
         data_addr: String,
+        #[serde(default)]
+        held: Option<HeldState>,
     },
     Heartbeat {
         worker: WorkerId,
@@ -475,6 +488,28 @@ pub struct Rewind {
     pub damped_until: u64,
 }
 
+/// What a standby coordinator needs to continue a run from its last commit, recorded with
+/// every commit (see [`Coordinator::durable`]); the rest it learns again from the workers that
+/// rejoin it with the states they hold. A rewind's damping and the corruption flags are not in
+/// it: a takeover starts those afresh.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Durable {
+    pub run_id: u64,
+    /// Where the run stands after its last commit (see [`Coordinator::committed_position`]).
+    pub next_round: u64,
+    pub next_fresh_batch: u64,
+    pub pending_batches: Vec<u64>,
+    /// The newest committed rounds still standing (a few): for the ledger lines a leader that
+    /// died may not have written yet, and for undoing those rounds.
+    pub recent: Vec<RoundRecord>,
+    pub last_agreed: Option<u64>,
+    /// State hashes a majority agreed on, by the round they start.
+    pub agreed: BTreeMap<u64, String>,
+}
+
+/// Committed rounds kept for undoing them (and in [`Durable::recent`]).
+const RECENT_ROUNDS: usize = 8;
+
 pub struct Coordinator {
     opts: Options,
     run_id: u64,
@@ -509,6 +544,17 @@ pub struct Coordinator {
     agreed: BTreeMap<u64, String>,
     /// Batch ids of recently committed rounds, by round, for undoing them.
     recent_batches: BTreeMap<u64, Vec<u64>>,
+    /// The records of recently committed rounds that still stand, by round.
+    recent_records: BTreeMap<u64, RoundRecord>,
+    /// Counts the changes to [`Coordinator::durable`]: commits and undos.
+    durable_version: u64,
+    /// After a takeover: until when the first round waits for the minimum of workers to
+    /// rejoin (the first holder to come back would otherwise start it alone).
+    gathering_until: Option<Instant>,
+    /// After a takeover, before its first commit: members that rejoined holding the state one
+    /// round before the recorded one (the last leader recorded a commit, then died before any
+    /// worker heard of it).
+    one_behind: BTreeSet<WorkerId>,
     corruption_flags: BTreeMap<String, u32>,
     /// Each member's recent contribution fingerprints, by name.
     fingerprints: BTreeMap<String, VecDeque<Fingerprint>>,
@@ -541,6 +587,10 @@ impl Coordinator {
             voted: None,
             agreed: BTreeMap::new(),
             recent_batches: BTreeMap::new(),
+            recent_records: BTreeMap::new(),
+            durable_version: 0,
+            gathering_until: None,
+            one_behind: BTreeSet::new(),
             corruption_flags: BTreeMap::new(),
             fingerprints: BTreeMap::new(),
             rewinds: Vec::new(),
@@ -584,6 +634,55 @@ impl Coordinator {
     pub fn serving_own_states(mut self, addrs: BTreeMap<String, String>) -> Coordinator {
         self.restored_own = addrs;
         self
+    }
+
+    /// A standby that takes over a run at its last commit, as `d` recorded it: it waits (up to
+    /// one failure timeout after `now`) for the minimum of workers to rejoin, counts those that
+    /// hold the committed state as its holders (see [`HeldState`]), and with the vote on has
+    /// them vote on it before the next round.
+    pub fn take_over(opts: Options, job: String, d: Durable, now: Instant) -> Coordinator {
+        let mut c = Coordinator::new(opts, d.run_id, job);
+        c.round = d.next_round;
+        c.pool = BatchPool {
+            next_fresh: d.next_fresh_batch,
+            returned: d.pending_batches.into_iter().collect(),
+        };
+        c.pool_at_commit = c.pool.clone();
+        for r in d.recent {
+            c.recent_batches.insert(
+                r.round,
+                r.members.iter().flat_map(|m| m.batches.clone()).collect(),
+            );
+            c.recent_records.insert(r.round, r);
+        }
+        if d.next_round > 0 {
+            // Not a fresh start: the committed state comes from the workers that hold it.
+            c.last_commit = Some((d.next_round - 1, BTreeSet::new()));
+        }
+        c.last_agreed = d.last_agreed;
+        c.agreed = d.agreed;
+        c.gathering_until = Some(now + c.opts.failure_timeout);
+        c
+    }
+
+    /// What a standby needs to continue from the last commit (see [`Durable`]).
+    pub fn durable(&self) -> Durable {
+        let (next_round, next_fresh_batch, pending_batches) = self.committed_position();
+        Durable {
+            run_id: self.run_id,
+            next_round,
+            next_fresh_batch,
+            pending_batches,
+            recent: self.recent_records.values().cloned().collect(),
+            last_agreed: self.last_agreed,
+            agreed: self.agreed.clone(),
+        }
+    }
+
+    /// Changes with every change to [`Coordinator::durable`]: a caller that records it before
+    /// answering a request records every commit before any worker hears of it.
+    pub fn durable_version(&self) -> u64 {
+        self.durable_version
     }
 
     /// The address serving `worker`'s own checkpointed state of `round`, if there is one.
@@ -827,6 +926,15 @@ impl Coordinator {
             .iter()
             .any(|id| self.members[id].state_round == Some(self.round));
         let quorate = ids.len() >= self.opts.min_workers.max(1);
+        if !quorate && self.gathering_until.is_some_and(|t| now < t) {
+            return;
+        }
+        if !members_hold_state {
+            self.undo_an_unheard_commit();
+        }
+        let members_hold_state = ids
+            .iter()
+            .any(|id| self.members[id].state_round == Some(self.round));
         let enough = if members_hold_state {
             // Whoever lacks the committed state gets it from a member.
             true
@@ -874,6 +982,31 @@ impl Coordinator {
             audit,
             last,
         });
+    }
+
+    /// After a takeover that no member holding the recorded state rejoined: when members hold
+    /// the state one round before, the last leader recorded that round's commit and died before
+    /// telling anyone. No replica applied it, so it is undone (its batches go back to the pool)
+    /// and those members carry on from the state they hold.
+    fn undo_an_unheard_commit(&mut self) {
+        self.one_behind.retain(|id| self.members.contains_key(id));
+        let round = self.round;
+        if self.one_behind.is_empty()
+            || round == 0
+            || !self.recent_batches.contains_key(&(round - 1))
+        {
+            return;
+        }
+        let holders: Vec<WorkerId> = std::mem::take(&mut self.one_behind).into_iter().collect();
+        let reason = format!(
+            "round {} was recorded as committed, but no worker that came back had applied it",
+            round - 1
+        );
+        self.undo_to(round - 1, holders.clone(), reason);
+        for id in holders {
+            let m = self.members.get_mut(&id).expect("live members");
+            (m.state_round, m.serves_from) = (Some(round - 1), Some(round - 1));
+        }
     }
 
     /// Compares the states the members report for the round about to start. Returns false
@@ -979,7 +1112,9 @@ impl Coordinator {
             if let Some(b) = self.recent_batches.remove(&r) {
                 self.pool.returned.extend(b);
             }
+            self.recent_records.remove(&r);
         }
+        self.durable_version += 1;
         self.pool_at_commit = self.pool.clone();
         // Reports of the undone states must not be counted again.
         self.state_hashes.retain(|r, _| *r <= from);
@@ -1032,8 +1167,13 @@ impl Coordinator {
     /// Answers one request at time `now`.
     pub fn handle(&mut self, now: Instant, req: Request) -> Reply {
         self.tick(now);
-        if let Request::Join { name, data_addr } = req {
-            return self.join(now, name, data_addr);
+        if let Request::Join {
+            name,
+            data_addr,
+            held,
+        } = req
+        {
+            return self.join(now, name, data_addr, held);
         }
         let worker = req
             .worker()
@@ -1086,7 +1226,13 @@ impl Coordinator {
         }
     }
 
-    fn join(&mut self, now: Instant, name: String, data_addr: String) -> Reply {
+    fn join(
+        &mut self,
+        now: Instant,
+        name: String,
+        data_addr: String,
+        held: Option<HeldState>,
+    ) -> Reply {
         let same_name: Vec<WorkerId> = self
             .members
             .iter()
@@ -1116,12 +1262,48 @@ impl Coordinator {
                 serves_from: None,
             },
         );
+        if let Some(held) = held {
+            self.count_as_holder(id, held);
+        }
         Reply::Welcome {
             worker: id,
             run_id: self.run_id,
             job: self.job.clone(),
             failure_timeout_ms: self.opts.failure_timeout.as_millis() as u64,
         }
+    }
+
+    /// Counts a joining worker that holds the committed state as one of its holders, unless
+    /// the vote on that state is over and its hash is not the one agreed (then, like any
+    /// other, it fetches the state).
+    fn count_as_holder(&mut self, id: WorkerId, held: HeldState) {
+        let round = self.round;
+        if held.run_id != self.run_id {
+            return;
+        }
+        if self.gathering_until.is_some() && held.next_round + 1 == round {
+            self.one_behind.insert(id);
+            return;
+        }
+        if held.next_round != round {
+            return;
+        }
+        let voted_otherwise = self.opts.vote
+            && self.voted == Some(round)
+            && self.agreed.get(&round) != Some(&held.blake3);
+        if voted_otherwise {
+            return;
+        }
+        let m = self.members.get_mut(&id).expect("just joined");
+        m.state_round = Some(round);
+        m.serves_from = Some(round);
+        self.record_state(
+            id,
+            StateReport {
+                next_round: round,
+                blake3: held.blake3,
+            },
+        );
     }
 
     fn record_state(&mut self, worker: WorkerId, report: StateReport) {
@@ -1500,9 +1682,16 @@ impl Coordinator {
                 .flat_map(|m| m.batches.clone())
                 .collect(),
         );
-        while self.recent_batches.len() > 8 {
+        self.recent_records.insert(a.round, record.clone());
+        while self.recent_batches.len() > RECENT_ROUNDS {
             self.recent_batches.pop_first();
         }
+        while self.recent_records.len() > RECENT_ROUNDS {
+            self.recent_records.pop_first();
+        }
+        self.durable_version += 1;
+        self.gathering_until = None;
+        self.one_behind.clear();
         let every_member_rolled_back = reduced.values().all(|s| s.rollbacks > 0);
         let (round, loss) = (record.round, record.loss);
         // Committed first: a rewind that undoes this round is recorded after it.
@@ -1654,6 +1843,7 @@ mod tests {
             Request::Join {
                 name: name.into(),
                 data_addr: format!("{name}:1"),
+                held: None,
             },
         ) {
             Reply::Welcome {
@@ -2851,5 +3041,175 @@ mod tests {
         ] {
             assert!(matches!(c.handle(t0, req), Reply::Evicted { .. }));
         }
+    }
+
+    fn join_holding(c: &mut Coordinator, now: Instant, name: &str, held: HeldState) -> WorkerId {
+        let req = Request::Join {
+            name: name.into(),
+            data_addr: format!("{name}:1"),
+            held: Some(held),
+        };
+        match c.handle(now, req) {
+            Reply::Welcome { worker, .. } => worker,
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn holding(run_id: u64, next_round: u64) -> HeldState {
+        HeldState {
+            run_id,
+            next_round,
+            blake3: format!("h{next_round}"),
+        }
+    }
+
+    /// Two rounds of a 2-worker run of 4 rounds, and a standby that took it over from what
+    /// the leader recorded (read back as a standby reads it from etcd).
+    fn taken_over() -> (Coordinator, Instant, Vec<RoundRecord>) {
+        let (mut c, t0) = coord(2, 4);
+        let (a, b) = (join(&mut c, t0, "w0"), join(&mut c, t0, "w1"));
+        clean_round(&mut c, t0, &[a, b], 0);
+        clean_round(&mut c, t0, &[a, b], 1);
+        let before = committed(&mut c);
+        let d = c.durable();
+        assert_eq!((d.next_round, d.recent.len()), (2, 2));
+        let d: Durable = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+        let s = Coordinator::take_over(c.options().clone(), "job".into(), d, t0);
+        (s, t0, before)
+    }
+
+    #[test]
+    fn a_standby_takes_over_at_the_last_commit_and_commits_every_batch_once() {
+        let (mut s, t0, before) = taken_over();
+        let a = join_holding(&mut s, t0, "w0", holding(77, 2));
+        assert!(
+            matches!(next(&mut s, t0, a), Reply::Wait { .. }),
+            "the first round waits for the minimum of workers to rejoin"
+        );
+        let b = join(&mut s, t0, "w1");
+        let (
+            Reply::Round {
+                round, donor: da, ..
+            },
+            Reply::Round { donor: db, .. },
+        ) = (next(&mut s, t0, a), next(&mut s, t0, b))
+        else {
+            panic!()
+        };
+        assert_eq!(round, 2);
+        assert_eq!(
+            (da.as_deref(), db.as_deref()),
+            (None, Some("w0:1")),
+            "the worker that held the committed state keeps it and serves it"
+        );
+        clean_round(&mut s, t0, &[a, b], 2);
+        clean_round(&mut s, t0, &[a, b], 3);
+        assert!(s.is_complete());
+        let mut batches: Vec<u64> = (before.iter().chain(&committed(&mut s)))
+            .flat_map(|r| r.members.iter().flat_map(|m| m.batches.clone()))
+            .collect();
+        batches.sort();
+        assert_eq!(batches, (0..16).collect::<Vec<_>>(), "every batch once");
+    }
+
+    #[test]
+    fn a_held_state_counts_only_for_the_same_run_and_its_committed_round() {
+        let (mut s, t0, _) = taken_over();
+        let other_run = join_holding(&mut s, t0, "w0", holding(99, 2));
+        // Two rounds behind: a state nobody can continue from (one behind, see below, can be).
+        let older = join_holding(&mut s, t0, "w1", holding(77, 0));
+        let waiting = next(&mut s, t0, other_run);
+        assert!(
+            matches!(&waiting, Reply::Wait { reason } if reason.contains("round 2")),
+            "{waiting:?}"
+        );
+        assert!(s.state_lost(), "nobody holds the committed state yet");
+        let holder = join_holding(&mut s, t0, "w2", holding(77, 2));
+        assert!(!s.state_lost());
+        let Reply::Round { donor, .. } = next(&mut s, t0, older) else {
+            panic!()
+        };
+        assert_eq!(donor.as_deref(), Some("w2:1"));
+        let Reply::Round { donor, .. } = next(&mut s, t0, holder) else {
+            panic!()
+        };
+        assert_eq!(donor, None);
+    }
+
+    #[test]
+    fn after_a_failure_timeout_a_takeover_starts_with_the_holders_that_came_back() {
+        let (mut s, t0, _) = taken_over();
+        let a = join_holding(&mut s, t0, "w0", holding(77, 2));
+        assert!(matches!(next(&mut s, t0, a), Reply::Wait { .. }));
+        let later = t0 + T + Duration::from_millis(10);
+        s.handle(t0 + T / 2, Request::Heartbeat { worker: a });
+        let Reply::Round { round, quorum, .. } = next(&mut s, later, a) else {
+            panic!()
+        };
+        assert_eq!((round, quorum), (2, 1));
+    }
+
+    #[test]
+    fn the_durable_state_changes_with_every_commit_and_undo() {
+        let (mut c, t0, ws) = voting(&["a", "b"]);
+        let v0 = c.durable_version();
+        clean_round(&mut c, t0, &ws, 0);
+        let v1 = c.durable_version();
+        assert_ne!(v0, v1);
+        assert_eq!(c.durable().next_round, 1);
+        // Two replicas that disagree, no majority: the round is undone.
+        report(&mut c, t0, ws[0], 1, "x");
+        report(&mut c, t0, ws[1], 1, "y");
+        assert_ne!(c.durable_version(), v1);
+        let d = c.durable();
+        assert_eq!((d.next_round, d.recent.len()), (0, 0), "{d:?}");
+        assert_eq!(d.pending_batches, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_commit_recorded_but_never_heard_of_is_undone_after_a_takeover() {
+        let (mut s, t0, before) = taken_over();
+        // The last leader recorded round 1's commit and died before telling anyone: the
+        // workers come back holding the state that starts round 1.
+        let a = join_holding(&mut s, t0, "w0", holding(77, 1));
+        let b = join_holding(&mut s, t0, "w1", holding(77, 1));
+        let (
+            Reply::Round {
+                round,
+                donor: da,
+                batches: ba,
+                ..
+            },
+            Reply::Round { donor: db, .. },
+        ) = (next(&mut s, t0, a), next(&mut s, t0, b))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (round, da, db),
+            (1, None, None),
+            "both carry on from what they hold"
+        );
+        assert_eq!(
+            ba, before[1].members[0].batches,
+            "round 1's batches are trained again"
+        );
+        let voided: Vec<(u64, u64)> = (s.drain_events().into_iter())
+            .filter_map(|e| match e {
+                Event::RoundsVoided { from, to, .. } => Some((from, to)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(voided, vec![(1, 2)]);
+        assert_eq!(s.durable().next_round, 1);
+        for r in 1..4 {
+            clean_round(&mut s, t0, &[a, b], r);
+        }
+        assert!(s.is_complete());
+        let mut batches: Vec<u64> = (before[..1].iter().chain(&committed(&mut s)))
+            .flat_map(|r| r.members.iter().flat_map(|m| m.batches.clone()))
+            .collect();
+        batches.sort();
+        assert_eq!(batches, (0..16).collect::<Vec<_>>(), "every batch once");
     }
 }

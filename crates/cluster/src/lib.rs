@@ -7,6 +7,7 @@
 //! - [`wire`]: framed, authenticated TCP with bounded lengths and deadlines;
 //! - [`coordinator`]: the quorum and round state machine (pure); [`server`] serves it;
 //! - [`membership`]: the trait a worker sees membership through;
+//! - [`etcd`]: the control plane's store: coordinator election and guarded records;
 //! - [`peer`]: a worker's listener for ring neighbours and state transfer (live recovery);
 //! - [`ring`]: fault-tolerant ring all-reduce;
 //! - [`quant`] and [`mesh`]: block quantization, and the quantized all-reduce that uses it;
@@ -14,6 +15,8 @@
 
 pub mod acceptor;
 pub mod coordinator;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod fingerprint;
 pub mod membership;
 pub mod mesh;

@@ -61,3 +61,54 @@ impl MembershipConnector for CoordinatorConnector {
         Ok(Box::new(c))
     }
 }
+
+#[cfg(feature = "etcd")]
+/// Whichever coordinator leads run `run` in an etcd cluster (see [`crate::etcd`]): looked up
+/// at every connection, so a worker that lost its coordinator finds the one that took over.
+#[derive(Clone, Debug)]
+pub struct EtcdConnector {
+    pub endpoints: Vec<String>,
+    pub run: String,
+    pub auth: Auth,
+    pub timeout: Duration,
+}
+
+#[cfg(feature = "etcd")]
+impl EtcdConnector {
+    /// The leader's address: no leader yet reads as a refused connection, which the join
+    /// retries for a while, like a coordinator that is still starting.
+    fn leader(&self) -> Result<String, WireError> {
+        let io = |kind: std::io::ErrorKind, message: String| WireError::Io {
+            peer: self.describe(),
+            source: std::io::Error::new(kind, message),
+        };
+        let etcd = crate::etcd::Etcd::connect(&self.endpoints)
+            .map_err(|e| io(std::io::ErrorKind::ConnectionRefused, e.to_string()))?;
+        let election = crate::etcd::election_key(&self.run);
+        match etcd.leader(&election) {
+            Ok(Some(addr)) => Ok(addr),
+            Ok(None) => Err(io(
+                std::io::ErrorKind::ConnectionRefused,
+                "no coordinator leads it yet".into(),
+            )),
+            Err(e) => Err(io(std::io::ErrorKind::ConnectionRefused, e.to_string())),
+        }
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl MembershipConnector for EtcdConnector {
+    fn describe(&self) -> String {
+        format!(
+            "the coordinator leading run {} in etcd {}",
+            self.run,
+            self.endpoints.join(",")
+        )
+    }
+
+    fn connect(&self, run_id: u64) -> Result<Box<dyn Membership>, WireError> {
+        let addr = self.leader()?;
+        let c = CoordinatorClient::connect(&addr, &self.auth, run_id, self.timeout)?;
+        Ok(Box::new(c))
+    }
+}

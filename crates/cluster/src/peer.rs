@@ -145,12 +145,28 @@ impl PeerServer {
 
     /// Publishes the state peers get from now on.
     pub fn publish(&self, snapshot: Snapshot) {
+        self.publish_shared(Arc::new(snapshot));
+    }
+
+    /// [`PeerServer::publish`] for a snapshot shared with its publisher.
+    pub fn publish_shared(&self, snapshot: Arc<Snapshot>) {
         let mut s = self.snapshots.lock().expect("snapshot lock");
         s.retain(|old| old.next_round < snapshot.next_round);
-        s.push_back(Arc::new(snapshot));
+        s.push_back(snapshot);
         while s.len() > KEEP_SNAPSHOTS {
             s.pop_front();
         }
+    }
+}
+
+impl PeerServer {
+    /// The newest state published, if any.
+    pub fn newest(&self) -> Option<Arc<Snapshot>> {
+        self.snapshots
+            .lock()
+            .expect("snapshot lock")
+            .back()
+            .cloned()
     }
 }
 

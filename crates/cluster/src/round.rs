@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::coordinator::{AuditTask, Reply, Request, StateReport, WorkerId, WorkerRoundStats};
+use crate::coordinator::{
+    AuditTask, HeldState, Reply, Request, StateReport, WorkerId, WorkerRoundStats,
+};
 use crate::membership::{Membership, MembershipConnector};
 use crate::mesh::{Quantized, QuantizedSum, all_reduce_quantized};
 use crate::peer::{PeerServer, Snapshot, fetch_state_from};
@@ -137,6 +139,8 @@ pub struct JoinOptions<'a> {
     pub listen_ip: Option<&'a str>,
     /// Deadline of a state transfer's handshake and frames.
     pub peer_timeout: Duration,
+    /// The state this worker holds from an earlier session, if any.
+    pub held: Option<HeldState>,
 }
 
 impl RoundClient {
@@ -158,6 +162,7 @@ impl RoundClient {
         let join = Request::Join {
             name: o.name.to_string(),
             data_addr: peer.addr.clone(),
+            held: o.held.clone(),
         };
         let (worker, job, failure_timeout) = match channel.call(&join) {
             Ok(Reply::Welcome {
@@ -275,6 +280,16 @@ impl RoundClient {
     /// Serves `bytes` as the state that starts round `next_round`, to recovering peers.
     pub fn publish(&self, next_round: u64, bytes: Vec<u8>) {
         self.peer.publish(Snapshot { next_round, bytes });
+    }
+
+    /// Serves a state kept from an earlier session (see [`RoundClient::newest_published`]).
+    pub fn republish(&self, snapshot: Arc<Snapshot>) {
+        self.peer.publish_shared(snapshot);
+    }
+
+    /// The newest state this worker serves: the one it holds, to keep across a rejoin.
+    pub fn newest_published(&self) -> Option<Arc<Snapshot>> {
+        self.peer.newest()
     }
 
     /// Sums `contribution` over the round's members, retrying on re-formed rings until the
@@ -457,6 +472,7 @@ mod tests {
             auth: &auth,
             listen_ip: Some("127.0.0.1"),
             peer_timeout: Duration::from_secs(5),
+            held: None,
         };
         RoundClient::join(&connector, &o).unwrap()
     }
@@ -547,6 +563,7 @@ mod tests {
             let req = Request::Join {
                 name: name.into(),
                 data_addr: "127.0.0.1:1".into(),
+                held: None,
             };
             match c.call(&req).unwrap() {
                 Reply::Welcome { worker, .. } => worker,
@@ -586,5 +603,78 @@ mod tests {
         // A state larger than the model's is refused before it is received.
         let err = two.fetch_state(&donor, 4, 2).unwrap_err().to_string();
         assert!(err.contains("3 bytes exceeds the limit of 2"), "{err}");
+    }
+
+    /// One worker's round on a raw control connection: the reply to its `Reduced`.
+    fn raw_round(c: &mut CoordinatorClient, worker: WorkerId) -> Reply {
+        let Reply::Round { round, .. } = c
+            .call(&Request::NextRound {
+                worker,
+                state: None,
+            })
+            .unwrap()
+        else {
+            panic!("no round")
+        };
+        let Reply::Ring { attempt, .. } = c.call(&Request::Ready { worker, round }).unwrap() else {
+            panic!("no ring")
+        };
+        let reduced = Request::Reduced {
+            worker,
+            round,
+            attempt,
+            stats: WorkerRoundStats::default(),
+        };
+        c.call(&reduced).unwrap()
+    }
+
+    #[test]
+    fn a_commit_is_recorded_before_it_is_answered_and_a_failed_record_stops_the_coordinator() {
+        let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = recorded.clone();
+        // Records the start and the first commit, then is refused (another leads, say).
+        let recorder: crate::server::Recorder = Box::new(move |d| {
+            if d.next_round >= 2 {
+                return Err("another coordinator leads".into());
+            }
+            log.lock().unwrap().push(d.next_round);
+            Ok(())
+        });
+        let opts = coordinator(1, 3).state.lock().unwrap().options().clone();
+        let c = Coordinator::new(opts, RUN, "the job".into());
+        let auth = Auth::new(TEST_SECRET).unwrap();
+        let server =
+            CoordinatorServer::start_recording("127.0.0.1:0", auth.clone(), RUN, c, Some(recorder))
+                .unwrap();
+        let mut conn =
+            CoordinatorClient::connect(&server.addr, &auth, RUN, Duration::from_secs(5)).unwrap();
+        let join = Request::Join {
+            name: "w0".into(),
+            data_addr: "127.0.0.1:1".into(),
+            held: None,
+        };
+        let Reply::Welcome { worker, .. } = conn.call(&join).unwrap() else {
+            panic!()
+        };
+        assert_eq!(raw_round(&mut conn, worker), Reply::Commit { round: 0 });
+        assert_eq!(
+            *recorded.lock().unwrap(),
+            vec![0, 1],
+            "round 0's commit was recorded before the worker heard of it"
+        );
+        let refused = raw_round(&mut conn, worker);
+        assert!(
+            matches!(&refused, Reply::Evicted { reason } if reason.contains("another coordinator leads")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            server.stopped().as_deref(),
+            Some("another coordinator leads")
+        );
+        let after = conn.call(&Request::NextRound {
+            worker,
+            state: None,
+        });
+        assert!(matches!(after, Ok(Reply::Evicted { .. })), "{after:?}");
     }
 }

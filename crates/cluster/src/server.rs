@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::acceptor::{Acceptor, MAX_UNAUTHENTICATED};
-use crate::coordinator::{Coordinator, Reply, Request, WorkerId};
+use crate::coordinator::{Coordinator, Durable, Reply, Request, WorkerId};
 use crate::wire::{self, Auth, Conn, WireError};
 
 /// How long a worker's control connection may stay quiet: liveness is judged by heartbeats,
@@ -20,9 +20,55 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const HOLD: Duration = Duration::from_millis(500);
 const RECHECK: Duration = Duration::from_millis(2);
 
+/// Records what a standby needs (see [`Durable`]) somewhere that outlives this process, before
+/// any worker hears of the change: an `Err` (with the reason) means this coordinator may no
+/// longer decide anything, e.g. because another leads now.
+pub type Recorder = Box<dyn FnMut(&Durable) -> Result<(), String> + Send>;
+
+/// The recorder, what it last recorded, and why this coordinator stopped deciding, if it did.
+struct Records {
+    recorder: Option<Recorder>,
+    recorded: Option<u64>,
+    stopped: Option<String>,
+}
+
+impl Records {
+    /// Records `c`'s durable state if it changed since the last time: `Err` once this
+    /// coordinator has stopped deciding.
+    fn record(&mut self, c: &Coordinator) -> Result<(), String> {
+        if let Some(why) = &self.stopped {
+            return Err(why.clone());
+        }
+        let Some(recorder) = self.recorder.as_mut() else {
+            return Ok(());
+        };
+        if self.recorded == Some(c.durable_version()) {
+            return Ok(());
+        }
+        match recorder(&c.durable()) {
+            Ok(()) => {
+                self.recorded = Some(c.durable_version());
+                Ok(())
+            }
+            Err(why) => {
+                tracing::error!("stopped coordinating: {why}");
+                self.stopped = Some(why.clone());
+                Err(why)
+            }
+        }
+    }
+}
+
+/// The coordinator and its records, always locked in that order.
+struct Shared {
+    state: Arc<Mutex<Coordinator>>,
+    records: Mutex<Records>,
+}
+
 pub struct CoordinatorServer {
     pub addr: String,
     pub state: Arc<Mutex<Coordinator>>,
+    shared: Arc<Shared>,
     _acceptor: Acceptor,
 }
 
@@ -33,8 +79,30 @@ impl CoordinatorServer {
         run_id: u64,
         coordinator: Coordinator,
     ) -> std::io::Result<Self> {
+        Self::start_recording(listen, auth, run_id, coordinator, None)
+    }
+
+    /// Like [`CoordinatorServer::start`], with every change to the coordinator's durable state
+    /// given to `recorder` before a reply tells any worker of it. Once `recorder` fails, every
+    /// request is answered [`Reply::Evicted`] (the workers look for the new leader) and
+    /// [`CoordinatorServer::stopped`] says why.
+    pub fn start_recording(
+        listen: &str,
+        auth: Auth,
+        run_id: u64,
+        coordinator: Coordinator,
+        recorder: Option<Recorder>,
+    ) -> std::io::Result<Self> {
         let state = Arc::new(Mutex::new(coordinator));
-        let st = state.clone();
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            records: Mutex::new(Records {
+                recorder,
+                recorded: None,
+                stopped: None,
+            }),
+        });
+        let st = shared.clone();
         let acceptor =
             Acceptor::start(
                 listen,
@@ -48,22 +116,42 @@ impl CoordinatorServer {
                     Err(e) => tracing::warn!("refused a connection: {e}"),
                 },
             )?;
-        let (st, stop) = (state.clone(), acceptor.stop_flag());
+        let (st, stop) = (shared.clone(), acceptor.stop_flag());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                st.lock().expect("coordinator lock").tick(Instant::now());
+                let mut c = st.state.lock().expect("coordinator lock");
+                c.tick(Instant::now());
+                // Only this thread's record: a failure is every request's answer from now on.
+                let _ = st.records.lock().expect("records lock").record(&c);
+                drop(c);
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
         Ok(CoordinatorServer {
             addr: acceptor.addr.clone(),
             state,
+            shared,
             _acceptor: acceptor,
         })
     }
+
+    /// Why this coordinator stopped deciding (its recorder failed), if it did.
+    pub fn stopped(&self) -> Option<String> {
+        let records = self.shared.records.lock().expect("records lock");
+        records.stopped.clone()
+    }
 }
 
-fn serve(mut conn: Conn, state: &Mutex<Coordinator>) {
+impl Drop for CoordinatorServer {
+    /// Connections already accepted outlive the acceptor: their workers are told to rejoin,
+    /// so that a coordinator started again on this address (a cold restart) gets them.
+    fn drop(&mut self) {
+        let mut records = self.shared.records.lock().expect("records lock");
+        records.stopped.get_or_insert_with(|| "it closed".into());
+    }
+}
+
+fn serve(mut conn: Conn, shared: &Shared) {
     // The workers this connection spoke for: when it closes, they are gone.
     let mut speaks_for: Vec<WorkerId> = Vec::new();
     if conn.set_timeout(IDLE_CONTROL_TIMEOUT).is_ok() {
@@ -78,7 +166,7 @@ fn serve(mut conn: Conn, state: &Mutex<Coordinator>) {
                 }
             };
             let worker = req.worker();
-            let reply = decide(state, req);
+            let reply = decide(shared, req);
             let id = match &reply {
                 Reply::Welcome { worker, .. } => Some(*worker),
                 Reply::Evicted { .. } => None,
@@ -92,22 +180,33 @@ fn serve(mut conn: Conn, state: &Mutex<Coordinator>) {
             }
         }
     }
-    let mut c = state.lock().expect("coordinator lock");
+    let mut c = shared.state.lock().expect("coordinator lock");
     for id in speaks_for {
         c.disconnected(Instant::now(), id);
     }
+    let _ = shared.records.lock().expect("records lock").record(&c);
 }
 
 /// The coordinator's answer to `req`; one that would be `Wait` is asked again until it is
 /// decided or [`HOLD`] has passed.
-fn decide(state: &Mutex<Coordinator>, mut req: Request) -> Reply {
+fn decide(shared: &Shared, mut req: Request) -> Reply {
     let held = Instant::now();
     loop {
         let again = req.asked_again();
-        let reply = state
-            .lock()
-            .expect("coordinator lock")
-            .handle(Instant::now(), req);
+        let reply = {
+            let mut c = shared.state.lock().expect("coordinator lock");
+            let mut records = shared.records.lock().expect("records lock");
+            match records.record(&c) {
+                Ok(()) => {
+                    let reply = c.handle(Instant::now(), req);
+                    match records.record(&c) {
+                        Ok(()) => reply,
+                        Err(why) => stopped(why),
+                    }
+                }
+                Err(why) => stopped(why),
+            }
+        };
         match (reply, again) {
             (Reply::Wait { .. }, Some(next)) if held.elapsed() < HOLD => {
                 std::thread::sleep(RECHECK);
@@ -115,6 +214,13 @@ fn decide(state: &Mutex<Coordinator>, mut req: Request) -> Reply {
             }
             (reply, _) => return reply,
         }
+    }
+}
+
+/// The answer of a coordinator that stopped deciding: the worker rejoins, and finds the leader.
+fn stopped(why: String) -> Reply {
+    Reply::Evicted {
+        reason: format!("this coordinator stopped: {why}"),
     }
 }
 

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use holdfast_cluster::coordinator::{
-    AuditVerdict, CheckpointSource, Coordinator, Event, Options, RoundRecord,
+    AuditVerdict, CheckpointSource, Coordinator, Durable, Event, Options, RoundRecord,
 };
 use holdfast_cluster::fingerprint::{OUTLIER_RATIO, STEP_OUTLIER_RATIO};
 use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state_from};
-use holdfast_cluster::server::CoordinatorServer;
+use holdfast_cluster::server::{CoordinatorServer, Recorder};
 use holdfast_cluster::wire::{Auth, random_bytes};
 use holdfast_model::ModelConfig;
 use serde::Serialize;
@@ -105,6 +105,17 @@ pub struct ClusterSummary {
     pub checkpoint: PathBuf,
 }
 
+/// How a coordinator begins.
+pub enum Start {
+    /// A new run, from the seeded state.
+    Fresh,
+    /// Restarting cold from a checkpoint.
+    Restore(Box<Restore>),
+    /// Taking over from a coordinator that led the run and recorded where it stood (see
+    /// [`Coordinator::take_over`]): the state comes from the workers that rejoin.
+    TakeOver(Durable),
+}
+
 /// A checkpoint to restart a multi-worker run from.
 pub struct Restore {
     pub state: TrainState,
@@ -140,6 +151,40 @@ pub struct ClusterRun {
     checkpoint_every_rounds: u64,
     next_checkpoint_round: u64,
     pub workers: usize,
+    /// Why this coordinator may no longer write the run directory, if it may not (see
+    /// [`ClusterRun::fenced_by`]).
+    fence: Option<Fence>,
+}
+
+/// Asked before the run directory is written: `Some(reason)` once this coordinator is no
+/// longer in charge of the run.
+pub type Fence = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The ledger of a run taken over at `d`: the lines of rounds `d` undid go, and the committed
+/// rounds the last leader recorded in `d` but had not written yet are added. Returns how
+/// many were added; a gap older than `d` holds is an error that names it.
+fn take_over_ledger(path: &Path, d: &Durable) -> Result<usize, TrainError> {
+    truncate_ledger(path, d.next_round)?;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let next = (text.lines())
+        .filter_map(|l| serde_json::from_str::<RoundRecord>(l).ok())
+        .map(|r| r.round + 1)
+        .max()
+        .unwrap_or(0);
+    let missing: Vec<&RoundRecord> = d.recent.iter().filter(|r| r.round >= next).collect();
+    if let Some(first) = missing.first()
+        && first.round > next
+    {
+        return Err(TrainError::Cluster(format!(
+            "{}: rounds {next}..{} are neither in it nor among the rounds etcd keeps",
+            path.display(),
+            first.round
+        )));
+    }
+    for r in &missing {
+        append_jsonl(path, r)?;
+    }
+    Ok(missing.len())
 }
 
 /// Keeps the ledger lines of rounds before `next_round` (atomically).
@@ -297,8 +342,9 @@ impl RestoredRun<'_> {
 }
 
 impl ClusterRun {
-    /// Starts serving a run whose directory already exists (see `run::create_run_dir`), from
-    /// scratch or, with `restore`, from a checkpoint. `model` is the prepared run's model.
+    /// Starts serving a run whose directory already exists (see `run::create_run_dir`), as
+    /// `start` says. `model` is the prepared run's model. With a `recorder`, every commit is
+    /// recorded before any worker hears of it (see [`CoordinatorServer::start_recording`]).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         run_dir: &Path,
@@ -308,15 +354,35 @@ impl ClusterRun {
         secret: &[u8],
         min_workers: usize,
         device: Device,
-        restore: Option<Restore>,
+        start: Start,
+        recorder: Option<Recorder>,
     ) -> Result<ClusterRun, TrainError> {
         let per_round = cfg.sync.steps_per_round();
         let opts = coordinator_options(cfg, min_workers);
-        let run_id = u64::from_le_bytes(random_bytes());
+        let mut run_id = u64::from_le_bytes(random_bytes());
         let auth = Auth::new(secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
-        let (coordinator, restored) = match restore {
-            None => (Coordinator::new(opts, run_id, cfg.to_toml()), Vec::new()),
-            Some(r) => {
+        let (coordinator, restored) = match start {
+            Start::Fresh => (Coordinator::new(opts, run_id, cfg.to_toml()), Vec::new()),
+            Start::TakeOver(d) => {
+                run_id = d.run_id;
+                let added = take_over_ledger(&run_dir.join(LEDGER_FILE), &d)?;
+                let took_over = serde_json::json!({
+                    "event": "took_over",
+                    "next_round": d.next_round,
+                    "ledger_lines_added": added,
+                });
+                append_jsonl(
+                    &run_dir.join(EVENTS_FILE),
+                    &serde_json::json!({"elapsed_s": 0.0, "detail": took_over}),
+                )?;
+                let now = Instant::now();
+                (
+                    Coordinator::take_over(opts, cfg.to_toml(), d, now),
+                    Vec::new(),
+                )
+            }
+            Start::Restore(r) => {
+                let r = *r;
                 let restored = RestoredRun {
                     cfg,
                     listen,
@@ -343,8 +409,9 @@ impl ClusterRun {
         // A restarted run's first checkpoint comes a period after the one it restarted from,
         // not at once: that state is on disk already, and has no vote to wait for yet.
         let next_checkpoint_round = coordinator.committed_rounds() + checkpoint_every_rounds;
-        let server = CoordinatorServer::start(listen, auth.clone(), run_id, coordinator)
-            .map_err(|e| TrainError::Cluster(format!("listening on {listen}: {e}")))?;
+        let server =
+            CoordinatorServer::start_recording(listen, auth.clone(), run_id, coordinator, recorder)
+                .map_err(|e| TrainError::Cluster(format!("listening on {listen}: {e}")))?;
         Ok(ClusterRun {
             server,
             _restored: restored,
@@ -371,11 +438,26 @@ impl ClusterRun {
             checkpoint_every_rounds,
             next_checkpoint_round,
             workers: min_workers,
+            fence: None,
         })
+    }
+
+    /// Stops the run (an error from [`ClusterRun::poll`]) before it writes anything once
+    /// `fence` says this coordinator is no longer in charge: a leader that lost its election
+    /// must not add to a ledger its successor writes.
+    pub fn fenced_by(mut self, fence: Fence) -> ClusterRun {
+        self.fence = Some(fence);
+        self
     }
 
     /// Records what happened since the last call and writes periodic checkpoints.
     pub fn poll(&mut self) -> Result<Progress, TrainError> {
+        let fenced = self.fence.as_ref().and_then(|f| f());
+        if let Some(why) = self.server.stopped().or(fenced) {
+            return Err(TrainError::Cluster(format!(
+                "this coordinator stopped: {why}"
+            )));
+        }
         let (events, progress, unstable, run_complete) = {
             let mut c = self.server.state.lock().expect("coordinator lock");
             let events = c.drain_events();

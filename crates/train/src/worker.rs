@@ -11,10 +11,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use burn::tensor::Device;
-use holdfast_cluster::coordinator::{AuditReport, AuditTask, StateReport, WorkerRoundStats};
+use std::sync::Arc;
+
+use holdfast_cluster::coordinator::{
+    AuditReport, AuditTask, HeldState, StateReport, WorkerRoundStats,
+};
 use holdfast_cluster::fingerprint::{Fingerprint, payload_hash};
-use holdfast_cluster::membership::CoordinatorConnector;
+use holdfast_cluster::membership::{CoordinatorConnector, MembershipConnector};
 use holdfast_cluster::mesh::Quantized;
+use holdfast_cluster::peer::Snapshot;
 use holdfast_cluster::quant::Precision as WirePrecision;
 use holdfast_cluster::round::{
     Assignment, JoinOptions, Joined, Next, ProtocolError, RoundClient, Synced,
@@ -38,8 +43,7 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
-    /// The coordinator's address.
-    pub coordinator: String,
+    pub coordinator: CoordinatorAt,
     /// Stable name: ranks are ordered by it, and a restarted worker with the same name
     /// replaces its old incarnation at once.
     pub name: String,
@@ -52,6 +56,47 @@ pub struct WorkerOptions {
     pub slow_factor: f64,
     /// Chaos: numeric faults this worker injects into its own training.
     pub faults: NumberFaults,
+}
+
+/// Where a worker finds its coordinator.
+#[derive(Clone, Debug)]
+pub enum CoordinatorAt {
+    /// At this address, always.
+    Address(String),
+    /// Whichever coordinator leads run `run` in this etcd cluster, looked up at every join.
+    Etcd { endpoints: Vec<String>, run: String },
+}
+
+fn connector(at: &CoordinatorAt, auth: &Auth) -> Result<Box<dyn MembershipConnector>, TrainError> {
+    Ok(match at {
+        CoordinatorAt::Address(addr) => Box::new(CoordinatorConnector {
+            addr: addr.clone(),
+            auth: auth.clone(),
+            timeout: CONNECT_TIMEOUT,
+        }),
+        #[cfg(feature = "etcd")]
+        CoordinatorAt::Etcd { endpoints, run } => {
+            Box::new(holdfast_cluster::membership::EtcdConnector {
+                endpoints: endpoints.clone(),
+                run: run.clone(),
+                auth: auth.clone(),
+                timeout: CONNECT_TIMEOUT,
+            })
+        }
+        #[cfg(not(feature = "etcd"))]
+        CoordinatorAt::Etcd { .. } => return Err(TrainError::Config(WITHOUT_ETCD.into())),
+    })
+}
+
+/// Why `--etcd` is refused by a build without the `etcd` feature.
+pub const WITHOUT_ETCD: &str = "this holdfast was built without etcd support; build it with `cargo build --release --features etcd` (needs protoc: Debian's protobuf-compiler)";
+
+/// The committed state this worker published last, kept across sessions: a coordinator that
+/// takes over (or the same one, after a lost connection) counts the worker as one of its
+/// holders instead of having it fetch a state it has.
+struct Held {
+    state: HeldState,
+    snapshot: Arc<Snapshot>,
 }
 
 enum SessionEnd {
@@ -69,11 +114,8 @@ impl From<ProtocolError> for TrainError {
 /// or refuses this worker.
 pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
     let auth = Auth::new(&o.secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
-    let membership = CoordinatorConnector {
-        addr: o.coordinator.clone(),
-        auth: auth.clone(),
-        timeout: CONNECT_TIMEOUT,
-    };
+    let membership = connector(&o.coordinator, &auth)?;
+    let mut held: Option<Held> = None;
     let mut prepared: Option<(RunConfig, Prepared)> = None;
     // Injected faults fire once each, whatever rounds are retried or redone.
     let mut faults = o.faults.clone();
@@ -84,12 +126,13 @@ pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
             auth: &auth,
             listen_ip: o.listen_ip.as_deref(),
             peer_timeout: PEER_TIMEOUT,
+            held: held.as_ref().map(|h| h.state.clone()),
         };
-        let ended = RoundClient::join(&membership, &join)
+        let ended = RoundClient::join(membership.as_ref(), &join)
             .map_err(TrainError::from)
             .and_then(|joined| {
                 contact.joined();
-                session(o, joined, &mut prepared, &mut faults)
+                session(o, joined, &mut prepared, &mut faults, &mut held)
             });
         match ended {
             Ok(SessionEnd::Finished) => return Ok(()),
@@ -156,18 +199,20 @@ fn session(
     Joined { mut client, job }: Joined,
     prepared: &mut Option<(RunConfig, Prepared)>,
     faults: &mut NumberFaults,
+    held: &mut Option<Held>,
 ) -> Result<SessionEnd, TrainError> {
     let (cfg, data) = prepare(prepared, &job, o)?;
     crate::set_flush_denormals(cfg.train.flush_denormals);
     tracing::info!("{} joined as worker {}", o.name, client.worker());
     let strategy = strategy(cfg, &param_specs(&data.model));
     let mut stepper = GuardedStep::new(cfg.guard.clone(), faults);
-    let mut replica: Option<Replica> = None;
+    let mut replica = take_held(&client, held, data, &o.device)?;
     let mut report: Option<StateReport> = None;
     let quantized = quantized(cfg.sync.precision);
     // What the steps that overlapped the last round's sync did: reported with this round.
     let mut overlapped = Contribution::default();
     loop {
+        *held = holding(&client, replica.as_ref(), report.as_ref(), held.take());
         let a = match client.next_round(report.take())? {
             Next::Round(a) => a,
             Next::Finished => return Ok(SessionEnd::Finished),
@@ -236,6 +281,56 @@ fn session(
         flip_a_bit_if_planned(stepper.faults(), r, a.round);
         report = Some(publish(&client, r, holder.with_local));
     }
+}
+
+/// The replica kept from the last session, served again from this one's peer endpoint; none
+/// when this session is another run's (a coordinator restarted from a checkpoint).
+fn take_held(
+    client: &RoundClient,
+    held: &mut Option<Held>,
+    data: &Prepared,
+    device: &Device,
+) -> Result<Option<Replica>, TrainError> {
+    let Some(h) = held.take().filter(|h| h.state.run_id == client.run_id()) else {
+        return Ok(None);
+    };
+    let r = Replica::decode(
+        &h.snapshot.bytes,
+        &data.model,
+        device,
+        "its own earlier state",
+    )?;
+    client.republish(h.snapshot.clone());
+    *held = Some(h);
+    Ok(Some(r))
+}
+
+/// What to keep of this session if it ends now: the newest state served, when it is the
+/// replica's (a replica in the middle of a round has moved past it, but the state it serves
+/// is still the committed one it started from). `report` or `previous` spare hashing it again.
+fn holding(
+    client: &RoundClient,
+    replica: Option<&Replica>,
+    report: Option<&StateReport>,
+    previous: Option<Held>,
+) -> Option<Held> {
+    let snapshot = client.newest_published()?;
+    if let Some(p) = previous.filter(|p| Arc::ptr_eq(&p.snapshot, &snapshot)) {
+        return Some(p);
+    }
+    let r = replica.filter(|r| r.next_round == snapshot.next_round)?;
+    let blake3 = match report {
+        Some(s) if s.next_round == r.next_round => s.blake3.clone(),
+        _ => r.state_hash(),
+    };
+    Some(Held {
+        state: HeldState {
+            run_id: client.run_id(),
+            next_round: r.next_round,
+            blake3,
+        },
+        snapshot,
+    })
 }
 
 /// How this worker holds a replica.
