@@ -96,12 +96,15 @@ fn lead(endpoints: &[String], name: &str, listen: &str) -> Result<Leadership> {
     loop {
         match etcd.campaign(&etcd::election_key(name), listen, LEADER_TTL) {
             Ok(leadership) => return Ok(leadership),
-            Err(e) => {
-                tracing::warn!("campaigning for run {name}: {e}; again in 1 s");
-                std::thread::sleep(Duration::from_secs(1));
-                etcd = Etcd::connect(endpoints)?;
-            }
+            Err(e) => tracing::warn!("campaigning for run {name}: {e}; again in 1 s"),
         }
+        etcd = loop {
+            std::thread::sleep(Duration::from_secs(1));
+            match Etcd::connect(endpoints) {
+                Ok(etcd) => break etcd,
+                Err(e) => tracing::warn!("campaigning for run {name}: {e}; again in 1 s"),
+            }
+        };
     }
 }
 

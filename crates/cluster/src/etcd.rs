@@ -93,10 +93,8 @@ impl Etcd {
 
     /// The value under `key`, if any.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, EtcdError> {
-        let mut c = self.client.clone();
         let resp = self
-            .rt
-            .block_on(c.get(key, None))
+            .on_any_endpoint(|mut c| async move { c.get(key, None).await })
             .map_err(|e| self.failed(e))?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(None);
@@ -112,8 +110,7 @@ impl Etcd {
 
     /// What the current leader of `election` proclaimed (a coordinator's address), if one leads.
     pub fn leader(&self, election: &str) -> Result<Option<String>, EtcdError> {
-        let mut c = self.client.clone();
-        match self.rt.block_on(c.leader(election)) {
+        match self.on_any_endpoint(|mut c| async move { c.leader(election).await }) {
             Ok(resp) => Ok(resp
                 .kv()
                 .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
@@ -121,6 +118,25 @@ impl Etcd {
             Err(e) if e.to_string().contains("no leader") => Ok(None),
             Err(e) => Err(self.failed(e)),
         }
+    }
+
+    /// `request` on the client, tried once more per endpoint while it fails: requests take
+    /// turns among the endpoints, and a dead member fails the ones that reach it.
+    fn on_any_endpoint<T, F: std::future::Future<Output = Result<T, etcd_client::Error>>>(
+        &self,
+        request: impl Fn(Client) -> F,
+    ) -> Result<T, etcd_client::Error> {
+        let mut answer = self.rt.block_on(request(self.client.clone()));
+        for _ in 0..self.endpoints.len() {
+            match &answer {
+                // gRPC's UNAVAILABLE: "The service is currently unavailable".
+                Err(e) if e.to_string().contains("currently unavailable") => {
+                    answer = self.rt.block_on(request(self.client.clone()))
+                }
+                _ => break,
+            }
+        }
+        answer
     }
 
     /// Blocks until this process leads `election`, proclaiming `value`. Its lease lives `ttl`
