@@ -41,22 +41,7 @@ pub fn cmd_coordinator_etcd(args: &CoordinatorArgs) -> Result<()> {
         eprintln!("run {name} is already finished");
         return Ok(());
     }
-    let (cfg, prepared, mut start) = match read_durable(leadership.etcd(), &name)? {
-        Some(d) => {
-            let (cfg, prepared) = existing_run(&run_dir)
-                .context("run {name} has committed rounds in etcd; its coordinators must share its run directory")?;
-            (cfg, prepared, Start::TakeOver(d))
-        }
-        // A leader that died before its first commit left the directory behind.
-        None if run_dir.exists() => {
-            let (cfg, prepared) = existing_run(&run_dir)?;
-            (cfg, prepared, Start::Fresh)
-        }
-        None => {
-            let (_, cfg, prepared) = new_cluster_run(&args.train)?;
-            (cfg, prepared, Start::Fresh)
-        }
-    };
+    let (cfg, prepared, mut start) = how_to_start(args, &run_dir, leadership.etcd(), &name)?;
     let mut restarts = 0;
     loop {
         let cluster = ClusterRun::start(
@@ -86,6 +71,33 @@ pub fn cmd_coordinator_etcd(args: &CoordinatorArgs) -> Result<()> {
         run_dir.display().to_string().as_bytes(),
     )?;
     Ok(())
+}
+
+/// What the new leader of run `name` starts from: the last leader's record (taking over), or
+/// a fresh start in the run directory (made here when no leader made it yet).
+fn how_to_start(
+    args: &CoordinatorArgs,
+    run_dir: &Path,
+    etcd: &Etcd,
+    name: &str,
+) -> Result<(holdfast_train::RunConfig, run::Prepared, Start)> {
+    Ok(match read_durable(etcd, name)? {
+        Some(d) => {
+            let (cfg, prepared) = existing_run(run_dir).with_context(|| {
+                format!("run {name} has committed rounds in etcd; its coordinators must share its run directory")
+            })?;
+            (cfg, prepared, Start::TakeOver(d))
+        }
+        // A leader that died before its first commit left the directory behind.
+        None if run_dir.exists() => {
+            let (cfg, prepared) = existing_run(run_dir)?;
+            (cfg, prepared, Start::Fresh)
+        }
+        None => {
+            let (_, cfg, prepared) = new_cluster_run(&args.train)?;
+            (cfg, prepared, Start::Fresh)
+        }
+    })
 }
 
 /// Campaigns until this coordinator leads run `name`. An etcd that cannot be reached at all

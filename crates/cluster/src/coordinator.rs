@@ -1281,7 +1281,7 @@ impl Coordinator {
         if held.run_id != self.run_id {
             return;
         }
-        if self.gathering_until.is_some() && held.next_round + 1 == round {
+        if self.gathering_until.is_some() && held.next_round.checked_add(1) == Some(round) {
             self.one_behind.insert(id);
             return;
         }
