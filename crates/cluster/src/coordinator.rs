@@ -289,6 +289,13 @@ pub struct LedgerMember {
     pub compute_s: f64,
 }
 
+impl RoundRecord {
+    /// The batch ids the round trained, member by member.
+    pub fn batches(&self) -> impl Iterator<Item = u64> + '_ {
+        self.members.iter().flat_map(|m| m.batches.iter().copied())
+    }
+}
+
 /// A committed round: what went into the weights, and what it cost.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
@@ -542,9 +549,8 @@ pub struct Coordinator {
     /// The state hash a majority of replicas agreed on, by the round it starts (the newest
     /// few).
     agreed: BTreeMap<u64, String>,
-    /// Batch ids of recently committed rounds, by round, for undoing them.
-    recent_batches: BTreeMap<u64, Vec<u64>>,
-    /// The records of recently committed rounds that still stand, by round.
+    /// The records of recently committed rounds that still stand, by round: their batches go
+    /// back to the pool when they are undone.
     recent_records: BTreeMap<u64, RoundRecord>,
     /// Counts the changes to [`Coordinator::durable`]: commits and undos.
     durable_version: u64,
@@ -586,7 +592,6 @@ impl Coordinator {
             last_agreed: Some(0),
             voted: None,
             agreed: BTreeMap::new(),
-            recent_batches: BTreeMap::new(),
             recent_records: BTreeMap::new(),
             durable_version: 0,
             gathering_until: None,
@@ -648,13 +653,7 @@ impl Coordinator {
             returned: d.pending_batches.into_iter().collect(),
         };
         c.pool_at_commit = c.pool.clone();
-        for r in d.recent {
-            c.recent_batches.insert(
-                r.round,
-                r.members.iter().flat_map(|m| m.batches.clone()).collect(),
-            );
-            c.recent_records.insert(r.round, r);
-        }
+        c.recent_records = d.recent.into_iter().map(|r| (r.round, r)).collect();
         if d.next_round > 0 {
             // Not a fresh start: the committed state comes from the workers that hold it.
             c.last_commit = Some((d.next_round - 1, BTreeSet::new()));
@@ -922,16 +921,11 @@ impl Coordinator {
             return;
         }
         let ids = self.ranked(self.members.keys().copied());
-        let members_hold_state = ids
-            .iter()
-            .any(|id| self.members[id].state_round == Some(self.round));
         let quorate = ids.len() >= self.opts.min_workers.max(1);
         if !quorate && self.gathering_until.is_some_and(|t| now < t) {
             return;
         }
-        if !members_hold_state {
-            self.undo_an_unheard_commit();
-        }
+        self.undo_an_unheard_commit();
         let members_hold_state = ids
             .iter()
             .any(|id| self.members[id].state_round == Some(self.round));
@@ -991,9 +985,11 @@ impl Coordinator {
     fn undo_an_unheard_commit(&mut self) {
         self.one_behind.retain(|id| self.members.contains_key(id));
         let round = self.round;
-        if self.one_behind.is_empty()
+        let someone_holds_it = (self.members.values()).any(|m| m.state_round == Some(round));
+        if someone_holds_it
+            || self.one_behind.is_empty()
             || round == 0
-            || !self.recent_batches.contains_key(&(round - 1))
+            || !self.recent_records.contains_key(&(round - 1))
         {
             return;
         }
@@ -1109,10 +1105,9 @@ impl Coordinator {
     fn undo_to(&mut self, from: u64, donors: Vec<WorkerId>, reason: String) {
         let to = self.round;
         for r in from..to {
-            if let Some(b) = self.recent_batches.remove(&r) {
-                self.pool.returned.extend(b);
+            if let Some(record) = self.recent_records.remove(&r) {
+                self.pool.returned.extend(record.batches());
             }
-            self.recent_records.remove(&r);
         }
         self.durable_version += 1;
         self.pool_at_commit = self.pool.clone();
@@ -1674,18 +1669,7 @@ impl Coordinator {
         self.last_commit = Some((a.round, ring.iter().copied().collect()));
         self.round = a.round + 1;
         self.pool_at_commit = self.pool.clone();
-        self.recent_batches.insert(
-            a.round,
-            record
-                .members
-                .iter()
-                .flat_map(|m| m.batches.clone())
-                .collect(),
-        );
         self.recent_records.insert(a.round, record.clone());
-        while self.recent_batches.len() > RECENT_ROUNDS {
-            self.recent_batches.pop_first();
-        }
         while self.recent_records.len() > RECENT_ROUNDS {
             self.recent_records.pop_first();
         }
@@ -1740,7 +1724,9 @@ impl Coordinator {
         self.rewinds.push(rewind.clone());
         self.events.push(Event::Rewound(rewind));
         if from < self.round {
-            let skipped = self.recent_batches.remove(&round).unwrap_or_default();
+            let skipped = (self.recent_records.remove(&round))
+                .map(|r| r.batches().collect())
+                .unwrap_or_default();
             self.undo_to(from, donors, reason);
             self.events.push(Event::BatchesSkipped {
                 round,

@@ -187,6 +187,34 @@ fn take_over_ledger(path: &Path, d: &Durable) -> Result<usize, TrainError> {
     Ok(missing.len())
 }
 
+/// The coordinator of a run taken over at `d`, its ledger mended and the takeover recorded.
+fn take_over(
+    run_dir: &Path,
+    cfg: &RunConfig,
+    opts: Options,
+    d: Durable,
+) -> Result<Coordinator, TrainError> {
+    let added = take_over_ledger(&run_dir.join(LEDGER_FILE), &d)?;
+    let took_over = serde_json::json!({
+        "event": "took_over",
+        "next_round": d.next_round,
+        "ledger_lines_added": added,
+    });
+    record_start(run_dir, took_over)?;
+    Ok(Coordinator::take_over(
+        opts,
+        cfg.to_toml(),
+        d,
+        Instant::now(),
+    ))
+}
+
+/// Writes how this coordinator began (`detail`) as the first event of its stretch.
+fn record_start(run_dir: &Path, detail: serde_json::Value) -> Result<(), TrainError> {
+    let line = serde_json::json!({"elapsed_s": 0.0, "detail": detail});
+    append_jsonl(&run_dir.join(EVENTS_FILE), &line)
+}
+
 /// Keeps the ledger lines of rounds before `next_round` (atomically).
 fn truncate_ledger(path: &Path, next_round: u64) -> Result<(), TrainError> {
     let Ok(text) = std::fs::read_to_string(path) else {
@@ -365,21 +393,7 @@ impl ClusterRun {
             Start::Fresh => (Coordinator::new(opts, run_id, cfg.to_toml()), Vec::new()),
             Start::TakeOver(d) => {
                 run_id = d.run_id;
-                let added = take_over_ledger(&run_dir.join(LEDGER_FILE), &d)?;
-                let took_over = serde_json::json!({
-                    "event": "took_over",
-                    "next_round": d.next_round,
-                    "ledger_lines_added": added,
-                });
-                append_jsonl(
-                    &run_dir.join(EVENTS_FILE),
-                    &serde_json::json!({"elapsed_s": 0.0, "detail": took_over}),
-                )?;
-                let now = Instant::now();
-                (
-                    Coordinator::take_over(opts, cfg.to_toml(), d, now),
-                    Vec::new(),
-                )
+                (take_over(run_dir, cfg, opts, d)?, Vec::new())
             }
             Start::Restore(r) => {
                 let r = *r;
@@ -398,10 +412,7 @@ impl ClusterRun {
                     "next_round": c.committed_rounds(),
                     "workers_own_states": own_states,
                 });
-                append_jsonl(
-                    &run_dir.join(EVENTS_FILE),
-                    &serde_json::json!({"elapsed_s": 0.0, "detail": restart}),
-                )?;
+                record_start(run_dir, restart)?;
                 (c, servers)
             }
         };
