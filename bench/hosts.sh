@@ -10,10 +10,13 @@
 # FAULT: kill-leader (SIGKILL the leading coordinator), kill-etcd-leader (SIGKILL the etcd
 # member that leads the etcd cluster), cut-leader (drop every packet between the leading
 # coordinator and the etcd members, iptables in its namespace; its workers still reach it),
-# none. The line says when the fault came, when the standby led and when the next round was
-# committed (seconds after the fault), how each coordinator exited, and whether the ledger
-# holds every round once. Exits 3 (and says why) where namespaces cannot be made. Needs root,
-# ip, iptables, curl, python3, etcd and a holdfast built with --features etcd (HOLDFAST).
+# cut-worker (drop every packet of worker host 8 for CUT_FOR seconds, default 5, then heal;
+# its etcd lease lapses meanwhile), none. The line says when the fault came, when the
+# standby led and when the next round was committed (seconds after the fault), how each
+# coordinator exited, and whether the ledger holds every round once; after cut-worker, why
+# worker 8 was put out and whether it rejoined. Exits 3 (and says why) where namespaces
+# cannot be made. Needs root, ip, iptables, curl, python3, etcd and a holdfast built with
+# --features etcd (HOLDFAST).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${HOLDFAST:-${CARGO_TARGET_DIR:-target}/release/holdfast}")
@@ -115,11 +118,18 @@ cut_from_etcd() { # k
   done
 }
 
+cut_worker() { # k seconds: every packet of host k dropped for that long, then healed
+  in_host "$1" iptables -A INPUT ! -i lo -j DROP
+  in_host "$1" iptables -A OUTPUT ! -o lo -j DROP
+  sleep "$2"
+  in_host "$1" iptables -F
+}
+
 run() { # dir fault train-args...
   local dir=$1 fault=$2 k
   shift 2
-  case "$fault" in kill-leader | kill-etcd-leader | cut-leader | none) ;; *)
-    echo "FAULT $fault: expected kill-leader, kill-etcd-leader, cut-leader or none" >&2
+  case "$fault" in kill-leader | kill-etcd-leader | cut-leader | cut-worker | none) ;; *)
+    echo "FAULT $fault: expected kill-leader, kill-etcd-leader, cut-leader, cut-worker or none" >&2
     return 2
     ;;
   esac
@@ -149,12 +159,16 @@ run() { # dir fault train-args...
       > "$dir/logs/worker-$k.log" 2>&1 &
   done
   wait_for 120 more_rounds "$dir/run" $((AFTER - 1))
-  local before at led="null" committed
+  local before at led="null" committed cutter=""
   before=$(rounds "$dir/run")
   case "$fault" in
   kill-leader) kill -9 "$first" ;;
   kill-etcd-leader) k=$(etcd_leader) && ip netns pids "$(ns "h$k")" | xargs -r kill -9 ;;
   cut-leader) cut_from_etcd 4 ;;
+  cut-worker)
+    cut_worker 8 "${CUT_FOR:-5}" &
+    cutter=$!
+    ;;
   esac
   at=$(now)
   echo "$at $fault" > "$dir/logs/fault.log"
@@ -163,6 +177,7 @@ run() { # dir fault train-args...
   fi
   wait_for 60 more_rounds "$dir/run" "$before"
   committed=$(now)
+  [ -z "$cutter" ] || wait "$cutter"
   local first_exit=0 second_exit=0
   if [ "$fault" = kill-leader ] || [ "$fault" = cut-leader ]; then
     wait "$second" || second_exit=$?
@@ -185,6 +200,9 @@ for line in open(d + "/run/ledger.jsonl"):
         records.append(r)
 rounds = [r["round"] for r in records]
 ids = [b for r in records for m in r["members"] for b in m["batches"]]
+events = [json.loads(l).get("detail", {}) for l in open(d + "/run/events.jsonl")]
+cut = [i for i, e in enumerate(events) if e.get("event") == "removed" and e.get("name") == "worker-8"]
+rejoined = bool(cut) and any(e.get("event") == "joined" and e.get("name") == "worker-8" for e in events[cut[0]:])
 print(json.dumps({
     "fault": fault, "fault_after_rounds": int(before),
     "led_after_s": None if led == "null" else round(float(led) - float(at), 3),
@@ -192,6 +210,7 @@ print(json.dumps({
     "first_exit": int(e1), "second_exit": int(e2),
     "rounds": len(rounds), "rounds_once": rounds == list(range(len(rounds))),
     "batches": len(ids), "batches_once": len(ids) == len(set(ids)),
+    "worker_8_removed": events[cut[0]]["reason"] if cut else None, "worker_8_rejoined": rejoined,
 }))
 PY
 }
@@ -199,5 +218,5 @@ PY
 case "${1:-}" in
 clean) cleanup ;;
 run) shift; run "$@" ;;
-*) sed -n '2,17p' "$0"; exit 2 ;;
+*) sed -n '2,19p' "$0"; exit 2 ;;
 esac

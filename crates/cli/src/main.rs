@@ -316,6 +316,12 @@ fn load_for_resume(
 
 fn cmd_train(args: TrainArgs) -> Result<()> {
     let device = device::parse(&args.device)?;
+    if !config_file_etcd(args.config.as_deref())?.is_empty() {
+        bail!(
+            "sync.etcd in {}: `train` starts its run's only coordinator; standby coordinators campaign in etcd with `holdfast coordinator`",
+            args.config.as_deref().unwrap_or(Path::new("")).display()
+        );
+    }
     if let Some(workers) = args.workers {
         return cmd_train_workers(&args, workers, device);
     }
@@ -789,11 +795,28 @@ fn check_coordinator_args(args: &CoordinatorArgs) -> Result<()> {
     Ok(())
 }
 
+/// The etcd a coordinator campaigns in: `--etcd`, else its `--config` file's `sync.etcd`.
+fn etcd_endpoints(args: &CoordinatorArgs) -> Result<Vec<String>> {
+    if !args.etcd.is_empty() {
+        return Ok(args.etcd.clone());
+    }
+    config_file_etcd(args.train.config.as_deref())
+}
+
+/// `sync.etcd` of the config file at `path`, if one is given.
+fn config_file_etcd(path: Option<&Path>) -> Result<Vec<String>> {
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    Ok(RunConfig::from_toml_file(path)?.sync.etcd)
+}
+
 fn cmd_coordinator(args: CoordinatorArgs) -> Result<()> {
     check_coordinator_args(&args)?;
-    if !args.etcd.is_empty() {
+    let etcd = etcd_endpoints(&args)?;
+    if !etcd.is_empty() {
         #[cfg(feature = "etcd")]
-        return standby::cmd_coordinator_etcd(&args);
+        return standby::cmd_coordinator_etcd(&args, &etcd);
         #[cfg(not(feature = "etcd"))]
         bail!(holdfast_train::worker::WITHOUT_ETCD);
     }
@@ -1006,6 +1029,39 @@ mod tests {
         assert!(parses(
             &[&coordinator[..], &["--run-dir", "runs/r"]].concat()
         ));
+    }
+
+    #[test]
+    fn sync_etcd_in_the_config_is_the_coordinators_etcd_and_train_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("run.toml");
+        std::fs::write(&config, "[sync]\netcd = [\"e1:2379\", \"e2:2379\"]\n").unwrap();
+        let config = config.to_str().unwrap();
+        let coordinator = [
+            "coordinator",
+            "--listen",
+            "10.0.0.1:7070",
+            "--config",
+            config,
+        ];
+        let Command::Coordinator(a) = parse(&coordinator) else {
+            unreachable!()
+        };
+        assert_eq!(etcd_endpoints(&a).unwrap(), ["e1:2379", "e2:2379"]);
+        let flag_wins = [&coordinator[..], &["--etcd", "f:2379", "--run-dir", "r"]].concat();
+        let Command::Coordinator(a) = parse(&flag_wins) else {
+            unreachable!()
+        };
+        assert_eq!(etcd_endpoints(&a).unwrap(), ["f:2379"]);
+        let Command::Train(a) = parse(&["train", "--config", config]) else {
+            unreachable!()
+        };
+        refused(cmd_train(*a), "sync.etcd in");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "nothing made"
+        );
     }
 
     #[cfg(not(feature = "etcd"))]

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use holdfast_cluster::coordinator::Durable;
+use holdfast_cluster::coordinator::{Durable, Liveness};
 use holdfast_cluster::etcd::{self, Etcd, Leadership};
-use holdfast_cluster::server::Recorder;
-use holdfast_train::coordinate::{ClusterRun, Fence, Start};
+use holdfast_cluster::membership::member_leases;
+use holdfast_cluster::server::{LeaseChanges, Recorder};
+use holdfast_train::coordinate::{ClusterRun, ControlPlane, Fence, Start};
 use holdfast_train::run;
 
 use super::{
@@ -25,17 +26,22 @@ use super::{
 /// electing a new leader of its own must not take.
 const LEADER_TTL: Duration = Duration::from_secs(3);
 
-pub fn cmd_coordinator_etcd(args: &CoordinatorArgs) -> Result<()> {
+/// Coordinates the run of `args` as one of its coordinators in the etcd at `endpoints`.
+pub fn cmd_coordinator_etcd(args: &CoordinatorArgs, endpoints: &[String]) -> Result<()> {
     let run_dir = args.train.run_dir.clone().ok_or_else(|| {
-        anyhow!("--etcd needs --run-dir: the run directory the coordinators share")
+        anyhow!(
+            "etcd (--etcd or sync.etcd) needs --run-dir: the run directory the coordinators share"
+        )
     })?;
     let name = run_name(&run_dir)?;
     check_advertised(&args.listen)?;
     let secret = launch::secret_from_env_or_file(args.secret_file.as_ref())?;
     let device = device::parse(&args.train.device)?;
-    let endpoints = args.etcd.join(",");
-    eprintln!("standing by for run {name}: campaigning in etcd {endpoints}");
-    let leadership = Arc::new(lead(&args.etcd, &name, &args.listen)?);
+    eprintln!(
+        "standing by for run {name}: campaigning in etcd {}",
+        endpoints.join(",")
+    );
+    let leadership = Arc::new(lead(endpoints, &name, &args.listen)?);
     eprintln!("leading run {name}");
     if leadership.etcd().get(&etcd::finished_key(&name))?.is_some() {
         eprintln!("run {name} is already finished");
@@ -53,7 +59,10 @@ pub fn cmd_coordinator_etcd(args: &CoordinatorArgs) -> Result<()> {
             args.min_workers,
             device.clone(),
             start,
-            Some(recorder(leadership.clone(), &name)),
+            Some(&EtcdPlane {
+                leadership: leadership.clone(),
+                name: name.clone(),
+            }),
         )?
         .fenced_by(fence(leadership.clone(), &name));
         let Some(rounds) = coordinate(cluster, args, (&run_dir, &cfg, &prepared))? else {
@@ -171,6 +180,27 @@ fn fence(leadership: Arc<Leadership>, name: &str) -> Fence {
         "no longer the leader of run {name}: its etcd lease could not be renewed, so a standby takes over"
     );
     Box::new(move || leadership.lost().then(|| why.clone()))
+}
+
+/// Run `name`'s etcd, as its leader sees it.
+struct EtcdPlane {
+    leadership: Arc<Leadership>,
+    name: String,
+}
+
+impl ControlPlane for EtcdPlane {
+    fn recorder(&self) -> Recorder {
+        recorder(self.leadership.clone(), &self.name)
+    }
+
+    /// The workers keep leases under a prefix of this leader's and this run id's own, which
+    /// the leader watches.
+    fn follow_members(&self, run_id: u64) -> (Liveness, LeaseChanges) {
+        let prefix = etcd::members_prefix(&self.name, self.leadership.lease(), run_id);
+        let watch = self.leadership.etcd().watch_prefix(&prefix);
+        let leases = member_leases(watch, prefix.clone());
+        (Liveness::Lease { prefix }, leases)
+    }
 }
 
 /// Records each change of where the run stands under the run's key, only while leading.

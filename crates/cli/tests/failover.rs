@@ -25,7 +25,7 @@ mod failover {
     use std::sync::mpsc::{Receiver, RecvTimeoutError};
     use std::time::{Duration, Instant};
 
-    use super::common::{KillOnDrop, LIMIT, jsonl, skipped};
+    use super::common::{KillOnDrop, LIMIT, assert_exactly_once, jsonl, skipped};
     use holdfast_cluster::etcd::{LocalEtcd, local_etcd_unavailable};
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
@@ -224,6 +224,54 @@ mod failover {
         );
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to `worker`.
+    fn signal(worker: &KillOnDrop, signal: &str) {
+        let pid = worker.0.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+        assert!(sent.unwrap().success(), "kill -{signal} {pid}");
+    }
+
+    #[test]
+    fn a_hung_worker_is_put_out_when_its_etcd_lease_lapses_and_rejoins_once_it_resumes() {
+        let _serial = serial();
+        let Some(etcd) = etcd_or_skip() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ep = etcd.endpoint.as_str();
+        let mut leader = Coordinator::start(d, ep, &free_addr(), "hung", &SHAPE);
+        assert!(leader.printed("leading run", LIMIT).is_some());
+        let workers = start_workers(d, ep, "hung");
+        let run = d.join("hung");
+        wait_for_rounds(&run, 3, LIMIT);
+        // Stopped, it neither renews its lease nor says a word, and its connection stays
+        // open: only the lease's lapse (2 s) can put it out.
+        signal(&workers[2], "STOP");
+        std::thread::sleep(Duration::from_secs(5));
+        signal(&workers[2], "CONT");
+        assert!(leader.exit_status(LIMIT).success());
+        all_succeed(workers);
+
+        let events: Vec<serde_json::Value> = jsonl(&run.join("events.jsonl"))
+            .into_iter()
+            .map(|e| e["detail"].clone())
+            .collect();
+        let removed = events.iter().position(|e| {
+            e["event"] == "removed"
+                && e["name"] == "host-2"
+                && e["reason"].as_str().unwrap().contains("etcd lease expired")
+        });
+        let removed = removed.unwrap_or_else(|| panic!("not put out by its lease: {events:?}"));
+        let rejoined = events[removed..]
+            .iter()
+            .any(|e| e["event"] == "joined" && e["name"] == "host-2");
+        assert!(rejoined, "it did not rejoin: {events:?}");
+        assert_exactly_once(&run);
+    }
+
     /// Run `run` of `shape` in `d`: a coordinator that leads it, one that stands by, and 3
     /// workers.
     fn start_run(
@@ -331,23 +379,20 @@ mod failover {
     /// `bench/hosts.sh run DIR FAULT` (3 etcd members, 2 coordinators, 3 workers in namespaces
     /// of their own) on a 240-step run: the line it printed, or None where namespaces cannot be
     /// made here (said so, and refused under HOLDFAST_REQUIRE_ETCD).
-    fn hosts_run(fault: &str) -> Option<serde_json::Value> {
+    /// A `bench/hosts.sh` run of `steps` per worker with `fault` (its environment: `env`).
+    fn hosts_run(fault: &str, steps: u64, env: &[(&str, &str)]) -> Option<serde_json::Value> {
         let dir = tempfile::tempdir().unwrap();
-        let prefix = format!("hfh{}{}", &fault[..3], std::process::id());
+        let tag: String = fault.split('-').map(|w| &w[..2]).collect();
+        let prefix = format!("hfh{tag}{}", std::process::id());
         let _cleanup = Namespaces(prefix.clone());
         let mut cmd = Command::new("bash");
         cmd.arg(hosts_script())
             .args(["run", dir.path().to_str().unwrap(), fault])
-            .args([
-                "--steps",
-                "240",
-                "--inner-steps",
-                "20",
-                "--batch-size",
-                "32",
-            ])
+            .args(["--steps", &steps.to_string()])
+            .args(["--inner-steps", "20", "--batch-size", "32"])
             .env("HOLDFAST", env!("CARGO_BIN_EXE_holdfast"))
-            .env("HOSTS_PREFIX", &prefix);
+            .env("HOSTS_PREFIX", &prefix)
+            .envs(env.iter().copied());
         let out = super::common::bounded(cmd, Duration::from_secs(200));
         if out.status.code() == Some(3) {
             let why = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -368,11 +413,11 @@ mod failover {
         };
         let context =
             serde_json::json!({"result": &v, "leader_log": logs(4), "standby_log": logs(5)});
-        // 3 workers × 240 steps: 720 batches, each committed once, and the rounds 0..n once
-        // (a round a fault cut short takes one more).
+        // 3 workers × `steps`: each batch committed once, and the rounds 0..n once (a round a
+        // fault cut short takes one more).
         assert_eq!(
             (v["batches"].as_u64(), v["batches_once"].as_bool()),
-            (Some(720), Some(true)),
+            (Some(3 * steps), Some(true)),
             "{context:#}"
         );
         assert_eq!(v["rounds_once"].as_bool(), Some(true), "{context:#}");
@@ -382,7 +427,7 @@ mod failover {
     #[test]
     fn on_separate_hosts_a_killed_leader_is_replaced_within_five_seconds() {
         let _serial = serial();
-        let Some(v) = hosts_run("kill-leader") else {
+        let Some(v) = hosts_run("kill-leader", 240, &[]) else {
             return;
         };
         let led = v["led_after_s"].as_f64().expect("the standby led");
@@ -393,7 +438,7 @@ mod failover {
     #[test]
     fn on_separate_hosts_a_run_survives_losing_the_etcd_leader() {
         let _serial = serial();
-        let Some(v) = hosts_run("kill-etcd-leader") else {
+        let Some(v) = hosts_run("kill-etcd-leader", 240, &[]) else {
             return;
         };
         // One of the coordinators finished the run; the other stood by (or stepped down
@@ -405,7 +450,7 @@ mod failover {
     #[test]
     fn on_separate_hosts_a_leader_cut_off_from_etcd_stops_and_the_standby_takes_over() {
         let _serial = serial();
-        let Some(v) = hosts_run("cut-leader") else {
+        let Some(v) = hosts_run("cut-leader", 240, &[]) else {
             return;
         };
         assert!(v["led_after_s"].as_f64().is_some(), "{v}");
@@ -415,5 +460,17 @@ mod failover {
             "the cut-off leader stops: {v}"
         );
         assert_eq!(v["second_exit"].as_u64(), Some(0), "{v}");
+    }
+
+    #[test]
+    fn on_separate_hosts_a_worker_cut_off_past_its_lease_is_put_out_and_rejoins_once_healed() {
+        let _serial = serial();
+        let Some(v) = hosts_run("cut-worker", 480, &[("CUT_FOR", "3")]) else {
+            return;
+        };
+        let removed = v["worker_8_removed"].as_str().unwrap_or_default();
+        assert!(removed.contains("etcd lease expired"), "{v}");
+        assert_eq!(v["worker_8_rejoined"].as_bool(), Some(true), "{v}");
+        assert_eq!(v["first_exit"].as_u64(), Some(0), "{v}");
     }
 }

@@ -58,6 +58,29 @@ pub struct Options {
     /// third's contribution from the state it started from, and a replay both auditors agree
     /// on that differs from what it sent voids the attempt and removes it. 0: never.
     pub audit_probability: f64,
+    /// How a member shows it is alive.
+    pub liveness: Liveness,
+}
+
+/// How the coordinator tells a live member from a dead one; told to each worker at welcome.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Liveness {
+    /// The worker heartbeats to the coordinator; one silent for the failure timeout is out.
+    #[default]
+    Heartbeats,
+    /// The worker keeps an etcd lease of the failure timeout alive on the key `prefix` +
+    /// its id, and the coordinator watches the prefix ([`Coordinator::lease_changed`]): a key
+    /// that goes (the lease expired or was revoked) is a member out, and a member with no
+    /// key a failure timeout after joining is out too. Silence alone is not.
+    Lease { prefix: String },
+}
+
+/// A worker's etcd lease key appeared or went, as the coordinator's watch saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberLease {
+    pub worker: WorkerId,
+    pub alive: bool,
 }
 
 /// A replay audit: recompute `of`'s contribution this round from the state it started from
@@ -224,6 +247,9 @@ pub enum Reply {
         /// Silence after which this coordinator puts a member out: the worker heartbeats
         /// well within it, and gives up on a silent ring neighbour after it.
         failure_timeout_ms: u64,
+        /// How this worker shows it is alive; absent from older coordinators: heartbeats.
+        #[serde(default)]
+        liveness: Liveness,
     },
     Ok,
     Wait {
@@ -410,7 +436,10 @@ pub enum Event {
 struct Member {
     name: String,
     data_addr: String,
+    joined: Instant,
     last_seen: Instant,
+    /// Its etcd lease key was seen ([`Liveness::Lease`]).
+    leased: bool,
     /// The round the state this member holds starts (set when it commits a round).
     state_round: Option<u64>,
     /// The oldest state this member can serve: the one it started its latest unbroken run of
@@ -845,14 +874,51 @@ impl Coordinator {
 
     /// Removes members silent for longer than the failure timeout.
     pub fn tick(&mut self, now: Instant) {
-        let silent: Vec<(WorkerId, Duration)> = self
+        let out: Vec<(WorkerId, String)> = self
             .members
             .iter()
-            .map(|(id, m)| (*id, now.saturating_duration_since(m.last_seen)))
-            .filter(|(_, quiet)| *quiet > self.opts.failure_timeout)
+            .filter_map(|(id, m)| Some((*id, self.why_dead(m, now)?)))
             .collect();
-        for (id, quiet) in silent {
-            self.remove(id, now, format!("silent for {} ms", quiet.as_millis()));
+        for (id, why) in out {
+            self.remove(id, now, why);
+        }
+    }
+
+    /// Why `m` counts as dead at `now` by the run's [`Liveness`], if it does.
+    fn why_dead(&self, m: &Member, now: Instant) -> Option<String> {
+        let timeout = self.opts.failure_timeout;
+        match self.opts.liveness {
+            Liveness::Heartbeats => {
+                let quiet = now.saturating_duration_since(m.last_seen);
+                (quiet > timeout).then(|| format!("silent for {} ms", quiet.as_millis()))
+            }
+            Liveness::Lease { .. } => {
+                let waited = now.saturating_duration_since(m.joined);
+                (!m.leased && waited > timeout)
+                    .then(|| format!("no etcd lease {} ms after joining", waited.as_millis()))
+            }
+        }
+    }
+
+    /// Whether members show they live by an etcd lease ([`Liveness::Lease`]).
+    pub fn judges_by_lease(&self) -> bool {
+        matches!(self.opts.liveness, Liveness::Lease { .. })
+    }
+
+    /// A worker's lease key came or went ([`Liveness::Lease`]). Gone, the worker is out: its
+    /// process died or hung, it was cut off from etcd for the failure timeout, or it left.
+    /// After the run is complete that is just goodbye.
+    pub fn lease_changed(&mut self, now: Instant, change: MemberLease) {
+        let worker = change.worker;
+        if change.alive {
+            if let Some(m) = self.members.get_mut(&worker) {
+                m.leased = true;
+            }
+        } else if self.is_complete() {
+            self.members.remove(&worker);
+        } else {
+            let why = "its etcd lease expired or was revoked (process gone, hung or cut off)";
+            self.remove(worker, now, why.into());
         }
     }
 
@@ -1252,7 +1318,9 @@ impl Coordinator {
             Member {
                 name,
                 data_addr,
+                joined: now,
                 last_seen: now,
+                leased: false,
                 state_round: None,
                 serves_from: None,
             },
@@ -1265,6 +1333,7 @@ impl Coordinator {
             run_id: self.run_id,
             job: self.job.clone(),
             failure_timeout_ms: self.opts.failure_timeout.as_millis() as u64,
+            liveness: self.opts.liveness.clone(),
         }
     }
 
@@ -1807,6 +1876,14 @@ mod tests {
     }
 
     fn coord(min_workers: usize, rounds: u64) -> (Coordinator, Instant) {
+        coord_judging(min_workers, rounds, Liveness::Heartbeats)
+    }
+
+    fn coord_judging(
+        min_workers: usize,
+        rounds: u64,
+        liveness: Liveness,
+    ) -> (Coordinator, Instant) {
         let opts = Options {
             failure_timeout: T,
             min_workers,
@@ -1819,6 +1896,7 @@ mod tests {
             damp_rounds: 3,
             outlier_ratio: None,
             audit_probability: 0.0,
+            liveness,
         };
         (Coordinator::new(opts, 77, "job".into()), Instant::now())
     }
@@ -2200,6 +2278,94 @@ mod tests {
         assert_eq!((rec[0].quorum, rec[0].tokens, rec[0].attempts), (2, 20, 1));
     }
 
+    fn by_lease() -> Liveness {
+        Liveness::Lease {
+            prefix: "holdfast/run/members/1-4d/".into(),
+        }
+    }
+
+    fn lease(c: &mut Coordinator, now: Instant, worker: WorkerId, alive: bool) {
+        c.lease_changed(now, MemberLease { worker, alive });
+    }
+
+    fn removals(c: &mut Coordinator) -> Vec<(String, String)> {
+        let events = c.drain_events().into_iter();
+        let removed = events.filter_map(|e| match e {
+            Event::Removed { name, reason, .. } => Some((name, reason)),
+            _ => None,
+        });
+        removed.collect()
+    }
+
+    #[test]
+    fn under_leases_silence_keeps_a_member_in_and_a_lease_gone_puts_it_out() {
+        let (mut c, t0) = coord_judging(2, 10, by_lease());
+        let ws: Vec<_> = ["w0", "w1"].iter().map(|n| join(&mut c, t0, n)).collect();
+        for &w in &ws {
+            lease(&mut c, t0, w, true);
+            next(&mut c, t0, w);
+        }
+        // Both train for three failure timeouts without a word: their leases say they live.
+        let t1 = t0 + 3 * T;
+        c.tick(t1);
+        assert_eq!(c.live_members(), 2);
+        lease(&mut c, t1, ws[1], false);
+        assert_eq!(c.live_members(), 1);
+        let removed = removals(&mut c);
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert_eq!(removed[0].0, "w1");
+        assert!(removed[0].1.contains("etcd lease expired"), "{removed:?}");
+        // A lease event for a worker that is no longer a member changes nothing.
+        lease(&mut c, t1, ws[1], true);
+        lease(&mut c, t1, ws[1], false);
+        assert_eq!((c.live_members(), removals(&mut c).len()), (1, 0));
+    }
+
+    #[test]
+    fn under_leases_a_member_whose_lease_never_appears_is_out_after_the_failure_timeout() {
+        let (mut c, t0) = coord_judging(2, 10, by_lease());
+        let w0 = join(&mut c, t0, "w0");
+        join(&mut c, t0, "w1");
+        lease(&mut c, t0, w0, true);
+        c.tick(t0 + T);
+        assert_eq!(
+            c.live_members(),
+            2,
+            "within the timeout it may still register"
+        );
+        c.tick(t0 + T + Duration::from_millis(1));
+        assert_eq!(c.live_members(), 1);
+        let removed = removals(&mut c);
+        assert_eq!(removed[0].0, "w1");
+        assert!(removed[0].1.contains("no etcd lease"), "{removed:?}");
+    }
+
+    #[test]
+    fn a_welcome_tells_the_worker_how_it_shows_it_lives() {
+        for liveness in [Liveness::Heartbeats, by_lease()] {
+            let (mut c, t0) = coord_judging(1, 1, liveness.clone());
+            let join = Request::Join {
+                name: "w0".into(),
+                data_addr: "w0:1".into(),
+                held: None,
+            };
+            let Reply::Welcome { liveness: told, .. } = c.handle(t0, join) else {
+                panic!()
+            };
+            assert_eq!(told, liveness);
+        }
+        // A coordinator from before leases says nothing: heartbeats.
+        let old = r#"{"type":"welcome","worker":1,"run_id":2,"job":"","failure_timeout_ms":5}"#;
+        let reply: Reply = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            reply,
+            Reply::Welcome {
+                liveness: Liveness::Heartbeats,
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn a_silent_member_is_removed_its_attempt_aborted_and_its_batches_retrained() {
         let (mut c, t0) = coord(3, 10);
@@ -2553,6 +2719,7 @@ mod tests {
             damp_rounds: 3,
             outlier_ratio: None,
             audit_probability: 0.0,
+            liveness: Liveness::Heartbeats,
         };
         let t0 = Instant::now();
         let own = BTreeMap::from([
@@ -2627,6 +2794,7 @@ mod tests {
             damp_rounds: 3,
             outlier_ratio: None,
             audit_probability: 0.0,
+            liveness: Liveness::Heartbeats,
         };
         let t0 = Instant::now();
         let mut c = Coordinator::new(opts, 77, "job".into());

@@ -8,12 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
 
 /// Longest a single request to etcd may take: a leader that cannot record within it stops
 /// committing rather than hold every worker up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a watch may stay quiet before the keys it follows are read afresh.
+const RESYNC_AFTER: Duration = Duration::from_secs(5);
 /// The largest value this module writes or reads back (etcd's own request limit is 1.5 MiB).
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
 
@@ -31,6 +37,14 @@ pub fn durable_key(run: &str) -> String {
 /// Set once run `run` has finished: a coordinator that leads it afterwards has nothing to do.
 pub fn finished_key(run: &str) -> String {
     format!("holdfast/{run}/finished")
+}
+
+/// Where the workers keep their leases while the coordinator whose election lease is
+/// `leader_lease` leads run `run` under the run id `run_id`. A prefix of each leader and each
+/// restart's own: worker ids start again with them, and a key another one's worker left
+/// behind must never read as one of this coordinator's members.
+pub fn members_prefix(run: &str, leader_lease: i64, run_id: u64) -> String {
+    format!("holdfast/{run}/members/{leader_lease:x}-{run_id:x}/")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +153,53 @@ impl Etcd {
         answer
     }
 
+    /// Follows the keys under `prefix`: those present now, then every change, in order, for as
+    /// long as the [`Watch`] is kept. A watch broken by a failing member is opened again from
+    /// the revision after the last one seen. One compacted away, or quiet for
+    /// [`RESYNC_AFTER`] (it may be on a member cut off from the others), is replaced by reading
+    /// the keys afresh and reporting what changed meanwhile, so nothing is missed for long.
+    pub fn watch_prefix(&self, prefix: &str) -> Watch {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let follower = Follower {
+            client: self.client.clone(),
+            prefix: prefix.to_string(),
+            tx,
+            present: std::collections::BTreeSet::new(),
+            next_revision: None,
+        };
+        self.rt.spawn(follower.run());
+        Watch { rx }
+    }
+
+    /// Keeps `key` = `value` under a lease of `ttl` (whole seconds, rounded up), renewed at a
+    /// third of it, until the [`Registration`] is dropped (which revokes the lease: the key
+    /// goes at once) or this process stops renewing it (the key goes `ttl` later).
+    pub fn register(
+        self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Registration, EtcdError> {
+        let ttl_s = ttl.as_secs_f64().ceil().max(1.0) as i64;
+        let mut c = self.client.clone();
+        let lease = self
+            .rt
+            .block_on(c.lease_grant(ttl_s, None))
+            .map_err(|e| self.failed(e))?
+            .id();
+        let put = PutOptions::new().with_lease(lease);
+        if let Err(e) = self.rt.block_on(c.put(key, value, Some(put))) {
+            let _ = self.rt.block_on(c.lease_revoke(lease));
+            return Err(self.failed(e));
+        }
+        let renewal = self.rt.spawn(keep_renewing(c, lease, ttl));
+        Ok(Registration {
+            etcd: self,
+            lease,
+            renewal,
+        })
+    }
+
     /// Blocks until this process leads `election`, proclaiming `value`. Its lease lives `ttl`
     /// past the last keep-alive: that long after this process dies or is cut off from etcd, a
     /// standby leads.
@@ -239,6 +300,160 @@ async fn renew(client: &mut Client, lease: i64, channel: &mut Option<KeepAlive>)
     let (keeper, stream) = channel.as_mut()?;
     keeper.keep_alive().await.ok()?;
     Some(stream.message().await.ok()??.ttl())
+}
+
+/// Renews `lease` at a third of `ttl` until etcd says it is gone.
+async fn keep_renewing(mut client: Client, lease: i64, ttl: Duration) {
+    let mut channel = None;
+    loop {
+        match tokio::time::timeout(ttl / 3, renew(&mut client, lease, &mut channel)).await {
+            Ok(Some(0)) => {
+                tracing::warn!("etcd lease {lease:x} expired");
+                return;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => channel = None,
+        }
+        tokio::time::sleep(ttl / 3).await;
+    }
+}
+
+/// A key kept in etcd under a lease of its own (see [`Etcd::register`]).
+pub struct Registration {
+    etcd: Etcd,
+    lease: i64,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Registration {
+    /// Revokes the lease, so that the key goes now rather than a `ttl` later; an etcd that
+    /// does not answer within a second lets it expire instead of holding the caller up.
+    fn drop(&mut self) {
+        self.renewal.abort();
+        let (mut c, lease) = (self.etcd.client.clone(), self.lease);
+        let revoke = async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(lease)).await;
+        };
+        self.etcd.rt.block_on(revoke);
+    }
+}
+
+/// A key under a watched prefix that appeared (or changed) or went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyChange {
+    pub key: String,
+    pub present: bool,
+}
+
+/// The changes under a prefix (see [`Etcd::watch_prefix`]); dropping it ends the watch.
+pub struct Watch {
+    rx: mpsc::UnboundedReceiver<KeyChange>,
+}
+
+impl Watch {
+    /// The next change seen, if there is one now.
+    pub fn try_next(&mut self) -> Option<KeyChange> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// The task behind a [`Watch`].
+struct Follower {
+    client: Client,
+    prefix: String,
+    tx: mpsc::UnboundedSender<KeyChange>,
+    /// The keys reported present, to report those gone after a resync.
+    present: std::collections::BTreeSet<String>,
+    /// The revision to watch from; none: read the keys first.
+    next_revision: Option<i64>,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let tx = self.tx.clone();
+        tokio::select! {
+            () = tx.closed() => {}
+            () = async {
+                loop {
+                    if let Err(e) = self.follow().await {
+                        tracing::warn!("watching etcd {}: {e}; again", self.prefix);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            } => {}
+        }
+    }
+
+    /// Reads the keys if need be, then reports changes until the watch breaks.
+    async fn follow(&mut self) -> Result<(), etcd_client::Error> {
+        let revision = match self.next_revision {
+            Some(r) => r,
+            None => self.resync().await?,
+        };
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision);
+        let mut stream = self
+            .client
+            .watch(self.prefix.as_str(), Some(options))
+            .await?;
+        loop {
+            // A watch on a member cut off from the others would wait in silence: after a quiet
+            // spell the keys are read again, from whichever member answers.
+            let Ok(message) = tokio::time::timeout(RESYNC_AFTER, stream.message()).await else {
+                self.next_revision = None;
+                return Ok(());
+            };
+            let Some(resp) = message? else {
+                return Ok(());
+            };
+            if resp.compact_revision() > 0 || resp.canceled() {
+                self.next_revision = None;
+                return Ok(());
+            }
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let present = event.event_type() == EventType::Put;
+                self.report(String::from_utf8_lossy(kv.key()).into_owned(), present);
+                self.next_revision = Some(kv.mod_revision() + 1);
+            }
+        }
+    }
+
+    /// Reads the keys under the prefix, reports what differs from what was reported, and
+    /// returns the revision to watch from.
+    async fn resync(&mut self) -> Result<i64, etcd_client::Error> {
+        let resp = self
+            .client
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let now: std::collections::BTreeSet<String> = resp
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect();
+        let gone: Vec<String> = self.present.difference(&now).cloned().collect();
+        for key in gone {
+            self.report(key, false);
+        }
+        for key in now {
+            if !self.present.contains(&key) {
+                self.report(key, true);
+            }
+        }
+        let revision = resp.header().map_or(0, |h| h.revision()) + 1;
+        self.next_revision = Some(revision);
+        Ok(revision)
+    }
+
+    fn report(&mut self, key: String, present: bool) {
+        if present {
+            self.present.insert(key.clone());
+        } else {
+            self.present.remove(&key);
+        }
+        let _ = self.tx.send(KeyChange { key, present });
+    }
 }
 
 /// This process leads an election, for as long as its lease lives.
@@ -437,6 +652,62 @@ mod tests {
             observer.get("holdfast/t/commit").unwrap().as_deref(),
             Some(&b"round 2"[..])
         );
+    }
+
+    /// The changes `watch` reports within `within`.
+    fn changes_within(watch: &mut Watch, within: Duration) -> Vec<KeyChange> {
+        let until = std::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        while std::time::Instant::now() < until {
+            match watch.try_next() {
+                Some(change) => seen.push(change),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        seen
+    }
+
+    fn change(key: &str, present: bool) -> KeyChange {
+        KeyChange {
+            key: format!("holdfast/t/members/{key}"),
+            present,
+        }
+    }
+
+    #[test]
+    fn a_registration_lives_while_renewed_goes_when_dropped_and_a_lapsed_lease_reads_as_gone() {
+        let Some(etcd) = local_etcd_or_skip("etcd registrations") else {
+            return;
+        };
+        let endpoints = vec![etcd.endpoint.clone()];
+        let register = |key: &str| {
+            let etcd = Etcd::connect(&endpoints).unwrap();
+            let key = format!("holdfast/t/members/{key}");
+            etcd.register(&key, "w", Duration::from_secs(2)).unwrap()
+        };
+        let early = register("0");
+        let observer = Etcd::connect(&endpoints).unwrap();
+        let mut watch = observer.watch_prefix("holdfast/t/members/");
+        let late = register("1");
+        // Renewed, both outlive their two-second leases; the one there before the watch began
+        // is reported too.
+        let seen = changes_within(&mut watch, Duration::from_secs(4));
+        assert_eq!(seen, [change("0", true), change("1", true)]);
+        drop(late);
+        assert_eq!(
+            changes_within(&mut watch, Duration::from_millis(500)),
+            [change("1", false)],
+            "a dropped registration's key goes at once"
+        );
+        // A lease nobody renews: what a hung or dead worker leaves.
+        let mut c = observer.client.clone();
+        let lease = observer.rt.block_on(c.lease_grant(2, None)).unwrap().id();
+        let put = PutOptions::new().with_lease(lease);
+        let key = "holdfast/t/members/2";
+        observer.rt.block_on(c.put(key, "w", Some(put))).unwrap();
+        let seen = changes_within(&mut watch, Duration::from_secs(4));
+        assert_eq!(seen, [change("2", true), change("2", false)]);
+        drop(early);
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! What a worker needs from membership, as a trait: a request/reply channel to whatever decides
-//! quorums and rounds. Today that is the embedded coordinator over TCP
-//! ([`CoordinatorConnector`]); an etcd-backed implementation (leases for liveness, transactions
-//! for rounds) can replace it without touching the worker, so that the coordinator need not
-//! stay a single point of failure.
+//! quorums and rounds, and a way to show it lives. [`CoordinatorConnector`] reaches a
+//! coordinator at a fixed address, and the worker heartbeats to it; [`EtcdConnector`] (feature
+//! `etcd`) finds whichever coordinator leads the run in etcd, and the worker keeps an etcd
+//! lease alive that the leader watches.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
+#[cfg(feature = "etcd")]
+use crate::coordinator::MemberLease;
 use crate::coordinator::{Reply, Request};
 use crate::server::CoordinatorClient;
+#[cfg(feature = "etcd")]
+use crate::server::LeaseChanges;
 use crate::wire::{Auth, WireError};
 
 /// One channel to the membership service. A worker holds two: one for its requests, one
@@ -27,6 +31,17 @@ pub trait MembershipConnector: Send + Sync {
     fn describe(&self) -> String;
     /// `run_id` 0 accepts whichever run the service runs.
     fn connect(&self, run_id: u64) -> Result<Box<dyn Membership>, WireError>;
+
+    /// Keeps `key` = `value` under a lease of `ttl` until the returned guard is dropped
+    /// ([`crate::coordinator::Liveness::Lease`]). Only a service with a control plane has
+    /// leases; the others refuse.
+    fn register(&self, key: &str, value: &str, ttl: Duration) -> Result<Box<dyn Send>, WireError> {
+        let _ = (key, value, ttl);
+        Err(WireError::Refused {
+            peer: self.describe(),
+            why: "it judges liveness by etcd leases; join it through etcd (worker --etcd ENDPOINTS --run NAME)".into(),
+        })
+    }
 }
 
 impl Membership for CoordinatorClient {
@@ -111,4 +126,34 @@ impl MembershipConnector for EtcdConnector {
         let c = CoordinatorClient::connect(&addr, &self.auth, run_id, self.timeout)?;
         Ok(Box::new(c))
     }
+
+    fn register(&self, key: &str, value: &str, ttl: Duration) -> Result<Box<dyn Send>, WireError> {
+        let failed = |e: crate::etcd::EtcdError| WireError::Io {
+            peer: self.describe(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let etcd = crate::etcd::Etcd::connect(&self.endpoints).map_err(failed)?;
+        Ok(Box::new(etcd.register(key, value, ttl).map_err(failed)?))
+    }
+}
+
+#[cfg(feature = "etcd")]
+/// The lease changes of the workers under `prefix` (see [`crate::etcd::members_prefix`]),
+/// as the coordinator's server polls them. A key that does not end in a worker id is not a
+/// worker's, and is skipped.
+pub fn member_leases(mut watch: crate::etcd::Watch, prefix: String) -> LeaseChanges {
+    Box::new(move || {
+        loop {
+            let change = watch.try_next()?;
+            let id = change
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|id| id.parse().ok());
+            if let Some(worker) = id {
+                let alive = change.present;
+                return Some(MemberLease { worker, alive });
+            }
+            tracing::warn!("etcd key {} is not a worker's lease; skipped", change.key);
+        }
+    })
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::coordinator::{
-    AuditTask, HeldState, Reply, Request, StateReport, WorkerId, WorkerRoundStats,
+    AuditTask, HeldState, Liveness, Reply, Request, StateReport, WorkerId, WorkerRoundStats,
 };
 use crate::membership::{Membership, MembershipConnector};
 use crate::mesh::{Quantized, QuantizedSum, all_reduce_quantized};
@@ -122,7 +122,8 @@ pub struct RoundClient {
     peer: PeerServer,
     peer_timeout: Duration,
     failure_timeout: Duration,
-    _heartbeat: StopOnDrop,
+    /// Shows the coordinator this worker lives (heartbeats or an etcd lease) until dropped.
+    _alive: Box<dyn Send>,
 }
 
 /// What joining gave: the client, and the job (the run's config) the coordinator hands out.
@@ -144,7 +145,8 @@ pub struct JoinOptions<'a> {
 }
 
 impl RoundClient {
-    /// Connects, starts the peer listener, joins and starts heartbeats.
+    /// Connects, starts the peer listener, joins, and starts showing it lives as the coordinator
+    /// says: heartbeats, or an etcd lease.
     pub fn join(
         membership: &dyn MembershipConnector,
         o: &JoinOptions,
@@ -164,18 +166,32 @@ impl RoundClient {
             data_addr: peer.addr.clone(),
             held: o.held.clone(),
         };
-        let (worker, job, failure_timeout) = match channel.call(&join) {
+        let (worker, job, failure_timeout, liveness) = match channel.call(&join) {
             Ok(Reply::Welcome {
                 worker,
                 job,
                 failure_timeout_ms,
+                liveness,
                 ..
-            }) => (worker, job, Duration::from_millis(failure_timeout_ms)),
+            }) => (
+                worker,
+                job,
+                Duration::from_millis(failure_timeout_ms),
+                liveness,
+            ),
             Ok(other) => return Err(protocol_error("join", unexpected(&other))),
             Err(e) => return Err(protocol_error(&service, e)),
         };
-        // Heartbeats at a quarter of the coordinator's timeout: one lost or late is no loss.
-        let heartbeat = start_heartbeat(membership, run_id, worker, failure_timeout / 4)?;
+        let alive = match liveness {
+            // Heartbeats at a quarter of the coordinator's timeout: one lost or late is no loss.
+            Liveness::Heartbeats => {
+                let every = failure_timeout / 4;
+                Box::new(start_heartbeat(membership, run_id, worker, every)?) as Box<dyn Send>
+            }
+            Liveness::Lease { prefix } => membership
+                .register(&format!("{prefix}{worker}"), o.name, failure_timeout)
+                .map_err(|e| protocol_error(&service, e))?,
+        };
         let client = RoundClient {
             channel,
             service,
@@ -184,7 +200,7 @@ impl RoundClient {
             peer,
             peer_timeout: o.peer_timeout,
             failure_timeout,
-            _heartbeat: heartbeat,
+            _alive: alive,
         };
         Ok(Joined { client, job })
     }
@@ -435,7 +451,7 @@ fn start_heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coordinator::{Coordinator, Options};
+    use crate::coordinator::{Coordinator, Liveness, MemberLease, Options};
     use crate::membership::CoordinatorConnector;
     use crate::server::{CoordinatorClient, CoordinatorServer};
     use crate::wire::TEST_SECRET;
@@ -455,6 +471,7 @@ mod tests {
             damp_rounds: 4,
             outlier_ratio: None,
             audit_probability: 0.0,
+            liveness: Liveness::Heartbeats,
         };
         let c = Coordinator::new(opts, RUN, "the job".into());
         CoordinatorServer::start("127.0.0.1:0", Auth::new(TEST_SECRET).unwrap(), RUN, c).unwrap()
@@ -643,9 +660,15 @@ mod tests {
         let opts = coordinator(1, 3).state.lock().unwrap().options().clone();
         let c = Coordinator::new(opts, RUN, "the job".into());
         let auth = Auth::new(TEST_SECRET).unwrap();
-        let server =
-            CoordinatorServer::start_recording("127.0.0.1:0", auth.clone(), RUN, c, Some(recorder))
-                .unwrap();
+        let server = CoordinatorServer::start_recording(
+            "127.0.0.1:0",
+            auth.clone(),
+            RUN,
+            c,
+            Some(recorder),
+            None,
+        )
+        .unwrap();
         let mut conn =
             CoordinatorClient::connect(&server.addr, &auth, RUN, Duration::from_secs(5)).unwrap();
         let join = Request::Join {
@@ -676,5 +699,83 @@ mod tests {
             state: None,
         });
         assert!(matches!(after, Ok(Reply::Evicted { .. })), "{after:?}");
+    }
+
+    /// A server whose coordinator judges liveness by leases, fed `changes` by hand.
+    fn by_lease(changes: std::sync::mpsc::Receiver<MemberLease>) -> CoordinatorServer {
+        let mut opts = coordinator(1, 3).state.lock().unwrap().options().clone();
+        opts.liveness = Liveness::Lease {
+            prefix: "holdfast/t/members/1-5eed/".into(),
+        };
+        let c = Coordinator::new(opts, RUN, "the job".into());
+        let auth = Auth::new(TEST_SECRET).unwrap();
+        let leases: crate::server::LeaseChanges = Box::new(move || changes.try_recv().ok());
+        CoordinatorServer::start_recording("127.0.0.1:0", auth, RUN, c, None, Some(leases)).unwrap()
+    }
+
+    #[test]
+    fn a_lease_judged_coordinator_puts_out_the_worker_whose_lease_went_and_refuses_a_plain_join() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = by_lease(rx);
+        let auth = Auth::new(TEST_SECRET).unwrap();
+        let mut conn =
+            CoordinatorClient::connect(&server.addr, &auth, RUN, Duration::from_secs(5)).unwrap();
+        let join = Request::Join {
+            name: "w0".into(),
+            data_addr: "127.0.0.1:1".into(),
+            held: None,
+        };
+        let Reply::Welcome {
+            worker, liveness, ..
+        } = conn.call(&join).unwrap()
+        else {
+            panic!()
+        };
+        assert!(matches!(liveness, Liveness::Lease { .. }));
+        tx.send(MemberLease {
+            worker,
+            alive: true,
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let heartbeat = Request::Heartbeat { worker };
+        assert_eq!(conn.call(&heartbeat).unwrap(), Reply::Ok);
+        tx.send(MemberLease {
+            worker,
+            alive: false,
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(matches!(
+            conn.call(&heartbeat).unwrap(),
+            Reply::Evicted { .. }
+        ));
+        // A worker that cannot keep a lease (it came by address, not through etcd) is told so.
+        let connector = CoordinatorConnector {
+            addr: server.addr.clone(),
+            auth: auth.clone(),
+            timeout: Duration::from_secs(5),
+        };
+        let o = JoinOptions {
+            name: "w1",
+            auth: &auth,
+            listen_ip: Some("127.0.0.1"),
+            peer_timeout: Duration::from_secs(5),
+            held: None,
+        };
+        let err = RoundClient::join(&connector, &o).err().expect("refused");
+        assert!(err.to_string().contains("--etcd"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_judged_coordinator_will_not_start_without_the_leases() {
+        let mut opts = coordinator(1, 3).state.lock().unwrap().options().clone();
+        opts.liveness = Liveness::Lease {
+            prefix: "p/".into(),
+        };
+        let c = Coordinator::new(opts, RUN, "the job".into());
+        let auth = Auth::new(TEST_SECRET).unwrap();
+        let started = CoordinatorServer::start_recording("127.0.0.1:0", auth, RUN, c, None, None);
+        assert!(started.is_err());
     }
 }

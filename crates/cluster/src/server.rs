@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::acceptor::{Acceptor, MAX_UNAUTHENTICATED};
-use crate::coordinator::{Coordinator, Durable, Reply, Request, WorkerId};
+use crate::coordinator::{Coordinator, Durable, MemberLease, Reply, Request, WorkerId};
 use crate::wire::{self, Auth, Conn, WireError};
 
 /// How long a worker's control connection may stay quiet: liveness is judged by heartbeats,
@@ -24,6 +24,9 @@ const RECHECK: Duration = Duration::from_millis(2);
 /// any worker hears of the change: an `Err` (with the reason) means this coordinator may no
 /// longer decide anything, e.g. because another leads now.
 pub type Recorder = Box<dyn FnMut(&Durable) -> Result<(), String> + Send>;
+
+/// The workers' lease changes as they come ([`crate::coordinator::Liveness::Lease`]): the next one seen, if any.
+pub type LeaseChanges = Box<dyn FnMut() -> Option<MemberLease> + Send>;
 
 /// The recorder, what it last recorded, and why this coordinator stopped deciding, if it did.
 struct Records {
@@ -79,20 +82,29 @@ impl CoordinatorServer {
         run_id: u64,
         coordinator: Coordinator,
     ) -> std::io::Result<Self> {
-        Self::start_recording(listen, auth, run_id, coordinator, None)
+        Self::start_recording(listen, auth, run_id, coordinator, None, None)
     }
 
     /// Like [`CoordinatorServer::start`], with every change to the coordinator's durable state
     /// given to `recorder` before a reply tells any worker of it. Once `recorder` fails, every
     /// request is answered [`Reply::Evicted`] (the workers look for the new leader) and
-    /// [`CoordinatorServer::stopped`] says why.
+    /// [`CoordinatorServer::stopped`] says why. A coordinator that judges liveness by
+    /// [`crate::coordinator::Liveness::Lease`] learns of its workers' leases from `leases`, and
+    /// cannot start without them.
     pub fn start_recording(
         listen: &str,
         auth: Auth,
         run_id: u64,
         coordinator: Coordinator,
         recorder: Option<Recorder>,
+        mut leases: Option<LeaseChanges>,
     ) -> std::io::Result<Self> {
+        if coordinator.judges_by_lease() && leases.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a coordinator that judges liveness by leases needs their changes",
+            ));
+        }
         let state = Arc::new(Mutex::new(coordinator));
         let shared = Arc::new(Shared {
             state: state.clone(),
@@ -120,6 +132,9 @@ impl CoordinatorServer {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let mut c = st.state.lock().expect("coordinator lock");
+                while let Some(change) = leases.as_mut().and_then(|next| next()) {
+                    c.lease_changed(Instant::now(), change);
+                }
                 c.tick(Instant::now());
                 // Only this thread's record: a failure is every request's answer from now on.
                 let _ = st.records.lock().expect("records lock").record(&c);

@@ -140,6 +140,10 @@ pub struct SyncSection {
     /// When every worker holding the state is lost at once, `train --workers` restarts the
     /// run from its newest checkpoint by itself this many times at most.
     pub max_cold_restarts: u32,
+    /// The etcd endpoints (`host:port`) that `holdfast coordinator` campaigns in, as its
+    /// `--etcd` flag (which wins) gives them. Empty: no etcd. `train` refuses it: the
+    /// coordinator it starts is its run's only one.
+    pub etcd: Vec<String>,
 }
 
 impl Default for SyncSection {
@@ -155,6 +159,7 @@ impl Default for SyncSection {
             overlap_steps: 0,
             mixing: 0.0,
             max_cold_restarts: 3,
+            etcd: Vec::new(),
         }
     }
 }
@@ -170,6 +175,18 @@ impl SyncSection {
     /// Streaming DiLoCo's settings for a model of `layers` layers: fragments that divide H and
     /// hold a layer each at least, an overlap shorter than a round, a mixing factor in [0, 1);
     /// none of them in DDP, whose every step syncs every value.
+    /// Each endpoint is a `host:port` (an `http://` in front is allowed, as etcd's own tools do).
+    fn validate_etcd(&self) -> Result<(), TrainError> {
+        for e in &self.etcd {
+            let addr = e.strip_prefix("http://").unwrap_or(e);
+            let port = addr.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+            if !matches!(port, Some(Ok(_))) || addr.contains(char::is_whitespace) {
+                return invalid("sync.etcd", format!("'{e}'"), "each endpoint is host:port");
+            }
+        }
+        Ok(())
+    }
+
     fn validate_streaming(&self, layers: usize) -> Result<(), TrainError> {
         let bad = |field: &str, value: String, why: String| {
             invalid(&format!("sync.{field}"), value, &why)
@@ -492,6 +509,7 @@ impl RunConfig {
                 "must be at least 100",
             );
         }
+        s.validate_etcd()?;
         let model = self.base_model_config()?;
         model.validate()?;
         s.validate_streaming(model.num_hidden_layers)

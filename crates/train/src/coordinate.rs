@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use holdfast_cluster::coordinator::{
-    AuditVerdict, CheckpointSource, Coordinator, Durable, Event, Options, RoundRecord,
+    AuditVerdict, CheckpointSource, Coordinator, Durable, Event, Liveness, Options, RoundRecord,
 };
 use holdfast_cluster::fingerprint::{OUTLIER_RATIO, STEP_OUTLIER_RATIO};
 use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state_from};
-use holdfast_cluster::server::{CoordinatorServer, Recorder};
+use holdfast_cluster::server::{CoordinatorServer, LeaseChanges, Recorder};
 use holdfast_cluster::wire::{Auth, random_bytes};
 use holdfast_model::ModelConfig;
 use serde::Serialize;
@@ -114,6 +114,17 @@ pub enum Start {
     /// Taking over from a coordinator that led the run and recorded where it stood (see
     /// [`Coordinator::take_over`]): the state comes from the workers that rejoin.
     TakeOver(Durable),
+}
+
+/// The control plane a coordinator answers to when it is one of several (etcd): it records
+/// where the run stands, and it says which workers live.
+pub trait ControlPlane {
+    /// Records every change of where the run stands (see
+    /// [`CoordinatorServer::start_recording`]).
+    fn recorder(&self) -> Recorder;
+    /// How the workers of the run with id `run_id` show they live, and the changes to that as
+    /// they come.
+    fn follow_members(&self, run_id: u64) -> (Liveness, LeaseChanges);
 }
 
 /// A checkpoint to restart a multi-worker run from.
@@ -258,6 +269,7 @@ fn coordinator_options(cfg: &RunConfig, min_workers: usize) -> Options {
         } else {
             0.0
         },
+        liveness: Liveness::Heartbeats,
     }
 }
 
@@ -371,8 +383,9 @@ impl RestoredRun<'_> {
 
 impl ClusterRun {
     /// Starts serving a run whose directory already exists (see `run::create_run_dir`), as
-    /// `start` says. `model` is the prepared run's model. With a `recorder`, every commit is
-    /// recorded before any worker hears of it (see [`CoordinatorServer::start_recording`]).
+    /// `start` says. `model` is the prepared run's model. Under a control `plane`, every commit
+    /// is recorded before any worker hears of it (see [`CoordinatorServer::start_recording`])
+    /// and the workers' liveness is the plane's.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         run_dir: &Path,
@@ -383,18 +396,26 @@ impl ClusterRun {
         min_workers: usize,
         device: Device,
         start: Start,
-        recorder: Option<Recorder>,
+        plane: Option<&dyn ControlPlane>,
     ) -> Result<ClusterRun, TrainError> {
         let per_round = cfg.sync.steps_per_round();
-        let opts = coordinator_options(cfg, min_workers);
-        let mut run_id = u64::from_le_bytes(random_bytes());
+        let mut opts = coordinator_options(cfg, min_workers);
+        let run_id = match &start {
+            Start::TakeOver(d) => d.run_id,
+            _ => u64::from_le_bytes(random_bytes()),
+        };
+        let (recorder, leases) = match plane {
+            Some(plane) => {
+                let (liveness, leases) = plane.follow_members(run_id);
+                opts.liveness = liveness;
+                (Some(plane.recorder()), Some(leases))
+            }
+            None => (None, None),
+        };
         let auth = Auth::new(secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
         let (coordinator, restored) = match start {
             Start::Fresh => (Coordinator::new(opts, run_id, cfg.to_toml()), Vec::new()),
-            Start::TakeOver(d) => {
-                run_id = d.run_id;
-                (take_over(run_dir, cfg, opts, d)?, Vec::new())
-            }
+            Start::TakeOver(d) => (take_over(run_dir, cfg, opts, d)?, Vec::new()),
             Start::Restore(r) => {
                 let r = *r;
                 let restored = RestoredRun {
@@ -420,9 +441,15 @@ impl ClusterRun {
         // A restarted run's first checkpoint comes a period after the one it restarted from,
         // not at once: that state is on disk already, and has no vote to wait for yet.
         let next_checkpoint_round = coordinator.committed_rounds() + checkpoint_every_rounds;
-        let server =
-            CoordinatorServer::start_recording(listen, auth.clone(), run_id, coordinator, recorder)
-                .map_err(|e| TrainError::Cluster(format!("listening on {listen}: {e}")))?;
+        let server = CoordinatorServer::start_recording(
+            listen,
+            auth.clone(),
+            run_id,
+            coordinator,
+            recorder,
+            leases,
+        )
+        .map_err(|e| TrainError::Cluster(format!("listening on {listen}: {e}")))?;
         Ok(ClusterRun {
             server,
             _restored: restored,

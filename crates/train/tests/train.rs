@@ -406,6 +406,13 @@ fn config_values_are_validated_by_name() {
         &|c| c.data.task = holdfast_train::config::Task::Text,
         "data.path",
     );
+    check(
+        &|c| c.sync.etcd = vec!["10.0.0.1:2379".into(), "no-port".into()],
+        "sync.etcd = 'no-port'",
+    );
+    let mut endpoints = RunConfig::default();
+    endpoints.sync.etcd = vec!["10.0.0.1:2379".into(), "http://etcd-2:2379".into()];
+    endpoints.validate().unwrap();
     let err = toml::from_str::<RunConfig>("[train]\nlearning_rate = 1.0\n").unwrap_err();
     assert!(err.to_string().contains("learning_rate"), "{err}");
 }

@@ -90,3 +90,56 @@ pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect()
 }
+
+/// The run's summary.json.
+pub fn summary(run: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(run.join("summary.json")).expect("summary.json")).unwrap()
+}
+
+/// Every batch id of the budget in the ledger once: committed, or skipped by a rewind (a
+/// `skipped_batches` line). Rounds undone (a `voided_rounds` marker) do not count. Returns
+/// the committed rounds.
+pub fn assert_exactly_once(run: &Path) -> Vec<serde_json::Value> {
+    let mut ledger: Vec<serde_json::Value> = Vec::new();
+    let mut skipped: Vec<u64> = Vec::new();
+    for line in jsonl(&run.join("ledger.jsonl")) {
+        if let Some(v) = line.get("voided_rounds") {
+            let (from, to) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
+            ledger.retain(|r| !(from..to).contains(&r["round"].as_u64().unwrap()));
+        } else if let Some(b) = line.get("skipped_batches") {
+            skipped.extend(b.as_array().unwrap().iter().map(|b| b.as_u64().unwrap()));
+        } else {
+            ledger.push(line);
+        }
+    }
+    let mut ids: Vec<u64> = ledger
+        .iter()
+        .flat_map(|r| r["members"].as_array().unwrap().iter())
+        .flat_map(|m| {
+            m["batches"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap())
+        })
+        .chain(skipped)
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a batch was committed twice");
+    assert_eq!(
+        ids,
+        (0..n as u64).collect::<Vec<_>>(),
+        "a batch was skipped"
+    );
+    assert_eq!(n as u64, budget_batches(run), "the whole budget committed");
+    ledger
+}
+
+/// The run's budget in batches, from its config and worker count: a fault may cost rounds,
+/// never data.
+pub fn budget_batches(run: &Path) -> u64 {
+    let cfg = holdfast_train::RunConfig::from_toml_file(&run.join("config.toml")).unwrap();
+    cfg.budget_batches(summary(run)["workers"].as_u64().unwrap() as usize)
+}
