@@ -512,7 +512,7 @@ impl BatchPool {
 }
 
 /// One answer to a round in which every replica rolled back.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Rewind {
     /// The round every replica rolled back in, and its mean loss.
     pub round: u64,
@@ -526,8 +526,8 @@ pub struct Rewind {
 
 /// What a standby coordinator needs to continue a run from its last commit, recorded with
 /// every commit (see [`Coordinator::durable`]); the rest it learns again from the workers that
-/// rejoin it with the states they hold. A rewind's damping and the corruption flags are not in
-/// it: a takeover starts those afresh.
+/// rejoin it with the states they hold. Contribution fingerprints are not in it: a takeover
+/// judges outliers from a fresh history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Durable {
     pub run_id: u64,
@@ -541,6 +541,12 @@ pub struct Durable {
     pub last_agreed: Option<u64>,
     /// State hashes a majority agreed on, by the round they start.
     pub agreed: BTreeMap<u64, String>,
+    /// Each worker's corruption flags, by name (absent from older records: none).
+    #[serde(default)]
+    pub corruption_flags: BTreeMap<String, u32>,
+    /// The rewinds of the unstable episode under way: the damping of the rounds after the last.
+    #[serde(default)]
+    pub rewinds: Vec<Rewind>,
 }
 
 /// Committed rounds kept for undoing them (and in [`Durable::recent`]).
@@ -689,6 +695,8 @@ impl Coordinator {
         }
         c.last_agreed = d.last_agreed;
         c.agreed = d.agreed;
+        c.corruption_flags = d.corruption_flags;
+        c.rewinds = d.rewinds;
         c.gathering_until = Some(now + c.opts.failure_timeout);
         c
     }
@@ -704,7 +712,17 @@ impl Coordinator {
             recent: self.recent_records.values().cloned().collect(),
             last_agreed: self.last_agreed,
             agreed: self.agreed.clone(),
+            corruption_flags: self.corruption_flags.clone(),
+            rewinds: self.rewinds.clone(),
         }
+    }
+
+    /// Adds a corruption flag to `name`'s count and returns it; a standby carries it on.
+    fn flag(&mut self, name: &str) -> u32 {
+        self.durable_version += 1;
+        let flags = self.corruption_flags.entry(name.to_string()).or_default();
+        *flags += 1;
+        *flags
     }
 
     /// Changes with every change to [`Coordinator::durable`]: a caller that records it before
@@ -1126,11 +1144,7 @@ impl Coordinator {
                         continue;
                     }
                     let name = self.members[&id].name.clone();
-                    let flags = {
-                        let f = self.corruption_flags.entry(name.clone()).or_default();
-                        *f += 1;
-                        *f
-                    };
+                    let flags = self.flag(&name);
                     self.events.push(Event::Corruption {
                         next_round: round,
                         name: name.clone(),
@@ -1598,7 +1612,7 @@ impl Coordinator {
             let Some((id, ..)) = judged.iter().find(|(_, n, _)| *n == o.name) else {
                 continue;
             };
-            *self.corruption_flags.entry(o.name.clone()).or_default() += 1;
+            self.flag(&o.name);
             self.events.push(Event::ContributionOutlier {
                 round,
                 outlier: o.clone(),
@@ -1657,7 +1671,7 @@ impl Coordinator {
         if verdict != AuditVerdict::Failed {
             return false;
         }
-        *self.corruption_flags.entry(name).or_default() += 1;
+        self.flag(&name);
         let reason = "suspect hardware: two replays of its contribution agree with each other, not with what it sent".to_string();
         self.remove(of, now, reason);
         true
@@ -1767,6 +1781,7 @@ impl Coordinator {
             {
                 // The damped stretch passed cleanly: the episode is over.
                 self.rewinds.clear();
+                self.durable_version += 1;
             }
             return;
         }
@@ -1791,6 +1806,7 @@ impl Coordinator {
             rewind.step_scale, rewind.damped_until
         );
         self.rewinds.push(rewind.clone());
+        self.durable_version += 1;
         self.events.push(Event::Rewound(rewind));
         if from < self.round {
             let skipped = (self.recent_records.remove(&round))
@@ -2839,6 +2855,46 @@ mod tests {
         };
         assert_eq!(donor.as_deref(), Some("w0:1"));
         assert_eq!(c.corruption_flags().get("w2"), Some(&1));
+    }
+
+    /// `c` as a standby continues it: its record through JSON, as etcd keeps it.
+    fn standby_of(c: &Coordinator, now: Instant) -> Coordinator {
+        let json = serde_json::to_string(&c.durable()).unwrap();
+        let d: Durable = serde_json::from_str(&json).unwrap();
+        Coordinator::take_over(c.options().clone(), "job".into(), d, now)
+    }
+
+    #[test]
+    fn a_takeover_carries_the_corruption_flags_and_a_rewinds_damping_on() {
+        let (mut c, t0, ws) = voting(&["w0", "w1", "w2"]);
+        clean_round(&mut c, t0, &ws, 0);
+        let before = c.durable_version();
+        for (w, hash) in [(ws[0], "good"), (ws[1], "good"), (ws[2], "flipped")] {
+            report(&mut c, t0, w, 1, hash);
+        }
+        assert!(c.durable_version() > before, "a flag is recorded at once");
+        assert_eq!(standby_of(&c, t0).corruption_flags().get("w2"), Some(&1));
+
+        let (mut c, t0) = coord(2, 20);
+        let ws = [join(&mut c, t0, "w0"), join(&mut c, t0, "w1")];
+        for round in 0..4 {
+            round_with_rollbacks(&mut c, t0, &ws, round, &[1, 0]);
+        }
+        round_with_rollbacks(&mut c, t0, &ws, 4, &[1, 2]);
+        assert_eq!(rewinds(&mut c), vec![(4, 3, 0.5, 8)]);
+        let s = standby_of(&c, t0);
+        assert_eq!(
+            (3..9).map(|r| s.step_scale(r)).collect::<Vec<_>>(),
+            [0.5, 0.5, 0.5, 0.5, 0.5, 1.0],
+            "the standby damps the rounds the rewind damps"
+        );
+        // Without them in the record (one written before they were), none.
+        let mut old = serde_json::to_value(c.durable()).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("rewinds");
+        fields.remove("corruption_flags");
+        let d: Durable = serde_json::from_value(old).unwrap();
+        assert!(d.rewinds.is_empty() && d.corruption_flags.is_empty());
     }
 
     #[test]
