@@ -13,7 +13,8 @@
 # cut-worker (drop every packet of worker host 8 for CUT_FOR seconds, default 5, then heal;
 # its etcd lease lapses meanwhile), none. The line says when the fault came, when the
 # standby led and when the next round was committed (seconds after the fault), how each
-# coordinator exited, and whether the ledger holds every round once; after cut-worker, why
+# coordinator exited, whether the ledger holds every round once, whether the replicas' state
+# hashes agreed on every round and how many started the last one; after cut-worker, why
 # worker 8 was put out and whether it rejoined. Exits 3 (and says why) where namespaces
 # cannot be made. Needs root, ip, iptables, curl, python3, etcd and a holdfast built with
 # --features etcd (HOLDFAST).
@@ -203,6 +204,13 @@ ids = [b for r in records for m in r["members"] for b in m["batches"]]
 events = [json.loads(l).get("detail", {}) for l in open(d + "/run/events.jsonl")]
 cut = [i for i, e in enumerate(events) if e.get("event") == "removed" and e.get("name") == "worker-8"]
 rejoined = bool(cut) and any(e.get("event") == "joined" and e.get("name") == "worker-8" for e in events[cut[0]:])
+states = {}  # the replicas' reported state hashes, by the round they start
+for e in events:
+    if e.get("event") == "state_reported":
+        states.setdefault(e["next_round"], {})[e["name"]] = e["blake3"]
+# The last round starts once every replica's state was in (the vote waits for them); who
+# reports the final state before the coordinator exits is a race.
+last = states.get(len(rounds) - 1, {})
 print(json.dumps({
     "fault": fault, "fault_after_rounds": int(before),
     "led_after_s": None if led == "null" else round(float(led) - float(at), 3),
@@ -211,6 +219,8 @@ print(json.dumps({
     "rounds": len(rounds), "rounds_once": rounds == list(range(len(rounds))),
     "batches": len(ids), "batches_once": len(ids) == len(set(ids)),
     "worker_8_removed": events[cut[0]]["reason"] if cut else None, "worker_8_rejoined": rejoined,
+    "states_agree": all(len(set(h.values())) == 1 for h in states.values()),
+    "last_round_replicas": len(last), "last_round_states_equal": len(set(last.values())) == 1,
 }))
 PY
 }
@@ -218,5 +228,5 @@ PY
 case "${1:-}" in
 clean) cleanup ;;
 run) shift; run "$@" ;;
-*) sed -n '2,19p' "$0"; exit 2 ;;
+*) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -421,6 +421,14 @@ mod failover {
             "{context:#}"
         );
         assert_eq!(v["rounds_once"].as_bool(), Some(true), "{context:#}");
+        // The replicas' states agreed on every round, and all 3 started the last one from the
+        // same state (its sum is applied alike, so they end alike).
+        assert_eq!(v["states_agree"].as_bool(), Some(true), "{context:#}");
+        assert_eq!(
+            (v["last_round_replicas"].as_u64(), v["last_round_states_equal"].as_bool()),
+            (Some(3), Some(true)),
+            "{context:#}"
+        );
         Some(v)
     }
 
