@@ -425,7 +425,10 @@ mod failover {
         // same state (its sum is applied alike, so they end alike).
         assert_eq!(v["states_agree"].as_bool(), Some(true), "{context:#}");
         assert_eq!(
-            (v["last_round_replicas"].as_u64(), v["last_round_states_equal"].as_bool()),
+            (
+                v["last_round_replicas"].as_u64(),
+                v["last_round_states_equal"].as_bool()
+            ),
             (Some(3), Some(true)),
             "{context:#}"
         );
