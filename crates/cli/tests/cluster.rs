@@ -1209,20 +1209,7 @@ fn start_coordinator_keeping_stderr(
 }
 
 fn start_workers(d: &Path, addr: &str, count: usize) -> Vec<KillOnDrop> {
-    (0..count)
-        .map(|i| {
-            let c = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-                .args(["worker", "--join", addr, "--name", &format!("host-{i}")])
-                .env("HOLDFAST_SECRET", RIGHT_SECRET)
-                .env("RAYON_NUM_THREADS", "1")
-                .current_dir(d)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            KillOnDrop(c)
-        })
-        .collect()
+    common::start_workers(d, &["--join", addr], RIGHT_SECRET, count)
 }
 
 #[test]

@@ -50,6 +50,26 @@ mod failover {
         Some(LocalEtcd::start().expect("a local etcd starts"))
     }
 
+    /// What a loopback test holds while it runs (dropped in this order): a scratch directory,
+    /// a local etcd, and its turn.
+    struct Trial {
+        dir: tempfile::TempDir,
+        etcd: LocalEtcd,
+        _turn: std::sync::MutexGuard<'static, ()>,
+    }
+
+    /// A trial, or None (said so) where there is no etcd.
+    fn trial() -> Option<Trial> {
+        let turn = serial();
+        let etcd = etcd_or_skip()?;
+        let dir = tempfile::tempdir().unwrap();
+        Some(Trial {
+            dir,
+            etcd,
+            _turn: turn,
+        })
+    }
+
     /// A loopback address nothing listens on now.
     fn free_addr() -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -114,21 +134,8 @@ mod failover {
     }
 
     fn start_workers(d: &Path, etcd: &str, run: &str) -> Vec<KillOnDrop> {
-        (0..3)
-            .map(|i| {
-                let c = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-                    .args(["worker", "--etcd", etcd, "--run", run])
-                    .args(["--name", &format!("host-{i}")])
-                    .env("HOLDFAST_SECRET", SECRET)
-                    .env("RAYON_NUM_THREADS", "1")
-                    .current_dir(d)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
-                KillOnDrop(c)
-            })
-            .collect()
+        let how = ["--etcd", etcd, "--run", run];
+        super::common::start_workers(d, &how, SECRET, 3)
     }
 
     fn all_succeed(workers: Vec<KillOnDrop>) {
@@ -179,13 +186,10 @@ mod failover {
     #[test]
     fn killing_the_leading_coordinator_hands_the_run_to_a_standby_and_it_ends_as_if_nothing_happened()
      {
-        let _serial = serial();
-        let Some(etcd) = etcd_or_skip() else {
+        let Some(t) = trial() else {
             return;
         };
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ep = etcd.endpoint.as_str();
+        let (d, ep) = (t.dir.path(), t.etcd.endpoint.as_str());
         run_whole(d, ep, &SHAPE);
 
         let (mut leader, mut standby, workers) = start_run(d, ep, "failed-over", &SHAPE);
@@ -235,13 +239,10 @@ mod failover {
 
     #[test]
     fn a_hung_worker_is_put_out_when_its_etcd_lease_lapses_and_rejoins_once_it_resumes() {
-        let _serial = serial();
-        let Some(etcd) = etcd_or_skip() else {
+        let Some(t) = trial() else {
             return;
         };
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ep = etcd.endpoint.as_str();
+        let (d, ep) = (t.dir.path(), t.etcd.endpoint.as_str());
         let mut leader = Coordinator::start(d, ep, &free_addr(), "hung", &SHAPE);
         assert!(leader.printed("leading run", LIMIT).is_some());
         let workers = start_workers(d, ep, "hung");
@@ -315,13 +316,10 @@ mod failover {
 
     #[test]
     fn when_the_leader_and_every_worker_die_together_the_standby_restarts_from_the_checkpoint() {
-        let _serial = serial();
-        let Some(etcd) = etcd_or_skip() else {
+        let Some(t) = trial() else {
             return;
         };
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ep = etcd.endpoint.as_str();
+        let (d, ep) = (t.dir.path(), t.etcd.endpoint.as_str());
         let shape = [&SHAPE[..], &["--checkpoint-every", "100"]].concat();
         run_whole(d, ep, &shape);
 
@@ -359,23 +357,6 @@ mod failover {
         assert_same_as_whole(d, "all-lost");
     }
 
-    fn hosts_script() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/hosts.sh")
-    }
-
-    /// Removes a run's namespaces and processes, however the test ends.
-    struct Namespaces(String);
-
-    impl Drop for Namespaces {
-        fn drop(&mut self) {
-            let _ = Command::new("bash")
-                .arg(hosts_script())
-                .arg("clean")
-                .env("HOSTS_PREFIX", &self.0)
-                .status();
-        }
-    }
-
     /// `bench/hosts.sh run DIR FAULT` (3 etcd members, 2 coordinators, 3 workers in namespaces
     /// of their own) on a 240-step run: the line it printed, or None where namespaces cannot be
     /// made here (said so, and refused under HOLDFAST_REQUIRE_ETCD).
@@ -384,9 +365,13 @@ mod failover {
         let dir = tempfile::tempdir().unwrap();
         let tag: String = fault.split('-').map(|w| &w[..2]).collect();
         let prefix = format!("hfh{tag}{}", std::process::id());
-        let _cleanup = Namespaces(prefix.clone());
+        let _cleanup = super::common::Namespaces {
+            script: "hosts.sh",
+            var: "HOSTS_PREFIX",
+            prefix: prefix.clone(),
+        };
         let mut cmd = Command::new("bash");
-        cmd.arg(hosts_script())
+        cmd.arg(super::common::bench_script("hosts.sh"))
             .args(["run", dir.path().to_str().unwrap(), fault])
             .args(["--steps", &steps.to_string()])
             .args(["--inner-steps", "20", "--batch-size", "32"])

@@ -12,32 +12,18 @@ use serde_json::Value;
 mod common;
 use common::{bounded, jsonl, ok, skipped};
 
-fn wan_script() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/wan.sh")
-}
-
-/// Removes the namespaces and processes of a run, however the test ends (a run killed for
-/// overrunning cannot clean up after itself).
-struct Namespaces(String);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(wan_script())
-            .arg("clean")
-            .env("WAN_PREFIX", &self.0)
-            .status();
-    }
-}
-
 /// `bench/wan.sh run DIR/wan 3 ARGS` with `env`, its namespaces named after `tag`: the summary
 /// line it printed, or None when the link cannot be made here (said so, unless required).
 fn wan_run(dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Value> {
     let prefix = format!("hfw{tag}{}", std::process::id());
-    let _cleanup = Namespaces(prefix.clone());
+    let _cleanup = common::Namespaces {
+        script: "wan.sh",
+        var: "WAN_PREFIX",
+        prefix: prefix.clone(),
+    };
     let run = dir.join("wan");
     let mut cmd = Command::new("bash");
-    cmd.arg(wan_script())
+    cmd.arg(common::bench_script("wan.sh"))
         .args(["run", run.to_str().unwrap(), "3"])
         .args(args)
         .env("HOLDFAST", env!("CARGO_BIN_EXE_holdfast"))

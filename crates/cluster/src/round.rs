@@ -645,6 +645,37 @@ mod tests {
         c.call(&reduced).unwrap()
     }
 
+    /// A server of one worker and 3 rounds, its options edited by `edit`.
+    fn serve(
+        edit: impl FnOnce(&mut Options),
+        recorder: Option<crate::server::Recorder>,
+        leases: Option<crate::server::LeaseChanges>,
+    ) -> std::io::Result<CoordinatorServer> {
+        let mut opts = coordinator(1, 3).state.lock().unwrap().options().clone();
+        edit(&mut opts);
+        let c = Coordinator::new(opts, RUN, "the job".into());
+        let auth = Auth::new(TEST_SECRET).unwrap();
+        CoordinatorServer::start_recording("127.0.0.1:0", auth, RUN, c, recorder, leases)
+    }
+
+    /// A plain connection to `server` that joined as w0, and the welcome it got.
+    fn join_raw(server: &CoordinatorServer) -> (CoordinatorClient, WorkerId, Liveness) {
+        let auth = Auth::new(TEST_SECRET).unwrap();
+        let mut conn =
+            CoordinatorClient::connect(&server.addr, &auth, RUN, Duration::from_secs(5)).unwrap();
+        let join = Request::Join {
+            name: "w0".into(),
+            data_addr: "127.0.0.1:1".into(),
+            held: None,
+        };
+        match conn.call(&join).unwrap() {
+            Reply::Welcome {
+                worker, liveness, ..
+            } => (conn, worker, liveness),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_commit_is_recorded_before_it_is_answered_and_a_failed_record_stops_the_coordinator() {
         let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -657,28 +688,8 @@ mod tests {
             log.lock().unwrap().push(d.next_round);
             Ok(())
         });
-        let opts = coordinator(1, 3).state.lock().unwrap().options().clone();
-        let c = Coordinator::new(opts, RUN, "the job".into());
-        let auth = Auth::new(TEST_SECRET).unwrap();
-        let server = CoordinatorServer::start_recording(
-            "127.0.0.1:0",
-            auth.clone(),
-            RUN,
-            c,
-            Some(recorder),
-            None,
-        )
-        .unwrap();
-        let mut conn =
-            CoordinatorClient::connect(&server.addr, &auth, RUN, Duration::from_secs(5)).unwrap();
-        let join = Request::Join {
-            name: "w0".into(),
-            data_addr: "127.0.0.1:1".into(),
-            held: None,
-        };
-        let Reply::Welcome { worker, .. } = conn.call(&join).unwrap() else {
-            panic!()
-        };
+        let server = serve(|_| {}, Some(recorder), None).unwrap();
+        let (mut conn, worker, _) = join_raw(&server);
         assert_eq!(raw_round(&mut conn, worker), Reply::Commit { round: 0 });
         assert_eq!(
             *recorded.lock().unwrap(),
@@ -701,36 +712,18 @@ mod tests {
         assert!(matches!(after, Ok(Reply::Evicted { .. })), "{after:?}");
     }
 
-    /// A server whose coordinator judges liveness by leases, fed `changes` by hand.
-    fn by_lease(changes: std::sync::mpsc::Receiver<MemberLease>) -> CoordinatorServer {
-        let mut opts = coordinator(1, 3).state.lock().unwrap().options().clone();
+    fn by_lease(opts: &mut Options) {
         opts.liveness = Liveness::Lease {
             prefix: "holdfast/t/members/1-5eed/".into(),
         };
-        let c = Coordinator::new(opts, RUN, "the job".into());
-        let auth = Auth::new(TEST_SECRET).unwrap();
-        let leases: crate::server::LeaseChanges = Box::new(move || changes.try_recv().ok());
-        CoordinatorServer::start_recording("127.0.0.1:0", auth, RUN, c, None, Some(leases)).unwrap()
     }
 
     #[test]
     fn a_lease_judged_coordinator_puts_out_the_worker_whose_lease_went_and_refuses_a_plain_join() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let server = by_lease(rx);
-        let auth = Auth::new(TEST_SECRET).unwrap();
-        let mut conn =
-            CoordinatorClient::connect(&server.addr, &auth, RUN, Duration::from_secs(5)).unwrap();
-        let join = Request::Join {
-            name: "w0".into(),
-            data_addr: "127.0.0.1:1".into(),
-            held: None,
-        };
-        let Reply::Welcome {
-            worker, liveness, ..
-        } = conn.call(&join).unwrap()
-        else {
-            panic!()
-        };
+        let leases: crate::server::LeaseChanges = Box::new(move || rx.try_recv().ok());
+        let server = serve(by_lease, None, Some(leases)).unwrap();
+        let (mut conn, worker, liveness) = join_raw(&server);
         assert!(matches!(liveness, Liveness::Lease { .. }));
         tx.send(MemberLease {
             worker,
@@ -751,6 +744,7 @@ mod tests {
             Reply::Evicted { .. }
         ));
         // A worker that cannot keep a lease (it came by address, not through etcd) is told so.
+        let auth = Auth::new(TEST_SECRET).unwrap();
         let connector = CoordinatorConnector {
             addr: server.addr.clone(),
             auth: auth.clone(),
@@ -769,13 +763,6 @@ mod tests {
 
     #[test]
     fn a_lease_judged_coordinator_will_not_start_without_the_leases() {
-        let mut opts = coordinator(1, 3).state.lock().unwrap().options().clone();
-        opts.liveness = Liveness::Lease {
-            prefix: "p/".into(),
-        };
-        let c = Coordinator::new(opts, RUN, "the job".into());
-        let auth = Auth::new(TEST_SECRET).unwrap();
-        let started = CoordinatorServer::start_recording("127.0.0.1:0", auth, RUN, c, None, None);
-        assert!(started.is_err());
+        assert!(serve(by_lease, None, None).is_err());
     }
 }

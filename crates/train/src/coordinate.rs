@@ -273,6 +273,21 @@ fn coordinator_options(cfg: &RunConfig, min_workers: usize) -> Options {
     }
 }
 
+/// What a coordinator under `plane` (if any) needs of it for the run `run_id`: the recorder
+/// and the workers' lease changes, with their liveness set in `opts`.
+fn answer_to(
+    plane: Option<&dyn ControlPlane>,
+    run_id: u64,
+    opts: &mut Options,
+) -> (Option<Recorder>, Option<LeaseChanges>) {
+    let Some(plane) = plane else {
+        return (None, None);
+    };
+    let (liveness, leases) = plane.follow_members(run_id);
+    opts.liveness = liveness;
+    (Some(plane.recorder()), Some(leases))
+}
+
 /// A run restarting cold from a checkpoint.
 struct RestoredRun<'a> {
     cfg: &'a RunConfig,
@@ -282,6 +297,26 @@ struct RestoredRun<'a> {
 }
 
 impl RestoredRun<'_> {
+    /// [`RestoredRun::coordinator`], with the run directory's ledger cut back to the
+    /// checkpoint (rounds committed after it are trained again) and the restart recorded.
+    fn restart(
+        &self,
+        run_dir: &Path,
+        opts: Options,
+        r: Restore,
+    ) -> Result<(Coordinator, Vec<PeerServer>), TrainError> {
+        let own_states = r.cluster.workers.len();
+        let (c, servers) = self.coordinator(opts, r)?;
+        truncate_ledger(&run_dir.join(LEDGER_FILE), c.committed_rounds())?;
+        let restart = serde_json::json!({
+            "event": "restarted_cold",
+            "next_round": c.committed_rounds(),
+            "workers_own_states": own_states,
+        });
+        record_start(run_dir, restart)?;
+        Ok((c, servers))
+    }
+
     /// The coordinator of the checkpoint's position, and the peer servers it names as donors:
     /// one for the shared state, and in DiLoCo one for each worker whose own state the
     /// checkpoint kept (see [`Coordinator::serving_own_states`]).
@@ -404,37 +439,19 @@ impl ClusterRun {
             Start::TakeOver(d) => d.run_id,
             _ => u64::from_le_bytes(random_bytes()),
         };
-        let (recorder, leases) = match plane {
-            Some(plane) => {
-                let (liveness, leases) = plane.follow_members(run_id);
-                opts.liveness = liveness;
-                (Some(plane.recorder()), Some(leases))
-            }
-            None => (None, None),
-        };
+        let (recorder, leases) = answer_to(plane, run_id, &mut opts);
         let auth = Auth::new(secret).map_err(|e| TrainError::Cluster(e.to_string()))?;
         let (coordinator, restored) = match start {
             Start::Fresh => (Coordinator::new(opts, run_id, cfg.to_toml()), Vec::new()),
             Start::TakeOver(d) => (take_over(run_dir, cfg, opts, d)?, Vec::new()),
             Start::Restore(r) => {
-                let r = *r;
                 let restored = RestoredRun {
                     cfg,
                     listen,
                     auth: &auth,
                     run_id,
                 };
-                let own_states = r.cluster.workers.len();
-                let (c, servers) = restored.coordinator(opts, r)?;
-                // Rounds committed after the checkpoint will be trained again.
-                truncate_ledger(&run_dir.join(LEDGER_FILE), c.committed_rounds())?;
-                let restart = serde_json::json!({
-                    "event": "restarted_cold",
-                    "next_round": c.committed_rounds(),
-                    "workers_own_states": own_states,
-                });
-                record_start(run_dir, restart)?;
-                (c, servers)
+                restored.restart(run_dir, opts, *r)?
             }
         };
         let checkpoint_every_rounds = cfg.train.checkpoint_every.div_ceil(per_round).max(1);

@@ -143,3 +143,50 @@ pub fn budget_batches(run: &Path) -> u64 {
     let cfg = holdfast_train::RunConfig::from_toml_file(&run.join("config.toml")).unwrap();
     cfg.budget_batches(summary(run)["workers"].as_u64().unwrap() as usize)
 }
+
+/// `count` worker processes named host-0, host-1, … in `d`, joining as `how` says (`--join
+/// ADDR`, or `--etcd E --run NAME`) with the run's `secret`, one thread each.
+pub fn start_workers(d: &Path, how: &[&str], secret: &str, count: usize) -> Vec<KillOnDrop> {
+    (0..count)
+        .map(|i| {
+            let c = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+                .arg("worker")
+                .args(how)
+                .args(["--name", &format!("host-{i}")])
+                .env("HOLDFAST_SECRET", secret)
+                .env("RAYON_NUM_THREADS", "1")
+                .current_dir(d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            KillOnDrop(c)
+        })
+        .collect()
+}
+
+/// A script of `bench/`.
+pub fn bench_script(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../bench")
+        .join(name)
+}
+
+/// Removes the namespaces and processes of a run of `bench/SCRIPT` (its `clean`, with the
+/// run's prefix in the variable `VAR`), however the test ends: a run killed for overrunning
+/// cannot clean up after itself.
+pub struct Namespaces {
+    pub script: &'static str,
+    pub var: &'static str,
+    pub prefix: String,
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(bench_script(self.script))
+            .arg("clean")
+            .env(self.var, &self.prefix)
+            .status();
+    }
+}
