@@ -1,6 +1,7 @@
 //! `holdfast`: the command line. Parses flags, picks the device, and hands off to the crates.
 
 mod device;
+mod export;
 mod launch;
 mod serving;
 #[cfg(feature = "etcd")]
@@ -48,6 +49,8 @@ enum Command {
     Serve(serving::ServeArgs),
     /// Run the same prompts on two backends and compare logits.
     Parity(serving::ParityArgs),
+    /// Write a run's latest checkpoint as a GGUF file (llama.cpp's format).
+    Export(export::ExportArgs),
     /// Serve a multi-worker run to workers that join from other hosts.
     Coordinator(Box<CoordinatorArgs>),
     /// Join a multi-worker run (`holdfast coordinator` or `holdfast train --workers`).
@@ -238,6 +241,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => serving::cmd_generate(args),
         Command::Serve(args) => serving::cmd_serve(args),
         Command::Parity(args) => serving::cmd_parity(args),
+        Command::Export(args) => export::cmd_export(args),
         Command::Bench {
             what: BenchCommand::Generate(args),
         } => serving::cmd_bench_generate(args),

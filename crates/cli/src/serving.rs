@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
-use holdfast_model::{KvCache, Logits, Tokenizer, forward, forward_cached, token_batch};
+use holdfast_model::Tokenizer;
 use holdfast_serve::sampling::argmax;
 use holdfast_serve::server::{ServerOptions, serve};
 use holdfast_serve::{ChatMessage, SamplingOptions, ServedModel, generate};
@@ -27,13 +27,52 @@ pub struct ModelArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// flex or ndarray (CPU), or cuda[:N] / rocm[:N] / vulkan when built with that feature.
+    /// A .gguf on flex (the default) is mapped and run in its block formats on the CPU's
+    /// cores; on any other device it is dequantized to f32 there.
     #[arg(long, default_value = "flex")]
     pub device: String,
+    /// Run a .gguf as f32 tensors on --device (the training decoder) rather than in its
+    /// block formats.
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
-/// Loads MODEL onto `device`: a holdfast run (latest valid checkpoint) or a published model.
-pub fn load_model(path: &Path, tokenizer: Option<&Path>, device: &Device) -> Result<ServedModel> {
+impl ModelArgs {
+    /// Where MODEL runs: None maps a .gguf and runs its blocks on the CPU's cores.
+    pub fn placement(&self) -> Result<Option<Device>> {
+        let gguf = holdfast_model::is_gguf(&self.model);
+        if self.dequantize && !gguf {
+            bail!(
+                "--dequantize applies to a .gguf model; {} is not one",
+                self.model.display()
+            );
+        }
+        let host = matches!(self.device.as_str(), "flex" | "cpu");
+        if gguf && host && !self.dequantize {
+            return Ok(None);
+        }
+        Ok(Some(device::parse(&self.device)?))
+    }
+
+    pub fn load(&self) -> Result<ServedModel> {
+        load_model(
+            &self.model,
+            self.tokenizer.as_deref(),
+            self.placement()?.as_ref(),
+        )
+    }
+}
+
+/// Loads MODEL: a holdfast run (latest valid checkpoint) or a published model, onto `device`
+/// (None: a .gguf mapped, anything else on the CPU).
+pub fn load_model(
+    path: &Path,
+    tokenizer: Option<&Path>,
+    device: Option<&Device>,
+) -> Result<ServedModel> {
     if path.join(run::CONFIG_FILE).is_file() {
+        let device = device.cloned().unwrap_or_else(Device::flex);
+        let device = &device;
         let (_, loaded) = holdfast_train::rundir::load_run(path, device)?;
         for w in &loaded.warnings {
             eprintln!("warning: {w}");
@@ -85,8 +124,7 @@ pub struct GenerateArgs {
 }
 
 pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
-    let device = device::parse(&args.model.device)?;
-    let model = load_model(&args.model.model, args.model.tokenizer.as_deref(), &device)?;
+    let model = args.model.load()?;
     if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
     }
@@ -124,7 +162,7 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
     generate(&model, &prompt, &opts, |piece| {
         let _ = write!(stdout, "{piece}");
         stdout.flush().is_ok()
-    });
+    })?;
     writeln!(stdout)?;
     Ok(())
 }
@@ -142,14 +180,16 @@ pub struct ServeArgs {
     /// Requests admitted at once, running plus queued; more get 429.
     #[arg(long, default_value_t = 16)]
     pub max_pending: usize,
+    /// Requests generated together, one batched forward per token (continuous batching).
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
 }
 
 pub fn cmd_serve(args: ServeArgs) -> Result<()> {
-    if args.max_pending == 0 {
-        bail!("--max-pending must be at least 1");
+    if args.max_pending == 0 || args.max_batch == 0 {
+        bail!("--max-pending and --max-batch must be at least 1");
     }
-    let device = device::parse(&args.model.device)?;
-    let model = load_model(&args.model.model, args.model.tokenizer.as_deref(), &device)?;
+    let model = args.model.load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -159,14 +199,16 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("--listen {}", args.listen))?;
         eprintln!(
-            "serving '{}' (context {}) on http://{}",
+            "serving '{}' (context {}, {}) on http://{}",
             model.id,
             model.context(),
+            model.engine.describe(),
             listener.local_addr()?
         );
         let options = ServerOptions {
             api_key: args.api_key,
             max_pending: args.max_pending,
+            max_batch: args.max_batch,
         };
         serve(listener, model, options).await?;
         eprintln!("server stopped");
@@ -180,7 +222,8 @@ pub struct ParityArgs {
     pub model: PathBuf,
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Two backends, comma-separated (e.g. flex,ndarray).
+    /// Two backends, comma-separated (e.g. flex,ndarray); `mapped` is a .gguf run in its
+    /// block formats (8-bit activations) on the CPU's cores.
     #[arg(long, default_value = "flex,ndarray")]
     pub backends: String,
     /// Prompts to compare on (repeatable; default: three built-in ones).
@@ -197,16 +240,6 @@ const PARITY_PROMPTS: &[&str] = &[
     "To be, or not to be, that is the question:",
 ];
 
-/// Logits `[positions × vocab]` of a prompt on one backend.
-fn prompt_logits(model: &ServedModel, ids: &[u32]) -> Vec<f32> {
-    let batch = token_batch(ids, &model.device);
-    forward(&model.weights.cfg, &model.weights.tensors, batch)
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 logits")
-}
-
 pub fn cmd_parity(args: ParityArgs) -> Result<()> {
     let backends: Vec<&str> = args.backends.split(',').map(str::trim).collect();
     let [a, b] = backends[..] else {
@@ -217,9 +250,13 @@ pub fn cmd_parity(args: ParityArgs) -> Result<()> {
     };
     let models = [a, b]
         .iter()
-        .map(|name| {
-            let device = device::parse(name)?;
-            load_model(&args.model, args.tokenizer.as_deref(), &device)
+        .map(|&name| {
+            let device = match name {
+                "mapped" if holdfast_model::is_gguf(&args.model) => None,
+                "mapped" => bail!("--backends mapped needs a .gguf model"),
+                name => Some(device::parse(name)?),
+            };
+            load_model(&args.model, args.tokenizer.as_deref(), device.as_ref())
         })
         .collect::<Result<Vec<_>>>()?;
     let prompts: Vec<String> = if args.prompt.is_empty() {
@@ -227,7 +264,7 @@ pub fn cmd_parity(args: ParityArgs) -> Result<()> {
     } else {
         args.prompt.clone()
     };
-    let vocab = models[0].weights.cfg.vocab_size;
+    let vocab = models[0].engine.config().vocab_size;
     let (mut worst, mut positions, mut agree) = (0.0f32, 0usize, 0usize);
     for text in &prompts {
         let mut ids = models[0].tokenizer.encode(text)?;
@@ -235,8 +272,8 @@ pub fn cmd_parity(args: ParityArgs) -> Result<()> {
         if ids.is_empty() {
             bail!("--prompt {text:?} has no tokens");
         }
-        let la = prompt_logits(&models[0], &ids);
-        let lb = prompt_logits(&models[1], &ids);
+        let la = models[0].engine.all_logits(&ids)?;
+        let lb = models[1].engine.all_logits(&ids)?;
         let diff = la
             .iter()
             .zip(&lb)
@@ -287,9 +324,8 @@ pub struct BenchGenerateArgs {
 
 /// Prompt processing and generation tokens/s (greedy, KV cache, batch 1) and peak RSS.
 pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
-    let device = device::parse(&args.model.device)?;
     let start = Instant::now();
-    let model = load_model(&args.model.model, args.model.tokenizer.as_deref(), &device)?;
+    let model = args.model.load()?;
     let load_s = start.elapsed().as_secs_f64();
     if args.prompt_tokens == 0 || args.new_tokens == 0 || args.repeats == 0 {
         bail!("--prompt-tokens, --new-tokens and --repeats must be at least 1");
@@ -307,25 +343,18 @@ pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
         prompt.extend(model.tokenizer.encode(seed_text)?);
     }
     prompt.truncate(args.prompt_tokens);
-    let cfg = &model.weights.cfg;
-    // Greedy next token after `ids`, extending `cache`.
-    let greedy = |ids: &[u32], cache: &mut KvCache| -> u32 {
-        let batch = token_batch(ids, &device);
-        let logits = forward_cached(cfg, &model.weights.tensors, batch, cache, Logits::Last)
-            .into_data()
-            .convert::<f32>();
-        argmax(logits.as_slice::<f32>().expect("f32 logits"))
-    };
+    let engine = &model.engine;
+    let cfg = engine.config();
     let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
     // One extra pass first warms caches and allocators; every pass counts toward the best.
     for _ in 0..args.repeats + 1 {
-        let mut cache = KvCache::new();
+        let mut cache = engine.new_cache();
         let t0 = Instant::now();
-        let mut next = greedy(&prompt, &mut cache);
+        let mut next = argmax(&engine.next_logits(&mut cache, &prompt)?);
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..args.new_tokens {
-            next = greedy(&[next], &mut cache);
+            next = argmax(&engine.next_logits(&mut cache, &[next])?);
         }
         let decode = t1.elapsed().as_secs_f64();
         best_prefill = best_prefill.min(prefill);
@@ -335,6 +364,7 @@ pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
         "model": model.id,
         "params": cfg.num_params(),
         "device": args.model.device,
+        "engine": engine.describe(),
         "threads": run::compute_threads(),
         "load_s": load_s,
         "prompt_tokens": args.prompt_tokens,

@@ -45,7 +45,7 @@ pub struct GgufModel {
     pub info: GgufInfo,
 }
 
-fn format_err(path: &Path, reason: impl Into<String>) -> ModelError {
+pub(crate) fn format_err(path: &Path, reason: impl Into<String>) -> ModelError {
     ModelError::Format {
         path: path.display().to_string(),
         reason: reason.into(),
@@ -88,29 +88,29 @@ impl Value {
 }
 
 #[derive(Debug)]
-struct TensorInfo {
-    name: String,
+pub(crate) struct TensorInfo {
+    pub(crate) name: String,
     /// Innermost dimension first, as GGUF stores them.
-    shape: Vec<u64>,
-    kind: u32,
+    pub(crate) shape: Vec<u64>,
+    pub(crate) kind: u32,
     /// From the start of the data section.
-    offset: u64,
+    pub(crate) offset: u64,
 }
 
 /// Metadata and tensor directory of a GGUF file.
 #[derive(Debug)]
-struct Header {
+pub(crate) struct Header {
     metadata: std::collections::BTreeMap<String, Value>,
     tensors: Vec<TensorInfo>,
     /// File offset of the data section.
-    data_offset: u64,
+    pub(crate) data_offset: u64,
 }
 
 impl Header {
     fn metadata(&self) -> &std::collections::BTreeMap<String, Value> {
         &self.metadata
     }
-    fn tensors(&self) -> &[TensorInfo] {
+    pub(crate) fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
 }
@@ -182,7 +182,7 @@ impl<'a> Reader<'a> {
 /// GGUF's magic, "GGUF" read as a little-endian u32.
 const MAGIC: u32 = 0x4655_4747;
 
-fn parse_header(bytes: &[u8]) -> Result<Header, String> {
+pub(crate) fn parse_header(bytes: &[u8]) -> Result<Header, String> {
     let mut r = Reader { bytes, pos: 0 };
     if r.u32()? != MAGIC {
         return Err("not a GGUF file (bad magic)".into());
@@ -247,7 +247,7 @@ fn block_layout(kind: u32) -> Result<(u64, u64), String> {
 }
 
 /// Bytes a tensor of `numel` values of ggml type `kind` occupies.
-fn tensor_bytes(kind: u32, numel: u64) -> Result<u64, String> {
+pub(crate) fn tensor_bytes(kind: u32, numel: u64) -> Result<u64, String> {
     let (values, bytes) = block_layout(kind)?;
     if !numel.is_multiple_of(values) {
         return Err(format!(
@@ -266,7 +266,7 @@ fn read_file(path: &Path) -> Result<(Vec<u8>, Header), ModelError> {
     Ok((bytes, header))
 }
 
-fn config_of(header: &Header, path: &Path) -> Result<ModelConfig, ModelError> {
+pub(crate) fn config_of(header: &Header, path: &Path) -> Result<ModelConfig, ModelError> {
     let tensor = |name: &str| header.tensors().iter().find(|t| t.name == name);
     // Older converters omit llama.vocab_size; the embedding's outer dimension is the vocabulary.
     let embedding_rows = tensor("token_embd.weight")
@@ -289,7 +289,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
 
 /// Why a GGUF tensor this decoder has no place for is refused, rather than skipped: a model
 /// that needs it would load and give wrong logits.
-fn unsupported_tensor(name: &str) -> String {
+pub(crate) fn unsupported_tensor(name: &str) -> String {
     let what = if name.ends_with(".bias") {
         "biases (attention_bias / mlp_bias) are not implemented"
     } else if name == "rope_freqs.weight" {
@@ -306,7 +306,6 @@ fn load_parsed(
     path: &Path,
     device: &Device,
 ) -> Result<GgufModel, ModelError> {
-    let meta = header.metadata();
     let config = config_of(header, path)?;
     let specs: HashMap<String, Vec<usize>> = crate::param_specs(&config)
         .into_iter()
@@ -365,20 +364,25 @@ fn load_parsed(
         );
     }
     let weights = Weights::from_named(&config, named, &path.display().to_string(), device)?;
+    Ok(GgufModel {
+        config,
+        weights,
+        info: info_of(header),
+    })
+}
+
+/// What the metadata says besides the model's shape.
+pub(crate) fn info_of(header: &Header) -> GgufInfo {
+    let meta = header.metadata();
     let string = |k: &str| meta.get(k).and_then(Value::as_str).map(str::to_string);
     let id = |k: &str| meta.get(k).and_then(Value::as_u64).map(|v| v as u32);
-    let info = GgufInfo {
+    GgufInfo {
         name: string("general.name"),
         chat_template: string("tokenizer.chat_template"),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),
         add_bos_token: add_bos_token(meta),
-    };
-    Ok(GgufModel {
-        config,
-        weights,
-        info,
-    })
+    }
 }
 
 /// `tokenizer.ggml.add_bos_token`, or llama.cpp's default when absent: true for a

@@ -53,7 +53,7 @@ macro_rules! vectorized {
 /// Instruction sets the kernels are compiled for, narrowest first.
 #[allow(dead_code)] // only x86-64 builds select the wider ones
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Isa {
+pub(crate) enum Isa {
     Baseline,
     Avx2,
     Avx512,
@@ -62,7 +62,7 @@ enum Isa {
 /// The widest instruction set a kernel may use: every one the CPU has, except where a test
 /// narrows it to check that all versions compute the same bits.
 #[allow(dead_code)]
-fn isa_limit() -> Isa {
+pub(crate) fn isa_limit() -> Isa {
     #[cfg(test)]
     {
         tests::ISA_LIMIT.with(|l| l.get())
@@ -122,7 +122,7 @@ fn sum(xs: &[f32]) -> f32 {
 
 /// Σ a·b.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let a_chunks = a.chunks_exact(LANES);
     let b_chunks = b.chunks_exact(LANES);
@@ -403,12 +403,12 @@ vectorized! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::cell::Cell;
 
     thread_local! {
-        pub(super) static ISA_LIMIT: Cell<Isa> = const { Cell::new(Isa::Avx512) };
+        pub(crate) static ISA_LIMIT: Cell<Isa> = const { Cell::new(Isa::Avx512) };
     }
 
     /// Every kernel's outputs under each instruction set, as bits.

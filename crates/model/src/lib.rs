@@ -8,8 +8,11 @@
 mod config;
 mod fused;
 pub mod gguf;
+pub mod gguf_out;
+pub mod host;
 pub mod kernels;
 mod llama;
+pub mod quant;
 pub mod st;
 mod tokenizer;
 pub mod weights;

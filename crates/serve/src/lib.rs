@@ -2,12 +2,14 @@
 //! CLI), KV-cached generation with sampling and stop sequences, chat templates, and an
 //! OpenAI-compatible HTTP server ([`server`]).
 
+mod engine;
 mod generate;
 mod model;
 pub mod sampling;
 pub mod server;
 
-pub use generate::{Completion, FinishReason, generate};
+pub use engine::{Cache, Engine};
+pub use generate::{Completion, FinishReason, Generation, generate};
 pub use model::{ChatMessage, ServedModel};
 pub use sampling::{SamplingOptions, sample};
 

@@ -4,10 +4,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use holdfast_model::{ModelConfig, ModelError, Tokenizer, Weights, load_gguf, load_safetensors};
+use holdfast_model::host::MappedModel;
+use holdfast_model::{
+    ModelConfig, ModelError, Tokenizer, Weights, is_gguf, load_gguf, load_safetensors,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::ServeError;
+use crate::{Engine, ServeError};
 
 /// ChatML, for models that ship no template of their own (holdfast's own runs).
 const FALLBACK_CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -66,7 +69,7 @@ impl PromptRule {
 pub struct ServedModel {
     /// The name clients pass as `model`.
     pub id: String,
-    pub weights: Weights,
+    pub engine: Engine,
     /// Shared with the HTTP handlers, which tokenize and validate before queueing.
     pub tokenizer: Arc<Tokenizer>,
     pub prompt_rule: PromptRule,
@@ -74,35 +77,38 @@ pub struct ServedModel {
     pub chat_template: Option<String>,
     /// Generation stops at these ids.
     pub stop_tokens: Vec<u32>,
-    pub device: Device,
 }
 
 impl ServedModel {
     /// A model from parts (the CLI builds holdfast runs this way).
     pub fn new(id: String, weights: Weights, tokenizer: Tokenizer, device: Device) -> Self {
+        Self::with_engine(id, Engine::Tensors { weights, device }, tokenizer)
+    }
+
+    fn with_engine(id: String, engine: Engine, tokenizer: Tokenizer) -> Self {
         let stop_tokens = END_TOKENS
             .iter()
             .filter_map(|t| tokenizer.token_id(t))
             .collect();
         ServedModel {
             id,
-            weights,
+            engine,
             tokenizer: Arc::new(tokenizer),
             // As the run was trained: plain text, no special tokens added.
             prompt_rule: PromptRule::default(),
             chat_template: None,
             stop_tokens,
-            device,
         }
     }
 
     /// Loads a `.gguf` file (tokenizer.json beside it unless `tokenizer` is given) or a
     /// Hugging Face directory (config.json, model.safetensors, tokenizer.json and optionally
-    /// tokenizer_config.json).
+    /// tokenizer_config.json). A `.gguf` is mapped and served in its block formats on the
+    /// host's cores when `device` is None, and dequantized onto the device otherwise.
     pub fn load(
         path: &Path,
         tokenizer: Option<&Path>,
-        device: &Device,
+        device: Option<&Device>,
     ) -> Result<Self, ServeError> {
         let id = path
             .file_stem()
@@ -126,18 +132,29 @@ impl ServedModel {
             read_tokenizer_config(&tokenizer_path.with_file_name("tokenizer_config.json"))?;
 
         let mut rule = PromptRule::default();
-        let (weights, mut template, mut stops) = if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        {
-            let m = load_gguf(path, device)?;
-            let bos = m.info.bos_token_id;
-            rule.bos = bos.filter(|_| m.info.add_bos_token);
+        let (engine, mut template, mut stops) = if is_gguf(path) {
+            let (engine, info) = match device {
+                Some(device) => {
+                    let m = load_gguf(path, device)?;
+                    let engine = Engine::Tensors {
+                        weights: m.weights,
+                        device: device.clone(),
+                    };
+                    (engine, m.info)
+                }
+                None => {
+                    let m = MappedModel::open(path)?;
+                    let info = m.info.clone();
+                    (Engine::Mapped(m), info)
+                }
+            };
+            let bos = info.bos_token_id;
+            rule.bos = bos.filter(|_| info.add_bos_token);
             rule.bos_text = bos.and_then(|id| tok.id_to_token(id));
             (
-                m.weights,
-                m.info.chat_template,
-                m.info.eos_token_id.into_iter().collect(),
+                engine,
+                info.chat_template,
+                info.eos_token_id.into_iter().collect(),
             )
         } else if path.is_dir() {
             rule.post_process = true;
@@ -147,7 +164,9 @@ impl ServedModel {
                 "its config.json",
             )?)?;
             let st = require(path.join("model.safetensors"), path, "model.safetensors")?;
-            (load_safetensors(&cfg, &st, device)?, None, Vec::new())
+            let device = device.cloned().unwrap_or_else(Device::flex);
+            let weights = load_safetensors(&cfg, &st, &device)?;
+            (Engine::Tensors { weights, device }, None, Vec::new())
         } else {
             return Err(ServeError::Load(format!(
                 "{}: expected a .gguf file or a Hugging Face model directory",
@@ -163,7 +182,7 @@ impl ServedModel {
         if let Some(eos) = hf_config.eos_token.and_then(|t| tok.token_id(&t)) {
             stops.push(eos);
         }
-        let vocab = weights.cfg.vocab_size;
+        let vocab = engine.config().vocab_size;
         if tok.vocab_size() > vocab {
             return Err(ServeError::Load(format!(
                 "{}: tokenizer has {} tokens but the model's vocabulary is {vocab}",
@@ -171,7 +190,7 @@ impl ServedModel {
                 tok.vocab_size()
             )));
         }
-        let mut model = ServedModel::new(id, weights, tok, device.clone());
+        let mut model = ServedModel::with_engine(id, engine, tok);
         model.chat_template = template;
         model.prompt_rule = rule;
         for s in stops {
@@ -184,7 +203,7 @@ impl ServedModel {
 
     /// The longest sequence (prompt plus generated tokens) the model runs on.
     pub fn context(&self) -> usize {
-        self.weights.cfg.max_position_embeddings
+        self.engine.config().max_position_embeddings
     }
 
     /// The ids of a completion prompt (with a BOS when the model's files ask for one).

@@ -29,7 +29,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::model::PromptRule;
-use crate::{ChatMessage, Completion, SamplingOptions, ServeError, ServedModel, generate};
+use crate::{Cache, Generation};
+use crate::{ChatMessage, Completion, SamplingOptions, ServeError, ServedModel};
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -37,6 +38,8 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// Requests admitted at once (running plus queued); more are refused with 429.
     pub max_pending: usize,
+    /// Requests generated together, one batched forward per token.
+    pub max_batch: usize,
 }
 
 /// What the model thread runs: a validated, tokenized request.
@@ -62,6 +65,8 @@ struct AppState {
     jobs: mpsc::UnboundedSender<Job>,
     options: ServerOptions,
     pending: Arc<AtomicUsize>,
+    /// Written by the model thread, read by `/health`.
+    largest_batch: Arc<AtomicUsize>,
 }
 
 /// A held admission slot; released on drop.
@@ -539,6 +544,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         "model": state.model_id,
         "pending": state.pending.load(Ordering::SeqCst),
         "max_pending": state.options.max_pending,
+        "max_batch": state.options.max_batch,
+        // The most requests one forward has carried so far.
+        "largest_batch": state.largest_batch.load(Ordering::Relaxed),
     }))
     .into_response()
 }
@@ -608,10 +616,88 @@ async fn not_found() -> ApiError {
     }
 }
 
+/// A request being generated: its job, its sampling state and its KV cache.
+struct Running<'a> {
+    job: Job,
+    generation: Generation<'a>,
+    cache: Cache,
+}
+
+/// The model thread: takes up to `batch` requests at once and steps them all through one
+/// forward per token (continuous batching: a request joins at the next step after it arrives
+/// and leaves when it ends). Returns when the queue closes and the last request is done.
+fn run_model(
+    model: &ServedModel,
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    batch: usize,
+    largest_batch: &AtomicUsize,
+) {
+    let mut running: Vec<Running> = Vec::new();
+    let start = |job: Job| Running {
+        generation: Generation::new(model, &job.prompt, &job.sampling),
+        cache: model.engine.new_cache(),
+        job,
+    };
+    loop {
+        if running.is_empty() {
+            match queue.blocking_recv() {
+                Some(job) => running.push(start(job)),
+                None => return,
+            }
+        }
+        while running.len() < batch {
+            match queue.try_recv() {
+                Ok(job) => running.push(start(job)),
+                Err(_) => break,
+            }
+        }
+        // A client that left costs nothing more.
+        running.retain(|r| !r.job.events.is_closed());
+        largest_batch.fetch_max(running.len(), Ordering::Relaxed);
+        step(model, &mut running);
+        running.retain(|r| match r.generation.finished() {
+            Some(c) => {
+                let _ = r.job.events.send(JobEvent::Done(c));
+                false
+            }
+            None => true,
+        });
+    }
+}
+
+/// One forward for every running request, and each one's next token.
+fn step(model: &ServedModel, running: &mut Vec<Running>) {
+    let inputs: Vec<Vec<u32>> = running
+        .iter()
+        .map(|r| r.generation.input().to_vec())
+        .collect();
+    let mut steps: Vec<(&mut Cache, &[u32])> = running
+        .iter_mut()
+        .zip(&inputs)
+        .map(|(r, input)| (&mut r.cache, &input[..]))
+        .collect();
+    match model.engine.next_logits_batch(&mut steps) {
+        Ok(logits) => {
+            for (r, logits) in running.iter_mut().zip(&logits) {
+                let events = r.job.events.clone();
+                r.generation.advance(logits, &mut |t: &str| {
+                    events.send(JobEvent::Text(t.to_string())).is_ok()
+                });
+            }
+        }
+        Err(e) => {
+            // The requests are dropped unanswered: each handler answers 503.
+            tracing::error!("forward failed for {} requests: {e}", running.len());
+            running.clear();
+        }
+    }
+}
+
 /// Starts the model thread and returns the router. The thread ends when the router (and so
 /// every job sender) is dropped.
 pub fn router(model: ServedModel, options: ServerOptions) -> Router {
-    let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+    let (jobs, queue) = mpsc::unbounded_channel::<Job>();
+    let batch = options.max_batch.max(1);
     let state = Arc::new(AppState {
         model_id: model.id.clone(),
         tokenizer: model.tokenizer.clone(),
@@ -622,22 +708,12 @@ pub fn router(model: ServedModel, options: ServerOptions) -> Router {
         jobs,
         options,
         pending: Arc::new(AtomicUsize::new(0)),
+        largest_batch: Arc::new(AtomicUsize::new(0)),
     });
+    let largest_batch = state.largest_batch.clone();
     std::thread::Builder::new()
         .name("model".into())
-        .spawn(move || {
-            while let Some(job) = queue.blocking_recv() {
-                // A client that left while queued costs nothing.
-                if job.events.is_closed() {
-                    continue;
-                }
-                let events = job.events.clone();
-                let c = generate(&model, &job.prompt, &job.sampling, |t| {
-                    events.send(JobEvent::Text(t.to_string())).is_ok()
-                });
-                let _ = job.events.send(JobEvent::Done(c));
-            }
-        })
+        .spawn(move || run_model(&model, queue, batch, &largest_batch))
         .expect("spawn the model thread");
     Router::new()
         .route("/health", get(health))
@@ -715,8 +791,10 @@ mod tests {
             options: ServerOptions {
                 api_key: None,
                 max_pending: 1,
+                max_batch: 1,
             },
             pending: Arc::new(AtomicUsize::new(1)),
+            largest_batch: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -767,8 +845,10 @@ mod tests {
             options: ServerOptions {
                 api_key: None,
                 max_pending: 16,
+                max_batch: 16,
             },
             pending: Arc::new(AtomicUsize::new(0)),
+            largest_batch: Arc::new(AtomicUsize::new(0)),
         })
     }
 

@@ -1,0 +1,542 @@
+//! The decoder for serving on the host's cores, straight from a memory-mapped GGUF file: the
+//! weights stay in their block formats where the file has them (see [`quant`](crate::quant)),
+//! each product is split over the compute pool, and several sequences, each at its own
+//! position, go through one forward together (batched decoding).
+//!
+//! The arithmetic is llama.cpp's: 8-bit activations against quantized blocks, f32 for norms,
+//! rotary embedding, attention and the KV cache. Query and key rows stay in the order the GGUF
+//! converter permuted them to, so the rotary embedding rotates adjacent pairs, as ggml's does.
+
+use std::path::Path;
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::gguf::{self, Header, format_err, unsupported_tensor};
+use crate::kernels;
+use crate::quant::{Format, GEMM_ROWS, QuantMatrix, matmul_many_from};
+use crate::{GgufInfo, ModelConfig, ModelError};
+
+/// A matrix's place in the mapped file.
+#[derive(Clone, Debug)]
+struct Placed {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    start: usize,
+    len: usize,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    q: Placed,
+    k: Placed,
+    v: Placed,
+    o: Placed,
+    ffn_norm: Vec<f32>,
+    gate: Placed,
+    up: Placed,
+    down: Placed,
+}
+
+/// A GGUF model mapped for serving.
+pub struct MappedModel {
+    pub config: ModelConfig,
+    pub info: GgufInfo,
+    map: Mmap,
+    embedding: Placed,
+    /// `output.weight`, or the embedding when the model ties them.
+    output: Placed,
+    final_norm: Vec<f32>,
+    layers: Vec<Layer>,
+    /// `θ^(-2i/d)` for each rotated pair `i` of a head.
+    inverse_frequencies: Vec<f64>,
+    /// Products with this many input rows or more expand the weights to f32 instead of
+    /// quantizing the inputs (see [`quant::GEMM_ROWS`](crate::quant::GEMM_ROWS)).
+    expand_from: usize,
+}
+
+/// One sequence's keys and values, per layer `[positions, kv_width]`.
+#[derive(Clone, Debug, Default)]
+pub struct Sequence {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl Sequence {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One sequence's part of a batched forward: its next tokens (a prompt, or one generated
+/// token).
+pub struct Step<'a> {
+    pub sequence: &'a mut Sequence,
+    pub tokens: &'a [u32],
+}
+
+impl MappedModel {
+    /// Maps `path` and checks every tensor's name, type, shape and extent before use.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: the map is read-only. A file changed under a running server would change
+        // its weights, as it would for llama.cpp, which maps its models the same way; every
+        // extent read is checked against the map's length below.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let header = gguf::parse_header(&map).map_err(|reason| format_err(path, reason))?;
+        let config = gguf::config_of(&header, path)?;
+        let info = gguf::info_of(&header);
+        let tensors = Directory {
+            header: &header,
+            map: &map,
+            path,
+        };
+        let hidden = config.hidden_size;
+        let (kv, inter) = (config.kv_width(), config.intermediate_size);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let name = |part: &str| format!("blk.{l}.{part}.weight");
+            layers.push(Layer {
+                attn_norm: tensors.vector(&name("attn_norm"), hidden)?,
+                q: tensors.matrix(&name("attn_q"), hidden, hidden)?,
+                k: tensors.matrix(&name("attn_k"), kv, hidden)?,
+                v: tensors.matrix(&name("attn_v"), kv, hidden)?,
+                o: tensors.matrix(&name("attn_output"), hidden, hidden)?,
+                ffn_norm: tensors.vector(&name("ffn_norm"), hidden)?,
+                gate: tensors.matrix(&name("ffn_gate"), inter, hidden)?,
+                up: tensors.matrix(&name("ffn_up"), inter, hidden)?,
+                down: tensors.matrix(&name("ffn_down"), hidden, inter)?,
+            });
+        }
+        let embedding = tensors.matrix("token_embd.weight", config.vocab_size, hidden)?;
+        let output = if config.tie_word_embeddings {
+            embedding.clone()
+        } else {
+            tensors.matrix("output.weight", config.vocab_size, hidden)?
+        };
+        let final_norm = tensors.vector("output_norm.weight", hidden)?;
+        tensors.refuse_unknown(config.num_hidden_layers)?;
+        let hd = config.head_dim();
+        let inverse_frequencies = (0..hd / 2)
+            .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / hd as f64))
+            .collect();
+        Ok(MappedModel {
+            config,
+            info,
+            map,
+            embedding,
+            output,
+            final_norm,
+            layers,
+            inverse_frequencies,
+            expand_from: GEMM_ROWS,
+        })
+    }
+
+    /// Every product in f32 (the weights expanded, the activations not quantized): the
+    /// dequantized reference path, for parity checks. Slower, and the result differs from
+    /// llama.cpp's by the 8-bit activations it leaves out.
+    pub fn with_f32_activations(mut self) -> Self {
+        self.expand_from = 1;
+        self
+    }
+
+    fn products(&self, products: &mut [(QuantMatrix<'_>, &mut [f32])], x: &[f32], n: usize) {
+        matmul_many_from(products, x, n, self.expand_from);
+    }
+
+    /// The weight formats in the file, as `format: count` (for logs and benchmarks).
+    pub fn formats(&self) -> String {
+        let mut counts = std::collections::BTreeMap::new();
+        let mut all = vec![&self.embedding];
+        if !self.config.tie_word_embeddings {
+            all.push(&self.output);
+        }
+        for l in &self.layers {
+            all.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+        }
+        for p in all {
+            *counts.entry(format!("{:?}", p.format)).or_insert(0) += 1;
+        }
+        counts
+            .iter()
+            .map(|(f, n)| format!("{f}×{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn matrix(&self, p: &Placed) -> QuantMatrix<'_> {
+        QuantMatrix::new(
+            p.format,
+            p.rows,
+            p.cols,
+            &self.map[p.start..p.start + p.len],
+        )
+        .expect("extent checked when the model was opened")
+    }
+
+    /// Runs every step's tokens through the decoder, extending each step's sequence, and
+    /// returns the logits after each step's last token.
+    pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        // The whole forward runs on a worker of the compute pool: its many small parallel
+        // products are then split from inside the pool, instead of each waking a worker from
+        // outside it (measured: a third of decoding time went to those handoffs).
+        rayon::scope(|_| self.forward_in_pool(steps))
+    }
+
+    fn forward_in_pool(&self, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let cfg = &self.config;
+        let mut rows = Vec::new();
+        for (s, step) in steps.iter().enumerate() {
+            if step.tokens.is_empty() {
+                return Err(invalid("tokens", "0", "every step needs a token"));
+            }
+            let end = step.sequence.len + step.tokens.len();
+            if end > cfg.max_position_embeddings {
+                return Err(invalid(
+                    "positions",
+                    &end.to_string(),
+                    &format!("the context is {}", cfg.max_position_embeddings),
+                ));
+            }
+            for (t, &token) in step.tokens.iter().enumerate() {
+                if token as usize >= cfg.vocab_size {
+                    return Err(invalid(
+                        "token",
+                        &token.to_string(),
+                        &format!("the vocabulary has {}", cfg.vocab_size),
+                    ));
+                }
+                rows.push(Row {
+                    step: s,
+                    position: step.sequence.len + t,
+                    token,
+                });
+            }
+        }
+        let mut x = self.embed(&rows);
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.attention_block(l, layer, &rows, steps, &mut x);
+            self.feed_forward_block(layer, &mut x);
+        }
+        for step in steps.iter_mut() {
+            step.sequence.len += step.tokens.len();
+        }
+        Ok(self.logits(&rows, &x, steps.len()))
+    }
+
+    fn embed(&self, rows: &[Row]) -> Vec<f32> {
+        let hidden = self.config.hidden_size;
+        let table = self.matrix(&self.embedding);
+        let mut x = vec![0.0f32; rows.len() * hidden];
+        for (row, out) in rows.iter().zip(x.chunks_exact_mut(hidden)) {
+            table.dequantize_row(row.token as usize, out);
+        }
+        x
+    }
+
+    fn attention_block(
+        &self,
+        l: usize,
+        layer: &Layer,
+        rows: &[Row],
+        steps: &mut [Step<'_>],
+        x: &mut [f32],
+    ) {
+        let cfg = &self.config;
+        let (hidden, kv, m) = (cfg.hidden_size, cfg.kv_width(), rows.len());
+        let h = self.norm(x, &layer.attn_norm);
+        let (mut q, mut k, mut v) = (vec![0.0; m * hidden], vec![0.0; m * kv], vec![0.0; m * kv]);
+        self.products(
+            &mut [
+                (self.matrix(&layer.q), &mut q[..]),
+                (self.matrix(&layer.k), &mut k[..]),
+                (self.matrix(&layer.v), &mut v[..]),
+            ],
+            &h,
+            m,
+        );
+        for (i, row) in rows.iter().enumerate() {
+            self.rotate(&mut q[i * hidden..(i + 1) * hidden], row.position);
+            self.rotate(&mut k[i * kv..(i + 1) * kv], row.position);
+        }
+        for (i, row) in rows.iter().enumerate() {
+            let seq = &mut *steps[row.step].sequence;
+            if seq.keys.len() <= l {
+                seq.keys.resize_with(l + 1, Vec::new);
+                seq.values.resize_with(l + 1, Vec::new);
+            }
+            seq.keys[l].extend_from_slice(&k[i * kv..(i + 1) * kv]);
+            seq.values[l].extend_from_slice(&v[i * kv..(i + 1) * kv]);
+        }
+        let caches: Vec<(&[f32], &[f32])> = steps
+            .iter()
+            .map(|s| (&s.sequence.keys[l][..], &s.sequence.values[l][..]))
+            .collect();
+        let mut attended = vec![0.0f32; m * hidden];
+        let hd = cfg.head_dim();
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+        attended
+            .par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let (i, head) = (
+                    task / cfg.num_attention_heads,
+                    task % cfg.num_attention_heads,
+                );
+                let (keys, values) = caches[rows[i].step];
+                let query = &q[i * hidden + head * hd..i * hidden + (head + 1) * hd];
+                let offset = (head / group) * hd;
+                attend(query, keys, values, rows[i].position + 1, offset, kv, out);
+            });
+        let mut projected = vec![0.0f32; m * hidden];
+        self.products(
+            &mut [(self.matrix(&layer.o), &mut projected[..])],
+            &attended,
+            m,
+        );
+        add(x, &projected);
+    }
+
+    fn feed_forward_block(&self, layer: &Layer, x: &mut [f32]) {
+        let (hidden, inter) = (self.config.hidden_size, self.config.intermediate_size);
+        let m = x.len() / hidden;
+        let h = self.norm(x, &layer.ffn_norm);
+        let (mut gate, mut up) = (vec![0.0; m * inter], vec![0.0; m * inter]);
+        self.products(
+            &mut [
+                (self.matrix(&layer.gate), &mut gate[..]),
+                (self.matrix(&layer.up), &mut up[..]),
+            ],
+            &h,
+            m,
+        );
+        let mut gated = vec![0.0f32; m * inter];
+        kernels::swiglu(&gate, &up, &mut gated);
+        let mut down = vec![0.0f32; m * hidden];
+        self.products(&mut [(self.matrix(&layer.down), &mut down[..])], &gated, m);
+        add(x, &down);
+    }
+
+    /// Logits after each step's last row.
+    fn logits(&self, rows: &[Row], x: &[f32], steps: usize) -> Vec<Vec<f32>> {
+        let hidden = self.config.hidden_size;
+        let mut last = vec![0usize; steps];
+        for (i, row) in rows.iter().enumerate() {
+            last[row.step] = i;
+        }
+        let picked: Vec<f32> = last
+            .iter()
+            .flat_map(|&i| x[i * hidden..(i + 1) * hidden].iter().copied())
+            .collect();
+        let h = self.norm(&picked, &self.final_norm);
+        let vocab = self.config.vocab_size;
+        let mut logits = vec![0.0f32; steps * vocab];
+        self.products(
+            &mut [(self.matrix(&self.output), &mut logits[..])],
+            &h,
+            steps,
+        );
+        logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+    }
+
+    fn norm(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; x.len()];
+        kernels::rms_norm(x, weight, self.config.rms_norm_eps as f32, &mut out);
+        out
+    }
+
+    /// Rotates adjacent pairs of each head of `x` by `position` (ggml's rope, normal mode).
+    fn rotate(&self, x: &mut [f32], position: usize) {
+        let hd = self.config.head_dim();
+        for head in x.chunks_exact_mut(hd) {
+            for (pair, &f) in head.chunks_exact_mut(2).zip(&self.inverse_frequencies) {
+                let angle = (position as f64 * f) as f32;
+                let (sin, cos) = angle.sin_cos();
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cos - b * sin;
+                pair[1] = a * sin + b * cos;
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Row {
+    step: usize,
+    position: usize,
+    token: u32,
+}
+
+fn invalid(field: &str, value: &str, reason: &str) -> ModelError {
+    ModelError::InvalidConfig {
+        field: field.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// One query head against the first `len` cached positions: softmax(q·k/√d) · v. `offset` is
+/// the head's place within a cached row of `width` values.
+fn attend(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    len: usize,
+    offset: usize,
+    width: usize,
+    out: &mut [f32],
+) {
+    let hd = query.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores: Vec<f32> = (0..len)
+        .map(|p| {
+            let key = &keys[p * width + offset..p * width + offset + hd];
+            kernels::dot(query, key) * scale
+        })
+        .collect();
+    kernels::causal_softmax(&mut scores, len, 1, len - 1);
+    out.fill(0.0);
+    for (p, &weight) in scores.iter().enumerate() {
+        let value = &values[p * width + offset..p * width + offset + hd];
+        for (o, &v) in out.iter_mut().zip(value) {
+            *o += weight * v;
+        }
+    }
+}
+
+/// The file's tensors by GGUF name, checked as they are taken.
+struct Directory<'a> {
+    header: &'a Header,
+    map: &'a [u8],
+    path: &'a Path,
+}
+
+impl Directory<'_> {
+    fn find(&self, name: &str) -> Result<&gguf::TensorInfo, ModelError> {
+        self.header
+            .tensors()
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| format_err(self.path, format!("tensor '{name}' is missing")))
+    }
+
+    /// A `[rows, cols]` matrix (GGUF shape `[cols, rows]`).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Placed, ModelError> {
+        let t = self.find(name)?;
+        let located = |reason: String| format_err(self.path, format!("tensor '{name}': {reason}"));
+        if t.shape != [cols as u64, rows as u64] {
+            return Err(located(format!(
+                "shape {:?} (innermost first), the config needs [{cols}, {rows}]",
+                t.shape
+            )));
+        }
+        self.placed(t, rows, cols)
+    }
+
+    /// Where `t`'s `rows × cols` values lie in the map, checked against its length.
+    fn placed(&self, t: &gguf::TensorInfo, rows: usize, cols: usize) -> Result<Placed, ModelError> {
+        let located =
+            |reason: String| format_err(self.path, format!("tensor '{}': {reason}", t.name));
+        let format = Format::from_ggml(t.kind).ok_or_else(|| {
+            located(format!(
+                "ggml type {} is not supported for serving (F32, F16, Q4_0, Q4_1, Q8_0 are)",
+                t.kind
+            ))
+        })?;
+        let len = format
+            .row_bytes(cols)
+            .and_then(|r| r.checked_mul(rows))
+            .ok_or_else(|| located(format!("{cols} columns do not fit {format:?} blocks")))?;
+        let start = self
+            .header
+            .data_offset
+            .checked_add(t.offset)
+            .and_then(|s| usize::try_from(s).ok())
+            .filter(|&s| s.checked_add(len).is_some_and(|end| end <= self.map.len()))
+            .ok_or_else(|| located("runs past the end of the file".into()))?;
+        Ok(Placed {
+            format,
+            rows,
+            cols,
+            start,
+            len,
+        })
+    }
+
+    /// A vector (norm weights), read as f32.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let t = self.find(name)?;
+        let located = |reason: String| format_err(self.path, format!("tensor '{name}': {reason}"));
+        if t.shape != [len as u64] {
+            return Err(located(format!(
+                "shape {:?}, the config needs [{len}]",
+                t.shape
+            )));
+        }
+        if !matches!(Format::from_ggml(t.kind), Some(Format::F32 | Format::F16)) {
+            return Err(located(format!(
+                "ggml type {} is not supported for a norm (F32 and F16 are)",
+                t.kind
+            )));
+        }
+        let placed = self.placed(t, 1, len)?;
+        let bytes = &self.map[placed.start..placed.start + placed.len];
+        let m = QuantMatrix::new(placed.format, 1, len, bytes).map_err(located)?;
+        let mut out = vec![0.0f32; len];
+        m.dequantize_row(0, &mut out);
+        Ok(out)
+    }
+
+    /// Refuses tensors the decoder has no place for: a model that needs one would run and
+    /// give wrong logits.
+    fn refuse_unknown(&self, layers: usize) -> Result<(), ModelError> {
+        const PARTS: [&str; 9] = [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ];
+        for t in self.header.tensors() {
+            let known = matches!(
+                t.name.as_str(),
+                "token_embd.weight" | "output_norm.weight" | "output.weight"
+            ) || t
+                .name
+                .strip_prefix("blk.")
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(l, part)| {
+                    l.parse::<usize>().is_ok_and(|l| l < layers)
+                        && part
+                            .strip_suffix(".weight")
+                            .is_some_and(|p| PARTS.contains(&p))
+                });
+            if !known {
+                return Err(format_err(self.path, unsupported_tensor(&t.name)));
+            }
+        }
+        Ok(())
+    }
+}

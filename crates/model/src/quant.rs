@@ -1,0 +1,738 @@
+//! Products of f32 activations with weight matrices kept in llama.cpp's block formats (Q4_0,
+//! Q4_1, Q8_0; F32 and F16 too), for serving: the weights are read where they lie (a mapped
+//! GGUF file), never expanded to f32.
+//!
+//! As ggml does, activations are quantized to 8 bits per block of 32 and each block's product
+//! is an integer dot product; the block scales are applied in f32. The integer sums are exact,
+//! and the f32 arithmetic is written out lane by lane in one fixed order, so the AVX2 version
+//! and the portable one give the same bits (tested below).
+
+use rayon::prelude::*;
+
+use crate::kernels::{Isa, isa_limit};
+
+/// Values per quantization block (Q4_0, Q4_1, Q8_0 and the 8-bit activations).
+pub const BLOCK: usize = 32;
+
+/// How a weight matrix's values are stored: ggml's types, by their ggml names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl Format {
+    /// From ggml's type id (ggml.h `enum ggml_type`).
+    pub fn from_ggml(kind: u32) -> Option<Self> {
+        Some(match kind {
+            0 => Format::F32,
+            1 => Format::F16,
+            2 => Format::Q4_0,
+            3 => Format::Q4_1,
+            8 => Format::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// ggml's type id.
+    pub fn ggml_type(self) -> u32 {
+        match self {
+            Format::F32 => 0,
+            Format::F16 => 1,
+            Format::Q4_0 => 2,
+            Format::Q4_1 => 3,
+            Format::Q8_0 => 8,
+        }
+    }
+
+    /// (values, bytes) of one storage block.
+    fn block(self) -> (usize, usize) {
+        match self {
+            Format::F32 => (1, 4),
+            Format::F16 => (1, 2),
+            Format::Q4_0 => (BLOCK, 18),
+            Format::Q4_1 => (BLOCK, 20),
+            Format::Q8_0 => (BLOCK, 34),
+        }
+    }
+
+    fn quantized(self) -> bool {
+        self.block().0 == BLOCK
+    }
+
+    /// Bytes of a row of `cols` values, or None when `cols` is not a whole number of blocks.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        let (values, bytes) = self.block();
+        cols.is_multiple_of(values)
+            .then(|| (cols / values).checked_mul(bytes))
+            .flatten()
+    }
+}
+
+/// One block of 32 activations in 8 bits (ggml's `block_q8_1`, with f32 scales): values are
+/// `d · q`; `s` is `d · Σq`, which Q4_1's offset needs.
+#[derive(Clone, Copy, Debug)]
+pub struct ActBlock {
+    pub d: f32,
+    pub s: f32,
+    pub q: [i8; BLOCK],
+}
+
+/// Appends `x` (a whole number of blocks) quantized as ggml's `quantize_row_q8_1`: per block,
+/// `d = max|x| / 127` and `q = round(x / d)`. A block holding a NaN or an infinity gets a NaN
+/// scale, so that it poisons the products as the f32 values would.
+pub fn quantize_acts(x: &[f32], out: &mut Vec<ActBlock>) {
+    debug_assert!(x.len().is_multiple_of(BLOCK));
+    for block in x.chunks_exact(BLOCK) {
+        let finite = block.iter().all(|v| v.is_finite());
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = if finite { amax / 127.0 } else { f32::NAN };
+        let inverse = if d != 0.0 && finite { 1.0 / d } else { 0.0 };
+        let mut q = [0i8; BLOCK];
+        for (q, v) in q.iter_mut().zip(block) {
+            *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+        }
+        let sum: i32 = q.iter().map(|&v| v as i32).sum();
+        out.push(ActBlock {
+            d,
+            s: d * sum as f32,
+            q,
+        });
+    }
+}
+
+/// A `[rows, cols]` weight matrix in `format`, row-major as ggml stores it (each row `cols`
+/// values), over bytes it borrows.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantMatrix<'a> {
+    pub format: Format,
+    pub rows: usize,
+    pub cols: usize,
+    data: &'a [u8],
+}
+
+impl<'a> QuantMatrix<'a> {
+    /// Checks that `data` holds exactly `rows × cols` values of `format`.
+    pub fn new(format: Format, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, String> {
+        let row = format
+            .row_bytes(cols)
+            .ok_or_else(|| format!("{cols} columns is not a whole number of {format:?} blocks"))?;
+        let need = row
+            .checked_mul(rows)
+            .ok_or_else(|| format!("{rows}×{cols} overflows"))?;
+        if data.len() != need {
+            return Err(format!(
+                "{} bytes of {format:?} data, {rows}×{cols} needs {need}",
+                data.len()
+            ));
+        }
+        Ok(QuantMatrix {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.max(1)
+    }
+
+    fn row(&self, r: usize) -> &'a [u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Row `r` as f32 (as ggml's `dequantize_row_*`).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let row = self.row(r);
+        match self.format {
+            Format::F32 => {
+                for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Format::F16 => {
+                for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                    *o = f16(c, 0);
+                }
+            }
+            Format::Q8_0 => {
+                for (o, b) in out.chunks_exact_mut(BLOCK).zip(row.chunks_exact(34)) {
+                    let d = f16(b, 0);
+                    for (o, &q) in o.iter_mut().zip(&b[2..]) {
+                        *o = (q as i8) as f32 * d;
+                    }
+                }
+            }
+            Format::Q4_0 | Format::Q4_1 => {
+                let size = self.format.block().1;
+                for (o, b) in out.chunks_exact_mut(BLOCK).zip(row.chunks_exact(size)) {
+                    let d = f16(b, 0);
+                    let nibbles = &b[size - 16..];
+                    for (i, o) in o.iter_mut().enumerate() {
+                        let n = nibble(nibbles, i) as f32;
+                        *o = if self.format == Format::Q4_0 {
+                            (n - 8.0) * d
+                        } else {
+                            n * d + f16(b, 2)
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn f16(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Element `i` of a Q4 block: ggml packs element `i` in the low nibble of byte `i` and
+/// element `i + 16` in its high nibble.
+fn nibble(nibbles: &[u8], i: usize) -> u8 {
+    if i < 16 {
+        nibbles[i] & 0x0F
+    } else {
+        nibbles[i - 16] >> 4
+    }
+}
+
+/// Rows per parallel task: enough work to outweigh handing it to a thread.
+const ROWS_PER_TASK: usize = 32;
+
+/// From this many input rows on (a prompt), weights are expanded to f32 a few rows at a time
+/// and multiplied by a blocked f32 matrix product: each expanded row then serves every input
+/// row, which beats an integer dot product per pair.
+pub const GEMM_ROWS: usize = 32;
+const GEMM_ROWS_PER_TASK: usize = 64;
+
+/// `out[(r - first) · n + i] = x_i · w_r` for the weight rows from `first` that `out` holds,
+/// through those rows expanded to f32.
+fn dequantized_product(w: &QuantMatrix, first: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    let rows = out.len() / n;
+    let mut expanded = vec![0.0f32; rows * w.cols];
+    for (r, row) in expanded.chunks_exact_mut(w.cols).enumerate() {
+        w.dequantize_row(first + r, row);
+    }
+    // out (rows × n, row-major) = expanded (rows × cols) · xᵀ (cols × n).
+    // SAFETY: every pointer covers the matrix its strides describe.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            w.cols,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            expanded.as_ptr(),
+            1,
+            w.cols as isize,
+            x.as_ptr(),
+            w.cols as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out[i · rows + r] = x_i · w_r` for the `n` rows `x_i` of `x` (`n × cols`, row-major): the
+/// product `x · wᵀ`, split over the compute pool by rows of `w`.
+pub fn matmul(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+    matmul_many(&mut [(*w, out)], x, n);
+}
+
+/// [`matmul`] of one input by several matrices of the same width (a layer's query, key and
+/// value projections), quantizing the input once and sharing one parallel pass.
+pub fn matmul_many(products: &mut [(QuantMatrix<'_>, &mut [f32])], x: &[f32], n: usize) {
+    matmul_many_from(products, x, n, GEMM_ROWS);
+}
+
+/// [`matmul_many`], expanding the weights to f32 (f32 activations, no 8-bit blocks) from
+/// `expand_from` input rows on rather than from [`GEMM_ROWS`].
+pub fn matmul_many_from(
+    products: &mut [(QuantMatrix<'_>, &mut [f32])],
+    x: &[f32],
+    n: usize,
+    expand_from: usize,
+) {
+    let Some(cols) = products.first().map(|(w, _)| w.cols) else {
+        return;
+    };
+    for (w, out) in products.iter() {
+        assert_eq!(w.cols, cols, "matrices of one input share its width");
+        assert_eq!(out.len(), n * w.rows, "output is not n × rows");
+    }
+    assert_eq!(x.len(), n * cols, "activations are not n × cols");
+    let isa = block_isa();
+    let wide = n >= expand_from;
+    let mut acts = Vec::new();
+    if !wide && products.iter().any(|(w, _)| w.format.quantized()) {
+        acts.reserve(n * cols / BLOCK);
+        quantize_acts(x, &mut acts);
+    }
+    let input = Input { x, acts, cols };
+    let matrices: Vec<QuantMatrix> = products.iter().map(|(w, _)| *w).collect();
+    // With several input rows, products land weight-row-major (each task's rows contiguous)
+    // and are transposed after.
+    let mut by_row: Vec<Vec<f32>> = if n == 1 {
+        Vec::new()
+    } else {
+        matrices.iter().map(|w| vec![0.0; n * w.rows]).collect()
+    };
+    let targets: Vec<&mut [f32]> = if n == 1 {
+        products.iter_mut().map(|(_, out)| &mut **out).collect()
+    } else {
+        by_row.iter_mut().map(|b| &mut b[..]).collect()
+    };
+    let rows_per_task = if wide {
+        GEMM_ROWS_PER_TASK
+    } else {
+        ROWS_PER_TASK
+    };
+    let mut tasks = Vec::new();
+    for (k, target) in targets.into_iter().enumerate() {
+        for (t, chunk) in target.chunks_mut(rows_per_task * n).enumerate() {
+            tasks.push((k, t * rows_per_task, chunk));
+        }
+    }
+    tasks.into_par_iter().for_each(|(k, first, chunk)| {
+        let w = &matrices[k];
+        if wide {
+            return dequantized_product(w, first, x, n, chunk);
+        }
+        for (r, outs) in chunk.chunks_exact_mut(n).enumerate() {
+            let row = w.row(first + r);
+            for (i, o) in outs.iter_mut().enumerate() {
+                *o = input.dot(isa, w, row, i);
+            }
+        }
+    });
+    for ((w, out), products) in products.iter_mut().zip(&by_row) {
+        for (r, row) in products.chunks_exact(n).enumerate() {
+            for (i, &p) in row.iter().enumerate() {
+                out[i * w.rows + r] = p;
+            }
+        }
+    }
+}
+
+/// The input of a product: f32 rows, and their 8-bit blocks when a block format needs them.
+struct Input<'a> {
+    x: &'a [f32],
+    acts: Vec<ActBlock>,
+    cols: usize,
+}
+
+impl Input<'_> {
+    /// Input row `i` · the weight row `row` of `w`.
+    fn dot(&self, isa: Isa, w: &QuantMatrix, row: &[u8], i: usize) -> f32 {
+        if w.format.quantized() {
+            let blocks = self.cols / BLOCK;
+            block_dot(isa, w.format, row, &self.acts[i * blocks..(i + 1) * blocks])
+        } else {
+            float_dot(w.format, row, &self.x[i * self.cols..(i + 1) * self.cols])
+        }
+    }
+}
+
+/// Eight f32 lanes summed in the order AVX2's horizontal sum takes.
+#[inline(always)]
+fn reduce_lanes(a: [f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// An F32 or F16 row · f32 activations, in eight lanes.
+fn float_dot(format: Format, row: &[u8], x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let width = if format == Format::F32 { 4 } else { 2 };
+    for (bytes, xs) in row.chunks(8 * width).zip(x.chunks(8)) {
+        for (j, (b, &v)) in bytes.chunks_exact(width).zip(xs).enumerate() {
+            let w = if width == 4 {
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            } else {
+                f16(b, 0)
+            };
+            lanes[j] += w * v;
+        }
+    }
+    reduce_lanes(lanes)
+}
+
+/// A quantized weight row · quantized activations: per block, eight exact integer partial
+/// sums (lane `j` holds elements `4j..4j+4`, as AVX2's `maddubs` and `madd` pair them), scaled
+/// and added into eight f32 lanes.
+fn block_dot(isa: Isa, format: Format, row: &[u8], acts: &[ActBlock]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: `block_isa` says Avx2 only where the CPU has AVX2 and F16C, which
+        // `avx2::block_dot` is compiled for.
+        return unsafe { avx2::block_dot(format, row, acts) };
+    }
+    let _ = isa;
+    portable_block_dot(format, row, acts)
+}
+
+/// The instruction set the block kernels use here, checked once per product: AVX2 (with
+/// F16C) where the CPU has it and the limit allows, the portable code otherwise. AVX-512 adds
+/// nothing to these 256-bit integer kernels without VNNI, so it has no version of its own.
+fn block_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    if isa_limit() >= Isa::Avx2
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        return Isa::Avx2;
+    }
+    Isa::Baseline
+}
+
+fn portable_block_dot(format: Format, row: &[u8], acts: &[ActBlock]) -> f32 {
+    let size = format.block().1;
+    // Two sets of lanes, for even and odd blocks: two independent chains of additions.
+    let mut lanes = [[0.0f32; 8]; 2];
+    let mut offsets = 0.0f32;
+    for (k, (b, a)) in row.chunks_exact(size).zip(acts).enumerate() {
+        let mut sums = [0i32; 8];
+        for (i, &q) in a.q.iter().enumerate() {
+            let w = match format {
+                Format::Q8_0 => b[2 + i] as i8 as i32,
+                Format::Q4_0 => nibble(&b[2..], i) as i32 - 8,
+                _ => nibble(&b[4..], i) as i32,
+            };
+            sums[i / 4] += w * q as i32;
+        }
+        let scale = f16(b, 0) * a.d;
+        for (lane, &sum) in lanes[k % 2].iter_mut().zip(&sums) {
+            *lane += scale * sum as f32;
+        }
+        if format == Format::Q4_1 {
+            offsets += f16(b, 2) * a.s;
+        }
+    }
+    let [even, odd] = lanes;
+    let mut both = [0.0f32; 8];
+    for ((s, e), o) in both.iter_mut().zip(even).zip(odd) {
+        *s = e + o;
+    }
+    reduce_lanes(both) + offsets
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{ActBlock, Format};
+
+    /// The same sums as `portable_block_dot`, in the same order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn block_dot(format: Format, row: &[u8], acts: &[ActBlock]) -> f32 {
+        // SAFETY (all three): `row` holds `acts.len()` whole blocks of the format.
+        unsafe {
+            match format {
+                Format::Q8_0 => blocks::<34>(row, acts, |b| {
+                    let w = _mm256_loadu_si256(b.add(2).cast());
+                    (w, true)
+                }),
+                Format::Q4_0 => blocks::<18>(row, acts, |b| {
+                    let w = _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8));
+                    (w, true)
+                }),
+                _ => blocks::<20>(row, acts, |b| (nibbles(b.add(4)), false)),
+            }
+        }
+    }
+
+    /// Sums blocks of `SIZE` bytes whose 32 weights `weights` loads (and says whether they
+    /// are signed); a 20-byte block is Q4_1, whose offset is added separately. Even and odd
+    /// blocks add into separate lanes, two independent chains.
+    #[inline(always)]
+    unsafe fn blocks<const SIZE: usize>(
+        row: &[u8],
+        acts: &[ActBlock],
+        weights: impl Fn(*const u8) -> (__m256i, bool),
+    ) -> f32 {
+        let base = row.as_ptr();
+        // SAFETY: block `k` lies within `row` for every `k < acts.len()`; loads are unaligned.
+        unsafe {
+            // A macro, not a closure: closures do not take on the target features.
+            macro_rules! one {
+                ($k:expr, $offsets:expr) => {{
+                    let a = &acts[$k];
+                    let b = base.add($k * SIZE);
+                    let q = _mm256_loadu_si256(a.q.as_ptr().cast());
+                    let (w, signed) = weights(b);
+                    let pairs = if signed {
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w))
+                    } else {
+                        _mm256_maddubs_epi16(w, q)
+                    };
+                    let ones = _mm256_set1_epi16(1);
+                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                    if SIZE == 20 {
+                        $offsets += half(b.add(2)) * a.s;
+                    }
+                    _mm256_mul_ps(_mm256_set1_ps(half(b) * a.d), sums)
+                }};
+            }
+            let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut offsets = 0.0f32;
+            let mut k = 0;
+            while k + 1 < acts.len() {
+                even = _mm256_add_ps(even, one!(k, offsets));
+                odd = _mm256_add_ps(odd, one!(k + 1, offsets));
+                k += 2;
+            }
+            if k < acts.len() {
+                even = _mm256_add_ps(even, one!(k, offsets));
+            }
+            let mut out = [0.0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(even, odd));
+            super::reduce_lanes(out) + offsets
+        }
+    }
+
+    /// The f16 at `p`, exactly (F16C).
+    #[inline(always)]
+    unsafe fn half(p: *const u8) -> f32 {
+        // SAFETY: the caller passes 2 readable bytes.
+        unsafe {
+            let bits = p.cast::<u16>().read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+    }
+
+    /// A Q4 block's 16 bytes as 32 bytes in element order: low nibbles, then high nibbles.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        // SAFETY: the caller passes 16 readable bytes.
+        unsafe {
+            let packed = _mm_loadu_si128(p.cast());
+            let mask = _mm_set1_epi8(0x0F);
+            let low = _mm_and_si128(packed, mask);
+            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+            _mm256_set_m128i(high, low)
+        }
+    }
+}
+
+/// Quantizes `x` (a whole number of blocks) to `format`, as ggml's reference quantizers do:
+/// for writing GGUF files and for tests.
+pub fn quantize(format: Format, x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match format {
+        Format::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        Format::F16 => x
+            .iter()
+            .for_each(|v| out.extend(half::f16::from_f32(*v).to_le_bytes())),
+        Format::Q8_0 => {
+            let mut acts = Vec::new();
+            quantize_acts(x, &mut acts);
+            for a in acts {
+                out.extend(half::f16::from_f32(a.d).to_le_bytes());
+                out.extend(a.q.iter().map(|&q| q as u8));
+            }
+        }
+        Format::Q4_0 | Format::Q4_1 => {
+            for block in x.chunks_exact(BLOCK) {
+                quantize_q4(format, block, &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// ggml's `quantize_row_q4_0_ref` / `quantize_row_q4_1_ref` for one block.
+fn quantize_q4(format: Format, block: &[f32], out: &mut Vec<u8>) {
+    let (d, min) = if format == Format::Q4_0 {
+        // The value of largest magnitude, with its sign, maps to -8.
+        let max = block
+            .iter()
+            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        (max / -8.0, 0.0)
+    } else {
+        let min = block.iter().fold(f32::MAX, |m, &v| m.min(v));
+        let max = block.iter().fold(f32::MIN, |m, &v| m.max(v));
+        ((max - min) / 15.0, min)
+    };
+    let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let level = |v: f32| -> u8 {
+        if format == Format::Q4_0 {
+            ((v * inverse + 8.5) as i32).clamp(0, 15) as u8
+        } else {
+            (((v - min) * inverse + 0.5) as i32).clamp(0, 15) as u8
+        }
+    };
+    out.extend(half::f16::from_f32(d).to_le_bytes());
+    if format == Format::Q4_1 {
+        out.extend(half::f16::from_f32(min).to_le_bytes());
+    }
+    for i in 0..16 {
+        out.push(level(block[i]) | (level(block[i + 16]) << 4));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::ISA_LIMIT;
+    use rand::{Rng, SeedableRng};
+
+    const ALL: [Format; 5] = [
+        Format::F32,
+        Format::F16,
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q8_0,
+    ];
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn dequantized(w: &QuantMatrix) -> Vec<f32> {
+        let mut out = vec![0.0; w.rows * w.cols];
+        for (r, row) in out.chunks_exact_mut(w.cols).enumerate() {
+            w.dequantize_row(r, row);
+        }
+        out
+    }
+
+    /// `x · wᵀ` in f64 over the dequantized weights and (for block formats) the dequantized
+    /// activations: what the kernels must equal up to f32 rounding.
+    fn reference(w: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
+        let weights = dequantized(w);
+        let x: Vec<f32> = if w.format.quantized() && n < GEMM_ROWS {
+            let mut acts = Vec::new();
+            quantize_acts(x, &mut acts);
+            acts.iter()
+                .flat_map(|a| a.q.map(|q| q as f32 * a.d))
+                .collect()
+        } else {
+            x.to_vec()
+        };
+        let mut out = vec![0.0; n * w.rows];
+        for i in 0..n {
+            for r in 0..w.rows {
+                out[i * w.rows + r] = (0..w.cols)
+                    .map(|c| x[i * w.cols + c] as f64 * weights[r * w.cols + c] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn products_match_the_dequantized_reference_for_every_format_and_odd_sizes() {
+        for format in ALL {
+            for (rows, cols, n) in [
+                (1, 32, 1),
+                (37, 96, 3),
+                (65, 64, 1),
+                (3, 320, 5),
+                (70, 64, 40),
+            ] {
+                let bytes = quantize(format, &values(rows * cols, 1));
+                let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
+                let x = values(n * cols, 2);
+                let mut out = vec![0.0; n * rows];
+                matmul(&w, &x, n, &mut out);
+                for (k, (&got, &want)) in out.iter().zip(&reference(&w, &x, n)).enumerate() {
+                    let bound = 1e-5 * (cols as f64).sqrt() * (1.0 + want.abs());
+                    assert!(
+                        (got as f64 - want).abs() <= bound,
+                        "{format:?} {rows}×{cols} n={n} [{k}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let (rows, cols, n) = (41, 192, 3);
+        for format in ALL {
+            let bytes = quantize(format, &values(rows * cols, 3));
+            let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
+            let x = values(n * cols, 4);
+            let run = |isa: Isa| {
+                ISA_LIMIT.with(|l| l.set(isa));
+                let mut out = vec![0.0f32; n * rows];
+                matmul(&w, &x, n, &mut out);
+                ISA_LIMIT.with(|l| l.set(Isa::Avx512));
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(run(Isa::Avx512), run(Isa::Baseline), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn extreme_values_neither_saturate_nor_differ_between_instruction_sets() {
+        // Q8_0 weights of -128 (which ggml's quantizer never writes, but a file may hold)
+        // against activations of ±127: the largest pair sums `maddubs` sees.
+        let cols = 64;
+        let mut bytes = Vec::new();
+        for _ in 0..cols / BLOCK {
+            bytes.extend(half::f16::from_f32(1.0).to_le_bytes());
+            bytes.extend([0x80u8; BLOCK]);
+        }
+        let w = QuantMatrix::new(Format::Q8_0, 1, cols, &bytes).unwrap();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let want = reference(&w, &x, 1)[0] as f32;
+        for isa in [Isa::Avx512, Isa::Baseline] {
+            ISA_LIMIT.with(|l| l.set(isa));
+            let mut out = [0.0f32];
+            matmul(&w, &x, 1, &mut out);
+            ISA_LIMIT.with(|l| l.set(Isa::Avx512));
+            assert_eq!(out[0], want, "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn quantizers_round_trip_within_half_a_step() {
+        let x = values(4 * BLOCK, 5);
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            let bytes = quantize(format, &x);
+            let w = QuantMatrix::new(format, 1, x.len(), &bytes).unwrap();
+            let mut back = vec![0.0; x.len()];
+            w.dequantize_row(0, &mut back);
+            let step = if format == Format::Q8_0 {
+                1.0 / 127.0
+            } else {
+                2.0 / 15.0
+            };
+            for (a, b) in x.iter().zip(&back) {
+                assert!((a - b).abs() <= step, "{format:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_finite_activation_poisons_its_products() {
+        let bytes = quantize(Format::Q8_0, &values(64, 6));
+        let w = QuantMatrix::new(Format::Q8_0, 1, 64, &bytes).unwrap();
+        let mut x = values(64, 7);
+        x[40] = f32::NAN;
+        let mut out = [0.0f32];
+        matmul(&w, &x, 1, &mut out);
+        assert!(out[0].is_nan());
+    }
+
+    #[test]
+    fn a_matrix_of_the_wrong_size_is_refused() {
+        assert!(QuantMatrix::new(Format::Q4_0, 2, 32, &[0; 35]).is_err());
+        assert!(QuantMatrix::new(Format::Q4_0, 1, 30, &[0; 18]).is_err());
+    }
+}
