@@ -263,9 +263,11 @@ fn a_hung_worker_is_dropped_within_the_timeout_and_rejoins_with_identical_state(
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // The faults come early: a 400-step run takes about 6 s alone. Runs past the learning
-    // transition with a hang: `survivors_of_a_long_hang_train_through_the_transition_...`.
-    let mut args = train_args("h", "3", "400");
+    // The faults come early: a 400-step run takes about 6 s alone; 600 steps leave the woken
+    // worker time to rejoin on a machine where the run goes faster (two runs in one full
+    // suite on an AVX2 machine ended before it did). Runs past the learning transition with
+    // a hang: `survivors_of_a_long_hang_train_through_the_transition_...`.
+    let mut args = train_args("h", "3", "600");
     args.extend([
         "--failure-timeout-ms",
         "1000",
@@ -900,7 +902,7 @@ fn streaming_diloco_survives_a_kill_and_a_hang_and_every_audit_replays_exactly()
     // Long enough that the hung worker rejoins before the end even when, woken, it first
     // waits out an audit fetch that stalled while it was stopped (up to the 10 s peer timeout;
     // seen in about one run in four, cause not yet found).
-    let mut args = train_args("streaming", "3", "800");
+    let mut args = train_args("streaming", "3", "1200");
     // Rounds of 10 steps, each syncing one of the model's two layers (and the embedding or
     // the head) in 4 bits, the last 3 steps training while it travels.
     args.extend([

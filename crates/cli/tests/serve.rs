@@ -648,8 +648,8 @@ fn fine_tune_smollm2_from_gguf_then_generate() {
 }
 
 /// A run whose widths are whole 32-value blocks (char-small: 128 wide, 352 in the
-/// feed-forward), so that it exports to the block formats; trained for two steps.
-fn block_run(dir: &Path) -> PathBuf {
+/// feed-forward), so that it exports to the block formats; trained for `steps` steps.
+fn block_run(dir: &Path, steps: &str) -> PathBuf {
     let data = dir.join("text.txt");
     std::fs::write(
         &data,
@@ -670,7 +670,7 @@ fn block_run(dir: &Path) -> PathBuf {
             "--context",
             "256",
             "--steps",
-            "2",
+            steps,
             "--batch-size",
             "2",
             "--no-progress",
@@ -720,7 +720,7 @@ fn streamed_text(server: &Server, prompt: &str) -> String {
 #[test]
 fn an_exported_gguf_serves_concurrent_streams_in_one_batch_each_its_own_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let gguf = export(dir.path(), &block_run(dir.path()), "q8_0");
+    let gguf = export(dir.path(), &block_run(dir.path(), "2"), "q8_0");
     let server = Arc::new(start_server(&gguf, &["--max-batch", "8"]));
     let prompts = [
         "the",
@@ -774,7 +774,7 @@ fn greedy(model: &Path, prompt: &str, extra: &[&str]) -> String {
 #[test]
 fn an_exported_gguf_keeps_the_runs_greedy_text_and_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let run = block_run(dir.path());
+    let run = block_run(dir.path(), "2");
     let f32_gguf = export(dir.path(), &run, "f32");
     for prompt in ["the quick", "over the"] {
         assert_eq!(
@@ -836,7 +836,7 @@ fn the_gguf_package_reads_an_export_as_holdfast_does() {
         return skipped(reason);
     }
     let dir = tempfile::tempdir().unwrap();
-    let gguf = export(dir.path(), &block_run(dir.path()), "q8_0");
+    let gguf = export(dir.path(), &block_run(dir.path(), "2"), "q8_0");
     let out = dir.path().join("reference");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/reference/llama_gguf.py");
     let mut cmd = Command::new("python3");
@@ -859,5 +859,43 @@ fn the_gguf_package_reads_an_export_as_holdfast_does() {
             theirs,
             "{prompt:?}"
         );
+    }
+}
+
+/// llama.cpp itself loads exports and continues greedily as holdfast does. Needs a llama.cpp
+/// build's bin/ directory (with `llama-simple`) in HOLDFAST_LLAMA_CPP (`bash bench/serving.sh`
+/// builds one); skips, saying so, without it.
+#[test]
+fn llama_cpp_decodes_an_export_as_holdfast_does() {
+    let Some(bin) = std::env::var_os("HOLDFAST_LLAMA_CPP").map(PathBuf::from) else {
+        return skipped("HOLDFAST_LLAMA_CPP (a llama.cpp build's bin/ directory) is not set");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Trained past emitting arbitrary bytes, so that both sides print the same characters.
+    let run = block_run(dir.path(), "60");
+    for kind in ["f32", "f16", "q8_0"] {
+        let gguf = export(dir.path(), &run, kind);
+        let mut cmd = Command::new(bin.join("llama-simple"));
+        // llama-simple's -n counts the prompt's tokens (here one per byte) too.
+        cmd.arg("-m").arg(&gguf).args(["-n", "20", "the quick"]);
+        let o = common::bounded(cmd, Duration::from_secs(120));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let theirs = String::from_utf8_lossy(&o.stdout).into_owned();
+        let ours = greedy(&gguf, "the quick", &[]);
+        let theirs = theirs
+            .trim_end_matches('\n')
+            .strip_prefix("the quick")
+            .unwrap_or(&theirs);
+        let same = ours
+            .chars()
+            .zip(theirs.chars())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let shorter = ours.chars().count().min(theirs.chars().count());
+        assert!(
+            shorter >= 8,
+            "{kind}: too little text: {ours:?} / {theirs:?}"
+        );
+        assert_eq!(same, shorter, "{kind}: {ours:?} / {theirs:?}");
     }
 }

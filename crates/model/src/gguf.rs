@@ -925,6 +925,18 @@ mod header_tests {
         if let Ok(header) = parse_header(file) {
             let _ = load_parsed(file, &header, Path::new("fuzz.gguf"), &Device::flex());
         }
+        // The serving decoder maps the same bytes: it must refuse them or run on them.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fuzz.gguf");
+        std::fs::write(&path, file).unwrap();
+        if let Ok(model) = crate::host::MappedModel::open(&path) {
+            let mut seq = crate::host::Sequence::new();
+            let step = crate::host::Step {
+                sequence: &mut seq,
+                tokens: &[0, 1],
+            };
+            let _ = model.forward(&mut [step]);
+        }
     }
 
     proptest::proptest! {

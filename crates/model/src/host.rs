@@ -51,8 +51,9 @@ pub struct MappedModel {
     layers: Vec<Layer>,
     /// `θ^(-2i/d)` for each rotated pair `i` of a head.
     inverse_frequencies: Vec<f64>,
-    /// Products with this many input rows or more expand the weights to f32 instead of
-    /// quantizing the inputs (see [`quant::GEMM_ROWS`](crate::quant::GEMM_ROWS)).
+    /// Steps of this many tokens or more (a prompt) take products expanded to f32 instead of
+    /// 8-bit ones (see [`quant::GEMM_ROWS`](crate::quant::GEMM_ROWS)); 1 makes every
+    /// product f32.
     expand_from: usize,
 }
 
@@ -152,8 +153,18 @@ impl MappedModel {
         self
     }
 
-    fn products(&self, products: &mut [(QuantMatrix<'_>, &mut [f32])], x: &[f32], n: usize) {
-        matmul_many_from(products, x, n, self.expand_from);
+    fn products(
+        &self,
+        how: Products,
+        products: &mut [(QuantMatrix<'_>, &mut [f32])],
+        x: &[f32],
+        n: usize,
+    ) {
+        let expand_from = match how {
+            Products::Expanded => 1,
+            Products::Blocks => usize::MAX,
+        };
+        matmul_many_from(products, x, n, expand_from);
     }
 
     /// The weight formats in the file, as `format: count` (for logs and benchmarks).
@@ -189,35 +200,72 @@ impl MappedModel {
     /// Runs every step's tokens through the decoder, extending each step's sequence, and
     /// returns the logits after each step's last token.
     pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        for step in steps.iter() {
+            self.check(step)?;
+        }
         // The whole forward runs on a worker of the compute pool: its many small parallel
         // products are then split from inside the pool, instead of each waking a worker from
         // outside it (measured: a third of decoding time went to those handoffs).
-        rayon::scope(|_| self.forward_in_pool(steps))
+        Ok(rayon::scope(|_| self.forward_in_pool(steps)))
     }
 
-    fn forward_in_pool(&self, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// A sequence's logits do not depend on what shares its forward: a step of a prompt's
+    /// length runs alone (its products expanded to f32), and the rest run together on 8-bit
+    /// products, whose every row is computed on its own.
+    fn forward_in_pool(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
+        let mut out = vec![Vec::new(); steps.len()];
+        let (mut short, mut short_at) = (Vec::new(), Vec::new());
+        for (i, step) in steps.iter_mut().enumerate() {
+            let step = Step {
+                sequence: &mut *step.sequence,
+                tokens: step.tokens,
+            };
+            if step.tokens.len() >= self.expand_from {
+                out[i] = self
+                    .forward_group(&mut [step], Products::Expanded)
+                    .remove(0);
+            } else {
+                short.push(step);
+                short_at.push(i);
+            }
+        }
+        if !short.is_empty() {
+            let logits = self.forward_group(&mut short, Products::Blocks);
+            for (i, l) in short_at.into_iter().zip(logits) {
+                out[i] = l;
+            }
+        }
+        out
+    }
+
+    /// Refuses a step the model cannot take, before anything changes.
+    fn check(&self, step: &Step<'_>) -> Result<(), ModelError> {
         let cfg = &self.config;
+        if step.tokens.is_empty() {
+            return Err(invalid("tokens", "0", "every step needs a token"));
+        }
+        let end = step.sequence.len + step.tokens.len();
+        if end > cfg.max_position_embeddings {
+            return Err(invalid(
+                "positions",
+                &end.to_string(),
+                &format!("the context is {}", cfg.max_position_embeddings),
+            ));
+        }
+        if let Some(&token) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(invalid(
+                "token",
+                &token.to_string(),
+                &format!("the vocabulary has {}", cfg.vocab_size),
+            ));
+        }
+        Ok(())
+    }
+
+    fn forward_group(&self, steps: &mut [Step<'_>], layers: Products) -> Vec<Vec<f32>> {
         let mut rows = Vec::new();
         for (s, step) in steps.iter().enumerate() {
-            if step.tokens.is_empty() {
-                return Err(invalid("tokens", "0", "every step needs a token"));
-            }
-            let end = step.sequence.len + step.tokens.len();
-            if end > cfg.max_position_embeddings {
-                return Err(invalid(
-                    "positions",
-                    &end.to_string(),
-                    &format!("the context is {}", cfg.max_position_embeddings),
-                ));
-            }
             for (t, &token) in step.tokens.iter().enumerate() {
-                if token as usize >= cfg.vocab_size {
-                    return Err(invalid(
-                        "token",
-                        &token.to_string(),
-                        &format!("the vocabulary has {}", cfg.vocab_size),
-                    ));
-                }
                 rows.push(Row {
                     step: s,
                     position: step.sequence.len + t,
@@ -227,13 +275,13 @@ impl MappedModel {
         }
         let mut x = self.embed(&rows);
         for (l, layer) in self.layers.iter().enumerate() {
-            self.attention_block(l, layer, &rows, steps, &mut x);
-            self.feed_forward_block(layer, &mut x);
+            self.attention_block(l, layer, &rows, steps, &mut x, layers);
+            self.feed_forward_block(layer, &mut x, layers);
         }
         for step in steps.iter_mut() {
             step.sequence.len += step.tokens.len();
         }
-        Ok(self.logits(&rows, &x, steps.len()))
+        self.logits(&rows, &x, steps.len())
     }
 
     fn embed(&self, rows: &[Row]) -> Vec<f32> {
@@ -253,12 +301,14 @@ impl MappedModel {
         rows: &[Row],
         steps: &mut [Step<'_>],
         x: &mut [f32],
+        how: Products,
     ) {
         let cfg = &self.config;
         let (hidden, kv, m) = (cfg.hidden_size, cfg.kv_width(), rows.len());
         let h = self.norm(x, &layer.attn_norm);
         let (mut q, mut k, mut v) = (vec![0.0; m * hidden], vec![0.0; m * kv], vec![0.0; m * kv]);
         self.products(
+            how,
             &mut [
                 (self.matrix(&layer.q), &mut q[..]),
                 (self.matrix(&layer.k), &mut k[..]),
@@ -302,6 +352,7 @@ impl MappedModel {
             });
         let mut projected = vec![0.0f32; m * hidden];
         self.products(
+            how,
             &mut [(self.matrix(&layer.o), &mut projected[..])],
             &attended,
             m,
@@ -309,12 +360,13 @@ impl MappedModel {
         add(x, &projected);
     }
 
-    fn feed_forward_block(&self, layer: &Layer, x: &mut [f32]) {
+    fn feed_forward_block(&self, layer: &Layer, x: &mut [f32], how: Products) {
         let (hidden, inter) = (self.config.hidden_size, self.config.intermediate_size);
         let m = x.len() / hidden;
         let h = self.norm(x, &layer.ffn_norm);
         let (mut gate, mut up) = (vec![0.0; m * inter], vec![0.0; m * inter]);
         self.products(
+            how,
             &mut [
                 (self.matrix(&layer.gate), &mut gate[..]),
                 (self.matrix(&layer.up), &mut up[..]),
@@ -325,7 +377,12 @@ impl MappedModel {
         let mut gated = vec![0.0f32; m * inter];
         kernels::swiglu(&gate, &up, &mut gated);
         let mut down = vec![0.0f32; m * hidden];
-        self.products(&mut [(self.matrix(&layer.down), &mut down[..])], &gated, m);
+        self.products(
+            how,
+            &mut [(self.matrix(&layer.down), &mut down[..])],
+            &gated,
+            m,
+        );
         add(x, &down);
     }
 
@@ -344,11 +401,21 @@ impl MappedModel {
         let vocab = self.config.vocab_size;
         let mut logits = vec![0.0f32; steps * vocab];
         self.products(
+            self.logits_products(),
             &mut [(self.matrix(&self.output), &mut logits[..])],
             &h,
             steps,
         );
         logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+    }
+
+    /// Logits take 8-bit products, as llama.cpp's do, unless every product is f32.
+    fn logits_products(&self) -> Products {
+        if self.expand_from == 1 {
+            Products::Expanded
+        } else {
+            Products::Blocks
+        }
     }
 
     fn norm(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
@@ -370,6 +437,14 @@ impl MappedModel {
             }
         }
     }
+}
+
+/// How a product treats its input: quantized to 8-bit blocks against the weights' blocks,
+/// or in f32 against weights expanded to f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Products {
+    Blocks,
+    Expanded,
 }
 
 #[derive(Clone, Copy)]

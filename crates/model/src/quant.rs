@@ -170,16 +170,18 @@ impl<'a> QuantMatrix<'a> {
             }
             Format::Q4_0 | Format::Q4_1 => {
                 let size = self.format.block().1;
+                let q4_0 = self.format == Format::Q4_0;
                 for (o, b) in out.chunks_exact_mut(BLOCK).zip(row.chunks_exact(size)) {
                     let d = f16(b, 0);
-                    let nibbles = &b[size - 16..];
-                    for (i, o) in o.iter_mut().enumerate() {
-                        let n = nibble(nibbles, i) as f32;
-                        *o = if self.format == Format::Q4_0 {
-                            (n - 8.0) * d
+                    let min = if q4_0 { 0.0 } else { f16(b, 2) };
+                    let (low, high) = o.split_at_mut(16);
+                    for ((&packed, lo), hi) in b[size - 16..].iter().zip(low).zip(high) {
+                        let (l, h) = ((packed & 0x0F) as f32, (packed >> 4) as f32);
+                        if q4_0 {
+                            (*lo, *hi) = ((l - 8.0) * d, (h - 8.0) * d);
                         } else {
-                            n * d + f16(b, 2)
-                        };
+                            (*lo, *hi) = (l * d + min, h * d + min);
+                        }
                     }
                 }
             }

@@ -203,19 +203,25 @@ fn a_written_gguf_reads_back_as_the_weights_written() {
     );
 }
 
+/// Whatever shares its forward, a sequence gets the bits it gets alone: here a 40-token prompt
+/// (which takes f32 products) with eight short ones (33 rows together, which alone would not),
+/// then decoding steps of all nine together.
 #[test]
 fn batched_decoding_gives_each_sequence_what_it_gets_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), &small_config(), Format::Q4_1);
     let model = MappedModel::open(&path).unwrap();
-    let prompts: [Vec<u32>; 3] = [vec![1, 2, 3], vec![200, 17, 9, 44, 5], vec![77]];
+    let mut prompts: Vec<Vec<u32>> = vec![(0..40).map(|i| (i * 7 + 3) % 256).collect()];
+    prompts.extend((0..8u32).map(|k| (0..3 + k % 3).map(|i| (k * 31 + i * 5) % 256).collect()));
+    let next = [10, 20, 30, 40];
     let alone: Vec<Vec<Vec<f32>>> = prompts
         .iter()
-        .map(|p| mapped_logits(&model, p, &[10, 20, 30, 40]))
+        .map(|p| mapped_logits(&model, p, &next))
         .collect();
-    let mut seqs = [Sequence::new(), Sequence::new(), Sequence::new()];
-    let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
-    for step in 0..5 {
+    let mut seqs: Vec<Sequence> = prompts.iter().map(|_| Sequence::new()).collect();
+    let mut inputs = prompts.clone();
+    // Step 0 is the prompts; step k + 1 is `next[k]` for every sequence.
+    for (step, token) in next.iter().map(Some).chain([None]).enumerate() {
         let mut steps: Vec<Step> = seqs
             .iter_mut()
             .zip(&inputs)
@@ -225,7 +231,9 @@ fn batched_decoding_gives_each_sequence_what_it_gets_alone() {
         for (s, logits) in together.iter().enumerate() {
             assert!(logits == &alone[s][step], "sequence {s} step {step}");
         }
-        inputs = vec![vec![[10, 20, 30, 40, 0][step]]; 3];
+        if let Some(&token) = token {
+            inputs = vec![vec![token]; prompts.len()];
+        }
     }
 }
 

