@@ -865,7 +865,9 @@ fn quantized_sync_sends_a_seventh_of_the_bytes_and_survives_a_kill_and_a_hang() 
         "int4 sends {ratio} of f32's bytes"
     );
 
-    let mut args = train_args("chaos", "3", "400");
+    // Long enough for the hung worker to be woken and rejoin before the end (400 steps ended
+    // first once on an AVX2 machine).
+    let mut args = train_args("chaos", "3", "800");
     args.extend([
         "--sync-precision",
         "int4",

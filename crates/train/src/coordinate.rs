@@ -149,6 +149,8 @@ pub struct ClusterRun {
     first_round: Option<Instant>,
     last_commit: Option<Instant>,
     records: Vec<RoundRecord>,
+    /// Events a checkpoint drained (to write their ledger lines first), for the next poll.
+    undelivered: Vec<Event>,
     faults: u64,
     aborted: u64,
     divergences: u64,
@@ -480,6 +482,7 @@ impl ClusterRun {
             first_round: None,
             last_commit: None,
             records: Vec::new(),
+            undelivered: Vec::new(),
             faults: 0,
             aborted: 0,
             divergences: 0,
@@ -528,7 +531,33 @@ impl ClusterRun {
             (events, progress, unstable, c.is_complete())
         };
         let elapsed_s = self.started.elapsed().as_secs_f64();
-        for e in &events {
+        self.record_events(&events, elapsed_s)?;
+        if let Some(why) = unstable {
+            return Err(TrainError::Unstable(why));
+        }
+        if progress.committed_rounds >= self.next_checkpoint_round && !run_complete {
+            // A failed periodic checkpoint is worth a warning, not the run.
+            match self.checkpoint() {
+                Ok((path, _)) => tracing::info!("checkpoint {}", path.display()),
+                Err(e) => tracing::warn!("periodic checkpoint failed: {e}"),
+            }
+            self.next_checkpoint_round = progress.committed_rounds + self.checkpoint_every_rounds;
+        }
+        let mut events = events;
+        events.append(&mut self.undelivered);
+        let last = self.records.last();
+        Ok(Progress {
+            last_loss: last.map(|r| r.loss),
+            faults: self.faults,
+            events: events.into_iter().map(|e| (elapsed_s, e)).collect(),
+            ..progress
+        })
+    }
+
+    /// Writes `events` to the ledger (committed rounds, skipped batches, voided rounds) and to
+    /// the events file, and counts them.
+    fn record_events(&mut self, events: &[Event], elapsed_s: f64) -> Result<(), TrainError> {
+        for e in events {
             match e {
                 Event::Committed(r) => {
                     append_jsonl(&self.run_dir.join(LEDGER_FILE), r)?;
@@ -582,30 +611,13 @@ impl ClusterRun {
                 &serde_json::json!({"elapsed_s": elapsed_s, "detail": e}),
             )?;
         }
-        if let Some(why) = unstable {
-            return Err(TrainError::Unstable(why));
-        }
-        if progress.committed_rounds >= self.next_checkpoint_round && !run_complete {
-            // A failed periodic checkpoint is worth a warning, not the run.
-            match self.checkpoint() {
-                Ok((path, _)) => tracing::info!("checkpoint {}", path.display()),
-                Err(e) => tracing::warn!("periodic checkpoint failed: {e}"),
-            }
-            self.next_checkpoint_round = progress.committed_rounds + self.checkpoint_every_rounds;
-        }
-        let last = self.records.last();
-        Ok(Progress {
-            last_loss: last.map(|r| r.loss),
-            faults: self.faults,
-            events: events.into_iter().map(|e| (elapsed_s, e)).collect(),
-            ..progress
-        })
+        Ok(())
     }
 
     /// Fetches the newest committed state from a healthy worker and saves it as a checkpoint.
     /// With the vote on, only a state a majority of replicas agreed on is saved, and the bytes
     /// fetched are checked against that hash.
-    fn checkpoint(&self) -> Result<(PathBuf, TrainState), TrainError> {
+    fn checkpoint(&mut self) -> Result<(PathBuf, TrainState), TrainError> {
         let started = Instant::now();
         // The vote waits for a silent replica until it is removed; the fetch comes after.
         let patience = Duration::from_millis(self.cfg.sync.failure_timeout_ms) + FETCH_TIMEOUT;
@@ -632,6 +644,17 @@ impl ClusterRun {
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         };
+        // The rounds the state holds may have committed since the last poll: their ledger
+        // lines go first, so that no checkpoint holds a round the ledger lacks (a cold restart
+        // keeps the ledger up to the checkpoint and would otherwise lose those rounds' batches).
+        let since_poll = self
+            .server
+            .state
+            .lock()
+            .expect("coordinator lock")
+            .drain_events();
+        self.record_events(&since_poll, self.started.elapsed().as_secs_f64())?;
+        self.undelivered.extend(since_poll);
         let extras = ClusterExtras {
             position: ClusterPosition {
                 next_round,
