@@ -330,26 +330,7 @@ impl MappedModel {
             seq.keys[l].extend_from_slice(&k[i * kv..(i + 1) * kv]);
             seq.values[l].extend_from_slice(&v[i * kv..(i + 1) * kv]);
         }
-        let caches: Vec<(&[f32], &[f32])> = steps
-            .iter()
-            .map(|s| (&s.sequence.keys[l][..], &s.sequence.values[l][..]))
-            .collect();
-        let mut attended = vec![0.0f32; m * hidden];
-        let hd = cfg.head_dim();
-        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
-        attended
-            .par_chunks_mut(hd)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let (i, head) = (
-                    task / cfg.num_attention_heads,
-                    task % cfg.num_attention_heads,
-                );
-                let (keys, values) = caches[rows[i].step];
-                let query = &q[i * hidden + head * hd..i * hidden + (head + 1) * hd];
-                let offset = (head / group) * hd;
-                attend(query, keys, values, rows[i].position + 1, offset, kv, out);
-            });
+        let attended = self.attend_rows(l, rows, steps, &q);
         let mut projected = vec![0.0f32; m * hidden];
         self.products(
             how,
@@ -358,6 +339,31 @@ impl MappedModel {
             m,
         );
         add(x, &projected);
+    }
+
+    /// Each row's query heads against its sequence's cached keys and values of layer `l`, up
+    /// to the row's own position; one task per row and head.
+    fn attend_rows(&self, l: usize, rows: &[Row], steps: &[Step<'_>], q: &[f32]) -> Vec<f32> {
+        let cfg = &self.config;
+        let (hidden, kv, hd) = (cfg.hidden_size, cfg.kv_width(), cfg.head_dim());
+        let heads = cfg.num_attention_heads;
+        let group = heads / cfg.num_key_value_heads;
+        let caches: Vec<(&[f32], &[f32])> = steps
+            .iter()
+            .map(|s| (&s.sequence.keys[l][..], &s.sequence.values[l][..]))
+            .collect();
+        let mut attended = vec![0.0f32; rows.len() * hidden];
+        attended
+            .par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let (i, head) = (task / heads, task % heads);
+                let (keys, values) = caches[rows[i].step];
+                let query = &q[i * hidden + head * hd..i * hidden + (head + 1) * hd];
+                let offset = (head / group) * hd;
+                attend(query, keys, values, rows[i].position + 1, offset, kv, out);
+            });
+        attended
     }
 
     fn feed_forward_block(&self, layer: &Layer, x: &mut [f32], how: Products) {
