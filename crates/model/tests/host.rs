@@ -204,15 +204,15 @@ fn a_written_gguf_reads_back_as_the_weights_written() {
 }
 
 /// Whatever shares its forward, a sequence gets the bits it gets alone: here a 40-token prompt
-/// (which takes f32 products) with eight short ones (33 rows together, which alone would not),
-/// then decoding steps of all nine together.
+/// (which takes f32 products) with eight short ones (39 rows together, past the 32 rows from
+/// which one step takes f32 products), then decoding steps of all nine together.
 #[test]
 fn batched_decoding_gives_each_sequence_what_it_gets_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), &small_config(), Format::Q4_1);
     let model = MappedModel::open(&path).unwrap();
     let mut prompts: Vec<Vec<u32>> = vec![(0..40).map(|i| (i * 7 + 3) % 256).collect()];
-    prompts.extend((0..8u32).map(|k| (0..3 + k % 3).map(|i| (k * 31 + i * 5) % 256).collect()));
+    prompts.extend((0..8u32).map(|k| (0..4 + k % 3).map(|i| (k * 31 + i * 5) % 256).collect()));
     let next = [10, 20, 30, 40];
     let alone: Vec<Vec<Vec<f32>>> = prompts
         .iter()
