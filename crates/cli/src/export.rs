@@ -232,7 +232,26 @@ fn hf_vocabulary(path: &Path) -> Result<Vocabulary> {
         tokens.push(token);
         types.push(kind);
     }
-    let merges = model["merges"]
+    let merges = merges_of(model)?;
+    let named = |names: &[&str]| {
+        specials
+            .iter()
+            .find(|(t, _)| names.contains(&t.as_str()))
+            .map(|(_, id)| *id)
+    };
+    Ok(Vocabulary {
+        tokens,
+        types,
+        merges,
+        bos: named(&["<|endoftext|>", "<s>", "<|begin_of_text|>", "<|im_start|>"]),
+        eos: named(&["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"]),
+    })
+}
+
+/// A BPE model's merges as GGUF keeps them, "a b"; tokenizer.json writes each as that string
+/// or, in newer files, as the pair.
+fn merges_of(model: &Value) -> Result<Vec<String>> {
+    model["merges"]
         .as_array()
         .into_iter()
         .flatten()
@@ -247,20 +266,7 @@ fn hf_vocabulary(path: &Path) -> Result<Vocabulary> {
             },
             _ => bail!("a merge is neither a string nor a pair"),
         })
-        .collect::<Result<Vec<_>>>()?;
-    let named = |names: &[&str]| {
-        specials
-            .iter()
-            .find(|(t, _)| names.contains(&t.as_str()))
-            .map(|(_, id)| *id)
-    };
-    Ok(Vocabulary {
-        tokens,
-        types,
-        merges,
-        bos: named(&["<|endoftext|>", "<s>", "<|begin_of_text|>", "<|im_start|>"]),
-        eos: named(&["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"]),
-    })
+        .collect()
 }
 
 #[cfg(test)]

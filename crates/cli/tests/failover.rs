@@ -172,28 +172,24 @@ mod failover {
     }
 
     /// DiLoCo, 3 workers, 400 steps of H = 20: 20 rounds.
-    const SHAPE: [&str; 8] = [
-        "--steps",
-        "400",
-        "--inner-steps",
-        "20",
-        "--batch-size",
-        "32",
-        "--seed",
-        "7",
-    ];
+    const SHAPE: [&str; 8] = shape("400");
     /// Long enough for a worker stopped for 5 s to rejoin before the end: at 400 steps it ended
     /// first on an AVX2 machine that trains faster.
-    const LONG_SHAPE: [&str; 8] = [
-        "--steps",
-        "800",
-        "--inner-steps",
-        "20",
-        "--batch-size",
-        "32",
-        "--seed",
-        "7",
-    ];
+    const LONG_SHAPE: [&str; 8] = shape("800");
+
+    /// The failover runs' training flags, with `steps` steps.
+    const fn shape(steps: &'static str) -> [&'static str; 8] {
+        [
+            "--steps",
+            steps,
+            "--inner-steps",
+            "20",
+            "--batch-size",
+            "32",
+            "--seed",
+            "7",
+        ]
+    }
 
     #[test]
     fn killing_the_leading_coordinator_hands_the_run_to_a_standby_and_it_ends_as_if_nothing_happened()

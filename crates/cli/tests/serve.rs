@@ -138,13 +138,19 @@ fn post_stream(server: &Server, path: &str, body: &Value) -> Vec<String> {
 
 /// A tiny run trained for two steps on a small text file, with a 256-token context.
 fn tiny_run(dir: &Path) -> PathBuf {
+    trained_run(dir, "run", "tiny", "2")
+}
+
+/// A run of `preset` in `dir/name`, trained `steps` steps (batch 2, context 256) on a
+/// repeated sentence.
+fn trained_run(dir: &Path, name: &str, preset: &str, steps: &str) -> PathBuf {
     let data = dir.join("text.txt");
     std::fs::write(
         &data,
         "the quick brown fox jumps over the lazy dog. ".repeat(200),
     )
     .unwrap();
-    let run = dir.join("run");
+    let run = dir.join(name);
     ok(&holdfast(
         dir,
         &[
@@ -154,11 +160,11 @@ fn tiny_run(dir: &Path) -> PathBuf {
             "--data",
             data.to_str().unwrap(),
             "--preset",
-            "tiny",
+            preset,
             "--context",
             "256",
             "--steps",
-            "2",
+            steps,
             "--batch-size",
             "2",
             "--no-progress",
@@ -650,33 +656,7 @@ fn fine_tune_smollm2_from_gguf_then_generate() {
 /// A run whose widths are whole 32-value blocks (char-small: 128 wide, 352 in the
 /// feed-forward), so that it exports to the block formats; trained for `steps` steps.
 fn block_run(dir: &Path, steps: &str) -> PathBuf {
-    let data = dir.join("text.txt");
-    std::fs::write(
-        &data,
-        "the quick brown fox jumps over the lazy dog. ".repeat(200),
-    )
-    .unwrap();
-    let run = dir.join("block-run");
-    ok(&holdfast(
-        dir,
-        &[
-            "train",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--preset",
-            "char-small",
-            "--context",
-            "256",
-            "--steps",
-            steps,
-            "--batch-size",
-            "2",
-            "--no-progress",
-        ],
-    ));
-    run
+    trained_run(dir, "block-run", "char-small", steps)
 }
 
 /// `holdfast export RUN --gguf DIR/TYPE/model.gguf --type TYPE`.

@@ -496,30 +496,63 @@ fn config_from_metadata(
     Ok(cfg)
 }
 
+/// Whole-model tensors: llama.cpp's name, Hugging Face's.
+const MODEL_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Each layer's tensors, under `blk.N.` and `model.layers.N.`: llama.cpp's name, Hugging
+/// Face's.
+const LAYER_TENSORS: [(&str, &str); 9] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
 /// llama.cpp tensor names to Hugging Face's.
-fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
+    translate(gguf, "blk.", "model.layers.", |(g, h)| (g, h))
+}
+
+/// Hugging Face tensor names to llama.cpp's.
+pub(crate) fn gguf_name(hf: &str) -> Option<String> {
+    translate(hf, "model.layers.", "blk.", |(g, h)| (h, g))
+}
+
+/// `name` under the other convention: `pick` orders a table pair as (from, to).
+fn translate(
+    name: &str,
+    layer_from: &str,
+    layer_to: &str,
+    pick: impl Fn((&'static str, &'static str)) -> (&'static str, &'static str),
+) -> Option<String> {
+    if let Some((_, to)) = MODEL_TENSORS
+        .into_iter()
+        .map(&pick)
+        .find(|(f, _)| *f == name)
+    {
+        return Some(to.to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
+    let (layer, part) = name.strip_prefix(layer_from)?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
+    let (_, to) = LAYER_TENSORS
+        .into_iter()
+        .map(&pick)
+        .find(|(f, _)| *f == part)?;
+    Some(format!("{layer_to}{layer}.{to}"))
+}
+
+/// The layer a llama.cpp tensor name belongs to (`blk.N.…`).
+pub(crate) fn layer_of(gguf: &str) -> Option<usize> {
+    gguf.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -588,15 +621,29 @@ pub fn dequantize(kind: u32, raw: &[u8], numel: usize) -> Result<Vec<f32>, Strin
 /// Inverts convert_hf_to_gguf.py's `permute`: within each head, GGUF row `2i + j` is Hugging
 /// Face row `j·(head_dim/2) + i`.
 fn unpermute_rope_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = data.len() / cols;
-    let head_dim = rows / heads;
+    move_rope_rows(data, heads, cols, |gguf, hf| (gguf, hf))
+}
+
+/// convert_hf_to_gguf.py's `permute`, which [`unpermute_rope_rows`] undoes.
+pub(crate) fn permute_rope_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    move_rope_rows(data, heads, cols, |gguf, hf| (hf, gguf))
+}
+
+/// Copies each row of `data` to its place in the other layout: `route(gguf_row, hf_row)`
+/// names (from, to).
+fn move_rope_rows(
+    data: &[f32],
+    heads: usize,
+    cols: usize,
+    route: impl Fn(usize, usize) -> (usize, usize),
+) -> Vec<f32> {
+    let head_dim = data.len() / cols / heads;
     let half = head_dim / 2;
     let mut out = vec![0.0; data.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = h * head_dim + 2 * i + j;
-                let dst = h * head_dim + j * half + i;
+                let (src, dst) = route(h * head_dim + 2 * i + j, h * head_dim + j * half + i);
                 out[dst * cols..(dst + 1) * cols]
                     .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
@@ -680,6 +727,7 @@ mod tests {
             }
         }
         assert_eq!(unpermute_rope_rows(&gguf, heads, cols), hf);
+        assert_eq!(permute_rope_rows(&hf, heads, cols), gguf);
     }
 
     #[test]
@@ -697,6 +745,13 @@ mod tests {
             "model.embed_tokens.weight"
         );
         assert_eq!(hf_name("rope_freqs.weight"), None);
+        for name in [
+            "token_embd.weight",
+            "blk.7.ffn_up.weight",
+            "blk.0.attn_k.weight",
+        ] {
+            assert_eq!(gguf_name(&hf_name(name).unwrap()).as_deref(), Some(name));
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Writing GGUF files (version 3): metadata, then the Llama tensors under llama.cpp's names
 //! and layout, in F32, F16, Q8_0, Q4_0 or Q4_1.
 
+use crate::gguf::{gguf_name, permute_rope_rows};
 use crate::quant::{self, Format};
 use crate::{HostTensor, ModelConfig, ModelError};
 
@@ -151,6 +152,20 @@ pub fn llama_writer(
     name: &str,
 ) -> Result<GgufWriter, ModelError> {
     let mut w = GgufWriter::new();
+    llama_metadata(&mut w, cfg, format, name)?;
+    for t in tensors {
+        llama_tensor(&mut w, cfg, t, format)?;
+    }
+    Ok(w)
+}
+
+/// `general.*` and the model's shape as `llama.*`.
+fn llama_metadata(
+    w: &mut GgufWriter,
+    cfg: &ModelConfig,
+    format: Format,
+    name: &str,
+) -> Result<(), ModelError> {
     let u32_of = |v: usize, field: &str| {
         u32::try_from(v).map_err(|_| ModelError::InvalidConfig {
             field: field.into(),
@@ -202,34 +217,42 @@ pub fn llama_writer(
         "llama.attention.layer_norm_rms_epsilon",
         MetaValue::F32(cfg.rms_norm_eps as f32),
     );
-    for t in tensors {
-        let gguf = gguf_name(&t.name).ok_or_else(|| ModelError::InvalidConfig {
-            field: "tensor".into(),
-            value: t.name.clone(),
-            reason: "has no GGUF name".into(),
-        })?;
-        let (rows, cols) = match t.shape[..] {
-            [n] => (1, n),
-            [r, c] => (r, c),
-            _ => {
-                return Err(ModelError::InvalidConfig {
-                    field: t.name.clone(),
-                    value: format!("{:?}", t.shape),
-                    reason: "is not a vector or a matrix".into(),
-                });
-            }
-        };
-        let data = if gguf.ends_with("attn_q.weight") {
-            permute_rope_rows(&t.data, cfg.num_attention_heads, cols)
-        } else if gguf.ends_with("attn_k.weight") {
-            permute_rope_rows(&t.data, cfg.num_key_value_heads, cols)
-        } else {
-            t.data.clone()
-        };
-        let stored = if rows == 1 { Format::F32 } else { format };
-        w.tensor(&gguf, rows, cols, stored, &data);
-    }
-    Ok(w)
+    Ok(())
+}
+
+/// One Hugging Face tensor under its GGUF name and layout: matrices in `format`, vectors F32.
+fn llama_tensor(
+    w: &mut GgufWriter,
+    cfg: &ModelConfig,
+    t: &HostTensor,
+    format: Format,
+) -> Result<(), ModelError> {
+    let gguf = gguf_name(&t.name).ok_or_else(|| ModelError::InvalidConfig {
+        field: "tensor".into(),
+        value: t.name.clone(),
+        reason: "has no GGUF name".into(),
+    })?;
+    let (rows, cols) = match t.shape[..] {
+        [n] => (1, n),
+        [r, c] => (r, c),
+        _ => {
+            return Err(ModelError::InvalidConfig {
+                field: t.name.clone(),
+                value: format!("{:?}", t.shape),
+                reason: "is not a vector or a matrix".into(),
+            });
+        }
+    };
+    let data = if gguf.ends_with("attn_q.weight") {
+        permute_rope_rows(&t.data, cfg.num_attention_heads, cols)
+    } else if gguf.ends_with("attn_k.weight") {
+        permute_rope_rows(&t.data, cfg.num_key_value_heads, cols)
+    } else {
+        t.data.clone()
+    };
+    let stored = if rows == 1 { Format::F32 } else { format };
+    w.tensor(&gguf, rows, cols, stored, &data);
+    Ok(())
 }
 
 /// `general.file_type` (llama.h `enum llama_ftype`): what most of the tensors are.
@@ -241,50 +264,4 @@ fn file_type(format: Format) -> u32 {
         Format::Q4_1 => 3,
         Format::Q8_0 => 7,
     }
-}
-
-/// Hugging Face tensor names to llama.cpp's.
-fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let gguf = match part {
-        "input_layernorm.weight" => "attn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{gguf}.weight"))
-}
-
-/// convert_hf_to_gguf.py's `permute`: within each head, Hugging Face row `j·(head_dim/2) + i`
-/// becomes GGUF row `2i + j`.
-fn permute_rope_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = data.len() / cols;
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let mut out = vec![0.0; data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * head_dim + j * half + i;
-                let dst = h * head_dim + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
 }

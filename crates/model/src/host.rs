@@ -589,31 +589,9 @@ impl Directory<'_> {
     /// Refuses tensors the decoder has no place for: a model that needs one would run and
     /// give wrong logits.
     fn refuse_unknown(&self, layers: usize) -> Result<(), ModelError> {
-        const PARTS: [&str; 9] = [
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ];
         for t in self.header.tensors() {
-            let known = matches!(
-                t.name.as_str(),
-                "token_embd.weight" | "output_norm.weight" | "output.weight"
-            ) || t
-                .name
-                .strip_prefix("blk.")
-                .and_then(|rest| rest.split_once('.'))
-                .is_some_and(|(l, part)| {
-                    l.parse::<usize>().is_ok_and(|l| l < layers)
-                        && part
-                            .strip_suffix(".weight")
-                            .is_some_and(|p| PARTS.contains(&p))
-                });
+            let known = gguf::hf_name(&t.name).is_some()
+                && gguf::layer_of(&t.name).is_none_or(|l| l < layers);
             if !known {
                 return Err(format_err(self.path, unsupported_tensor(&t.name)));
             }

@@ -703,7 +703,7 @@ mod tests {
     }
 
     #[test]
-    fn quantizers_round_trip_within_half_a_step() {
+    fn quantizers_round_trip_within_a_step() {
         let x = values(4 * BLOCK, 5);
         for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
             let bytes = quantize(format, &x);

@@ -12,22 +12,8 @@ use holdfast_model::{
     KvCache, Logits, ModelConfig, Tokenizer, Weights, forward_cached, load_gguf, token_batch,
 };
 
-const MODEL_DIR: &str = "../../../shared/models/smollm2-135m";
-const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const PROMPTS: &[&str] = &[
-    "The capital of France is",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
-    "<|im_start|>user\nWhat is the tallest mountain on Earth?<|im_end|>\n<|im_start|>assistant\n",
-];
-
-fn skipped(reason: &str) {
-    use std::io::Write;
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("a test")
-        .to_string();
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
-}
+mod common;
+use common::{GGUF, PROMPTS, model_dir, skipped};
 
 fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
@@ -267,7 +253,7 @@ fn damaged_files_are_refused_by_name() {
 /// bound, the mapped decoder makes the same choice.
 #[test]
 fn the_published_q4_1_model_tracks_the_f32_decoder() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL_DIR);
+    let dir = model_dir();
     let path = dir.join(GGUF);
     if !path.is_file() {
         return skipped(&format!("{} not found", path.display()));

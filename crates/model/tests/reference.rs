@@ -5,36 +5,17 @@
 //! Needs `../shared/models/smollm2-135m` and python3 with numpy, gguf and tokenizers; skips with
 //! the reason when either is absent, unless HOLDFAST_REQUIRE_REFERENCE=1 (CI sets it).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use holdfast_model::{KvCache, Logits, Tokenizer, forward, forward_cached, load_gguf, token_batch};
 
-const MODEL_DIR: &str = "../../../shared/models/smollm2-135m";
-const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+mod common;
+use common::{GGUF, PROMPTS, model_dir, skipped};
+
 const MAX_ABS_LOGIT_DIFF: f32 = 1e-3;
-const PROMPTS: &[&str] = &[
-    "The capital of France is",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
-    "<|im_start|>user\nWhat is the tallest mountain on Earth?<|im_end|>\n<|im_start|>assistant\n",
-];
-
-fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL_DIR)
-}
-
-/// Says that a test did not run, where a person sees it: the test harness swallows what a
-/// passing test prints with `eprintln!`, but not what is written to the process's stderr.
-fn skipped(reason: &str) {
-    use std::io::Write;
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("a test")
-        .to_string();
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
-}
 
 /// Whether the model and the Python reference can run here; prints why not. A missing
 /// ../shared always skips; missing Python packages fail instead under

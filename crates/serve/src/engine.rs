@@ -21,20 +21,6 @@ pub enum Cache {
     Mapped(Sequence),
 }
 
-impl Cache {
-    /// Positions cached.
-    pub fn len(&self) -> usize {
-        match self {
-            Cache::Tensors(c) => c.len(),
-            Cache::Mapped(s) => s.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 impl Engine {
     pub fn config(&self) -> &ModelConfig {
         match self {

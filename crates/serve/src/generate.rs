@@ -131,9 +131,7 @@ impl<'a> Generation<'a> {
 
     fn finish(&mut self, reason: FinishReason, on_text: &mut impl FnMut(&str) -> bool) {
         self.text.flush(&self.model.tokenizer, &self.tokens);
-        if self.opts.stop.iter().any(|s| !s.is_empty())
-            && let Some(at) = find_stop(&self.text.text, &self.opts.stop)
-        {
+        if let Some(at) = find_stop(&self.text.text, &self.opts.stop) {
             self.text.text.truncate(at);
         }
         let text = &self.text.text;

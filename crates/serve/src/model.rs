@@ -6,7 +6,7 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use holdfast_model::host::MappedModel;
 use holdfast_model::{
-    ModelConfig, ModelError, Tokenizer, Weights, is_gguf, load_gguf, load_safetensors,
+    GgufInfo, ModelConfig, ModelError, Tokenizer, Weights, is_gguf, load_gguf, load_safetensors,
 };
 use serde::{Deserialize, Serialize};
 
@@ -133,21 +133,7 @@ impl ServedModel {
 
         let mut rule = PromptRule::default();
         let (engine, mut template, mut stops) = if is_gguf(path) {
-            let (engine, info) = match device {
-                Some(device) => {
-                    let m = load_gguf(path, device)?;
-                    let engine = Engine::Tensors {
-                        weights: m.weights,
-                        device: device.clone(),
-                    };
-                    (engine, m.info)
-                }
-                None => {
-                    let m = MappedModel::open(path)?;
-                    let info = m.info.clone();
-                    (Engine::Mapped(m), info)
-                }
-            };
+            let (engine, info) = gguf_engine(path, device)?;
             let bos = info.bos_token_id;
             rule.bos = bos.filter(|_| info.add_bos_token);
             rule.bos_text = bos.and_then(|id| tok.id_to_token(id));
@@ -251,6 +237,26 @@ pub fn render_chat(
             })
         })
         .map_err(|e| ServeError::Template(e.to_string()))
+}
+
+/// A `.gguf` file's engine and metadata: mapped on the host's cores when `device` is None,
+/// dequantized onto `device` otherwise.
+fn gguf_engine(path: &Path, device: Option<&Device>) -> Result<(Engine, GgufInfo), ServeError> {
+    Ok(match device {
+        Some(device) => {
+            let m = load_gguf(path, device)?;
+            let engine = Engine::Tensors {
+                weights: m.weights,
+                device: device.clone(),
+            };
+            (engine, m.info)
+        }
+        None => {
+            let m = MappedModel::open(path)?;
+            let info = m.info.clone();
+            (Engine::Mapped(m), info)
+        }
+    })
 }
 
 fn require(p: PathBuf, model: &Path, what: &str) -> Result<PathBuf, ServeError> {
