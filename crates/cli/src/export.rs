@@ -8,6 +8,7 @@ use burn::tensor::Device;
 use clap::Args;
 use holdfast_model::gguf_out::{GgufWriter, MetaValue, llama_writer};
 use holdfast_model::quant::Format;
+use holdfast_train::source::TOKENIZER_CONFIG_FILE;
 use holdfast_train::{run, rundir};
 use serde_json::Value;
 
@@ -50,10 +51,11 @@ pub fn cmd_export(args: ExportArgs) -> Result<()> {
         .map_or("holdfast".into(), |n| n.to_string_lossy().into_owned());
     let mut writer = llama_writer(cfg, &weights.to_host(), format, &name)?;
     let tokenizer_json = run::run_tokenizer(&args.run);
-    let vocab = match &tokenizer_json {
+    let mut vocab = match &tokenizer_json {
         Some(path) => hf_vocabulary(path)?,
         None => byte_vocabulary(),
     };
+    vocab.take_source_settings(&args.run.join(TOKENIZER_CONFIG_FILE))?;
     if vocab.tokens.len() > cfg.vocab_size {
         bail!(
             "the tokenizer has {} tokens, the model's vocabulary {}",
@@ -110,9 +112,52 @@ struct Vocabulary {
     merges: Vec<String>,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// Whether llama.cpp starts a prompt with `bos`.
+    add_bos: bool,
+    chat_template: Option<String>,
 }
 
 impl Vocabulary {
+    /// Takes the chat template and special tokens of a run's source model from the run's
+    /// tokenizer_config.json (see `holdfast_train::source`), when it has one: they replace
+    /// what the vocabulary's token names suggest.
+    fn take_source_settings(&mut self, path: &Path) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Ok(());
+        };
+        let json: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let id_of = |key: &str| -> Result<Option<u32>> {
+            // Newer files give the token as its text, older ones as {"content": text, …}.
+            let text = match &json[key] {
+                Value::String(t) => t.as_str(),
+                Value::Object(o) => match o.get("content").and_then(Value::as_str) {
+                    Some(t) => t,
+                    None => return Ok(None),
+                },
+                _ => return Ok(None),
+            };
+            let id = self
+                .tokens
+                .iter()
+                .position(|t| t == text)
+                .with_context(|| {
+                    format!("{}: {key} {text:?} is not in the tokenizer", path.display())
+                })?;
+            Ok(Some(id as u32))
+        };
+        let (bos, eos) = (id_of("bos_token")?, id_of("eos_token")?);
+        self.bos = bos.or(self.bos);
+        self.eos = eos.or(self.eos);
+        if let Some(add) = json["add_bos_token"].as_bool() {
+            self.add_bos = add;
+        }
+        if let Some(template) = json["chat_template"].as_str() {
+            self.chat_template = Some(template.to_string());
+        }
+        Ok(())
+    }
+
     fn write(&self, w: &mut GgufWriter, model_vocab: usize) {
         let mut tokens = self.tokens.clone();
         let mut types = self.types.clone();
@@ -129,12 +174,18 @@ impl Vocabulary {
             "tokenizer.ggml.merges",
             MetaValue::Strings(self.merges.clone()),
         );
-        w.meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(false));
+        w.meta(
+            "tokenizer.ggml.add_bos_token",
+            MetaValue::Bool(self.add_bos),
+        );
         if let Some(id) = self.bos {
             w.meta("tokenizer.ggml.bos_token_id", MetaValue::U32(id));
         }
         if let Some(id) = self.eos {
             w.meta("tokenizer.ggml.eos_token_id", MetaValue::U32(id));
+        }
+        if let Some(template) = &self.chat_template {
+            w.meta("tokenizer.chat_template", MetaValue::Str(template.clone()));
         }
     }
 }
@@ -157,6 +208,8 @@ fn byte_vocabulary() -> Vocabulary {
         merges: Vec::new(),
         bos: None,
         eos: None,
+        add_bos: false,
+        chat_template: None,
     }
 }
 
@@ -245,6 +298,8 @@ fn hf_vocabulary(path: &Path) -> Result<Vocabulary> {
         merges,
         bos: named(&["<|endoftext|>", "<s>", "<|begin_of_text|>", "<|im_start|>"]),
         eos: named(&["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"]),
+        add_bos: false,
+        chat_template: None,
     })
 }
 

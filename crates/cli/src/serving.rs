@@ -13,6 +13,7 @@ use holdfast_serve::sampling::argmax;
 use holdfast_serve::server::{ServerOptions, serve};
 use holdfast_serve::{ChatMessage, SamplingOptions, ServedModel, generate};
 use holdfast_train::run;
+use holdfast_train::source::TOKENIZER_CONFIG_FILE;
 
 use crate::device;
 
@@ -87,12 +88,10 @@ pub fn load_model(
         let id = path
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-        return Ok(ServedModel::new(
-            id,
-            loaded.state.weights,
-            tok,
-            device.clone(),
-        ));
+        let mut model = ServedModel::new(id, loaded.state.weights, tok, device.clone());
+        // A fine-tuned run keeps its source model's chat template and special tokens.
+        model.complete_from_tokenizer_config(&path.join(TOKENIZER_CONFIG_FILE))?;
+        return Ok(model);
     }
     ServedModel::load(path, tokenizer, device)
         .with_context(|| format!("loading {}", path.display()))

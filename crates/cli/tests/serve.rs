@@ -643,6 +643,17 @@ fn fine_tune_smollm2_from_gguf_then_generate() {
         out.starts_with("To be, or not") && out.trim().len() > "To be, or not".len(),
         "{out}"
     );
+    // The run keeps the source model's chat template and end-of-sequence token.
+    let kept: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("ft/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    let source = holdfast_model::gguf_info(&gguf).unwrap();
+    assert_eq!(
+        kept["chat_template"].as_str(),
+        source.chat_template.as_deref()
+    );
+    assert_eq!(kept["eos_token"], "<|im_end|>");
     // A checkpoint directory is a Hugging Face model directory: the same weights, the same text.
     let hf_dir = dir.path().join("ft/checkpoints/step-00000002");
     let tok = dir.path().join("ft/tokenizer.json");
@@ -651,6 +662,109 @@ fn fine_tune_smollm2_from_gguf_then_generate() {
         &["--tokenizer", tok.to_str().unwrap()],
     );
     assert_eq!(from_hf, out);
+}
+
+/// A chat template that fails on one prompt, so that a test sees it is the one rendered.
+const SOURCE_TEMPLATE: &str = "{% if messages[0].content == 'boom' %}\
+{{ raise_exception('rendered the source template') }}{% endif %}\
+<|im_start|>user\n{{ messages[0].content }}<|im_end|>\n<|im_start|>assistant\n";
+
+/// A source model's tokenizer files, as a Hugging Face model directory holds them: a
+/// byte-level BPE tokenizer.json (the one an export writes for a byte run) with ChatML's two
+/// special tokens added, and a tokenizer_config.json naming them and the chat template.
+fn source_tokenizer(dir: &Path) -> PathBuf {
+    let bytes = trained_run(dir, "bytes", "tiny", "1");
+    let exported = dir.join("bytes-export");
+    std::fs::create_dir_all(&exported).unwrap();
+    let gguf = exported.join("model.gguf");
+    ok(&holdfast(
+        dir,
+        &[
+            "export",
+            bytes.to_str().unwrap(),
+            "--gguf",
+            gguf.to_str().unwrap(),
+            "--type",
+            "f32",
+        ],
+    ));
+    let text = std::fs::read_to_string(exported.join("tokenizer.json")).unwrap();
+    let mut tokenizer: Value = serde_json::from_str(&text).unwrap();
+    let added = tokenizer["added_tokens"].as_array_mut().unwrap();
+    for (id, token) in [(256, "<|im_start|>"), (257, "<|im_end|>")] {
+        added.push(
+            json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}),
+        );
+    }
+    let source = dir.join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let config = json!({"chat_template": SOURCE_TEMPLATE, "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|im_end|>"}, "add_bos_token": false});
+    std::fs::write(source.join("tokenizer_config.json"), config.to_string()).unwrap();
+    source.join("tokenizer.json")
+}
+
+#[test]
+fn a_run_keeps_its_source_models_chat_template_and_special_tokens_when_served_and_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = source_tokenizer(dir.path());
+    let run = dir.path().join("chat-run");
+    ok(&holdfast(
+        dir.path(),
+        &[
+            "train",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--data",
+            "text.txt",
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--preset",
+            "char-small",
+            "--context",
+            "64",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ],
+    ));
+    let gguf = export(dir.path(), &run, "q8_0");
+    let info = holdfast_model::gguf_info(&gguf).unwrap();
+    assert_eq!(info.chat_template.as_deref(), Some(SOURCE_TEMPLATE));
+    assert_eq!(
+        (info.bos_token_id, info.eos_token_id),
+        (Some(256), Some(257))
+    );
+    assert!(!info.add_bos_token);
+    for model in [&run, &gguf] {
+        let chat = |prompt: &str| {
+            let args = [
+                "generate",
+                model.to_str().unwrap(),
+                "--chat",
+                "--prompt",
+                prompt,
+            ];
+            holdfast(
+                dir.path(),
+                &[&args[..], &["--max-tokens", "3", "--temperature", "0"]].concat(),
+            )
+        };
+        ok(&chat("hi"));
+        let refused = chat("boom");
+        assert!(
+            !refused.status.success()
+                && String::from_utf8_lossy(&refused.stderr)
+                    .contains("rendered the source template"),
+            "{}: {}",
+            model.display(),
+            String::from_utf8_lossy(&refused.stderr)
+        );
+    }
 }
 
 /// A run whose widths are whole 32-value blocks (char-small: 128 wide, 352 in the

@@ -11,18 +11,12 @@ use std::path::Path;
 
 use burn::tensor::Device;
 
+use crate::quant::{Format, QuantMatrix};
 use crate::{HostTensor, ModelConfig, ModelError, Weights};
 
-/// ggml tensor type ids (ggml.h `enum ggml_type`) this loader dequantizes.
-const GGML_F32: u32 = 0;
-const GGML_F16: u32 = 1;
-const GGML_Q4_0: u32 = 2;
-const GGML_Q4_1: u32 = 3;
-const GGML_Q8_0: u32 = 8;
+/// ggml's id for BF16 (ggml.h `enum ggml_type`), which this loader reads and the serving
+/// kernels do not; the other types are `quant::Format`'s.
 const GGML_BF16: u32 = 30;
-
-/// Values per quantization block, shared by Q4_0, Q4_1 and Q8_0.
-const BLOCK: usize = 32;
 
 /// What a GGUF file says besides the weights.
 #[derive(Clone, Debug, Default)]
@@ -234,16 +228,14 @@ pub(crate) fn parse_header(bytes: &[u8]) -> Result<Header, String> {
 
 /// Values per block and bytes per block of each supported ggml type (ggml's `type_traits`).
 fn block_layout(kind: u32) -> Result<(u64, u64), String> {
-    match kind {
-        GGML_F32 => Ok((1, 4)),
-        GGML_F16 | GGML_BF16 => Ok((1, 2)),
-        GGML_Q8_0 => Ok((BLOCK as u64, 34)),
-        GGML_Q4_0 => Ok((BLOCK as u64, 18)),
-        GGML_Q4_1 => Ok((BLOCK as u64, 20)),
-        other => Err(format!(
-            "ggml type {other} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
-        )),
+    if kind == GGML_BF16 {
+        return Ok((1, 2));
     }
+    let format = Format::from_ggml(kind).ok_or_else(|| {
+        format!("ggml type {kind} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+    })?;
+    let (values, bytes) = format.block();
+    Ok((values as u64, bytes as u64))
 }
 
 /// Bytes a tensor of `numel` values of ggml type `kind` occupies.
@@ -266,6 +258,16 @@ fn read_file(path: &Path) -> Result<(Vec<u8>, Header), ModelError> {
     Ok((bytes, header))
 }
 
+/// The header of the GGUF file at `path`, read through a mapping: only the pages it spans
+/// are read.
+fn header_of(path: &Path) -> Result<Header, ModelError> {
+    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: the mapping is read-only and dropped before this returns; a file changed under
+    // it can give a wrong header, which parse_header checks like any other bytes.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    parse_header(&map).map_err(|reason| format_err(path, reason))
+}
+
 pub(crate) fn config_of(header: &Header, path: &Path) -> Result<ModelConfig, ModelError> {
     let tensor = |name: &str| header.tensors().iter().find(|t| t.name == name);
     // Older converters omit llama.vocab_size; the embedding's outer dimension is the vocabulary.
@@ -278,7 +280,13 @@ pub(crate) fn config_of(header: &Header, path: &Path) -> Result<ModelConfig, Mod
 
 /// The model shape a GGUF file describes, without reading its tensors.
 pub fn gguf_config(path: &Path) -> Result<ModelConfig, ModelError> {
-    config_of(&read_file(path)?.1, path)
+    config_of(&header_of(path)?, path)
+}
+
+/// What a GGUF file says besides its weights (chat template, special tokens), without
+/// reading its tensors.
+pub fn gguf_info(path: &Path) -> Result<GgufInfo, ModelError> {
+    Ok(info_of(&header_of(path)?))
 }
 
 /// Reads a Llama-architecture GGUF file onto `device` as f32 weights.
@@ -555,10 +563,6 @@ pub(crate) fn layer_of(gguf: &str) -> Option<usize> {
     gguf.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
 /// Dequantizes `numel` values of ggml type `kind` from `raw`, exactly as ggml's
 /// `dequantize_row_*` does (in f32, `d·q` or `d·q + m`).
 pub fn dequantize(kind: u32, raw: &[u8], numel: usize) -> Result<Vec<f32>, String> {
@@ -570,51 +574,17 @@ pub fn dequantize(kind: u32, raw: &[u8], numel: usize) -> Result<Vec<f32>, Strin
         ));
     }
     let raw = &raw[..need];
-    let mut out = Vec::with_capacity(numel);
-    match kind {
-        GGML_F32 => {
-            out.extend(
-                raw.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
-        }
-        GGML_F16 => {
-            out.extend((0..numel).map(|i| f16_at(raw, 2 * i)));
-        }
-        GGML_BF16 => {
-            out.extend(
-                (0..numel)
-                    .map(|i| half::bf16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]).to_f32()),
-            );
-        }
-        GGML_Q8_0 => {
-            // block_q8_0: f16 scale d, then 32 signed bytes.
-            for b in raw.chunks_exact(34) {
-                let d = f16_at(b, 0);
-                out.extend(b[2..].iter().map(|&q| (q as i8) as f32 * d));
-            }
-        }
-        GGML_Q4_0 => {
-            // block_q4_0: f16 scale d, 16 bytes of nibbles; low nibbles are values 0..16, high
-            // nibbles 16..32; value = (nibble - 8)·d.
-            for b in raw.chunks_exact(18) {
-                let d = f16_at(b, 0);
-                let qs = &b[2..];
-                out.extend(qs.iter().map(|&q| ((q & 0x0F) as i32 - 8) as f32 * d));
-                out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
-            }
-        }
-        GGML_Q4_1 => {
-            // block_q4_1: f16 scale d and minimum m, 16 bytes of nibbles; value = nibble·d + m.
-            for b in raw.chunks_exact(20) {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                let qs = &b[4..];
-                out.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + m));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
-            }
-        }
-        other => unreachable!("block_layout accepted ggml type {other}"),
+    if kind == GGML_BF16 {
+        return Ok(raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect());
     }
+    let format = Format::from_ggml(kind).expect("block_layout accepted it");
+    // The whole tensor as one row: rows are contiguous and blocks never straddle them.
+    let matrix = QuantMatrix::new(format, 1, numel, raw)?;
+    let mut out = vec![0.0; numel];
+    matrix.dequantize_row(0, &mut out);
     Ok(out)
 }
 
@@ -667,7 +637,7 @@ mod tests {
         block.extend(f16(-1.0));
         // Byte i holds value i in its low nibble and 15 - i in its high one.
         block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
-        let v = dequantize(GGML_Q4_1, &block, 32).unwrap();
+        let v = dequantize(Format::Q4_1.ggml_type(), &block, 32).unwrap();
         for i in 0..16 {
             assert_eq!(v[i], i as f32 * 0.5 - 1.0);
             assert_eq!(v[16 + i], (15 - i) as f32 * 0.5 - 1.0);
@@ -679,14 +649,14 @@ mod tests {
         let mut q8 = Vec::new();
         q8.extend(f16(0.25));
         q8.extend((0..32i8).map(|i| (i - 16) as u8));
-        let v = dequantize(GGML_Q8_0, &q8, 32).unwrap();
+        let v = dequantize(Format::Q8_0.ggml_type(), &q8, 32).unwrap();
         assert_eq!(v[0], -4.0);
         assert_eq!(v[31], 15.0 * 0.25);
 
         let mut q4 = Vec::new();
         q4.extend(f16(2.0));
         q4.extend([0x8Fu8; 16]);
-        let v = dequantize(GGML_Q4_0, &q4, 32).unwrap();
+        let v = dequantize(Format::Q4_0.ggml_type(), &q4, 32).unwrap();
         assert_eq!(v[0], (15 - 8) as f32 * 2.0);
         assert_eq!(v[16], 0.0);
     }
@@ -694,12 +664,12 @@ mod tests {
     #[test]
     fn short_data_and_unknown_types_are_errors() {
         assert!(
-            dequantize(GGML_Q4_1, &[0; 19], 32)
+            dequantize(Format::Q4_1.ggml_type(), &[0; 19], 32)
                 .unwrap_err()
                 .contains("needs 20")
         );
         assert!(
-            dequantize(GGML_Q8_0, &[0; 34], 33)
+            dequantize(Format::Q8_0.ggml_type(), &[0; 34], 33)
                 .unwrap_err()
                 .contains("whole number")
         );
@@ -851,7 +821,7 @@ mod header_tests {
             for d in shape {
                 f.extend(d.to_le_bytes());
             }
-            f.extend(GGML_F32.to_le_bytes());
+            f.extend(Format::F32.ggml_type().to_le_bytes());
             f.extend(offset.to_le_bytes());
             offset += size.div_ceil(32) * 32;
         }
@@ -1050,7 +1020,7 @@ mod header_tests {
         f.extend(2u32.to_le_bytes());
         f.extend(64u64.to_le_bytes());
         f.extend(8u64.to_le_bytes());
-        f.extend(GGML_Q4_1.to_le_bytes());
+        f.extend(Format::Q4_1.ggml_type().to_le_bytes());
         f.extend(0u64.to_le_bytes());
         let h = parse_header(&f).unwrap();
         assert_eq!(h.metadata()["general.architecture"].as_str(), Some("llama"));
@@ -1062,7 +1032,7 @@ mod header_tests {
         assert_eq!(h.tensors()[0].shape, vec![64, 8]);
         assert_eq!(h.data_offset % 32, 0);
         assert!(h.data_offset >= f.len() as u64);
-        assert_eq!(tensor_bytes(GGML_Q4_1, 512), Ok(320));
+        assert_eq!(tensor_bytes(Format::Q4_1.ggml_type(), 512), Ok(320));
         for cut in [3, 10, 30, f.len() - 1] {
             assert!(
                 parse_header(&f[..cut]).unwrap_err().contains("truncated"),

@@ -69,15 +69,6 @@ impl Sequence {
     pub fn new() -> Self {
         Self::default()
     }
-
-    /// Positions cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 /// One sequence's part of a batched forward: its next tokens (a prompt, or one generated
@@ -361,7 +352,7 @@ impl MappedModel {
                 let (keys, values) = caches[rows[i].step];
                 let query = &q[i * hidden + head * hd..i * hidden + (head + 1) * hd];
                 let offset = (head / group) * hd;
-                attend(query, keys, values, rows[i].position + 1, offset, kv, out);
+                kernels::attend(query, keys, values, rows[i].position + 1, offset, kv, out);
             });
         attended
     }
@@ -471,35 +462,6 @@ fn invalid(field: &str, value: &str, reason: &str) -> ModelError {
 fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-/// One query head against the first `len` cached positions: softmax(q·k/√d) · v. `offset` is
-/// the head's place within a cached row of `width` values.
-fn attend(
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    len: usize,
-    offset: usize,
-    width: usize,
-    out: &mut [f32],
-) {
-    let hd = query.len();
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores: Vec<f32> = (0..len)
-        .map(|p| {
-            let key = &keys[p * width + offset..p * width + offset + hd];
-            kernels::dot(query, key) * scale
-        })
-        .collect();
-    kernels::causal_softmax(&mut scores, len, 1, len - 1);
-    out.fill(0.0);
-    for (p, &weight) in scores.iter().enumerate() {
-        let value = &values[p * width + offset..p * width + offset + hd];
-        for (o, &v) in out.iter_mut().zip(value) {
-            *o += weight * v;
-        }
     }
 }
 

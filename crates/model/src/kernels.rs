@@ -358,6 +358,37 @@ fn rotate(
 }
 
 vectorized! {
+    /// One query head against the first `len` cached positions: softmax(q·k/√d) · v into
+    /// `out`. `offset` is the head's place within a cached row of `width` values.
+    pub fn attend(
+        query: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        len: usize,
+        offset: usize,
+        width: usize,
+        out: &mut [f32],
+    ) {
+        let hd = query.len();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut scores: Vec<f32> = (0..len)
+            .map(|p| {
+                let key = &keys[p * width + offset..p * width + offset + hd];
+                dot(query, key) * scale
+            })
+            .collect();
+        causal_softmax(&mut scores, len, 1, len - 1);
+        out.fill(0.0);
+        for (p, &weight) in scores.iter().enumerate() {
+            let value = &values[p * width + offset..p * width + offset + hd];
+            for (o, &v) in out.iter_mut().zip(value) {
+                *o += weight * v;
+            }
+        }
+    }
+}
+
+vectorized! {
     /// Softmax, in place, of each row of `scores` (rows of `keys` scores) over the keys a causal
     /// mask allows: row `r` is query `r % queries` of a block of `queries` consecutive
     /// positions that follow `start` cached ones, and may attend to keys `0..=start + r %

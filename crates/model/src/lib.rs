@@ -21,7 +21,7 @@ use std::path::Path;
 
 pub use config::{ModelConfig, PRESETS};
 pub use fused::available as fused_kernels_available;
-pub use gguf::{GgufInfo, GgufModel, gguf_config, load_gguf};
+pub use gguf::{GgufInfo, GgufModel, gguf_config, gguf_info, load_gguf};
 pub use llama::{KvCache, Logits, forward, forward_cached};
 pub use tokenizer::Tokenizer;
 pub use weights::{HostTensor, ParamSpec, Weights, param_specs};

@@ -49,7 +49,7 @@ impl Format {
     }
 
     /// (values, bytes) of one storage block.
-    fn block(self) -> (usize, usize) {
+    pub(crate) fn block(self) -> (usize, usize) {
         match self {
             Format::F32 => (1, 4),
             Format::F16 => (1, 2),
@@ -75,33 +75,57 @@ impl Format {
 /// One block of 32 activations in 8 bits (ggml's `block_q8_1`, with f32 scales): values are
 /// `d · q`; `s` is `d · Σq`, which Q4_1's offset needs.
 #[derive(Clone, Copy, Debug)]
-pub struct ActBlock {
-    pub d: f32,
-    pub s: f32,
-    pub q: [i8; BLOCK],
+struct ActBlock {
+    d: f32,
+    s: f32,
+    q: [i8; BLOCK],
 }
 
 /// Appends `x` (a whole number of blocks) quantized as ggml's `quantize_row_q8_1`: per block,
-/// `d = max|x| / 127` and `q = round(x / d)`. A block holding a NaN or an infinity gets a NaN
-/// scale, so that it poisons the products as the f32 values would.
-pub fn quantize_acts(x: &[f32], out: &mut Vec<ActBlock>) {
+/// `d = max|x| / 127` and `q = x / d` rounded to the nearest integer, ties to even (as ggml's
+/// AVX2 version rounds; its reference rounds ties away from zero). A block holding a NaN or an
+/// infinity gets a NaN scale and zeros, so that it poisons the products as the f32 values
+/// would.
+fn quantize_acts(isa: Isa, x: &[f32], out: &mut Vec<ActBlock>) {
     debug_assert!(x.len().is_multiple_of(BLOCK));
     for block in x.chunks_exact(BLOCK) {
-        let finite = block.iter().all(|v| v.is_finite());
-        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = if finite { amax / 127.0 } else { f32::NAN };
-        let inverse = if d != 0.0 && finite { 1.0 / d } else { 0.0 };
-        let mut q = [0i8; BLOCK];
-        for (q, v) in q.iter_mut().zip(block) {
-            *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+        let block: &[f32; BLOCK] = block.try_into().expect("chunks of BLOCK");
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            // SAFETY: `block_isa` says Avx2 only where the CPU has AVX2.
+            out.push(unsafe { avx2::quantize_block(block) });
+            continue;
         }
-        let sum: i32 = q.iter().map(|&v| v as i32).sum();
-        out.push(ActBlock {
-            d,
-            s: d * sum as f32,
-            q,
-        });
+        let _ = isa;
+        out.push(quantize_block(block));
     }
+}
+
+fn quantize_block(block: &[f32; BLOCK]) -> ActBlock {
+    if !block.iter().all(|v| v.is_finite()) {
+        return ActBlock::NON_FINITE;
+    }
+    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; BLOCK];
+    for (q, v) in q.iter_mut().zip(block) {
+        *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    let sum: i32 = q.iter().map(|&v| v as i32).sum();
+    ActBlock {
+        d,
+        s: d * sum as f32,
+        q,
+    }
+}
+
+impl ActBlock {
+    const NON_FINITE: ActBlock = ActBlock {
+        d: f32::NAN,
+        s: f32::NAN,
+        q: [0; BLOCK],
+    };
 }
 
 /// A `[rows, cols]` weight matrix in `format`, row-major as ggml stores it (each row `cols`
@@ -280,7 +304,7 @@ pub fn matmul_many_from(
     let mut acts = Vec::new();
     if !wide && products.iter().any(|(w, _)| w.format.quantized()) {
         acts.reserve(n * cols / BLOCK);
-        quantize_acts(x, &mut acts);
+        quantize_acts(isa, x, &mut acts);
     }
     let input = Input { x, acts, cols };
     let matrices: Vec<QuantMatrix> = products.iter().map(|(w, _)| *w).collect();
@@ -312,21 +336,33 @@ pub fn matmul_many_from(
         if wide {
             return dequantized_product(w, first, x, n, chunk);
         }
-        for (r, outs) in chunk.chunks_exact_mut(n).enumerate() {
-            let row = w.row(first + r);
-            for (i, o) in outs.iter_mut().enumerate() {
-                *o = input.dot(isa, w, row, i);
+        // A pass takes as many input rows as stay in the first-level cache while every weight
+        // row of the task meets them.
+        let per_pass = input.rows_per_pass();
+        for inputs in (0..n).step_by(per_pass) {
+            let end = (inputs + per_pass).min(n);
+            for (r, outs) in chunk.chunks_exact_mut(n).enumerate() {
+                input.dots(isa, w, w.row(first + r), inputs, &mut outs[inputs..end]);
             }
         }
     });
     for ((w, out), products) in products.iter_mut().zip(&by_row) {
-        for (r, row) in products.chunks_exact(n).enumerate() {
-            for (i, &p) in row.iter().enumerate() {
-                out[i * w.rows + r] = p;
+        // Written in order, read with a stride; split over the pool when there is enough.
+        let transpose = |(i, out): (usize, &mut [f32])| {
+            for (o, p) in out.iter_mut().zip(products[i..].iter().step_by(n)) {
+                *o = *p;
             }
+        };
+        if w.rows * n >= TRANSPOSE_IN_PARALLEL {
+            out.par_chunks_mut(w.rows).enumerate().for_each(transpose);
+        } else {
+            out.chunks_mut(w.rows).enumerate().for_each(transpose);
         }
     }
 }
+
+/// Products from which the transposition back to input-row order is worth splitting.
+const TRANSPOSE_IN_PARALLEL: usize = 1 << 16;
 
 /// The input of a product: f32 rows, and their 8-bit blocks when a block format needs them.
 struct Input<'a> {
@@ -336,16 +372,44 @@ struct Input<'a> {
 }
 
 impl Input<'_> {
-    /// Input row `i` · the weight row `row` of `w`.
-    fn dot(&self, isa: Isa, w: &QuantMatrix, row: &[u8], i: usize) -> f32 {
-        if w.format.quantized() {
-            let blocks = self.cols / BLOCK;
-            block_dot(isa, w.format, row, &self.acts[i * blocks..(i + 1) * blocks])
-        } else {
-            float_dot(w.format, row, &self.x[i * self.cols..(i + 1) * self.cols])
+    /// Input rows whose 8-bit blocks fill about half the first-level cache, a whole number
+    /// of groups.
+    fn rows_per_pass(&self) -> usize {
+        let row_bytes = self.cols / BLOCK * size_of::<ActBlock>();
+        (16 * 1024 / row_bytes.max(1) / ROW_GROUP).max(1) * ROW_GROUP
+    }
+
+    /// `outs[j]` = input row `from + j` · the weight row `row` of `w`.
+    fn dots(&self, isa: Isa, w: &QuantMatrix, row: &[u8], from: usize, outs: &mut [f32]) {
+        if !w.format.quantized() {
+            for (j, o) in outs.iter_mut().enumerate() {
+                let i = from + j;
+                *o = float_dot(w.format, row, &self.x[i * self.cols..(i + 1) * self.cols]);
+            }
+            return;
+        }
+        let blocks = self.cols / BLOCK;
+        let acts = |j: usize| &self.acts[(from + j) * blocks..(from + j + 1) * blocks];
+        // Input rows in groups of ROW_GROUP share each weight block's unpacking. Every pair's
+        // sums are the ones a group of one computes, in the same order: a sequence's products
+        // do not depend on what else is in its batch.
+        let mut first = 0;
+        for group in outs.chunks_mut(ROW_GROUP) {
+            if group.len() == ROW_GROUP {
+                let inputs: [&[ActBlock]; ROW_GROUP] = std::array::from_fn(|j| acts(first + j));
+                group.copy_from_slice(&block_dots(isa, w.format, row, inputs));
+            } else {
+                for (j, o) in group.iter_mut().enumerate() {
+                    [*o] = block_dots(isa, w.format, row, [acts(first + j)]);
+                }
+            }
+            first += group.len();
         }
     }
 }
+
+/// Input rows whose products with one weight row are computed together.
+const ROW_GROUP: usize = 4;
 
 /// Eight f32 lanes summed in the order AVX2's horizontal sum takes.
 #[inline(always)]
@@ -370,18 +434,24 @@ fn float_dot(format: Format, row: &[u8], x: &[f32]) -> f32 {
     reduce_lanes(lanes)
 }
 
-/// A quantized weight row · quantized activations: per block, eight exact integer partial
-/// sums (lane `j` holds elements `4j..4j+4`, as AVX2's `maddubs` and `madd` pair them), scaled
-/// and added into eight f32 lanes.
-fn block_dot(isa: Isa, format: Format, row: &[u8], acts: &[ActBlock]) -> f32 {
+/// A quantized weight row · each of `N` rows of quantized activations: per block, eight exact
+/// integer partial sums (lane `j` holds elements `4j..4j+4`, as AVX2's `maddubs` and `madd`
+/// pair them), scaled and added into eight f32 lanes. Each pair's arithmetic is the same for
+/// every `N`.
+fn block_dots<const N: usize>(
+    isa: Isa,
+    format: Format,
+    row: &[u8],
+    acts: [&[ActBlock]; N],
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         // SAFETY: `block_isa` says Avx2 only where the CPU has AVX2 and F16C, which
-        // `avx2::block_dot` is compiled for.
-        return unsafe { avx2::block_dot(format, row, acts) };
+        // `avx2::block_dots` is compiled for.
+        return unsafe { avx2::block_dots(format, row, acts) };
     }
     let _ = isa;
-    portable_block_dot(format, row, acts)
+    acts.map(|a| portable_block_dot(format, row, a))
 }
 
 /// The instruction set the block kernels use here, checked once per product: AVX2 (with
@@ -415,10 +485,11 @@ fn portable_block_dot(format: Format, row: &[u8], acts: &[ActBlock]) -> f32 {
         }
         let scale = f16(b, 0) * a.d;
         for (lane, &sum) in lanes[k % 2].iter_mut().zip(&sums) {
-            *lane += scale * sum as f32;
+            // Fused, as AVX2's `fmadd` is: one rounding.
+            *lane = scale.mul_add(sum as f32, *lane);
         }
         if format == Format::Q4_1 {
-            offsets += f16(b, 2) * a.s;
+            offsets = f16(b, 2).mul_add(a.s, offsets);
         }
     }
     let [even, odd] = lanes;
@@ -433,73 +504,146 @@ fn portable_block_dot(format: Format, row: &[u8], acts: &[ActBlock]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{ActBlock, Format};
+    use super::{ActBlock, BLOCK, Format};
 
-    /// The same sums as `portable_block_dot`, in the same order.
+    /// The same sums as `portable_block_dot`, in the same order, for `N` activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn block_dot(format: Format, row: &[u8], acts: &[ActBlock]) -> f32 {
-        // SAFETY (all three): `row` holds `acts.len()` whole blocks of the format.
+    pub(super) unsafe fn block_dots<const N: usize>(
+        format: Format,
+        row: &[u8],
+        acts: [&[ActBlock]; N],
+    ) -> [f32; N] {
+        // SAFETY (all three): `row` holds `acts[i].len()` whole blocks of the format.
         unsafe {
             match format {
-                Format::Q8_0 => blocks::<34>(row, acts, |b| {
+                Format::Q8_0 => blocks::<34, N>(row, acts, |b| {
                     let w = _mm256_loadu_si256(b.add(2).cast());
                     (w, true)
                 }),
-                Format::Q4_0 => blocks::<18>(row, acts, |b| {
+                Format::Q4_0 => blocks::<18, N>(row, acts, |b| {
                     let w = _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8));
                     (w, true)
                 }),
-                _ => blocks::<20>(row, acts, |b| (nibbles(b.add(4)), false)),
+                _ => blocks::<20, N>(row, acts, |b| (nibbles(b.add(4)), false)),
             }
         }
     }
 
     /// Sums blocks of `SIZE` bytes whose 32 weights `weights` loads (and says whether they
-    /// are signed); a 20-byte block is Q4_1, whose offset is added separately. Even and odd
-    /// blocks add into separate lanes, two independent chains.
+    /// are signed) against `N` rows of activation blocks; a 20-byte block is Q4_1, whose
+    /// offset is added separately. Even and odd blocks add into separate lanes, two
+    /// independent chains per row.
     #[inline(always)]
-    unsafe fn blocks<const SIZE: usize>(
+    unsafe fn blocks<const SIZE: usize, const N: usize>(
         row: &[u8],
-        acts: &[ActBlock],
+        acts: [&[ActBlock]; N],
         weights: impl Fn(*const u8) -> (__m256i, bool),
-    ) -> f32 {
+    ) -> [f32; N] {
         let base = row.as_ptr();
-        // SAFETY: block `k` lies within `row` for every `k < acts.len()`; loads are unaligned.
+        let count = acts[0].len();
+        // SAFETY: block `k` lies within `row` for every `k < count`; loads are unaligned.
         unsafe {
             // A macro, not a closure: closures do not take on the target features.
             macro_rules! one {
-                ($k:expr, $offsets:expr) => {{
-                    let a = &acts[$k];
+                ($k:expr, $lanes:expr, $offsets:expr) => {{
                     let b = base.add($k * SIZE);
-                    let q = _mm256_loadu_si256(a.q.as_ptr().cast());
                     let (w, signed) = weights(b);
-                    let pairs = if signed {
-                        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w))
-                    } else {
-                        _mm256_maddubs_epi16(w, q)
-                    };
+                    let magnitude = if signed { _mm256_sign_epi8(w, w) } else { w };
+                    let scale = _mm256_set1_ps(half(b));
+                    let min = if SIZE == 20 { half(b.add(2)) } else { 0.0 };
                     let ones = _mm256_set1_epi16(1);
-                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                    if SIZE == 20 {
-                        $offsets += half(b.add(2)) * a.s;
+                    for i in 0..N {
+                        let a = acts[i].get_unchecked($k);
+                        let q = _mm256_loadu_si256(a.q.as_ptr().cast());
+                        let q = if signed { _mm256_sign_epi8(q, w) } else { q };
+                        let pairs = _mm256_maddubs_epi16(magnitude, q);
+                        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                        if SIZE == 20 {
+                            $offsets[i] = min.mul_add(a.s, $offsets[i]);
+                        }
+                        // `scale · d` in a vector is the scalar product's bits, and spares
+                        // a shuffle per pair; the weight's scale is broadcast once per block.
+                        let scaled = _mm256_mul_ps(scale, _mm256_set1_ps(a.d));
+                        $lanes[i] = _mm256_fmadd_ps(scaled, sums, $lanes[i]);
                     }
-                    _mm256_mul_ps(_mm256_set1_ps(half(b) * a.d), sums)
                 }};
             }
-            let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut offsets = 0.0f32;
+            let mut even = [_mm256_setzero_ps(); N];
+            let mut odd = [_mm256_setzero_ps(); N];
+            let mut offsets = [0.0f32; N];
             let mut k = 0;
-            while k + 1 < acts.len() {
-                even = _mm256_add_ps(even, one!(k, offsets));
-                odd = _mm256_add_ps(odd, one!(k + 1, offsets));
+            while k + 1 < count {
+                one!(k, even, offsets);
+                one!(k + 1, odd, offsets);
                 k += 2;
             }
-            if k < acts.len() {
-                even = _mm256_add_ps(even, one!(k, offsets));
+            if k < count {
+                one!(k, even, offsets);
             }
-            let mut out = [0.0f32; 8];
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(even, odd));
-            super::reduce_lanes(out) + offsets
+            let mut out = [0.0f32; N];
+            for i in 0..N {
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(even[i], odd[i]));
+                out[i] = super::reduce_lanes(lanes) + offsets[i];
+            }
+            out
+        }
+    }
+
+    /// `super::quantize_block`, the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(block: &[f32; BLOCK]) -> ActBlock {
+        // SAFETY: the four loads read the block's 32 values.
+        unsafe {
+            let p = block.as_ptr();
+            let v = [0, 8, 16, 24].map(|at| _mm256_loadu_ps(p.add(at)));
+            let magnitude = v.map(|v| _mm256_andnot_ps(_mm256_set1_ps(-0.0), v));
+            let infinity = _mm256_set1_ps(f32::INFINITY);
+            // Ordered "less than": false for NaN and for infinities.
+            let finite =
+                magnitude.map(|m| _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(m, infinity)));
+            if finite.iter().any(|&mask| mask != 0xFF) {
+                return ActBlock::NON_FINITE;
+            }
+            let max = _mm256_max_ps(
+                _mm256_max_ps(magnitude[0], magnitude[1]),
+                _mm256_max_ps(magnitude[2], magnitude[3]),
+            );
+            let max = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps::<1>(max));
+            let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+            let amax = _mm_cvtss_f32(_mm_max_ss(max, _mm_movehdup_ps(max)));
+            let d = amax / 127.0;
+            let inverse = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let (low, high) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+            const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+            let ints = v.map(|v| {
+                let scaled = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(v, inverse));
+                _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(scaled, low), high))
+            });
+            let sums = _mm256_add_epi32(
+                _mm256_add_epi32(ints[0], ints[1]),
+                _mm256_add_epi32(ints[2], ints[3]),
+            );
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums);
+            let sum: i32 = lanes.iter().sum();
+            // The two packs interleave 32-bit groups across the 128-bit halves; the
+            // permutation puts the values back in order.
+            let packed = _mm256_packs_epi16(
+                _mm256_packs_epi32(ints[0], ints[1]),
+                _mm256_packs_epi32(ints[2], ints[3]),
+            );
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            let mut q = [0i8; BLOCK];
+            _mm256_storeu_si256(
+                q.as_mut_ptr().cast(),
+                _mm256_permutevar8x32_epi32(packed, order),
+            );
+            ActBlock {
+                d,
+                s: d * sum as f32,
+                q,
+            }
         }
     }
 
@@ -537,11 +681,13 @@ pub fn quantize(format: Format, x: &[f32]) -> Vec<u8> {
             .iter()
             .for_each(|v| out.extend(half::f16::from_f32(*v).to_le_bytes())),
         Format::Q8_0 => {
-            let mut acts = Vec::new();
-            quantize_acts(x, &mut acts);
-            for a in acts {
-                out.extend(half::f16::from_f32(a.d).to_le_bytes());
-                out.extend(a.q.iter().map(|&q| q as u8));
+            // ggml's `quantize_row_q8_0_ref`: ties round away from zero.
+            for block in x.chunks_exact(BLOCK) {
+                let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(half::f16::from_f32(d).to_le_bytes());
+                out.extend(block.iter().map(|v| (v * inverse).round() as i8 as u8));
             }
         }
         Format::Q4_0 | Format::Q4_1 => {
@@ -616,7 +762,7 @@ mod tests {
         let weights = dequantized(w);
         let x: Vec<f32> = if w.format.quantized() && n < GEMM_ROWS {
             let mut acts = Vec::new();
-            quantize_acts(x, &mut acts);
+            quantize_acts(Isa::Baseline, x, &mut acts);
             acts.iter()
                 .flat_map(|a| a.q.map(|q| q as f32 * a.d))
                 .collect()
@@ -662,7 +808,8 @@ mod tests {
 
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let (rows, cols, n) = (41, 192, 3);
+        // Six input rows: one group of four and two alone.
+        let (rows, cols, n) = (41, 192, 6);
         for format in ALL {
             let bytes = quantize(format, &values(rows * cols, 3));
             let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
@@ -675,6 +822,35 @@ mod tests {
                 out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
             assert_eq!(run(Isa::Avx512), run(Isa::Baseline), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn an_input_row_gets_the_same_bits_alone_as_among_others() {
+        // 96 columns: an odd number of blocks, so the last block adds into the even lanes.
+        let (rows, cols) = (5, 96);
+        for isa in [Isa::Avx512, Isa::Baseline] {
+            ISA_LIMIT.with(|l| l.set(isa));
+            for format in ALL {
+                let bytes = quantize(format, &values(rows * cols, 8));
+                let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
+                for n in 2..=11 {
+                    let x = values(n * cols, 9 + n as u64);
+                    let mut together = vec![0.0f32; n * rows];
+                    matmul(&w, &x, n, &mut together);
+                    for (i, input) in x.chunks_exact(cols).enumerate() {
+                        let mut alone = vec![0.0f32; rows];
+                        matmul(&w, input, 1, &mut alone);
+                        let got = &together[i * rows..(i + 1) * rows];
+                        assert_eq!(
+                            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{isa:?} {format:?} row {i} of {n}"
+                        );
+                    }
+                }
+            }
+            ISA_LIMIT.with(|l| l.set(Isa::Avx512));
         }
     }
 
@@ -699,6 +875,36 @@ mod tests {
             matmul(&w, &x, 1, &mut out);
             ISA_LIMIT.with(|l| l.set(Isa::Avx512));
             assert_eq!(out[0], want, "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn activations_quantize_to_the_same_blocks_on_every_instruction_set() {
+        // Random blocks; one whose scale is 1, so that x.5 values are ties (to even: 2.5 → 2,
+        // -3.5 → -4, 0.5 → 0); zeros; and blocks holding a NaN or an infinity.
+        let mut x = values(4 * BLOCK, 10);
+        let mut ties = vec![0.0f32; BLOCK];
+        ties[..5].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -126.5]);
+        x.extend(&ties);
+        x.extend([0.0f32; BLOCK]);
+        for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut block = values(BLOCK, 11);
+            block[7] = poison;
+            x.extend(block);
+        }
+        let quantized = |isa: Isa| {
+            let mut acts = Vec::new();
+            quantize_acts(isa, &x, &mut acts);
+            acts.iter()
+                .map(|a| (a.d.to_bits(), a.s.to_bits(), a.q))
+                .collect::<Vec<_>>()
+        };
+        let portable = quantized(Isa::Baseline);
+        assert_eq!(portable, quantized(block_isa()));
+        assert_eq!(portable[4].2[..5], [127, 2, -4, 0, -126]);
+        assert!(portable[5].2.iter().all(|&q| q == 0) && portable[5].0 == 0);
+        for poisoned in &portable[6..] {
+            assert!(f32::from_bits(poisoned.0).is_nan() && poisoned.2 == [0; BLOCK]);
         }
     }
 

@@ -128,11 +128,9 @@ impl ServedModel {
             )?,
         };
         let tok = Tokenizer::from_file(&tokenizer_path)?;
-        let hf_config =
-            read_tokenizer_config(&tokenizer_path.with_file_name("tokenizer_config.json"))?;
 
         let mut rule = PromptRule::default();
-        let (engine, mut template, mut stops) = if is_gguf(path) {
+        let (engine, template, stops) = if is_gguf(path) {
             let (engine, info) = gguf_engine(path, device)?;
             let bos = info.bos_token_id;
             rule.bos = bos.filter(|_| info.add_bos_token);
@@ -159,15 +157,6 @@ impl ServedModel {
                 path.display()
             )));
         };
-        if let Some(t) = hf_config.chat_template {
-            template.get_or_insert(t);
-        }
-        if let Some(t) = hf_config.bos_token {
-            rule.bos_text.get_or_insert(t);
-        }
-        if let Some(eos) = hf_config.eos_token.and_then(|t| tok.token_id(&t)) {
-            stops.push(eos);
-        }
         let vocab = engine.config().vocab_size;
         if tok.vocab_size() > vocab {
             return Err(ServeError::Load(format!(
@@ -180,11 +169,35 @@ impl ServedModel {
         model.chat_template = template;
         model.prompt_rule = rule;
         for s in stops {
-            if !model.stop_tokens.contains(&s) {
-                model.stop_tokens.push(s);
-            }
+            model.stop_at(s);
         }
+        model.complete_from_tokenizer_config(
+            &tokenizer_path.with_file_name("tokenizer_config.json"),
+        )?;
         Ok(model)
+    }
+
+    /// Takes what a Hugging Face tokenizer_config.json at `path` says (when there is one)
+    /// where the model says nothing: its chat template and BOS text, and its end-of-sequence
+    /// token as one more stop.
+    pub fn complete_from_tokenizer_config(&mut self, path: &Path) -> Result<(), ServeError> {
+        let config = read_tokenizer_config(path)?;
+        if self.chat_template.is_none() {
+            self.chat_template = config.chat_template;
+        }
+        if let Some(t) = config.bos_token {
+            self.prompt_rule.bos_text.get_or_insert(t);
+        }
+        if let Some(eos) = config.eos_token.and_then(|t| self.tokenizer.token_id(&t)) {
+            self.stop_at(eos);
+        }
+        Ok(())
+    }
+
+    fn stop_at(&mut self, token: u32) {
+        if !self.stop_tokens.contains(&token) {
+            self.stop_tokens.push(token);
+        }
     }
 
     /// The longest sequence (prompt plus generated tokens) the model runs on.

@@ -24,6 +24,7 @@ pub mod overrides;
 pub mod replica;
 pub mod run;
 pub mod rundir;
+pub mod source;
 pub mod state;
 pub mod step;
 pub mod supervise;

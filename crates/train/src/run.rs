@@ -1,6 +1,7 @@
 //! A training run on disk: `RUN/config.toml` (effective config), `RUN/metrics.jsonl`,
-//! `RUN/checkpoints/`, and `RUN/tokenizer.json` when the run uses one. The loop here is the
-//! whole single-worker training: step, log, evaluate, checkpoint.
+//! `RUN/checkpoints/`, `RUN/tokenizer.json` when the run uses one, and
+//! `RUN/tokenizer_config.json` when its source model has a chat template or special tokens.
+//! The loop here is the whole single-worker training: step, log, evaluate, checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,6 +17,7 @@ use crate::data::{
 };
 use crate::eval::{addition_accuracy, val_loss};
 use crate::guarded::{GuardedStep, Outcome, single_worker_step};
+use crate::source::{TOKENIZER_CONFIG_FILE, source_tokenizer_config};
 use crate::{
     RunConfig, TrainError, TrainState, append_jsonl, atomic_write, checkpoint, train_step,
 };
@@ -126,14 +128,23 @@ pub fn check_new_run_dir(run_dir: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Creates a new run directory. Fails without touching anything if it already exists.
+/// Creates a new run directory. Fails without touching anything if it already exists, or if
+/// what it would copy in cannot be read.
 pub fn create_run_dir(run_dir: &Path, cfg: &RunConfig) -> Result<(), TrainError> {
     check_new_run_dir(run_dir)?;
+    let tokenizer = match &cfg.data.tokenizer {
+        Some(tok) => Some(std::fs::read(tok).map_err(|e| TrainError::io(tok, e))?),
+        None => None,
+    };
+    let source = source_tokenizer_config(cfg)?;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
     atomic_write(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
-    if let Some(tok) = &cfg.data.tokenizer {
-        let bytes = std::fs::read(tok).map_err(|e| TrainError::io(tok, e))?;
+    if let Some(bytes) = tokenizer {
         atomic_write(&run_dir.join(TOKENIZER_FILE), &bytes)?;
+    }
+    if let Some(config) = source {
+        let text = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
+        atomic_write(&run_dir.join(TOKENIZER_CONFIG_FILE), text.as_bytes())?;
     }
     Ok(())
 }
