@@ -230,35 +230,38 @@ fn nibble(nibbles: &[u8], i: usize) -> u8 {
 /// Rows per parallel task: enough work to outweigh handing it to a thread.
 const ROWS_PER_TASK: usize = 32;
 
-/// From this many input rows on (a prompt), weights are expanded to f32 a few rows at a time
-/// and multiplied by a blocked f32 matrix product: each expanded row then serves every input
-/// row, which beats an integer dot product per pair.
+/// From this many input rows on (a prompt), weights are expanded to f32 and multiplied by a
+/// blocked f32 matrix product: each expanded row then serves every input row, which beats an
+/// integer dot product per pair.
 pub const GEMM_ROWS: usize = 32;
-const GEMM_ROWS_PER_TASK: usize = 64;
 
-/// `out[(r - first) · n + i] = x_i · w_r` for the weight rows from `first` that `out` holds,
-/// through those rows expanded to f32.
-fn dequantized_product(w: &QuantMatrix, first: usize, x: &[f32], n: usize, out: &mut [f32]) {
-    let rows = out.len() / n;
-    let mut expanded = vec![0.0f32; rows * w.cols];
-    for (r, row) in expanded.chunks_exact_mut(w.cols).enumerate() {
-        w.dequantize_row(first + r, row);
-    }
-    // out (rows × n, row-major) = expanded (rows × cols) · xᵀ (cols × n).
+/// `out[i · rows + r] = x_i · w_r` through the whole of `w` expanded to f32 (split over the
+/// pool by rows) and one blocked product, which splits itself over the pool.
+fn expanded_product(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+    let mut expanded = vec![0.0f32; w.rows * w.cols];
+    expanded
+        .par_chunks_mut(w.cols * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (r, row) in chunk.chunks_exact_mut(w.cols).enumerate() {
+                w.dequantize_row(t * ROWS_PER_TASK + r, row);
+            }
+        });
+    // out (n × rows, row-major) = x (n × cols) · expandedᵀ (cols × rows).
     // SAFETY: every pointer covers the matrix its strides describe.
     unsafe {
         gemm::gemm(
-            rows,
             n,
+            w.rows,
             w.cols,
             out.as_mut_ptr(),
             1,
-            n as isize,
+            w.rows as isize,
             false,
-            expanded.as_ptr(),
+            x.as_ptr(),
             1,
             w.cols as isize,
-            x.as_ptr(),
+            expanded.as_ptr(),
             w.cols as isize,
             1,
             0.0,
@@ -266,7 +269,7 @@ fn dequantized_product(w: &QuantMatrix, first: usize, x: &[f32], n: usize, out: 
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
 }
@@ -299,10 +302,15 @@ pub fn matmul_many_from(
         assert_eq!(out.len(), n * w.rows, "output is not n × rows");
     }
     assert_eq!(x.len(), n * cols, "activations are not n × cols");
+    if n >= expand_from {
+        for (w, out) in products.iter_mut() {
+            expanded_product(w, x, n, out);
+        }
+        return;
+    }
     let isa = block_isa();
-    let wide = n >= expand_from;
     let mut acts = Vec::new();
-    if !wide && products.iter().any(|(w, _)| w.format.quantized()) {
+    if products.iter().any(|(w, _)| w.format.quantized()) {
         acts.reserve(n * cols / BLOCK);
         quantize_acts(isa, x, &mut acts);
     }
@@ -320,30 +328,16 @@ pub fn matmul_many_from(
     } else {
         by_row.iter_mut().map(|b| &mut b[..]).collect()
     };
-    let rows_per_task = if wide {
-        GEMM_ROWS_PER_TASK
-    } else {
-        ROWS_PER_TASK
-    };
     let mut tasks = Vec::new();
     for (k, target) in targets.into_iter().enumerate() {
-        for (t, chunk) in target.chunks_mut(rows_per_task * n).enumerate() {
-            tasks.push((k, t * rows_per_task, chunk));
+        for (t, chunk) in target.chunks_mut(ROWS_PER_TASK * n).enumerate() {
+            tasks.push((k, t * ROWS_PER_TASK, chunk));
         }
     }
     tasks.into_par_iter().for_each(|(k, first, chunk)| {
         let w = &matrices[k];
-        if wide {
-            return dequantized_product(w, first, x, n, chunk);
-        }
-        // A pass takes as many input rows as stay in the first-level cache while every weight
-        // row of the task meets them.
-        let per_pass = input.rows_per_pass();
-        for inputs in (0..n).step_by(per_pass) {
-            let end = (inputs + per_pass).min(n);
-            for (r, outs) in chunk.chunks_exact_mut(n).enumerate() {
-                input.dots(isa, w, w.row(first + r), inputs, &mut outs[inputs..end]);
-            }
+        for (r, outs) in chunk.chunks_exact_mut(n).enumerate() {
+            input.dots(isa, w, w.row(first + r), outs);
         }
     });
     for ((w, out), products) in products.iter_mut().zip(&by_row) {
@@ -372,24 +366,16 @@ struct Input<'a> {
 }
 
 impl Input<'_> {
-    /// Input rows whose 8-bit blocks fill about half the first-level cache, a whole number
-    /// of groups.
-    fn rows_per_pass(&self) -> usize {
-        let row_bytes = self.cols / BLOCK * size_of::<ActBlock>();
-        (16 * 1024 / row_bytes.max(1) / ROW_GROUP).max(1) * ROW_GROUP
-    }
-
-    /// `outs[j]` = input row `from + j` · the weight row `row` of `w`.
-    fn dots(&self, isa: Isa, w: &QuantMatrix, row: &[u8], from: usize, outs: &mut [f32]) {
+    /// `outs[i]` = input row `i` · the weight row `row` of `w`, for every input row.
+    fn dots(&self, isa: Isa, w: &QuantMatrix, row: &[u8], outs: &mut [f32]) {
         if !w.format.quantized() {
-            for (j, o) in outs.iter_mut().enumerate() {
-                let i = from + j;
+            for (i, o) in outs.iter_mut().enumerate() {
                 *o = float_dot(w.format, row, &self.x[i * self.cols..(i + 1) * self.cols]);
             }
             return;
         }
         let blocks = self.cols / BLOCK;
-        let acts = |j: usize| &self.acts[(from + j) * blocks..(from + j + 1) * blocks];
+        let acts = |i: usize| &self.acts[i * blocks..(i + 1) * blocks];
         // Input rows in groups of ROW_GROUP share each weight block's unpacking. Every pair's
         // sums are the ones a group of one computes, in the same order: a sequence's products
         // do not depend on what else is in its batch.
