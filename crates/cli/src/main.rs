@@ -51,6 +51,13 @@ enum Command {
     Parity(serving::ParityArgs),
     /// Write a run's latest checkpoint as a GGUF file (llama.cpp's format).
     Export(export::ExportArgs),
+    /// Write one self-contained HTML page about a run: loss, throughput, faults, sync.
+    Report {
+        run_dir: PathBuf,
+        /// Where to write it (default: RUN/report.html).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Serve a multi-worker run to workers that join from other hosts.
     Coordinator(Box<CoordinatorArgs>),
     /// Join a multi-worker run (`holdfast coordinator` or `holdfast train --workers`).
@@ -226,6 +233,14 @@ enum BenchCommand {
     Generate(serving::BenchGenerateArgs),
 }
 
+fn cmd_report(run_dir: &Path, out: Option<PathBuf>) -> Result<()> {
+    use holdfast_train::report::{REPORT_FILE, write_report};
+    let out = out.unwrap_or_else(|| run_dir.join(REPORT_FILE));
+    write_report(run_dir, &out)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -242,6 +257,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serving::cmd_serve(args),
         Command::Parity(args) => serving::cmd_parity(args),
         Command::Export(args) => export::cmd_export(args),
+        Command::Report { run_dir, out } => cmd_report(&run_dir, out),
         Command::Bench {
             what: BenchCommand::Generate(args),
         } => serving::cmd_bench_generate(args),

@@ -516,6 +516,48 @@ fn a_killed_and_restarted_worker_rejoins_and_every_batch_is_committed_once() {
     }
     assert_states_agree(&r);
     assert!(summary(&r)["faults"].as_u64().unwrap() >= 2);
+    let marks = report_marks(d, &r);
+    let mut last = 0.0;
+    let mut shown = 0;
+    for e in jsonl(&r.join("events.jsonl")) {
+        let t = e["elapsed_s"].as_f64().unwrap();
+        assert!(t >= last, "one coordinator: its clock only moves on");
+        last = t;
+        let kind = e["detail"]["event"].as_str().unwrap_or("coordinator_start");
+        if kind == "state_reported" {
+            continue;
+        }
+        shown += 1;
+        assert!(
+            marks
+                .iter()
+                .any(|(k, at)| k == kind && (at - t).abs() < 1e-3),
+            "{kind} at {t} s is not in the report: {marks:?}"
+        );
+    }
+    let removals = marks.iter().filter(|(k, _)| k == "removed").count();
+    assert!(removals >= 2 && shown >= 6, "{marks:?}");
+}
+
+/// `holdfast report RUN`'s marks, `(kind, seconds)`, from the page it writes.
+fn report_marks(d: &Path, run: &Path) -> Vec<(String, f64)> {
+    ok(&holdfast(d, &["report", run.to_str().unwrap()]));
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.starts_with("<!doctype html>") && !html.contains("<script"));
+    html.split("<g class=\"mark\" data-kind=\"")
+        .skip(1)
+        .map(|rest| {
+            let (kind, rest) = rest.split_once('"').unwrap();
+            let t = rest
+                .split("data-t=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            (kind.to_string(), t.parse().unwrap())
+        })
+        .collect()
 }
 
 #[test]
@@ -1048,6 +1090,15 @@ fn workers_skip_a_nan_step_and_roll_back_a_spike_within_their_round() {
         "{out}"
     );
     assert_states_agree(&d.join("g"));
+    // The report shows the guards' actions in the rounds they happened.
+    let kinds: BTreeSet<String> = report_marks(d, &d.join("g"))
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    assert!(
+        kinds.contains("guard_skip") && kinds.contains("guard_rollback"),
+        "{kinds:?}"
+    );
 }
 
 #[test]

@@ -28,9 +28,7 @@ use crate::run::{EvalReport, FINAL_EXACT_MATCH_PROBLEMS, Prepared, evaluate};
 use crate::sync::strategy;
 use crate::{RunConfig, TrainError, TrainState, append_jsonl, checkpoint};
 
-pub const LEDGER_FILE: &str = "ledger.jsonl";
-pub const EVENTS_FILE: &str = "events.jsonl";
-pub const SUMMARY_FILE: &str = "summary.json";
+pub use crate::run::{EVENTS_FILE, LEDGER_FILE, SUMMARY_FILE};
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Rounds after the one every replica rolled back in that take a rewind's damped step: long
 /// enough for the replicas to leave the region where they failed.
@@ -560,7 +558,10 @@ impl ClusterRun {
         for e in events {
             match e {
                 Event::Committed(r) => {
-                    append_jsonl(&self.run_dir.join(LEDGER_FILE), r)?;
+                    // When it was recorded, for the report's timeline.
+                    let mut line = serde_json::to_value(r).expect("a record serializes");
+                    line["elapsed_s"] = elapsed_s.into();
+                    append_jsonl(&self.run_dir.join(LEDGER_FILE), &line)?;
                     self.records.push(r.clone());
                     self.last_commit = Some(Instant::now());
                     continue;

@@ -22,6 +22,7 @@ pub mod guarded;
 pub mod optim;
 pub mod overrides;
 pub mod replica;
+pub mod report;
 pub mod run;
 pub mod rundir;
 pub mod source;

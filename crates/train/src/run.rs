@@ -25,6 +25,10 @@ use crate::{
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// A multi-worker run's files (see `coordinate`), named here for what reads them without it.
+pub const LEDGER_FILE: &str = "ledger.jsonl";
+pub const EVENTS_FILE: &str = "events.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
 
 /// Held-out problems scored at the end of an addition run (fewer at periodic evaluations).
 pub const FINAL_EXACT_MATCH_PROBLEMS: usize = 1000;
