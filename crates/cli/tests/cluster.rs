@@ -1392,6 +1392,76 @@ fn coordinator_and_workers_started_apart_complete_a_run_and_refuse_strangers() {
 }
 
 #[test]
+fn flex_and_ndarray_workers_train_one_run_whose_replicas_agree_and_whose_audits_stay_in_class() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("audit.toml"), "[guard]\naudit_probability = 1.0\n").unwrap();
+    let run = [
+        "--listen",
+        "127.0.0.1:0",
+        "--min-workers",
+        "4",
+        "--run-dir",
+        "mixed",
+    ];
+    let shape = [
+        "--steps",
+        "100",
+        "--inner-steps",
+        "20",
+        "--batch-size",
+        "16",
+    ];
+    let config = ["--config", "audit.toml", "--no-progress"];
+    let (mut coordinator, addr, _) =
+        start_coordinator(d, &[&run[..], &shape[..], &config[..]].concat());
+    // Three workers on flex (host-0..2) and one on burn's ndarray backend, whose kernels are
+    // independent of flex's: its steps give other bits.
+    let mut workers = start_workers(d, &addr, 3);
+    let ndarray = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args([
+            "worker", "--join", &addr, "--name", "host-3", "--device", "ndarray",
+        ])
+        .env("HOLDFAST_SECRET", RIGHT_SECRET)
+        .env("RAYON_NUM_THREADS", "1")
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    workers.push(KillOnDrop(ndarray));
+    assert!(exit_status(&mut coordinator, LIMIT).success());
+    let r = d.join("mixed");
+    assert_exactly_once(&r);
+    let s = summary(&r);
+    assert_eq!(
+        (s["faults"].as_u64(), s["failed_audits"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+    // The outer step is host arithmetic in one order: every replica, whatever its backend,
+    // holds the same state after every round, and the vote agrees.
+    let states = assert_states_agree(&r);
+    assert!(
+        states.values().all(|by_name| by_name.len() == 4),
+        "{states:?}"
+    );
+    let classes: BTreeSet<String> = events(&r, "joined")
+        .iter()
+        .map(|e| e["replay_class"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(classes.len(), 2, "two replay classes joined: {classes:?}");
+    // Every round is audited, always a flex worker by two others: replays are exact.
+    let audits = events(&r, "audit");
+    assert!(audits.len() >= 4, "{audits:?}");
+    for a in &audits {
+        assert_ne!(a["of"], "host-3", "{a}");
+        assert_eq!(a["verdict"], "passed", "{a}");
+    }
+}
+
+#[test]
 fn bad_multi_worker_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

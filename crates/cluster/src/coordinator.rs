@@ -22,6 +22,10 @@ use crate::fingerprint::{self, Fingerprint, Outlier};
 
 pub type WorkerId = u64;
 
+/// Undos to one round in a row, for want of a majority among the replicas' states, after
+/// which a run stops (see `Coordinator::count_no_majority`).
+pub const NO_MAJORITY_LIMIT: u32 = 3;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     /// A member silent for longer than this is out of the quorum.
@@ -60,6 +64,10 @@ pub struct Options {
     pub audit_probability: f64,
     /// How a member shows it is alive.
     pub liveness: Liveness,
+    /// Every member must run on one backend (see [`Request::Join`]): under DDP each replica
+    /// applies its optimizer on its own device, and two backends round differently, so their
+    /// replicas would part. A worker on another backend than the run's is refused at join.
+    pub one_backend: bool,
 }
 
 /// How the coordinator tells a live member from a dead one; told to each worker at welcome.
@@ -176,6 +184,14 @@ pub enum Request {
         data_addr: String,
         #[serde(default)]
         held: Option<HeldState>,
+        /// What a replay of this worker's steps must run on to give the same bits (its backend
+        /// and compute threads): audits pair only workers of one class. Empty from older
+        /// workers, which are then all one class.
+        #[serde(default)]
+        replay_class: String,
+        /// The backend this worker computes on (see [`Options::one_backend`]).
+        #[serde(default)]
+        backend: String,
     },
     Heartbeat {
         worker: WorkerId,
@@ -355,6 +371,9 @@ pub enum Event {
     Joined {
         name: String,
         worker: WorkerId,
+        /// See [`Request::Join`].
+        #[serde(skip_serializing_if = "String::is_empty")]
+        replay_class: String,
     },
     Removed {
         name: String,
@@ -436,6 +455,8 @@ pub enum Event {
 struct Member {
     name: String,
     data_addr: String,
+    /// See [`Request::Join`].
+    replay_class: String,
     joined: Instant,
     last_seen: Instant,
     /// Its etcd lease key was seen ([`Liveness::Lease`]).
@@ -557,6 +578,8 @@ pub struct Coordinator {
     run_id: u64,
     job: String,
     members: BTreeMap<WorkerId, Member>,
+    /// The run's backend under [`Options::one_backend`]: the first worker's.
+    backend: Option<String>,
     next_id: WorkerId,
     /// The next round to commit.
     round: u64,
@@ -603,6 +626,8 @@ pub struct Coordinator {
     rewinds: Vec<Rewind>,
     /// Why the run was declared unstable, once it has been.
     unstable: Option<String>,
+    /// The round the last votes without a majority undid to, and how many times in a row.
+    no_majority: Option<(u64, u32)>,
 }
 
 impl Coordinator {
@@ -612,6 +637,7 @@ impl Coordinator {
             run_id,
             job,
             members: BTreeMap::new(),
+            backend: None,
             next_id: 1,
             round: 0,
             active: None,
@@ -635,6 +661,7 @@ impl Coordinator {
             fingerprints: BTreeMap::new(),
             rewinds: Vec::new(),
             unstable: None,
+            no_majority: None,
         }
     }
 
@@ -1128,6 +1155,7 @@ impl Coordinator {
             .find(|(_, n)| **n * 2 > holders.len())
             .map(|(h, _)| h.clone());
         if let Some(majority) = &majority {
+            self.no_majority = None;
             self.last_agreed = Some(round);
             self.agreed.insert(round, majority.clone());
             while self.agreed.len() > 8 {
@@ -1173,10 +1201,35 @@ impl Coordinator {
                     "no majority among {} replica states {counts:?}",
                     holders.len()
                 );
-                self.undo_to(from, holders, reason);
+                self.undo_to(from, holders, reason.clone());
+                self.count_no_majority(from, round, reason);
                 true
             }
         }
+    }
+
+    /// Counts an undo to `from` for want of a majority; the same undo [`NO_MAJORITY_LIMIT`]
+    /// times in a row stops the run: replicas that part the same way every time compute
+    /// differently (other kernels, faulty hardware), and redoing the rounds will not mend it.
+    fn count_no_majority(&mut self, from: u64, round: u64, last: String) {
+        let streak = match self.no_majority {
+            Some((f, n)) if f == from => n + 1,
+            _ => 1,
+        };
+        self.no_majority = Some((from, streak));
+        if streak < NO_MAJORITY_LIMIT {
+            return;
+        }
+        let reason = format!(
+            "the replicas' states parted with no majority {streak} times in a row after redoing \
+             rounds {from}..{round} ({last}): they compute differently; stopping instead of looping"
+        );
+        self.unstable = Some(reason.clone());
+        self.events.push(Event::RunUnstable {
+            rounds: (from..round).collect(),
+            losses: Vec::new(),
+            reason,
+        });
     }
 
     /// Undoes the committed rounds from `from` on: their batches go back to the pool and
@@ -1246,9 +1299,14 @@ impl Coordinator {
             name,
             data_addr,
             held,
+            replay_class,
+            backend,
         } = req
         {
-            return self.join(now, name, data_addr, held);
+            if let Some(refusal) = self.refuse_backend(backend) {
+                return refusal;
+            }
+            return self.join(now, name, data_addr, held, replay_class);
         }
         let worker = req
             .worker()
@@ -1301,12 +1359,29 @@ impl Coordinator {
         }
     }
 
+    /// Under [`Options::one_backend`], a refusal for a worker on another backend than the
+    /// run's (the first worker's); None lets it join.
+    fn refuse_backend(&mut self, backend: String) -> Option<Reply> {
+        if !self.opts.one_backend {
+            return None;
+        }
+        let run = self.backend.get_or_insert_with(|| backend.clone());
+        (*run != backend).then(|| Reply::Evicted {
+            reason: format!(
+                "this run syncs every step (DDP) and each replica applies its optimizer on its own \
+                 device, so every worker must compute on the run's backend, {run}; this one is on \
+                 {backend} (DiLoCo runs mix backends)"
+            ),
+        })
+    }
+
     fn join(
         &mut self,
         now: Instant,
         name: String,
         data_addr: String,
         held: Option<HeldState>,
+        replay_class: String,
     ) -> Reply {
         let same_name: Vec<WorkerId> = self
             .members
@@ -1326,12 +1401,14 @@ impl Coordinator {
         self.events.push(Event::Joined {
             name: name.clone(),
             worker: id,
+            replay_class: replay_class.clone(),
         });
         self.members.insert(
             id,
             Member {
                 name,
                 data_addr,
+                replay_class,
                 joined: now,
                 last_seen: now,
                 leased: false,
@@ -1496,8 +1573,24 @@ impl Coordinator {
         if chance >= self.opts.audit_probability {
             return None;
         }
-        let at = (word(8) % n as u64) as usize;
-        Some((ids[at], [ids[(at + 1) % n], ids[(at + 2) % n]]))
+        // A replay gives the audited member's bits only on its backend and thread count: a
+        // member is audited only by the next two of its class in rank order, and one with
+        // fewer than two of its class is not audited.
+        let class = |i: usize| self.members[&ids[i]].replay_class.as_str();
+        let peers_of = |at: usize| -> Vec<WorkerId> {
+            (1..n)
+                .map(|k| (at + k) % n)
+                .filter(|&j| class(j) == class(at))
+                .map(|j| ids[j])
+                .collect()
+        };
+        let candidates: Vec<usize> = (0..n).filter(|&i| peers_of(i).len() >= 2).collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let at = candidates[(word(8) % candidates.len() as u64) as usize];
+        let peers = peers_of(at);
+        Some((ids[at], [peers[0], peers[1]]))
     }
 
     fn not_in_round(&self, round: u64) -> Reply {
@@ -1913,17 +2006,25 @@ mod tests {
             outlier_ratio: None,
             audit_probability: 0.0,
             liveness,
+            one_backend: false,
         };
         (Coordinator::new(opts, 77, "job".into()), Instant::now())
     }
 
     fn join(c: &mut Coordinator, now: Instant, name: &str) -> WorkerId {
+        join_as(c, now, name, "")
+    }
+
+    /// Joins `name` as a worker of `replay_class`.
+    fn join_as(c: &mut Coordinator, now: Instant, name: &str, replay_class: &str) -> WorkerId {
         match c.handle(
             now,
             Request::Join {
                 name: name.into(),
                 data_addr: format!("{name}:1"),
                 held: None,
+                replay_class: replay_class.into(),
+                backend: String::new(),
             },
         ) {
             Reply::Welcome {
@@ -2364,6 +2465,8 @@ mod tests {
                 name: "w0".into(),
                 data_addr: "w0:1".into(),
                 held: None,
+                replay_class: String::new(),
+                backend: String::new(),
             };
             let Reply::Welcome { liveness: told, .. } = c.handle(t0, join) else {
                 panic!()
@@ -2736,6 +2839,7 @@ mod tests {
             outlier_ratio: None,
             audit_probability: 0.0,
             liveness: Liveness::Heartbeats,
+            one_backend: false,
         };
         let t0 = Instant::now();
         let own = BTreeMap::from([
@@ -2811,6 +2915,7 @@ mod tests {
             outlier_ratio: None,
             audit_probability: 0.0,
             liveness: Liveness::Heartbeats,
+            one_backend: false,
         };
         let t0 = Instant::now();
         let mut c = Coordinator::new(opts, 77, "job".into());
@@ -3125,6 +3230,87 @@ mod tests {
     }
 
     #[test]
+    fn a_ddp_run_refuses_a_worker_on_another_backend_and_takes_one_on_its_own() {
+        let (mut c, t0) = coord_judging(2, 1, Liveness::Heartbeats);
+        c.opts.one_backend = true;
+        let joining = |name: &str, backend: &str| Request::Join {
+            name: name.into(),
+            data_addr: format!("{name}:1"),
+            held: None,
+            replay_class: String::new(),
+            backend: backend.into(),
+        };
+        assert!(matches!(
+            c.handle(t0, joining("a", "Flex")),
+            Reply::Welcome { .. }
+        ));
+        match c.handle(t0, joining("b", "NdArray")) {
+            Reply::Evicted { reason } => {
+                assert!(
+                    reason.contains("run's backend, Flex; this one is on NdArray"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.members.len(), 1, "the refused worker is no member");
+        assert!(matches!(
+            c.handle(t0, joining("c", "Flex")),
+            Reply::Welcome { .. }
+        ));
+        // DiLoCo mixes them: the outer step is host arithmetic in one order.
+        c.opts.one_backend = false;
+        assert!(matches!(
+            c.handle(t0, joining("b", "NdArray")),
+            Reply::Welcome { .. }
+        ));
+    }
+
+    /// Who is audited, and by whom, in rounds 0..200 of members joined as `(name, class)`.
+    fn audits_of(members: &[(&str, &str)]) -> Vec<(String, [String; 2])> {
+        let (mut c, t0, _) = auditing(&[]);
+        let ids: Vec<WorkerId> = members
+            .iter()
+            .map(|(name, class)| join_as(&mut c, t0, name, class))
+            .collect();
+        let name = |c: &Coordinator, id: &WorkerId| c.members[id].name.clone();
+        (0..200)
+            .filter_map(|round| c.draw_audit(round, &ids))
+            .map(|(of, [a, b])| (name(&c, &of), [name(&c, &a), name(&c, &b)]))
+            .collect()
+    }
+
+    #[test]
+    fn a_replay_audit_pairs_only_workers_that_replay_the_same_bits() {
+        // Three flex workers and one on ndarray: only the flex ones audit or are audited.
+        let mixed = audits_of(&[
+            ("a", "flex"),
+            ("b", "flex"),
+            ("c", "ndarray"),
+            ("d", "flex"),
+        ]);
+        assert!(mixed.len() > 100, "every round audits: {}", mixed.len());
+        for (of, auditors) in &mixed {
+            assert!(
+                of != "c" && !auditors.contains(&"c".to_string()),
+                "{of} by {auditors:?}"
+            );
+        }
+        let audited: BTreeSet<&str> = mixed.iter().map(|(of, _)| of.as_str()).collect();
+        assert_eq!(audited, BTreeSet::from(["a", "b", "d"]));
+        // No class with three members: no audit at all.
+        assert!(audits_of(&[("a", "flex"), ("b", "flex"), ("c", "ndarray")]).is_empty());
+        // One class (older workers say none): the next two in rank order, as before.
+        let same = audits_of(&[("a", ""), ("b", ""), ("c", "")]);
+        for (of, auditors) in &same {
+            let next = |k: usize| {
+                ["a", "b", "c"][(["a", "b", "c"].iter().position(|n| n == of).unwrap() + k) % 3]
+            };
+            assert_eq!(auditors, &[next(1).to_string(), next(2).to_string()]);
+        }
+    }
+
+    #[test]
     fn two_replays_against_one_contribution_void_it_and_remove_its_worker() {
         let (mut c, t0, ws) = auditing(&["w0", "w1", "w2"]);
         let tasks: Vec<Option<AuditTask>> = ws
@@ -3258,6 +3444,8 @@ mod tests {
             name: name.into(),
             data_addr: format!("{name}:1"),
             held: Some(held),
+            replay_class: String::new(),
+            backend: String::new(),
         };
         match c.handle(now, req) {
             Reply::Welcome { worker, .. } => worker,
@@ -3374,6 +3562,41 @@ mod tests {
         let d = c.durable();
         assert_eq!((d.next_round, d.recent.len()), (0, 0), "{d:?}");
         assert_eq!(d.pending_batches, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn replicas_that_part_the_same_way_every_time_stop_the_run_instead_of_looping() {
+        let (mut c, t0, ws) = voting(&["a", "b"]);
+        for attempt in 1..=NO_MAJORITY_LIMIT {
+            assert_eq!(c.unstable(), None, "attempt {attempt}");
+            clean_round(&mut c, t0, &ws, 0);
+            report(&mut c, t0, ws[0], 1, "flex bits");
+            report(&mut c, t0, ws[1], 1, "ndarray bits");
+        }
+        let why = c.unstable().expect("the third undo to round 0 in a row");
+        assert!(why.contains("3 times in a row"), "{why}");
+        assert!(
+            c.drain_events()
+                .iter()
+                .any(|e| matches!(e, Event::RunUnstable { rounds, .. } if *rounds == vec![0])),
+        );
+        // Two undos, then agreement: the count starts afresh for the next undo.
+        let (mut c, t0, ws) = voting(&["a", "b"]);
+        let vote = |c: &mut Coordinator, next_round: u64, hashes: [&str; 2]| {
+            report(c, t0, ws[0], next_round, hashes[0]);
+            report(c, t0, ws[1], next_round, hashes[1]);
+        };
+        for _ in 0..2 {
+            clean_round(&mut c, t0, &ws, 0);
+            vote(&mut c, 1, ["x", "y"]);
+        }
+        clean_round(&mut c, t0, &ws, 0);
+        vote(&mut c, 1, ["same", "same"]);
+        for _ in 0..2 {
+            clean_round(&mut c, t0, &ws, 1);
+            vote(&mut c, 2, ["x", "y"]);
+        }
+        assert_eq!(c.unstable(), None);
     }
 
     #[test]

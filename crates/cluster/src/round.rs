@@ -142,6 +142,9 @@ pub struct JoinOptions<'a> {
     pub peer_timeout: Duration,
     /// The state this worker holds from an earlier session, if any.
     pub held: Option<HeldState>,
+    /// What a replay of its steps must run on, and its backend (see [`Request::Join`]).
+    pub replay_class: &'a str,
+    pub backend: &'a str,
 }
 
 impl RoundClient {
@@ -165,6 +168,8 @@ impl RoundClient {
             name: o.name.to_string(),
             data_addr: peer.addr.clone(),
             held: o.held.clone(),
+            replay_class: o.replay_class.to_string(),
+            backend: o.backend.to_string(),
         };
         let (worker, job, failure_timeout, liveness) = match channel.call(&join) {
             Ok(Reply::Welcome {
@@ -179,6 +184,7 @@ impl RoundClient {
                 Duration::from_millis(failure_timeout_ms),
                 liveness,
             ),
+            Ok(Reply::Evicted { reason }) => return Err(protocol_error("join refused", reason)),
             Ok(other) => return Err(protocol_error("join", unexpected(&other))),
             Err(e) => return Err(protocol_error(&service, e)),
         };
@@ -472,6 +478,7 @@ mod tests {
             outlier_ratio: None,
             audit_probability: 0.0,
             liveness: Liveness::Heartbeats,
+            one_backend: false,
         };
         let c = Coordinator::new(opts, RUN, "the job".into());
         CoordinatorServer::start("127.0.0.1:0", Auth::new(TEST_SECRET).unwrap(), RUN, c).unwrap()
@@ -490,6 +497,8 @@ mod tests {
             listen_ip: Some("127.0.0.1"),
             peer_timeout: Duration::from_secs(5),
             held: None,
+            replay_class: "",
+            backend: "",
         };
         RoundClient::join(&connector, &o).unwrap()
     }
@@ -581,6 +590,8 @@ mod tests {
                 name: name.into(),
                 data_addr: "127.0.0.1:1".into(),
                 held: None,
+                replay_class: String::new(),
+                backend: String::new(),
             };
             match c.call(&req).unwrap() {
                 Reply::Welcome { worker, .. } => worker,
@@ -667,6 +678,8 @@ mod tests {
             name: "w0".into(),
             data_addr: "127.0.0.1:1".into(),
             held: None,
+            replay_class: String::new(),
+            backend: String::new(),
         };
         match conn.call(&join).unwrap() {
             Reply::Welcome {
@@ -756,6 +769,8 @@ mod tests {
             listen_ip: Some("127.0.0.1"),
             peer_timeout: Duration::from_secs(5),
             held: None,
+            replay_class: "",
+            backend: "",
         };
         let err = RoundClient::join(&connector, &o).err().expect("refused");
         assert!(err.to_string().contains("--etcd"), "{err}");

@@ -270,6 +270,7 @@ fn coordinator_options(cfg: &RunConfig, min_workers: usize) -> Options {
             0.0
         },
         liveness: Liveness::Heartbeats,
+        one_backend: cfg.sync.mode == SyncMode::Ddp,
     }
 }
 

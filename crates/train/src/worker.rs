@@ -120,6 +120,10 @@ pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
     // Injected faults fire once each, whatever rounds are retried or redone.
     let mut faults = o.faults.clone();
     let mut contact = Contact::default();
+    // Training is bit-reproducible for a backend and thread count, so a replay audit of this
+    // worker needs auditors on the same.
+    let backend = format!("{:?}", o.device);
+    let replay_class = format!("{backend}, {} threads", crate::run::compute_threads());
     loop {
         let join = JoinOptions {
             name: &o.name,
@@ -127,6 +131,8 @@ pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
             listen_ip: o.listen_ip.as_deref(),
             peer_timeout: PEER_TIMEOUT,
             held: held.as_ref().map(|h| h.state.clone()),
+            replay_class: &replay_class,
+            backend: &backend,
         };
         let ended = RoundClient::join(membership.as_ref(), &join)
             .map_err(TrainError::from)
