@@ -684,6 +684,12 @@ fn print_cluster_summary(
             }
         );
     }
+    if !s.slow_workers.is_empty() {
+        let slow: Vec<String> = (s.slow_workers.iter())
+            .map(|(n, r)| format!("{n} ({r:.1}× its peers' time a batch)"))
+            .collect();
+        println!("slow, suspect hardware: {}", slow.join(", "));
+    }
     println!(
         "sync: {:.1} bytes sent per token; median sync stall {:.3}s, worst with a fault {:.3}s",
         s.bytes_sent_per_token, s.median_sync_s, s.max_fault_sync_s

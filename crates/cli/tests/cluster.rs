@@ -851,6 +851,12 @@ fn a_corrupted_replica_never_reaches_a_checkpoint_and_a_slow_one_changes_only_ti
         compared >= 5,
         "too few rounds with all three members: {compared}"
     );
+    // It is named as suspect hardware, and nobody else is.
+    let slow = summary(&run)["slow_workers"].clone();
+    let names: Vec<&String> = slow.as_object().unwrap().keys().collect();
+    assert_eq!(names, ["worker-1"], "{slow}");
+    assert!(slow["worker-1"].as_f64().unwrap() >= 2.0, "{slow}");
+    assert_eq!(events(&run, "slow_worker").len(), 1);
 }
 
 #[test]

@@ -22,6 +22,12 @@ use crate::fingerprint::{self, Fingerprint, Outlier};
 
 pub type WorkerId = u64;
 
+/// A member is slow in a round when its seconds per batch are this many times its peers'
+/// median; slow in [`SLOW_ROUNDS`] of its last [`SLOW_WINDOW`] rounds, it is reported.
+pub const SLOW_RATIO: f64 = 2.0;
+pub const SLOW_ROUNDS: usize = 5;
+pub const SLOW_WINDOW: usize = 8;
+
 /// Undos to one round in a row, for want of a majority among the replicas' states, after
 /// which a run stops (see `Coordinator::count_no_majority`).
 pub const NO_MAJORITY_LIMIT: u32 = 3;
@@ -331,6 +337,29 @@ pub struct LedgerMember {
     pub compute_s: f64,
 }
 
+/// Each member's seconds per batch over the median of its peers' in a round (members that
+/// trained no batch, or with no peer, are left out).
+fn speed_ratios(members: &[LedgerMember]) -> Vec<(String, f64)> {
+    let per_batch: Vec<(String, f64)> = members
+        .iter()
+        .filter(|m| !m.batches.is_empty() && m.compute_s > 0.0)
+        .map(|m| (m.name.clone(), m.compute_s / m.batches.len() as f64))
+        .collect();
+    per_batch
+        .iter()
+        .filter_map(|(name, own)| {
+            let mut peers: Vec<f64> = per_batch
+                .iter()
+                .filter(|(n, _)| n != name)
+                .map(|p| p.1)
+                .collect();
+            peers.sort_by(f64::total_cmp);
+            let median = *peers.get(peers.len() / 2)?;
+            Some((name.clone(), own / median))
+        })
+        .collect()
+}
+
 impl RoundRecord {
     /// The batch ids the round trained, member by member.
     pub fn batches(&self) -> impl Iterator<Item = u64> + '_ {
@@ -443,6 +472,14 @@ pub enum Event {
         rounds: Vec<u64>,
         losses: Vec<f64>,
         reason: String,
+    },
+    /// A member far slower than its peers in most of its recent rounds (see [`SLOW_RATIO`]):
+    /// suspect hardware, as a corrupting one is. Reported once per member; `ratio` is its
+    /// median seconds per batch over its peers' in the slow rounds of the window.
+    SlowWorker {
+        name: String,
+        ratio: f64,
+        rounds: Vec<u64>,
     },
     /// Replicas reported different states for the same round: they are not in sync.
     Divergence {
@@ -628,6 +665,10 @@ pub struct Coordinator {
     unstable: Option<String>,
     /// The round the last votes without a majority undid to, and how many times in a row.
     no_majority: Option<(u64, u32)>,
+    /// Per member, its last [`SLOW_WINDOW`] rounds: the round and, when it was slow in it,
+    /// its ratio; and the members reported slow already.
+    speed: BTreeMap<String, VecDeque<(u64, Option<f64>)>>,
+    reported_slow: BTreeSet<String>,
 }
 
 impl Coordinator {
@@ -662,6 +703,8 @@ impl Coordinator {
             rewinds: Vec::new(),
             unstable: None,
             no_majority: None,
+            speed: BTreeMap::new(),
+            reported_slow: BTreeSet::new(),
         }
     }
 
@@ -1854,9 +1897,37 @@ impl Coordinator {
         self.one_behind.clear();
         let every_member_rolled_back = reduced.values().all(|s| s.rollbacks > 0);
         let (round, loss) = (record.round, record.loss);
+        let speeds = speed_ratios(&record.members);
         // Committed first: a rewind that undoes this round is recorded after it.
         self.events.push(Event::Committed(record));
+        self.judge_speed(round, speeds);
         self.judge_stability(every_member_rolled_back, round, loss);
+    }
+
+    /// Keeps each member's recent speed against its peers', and reports one slow in
+    /// [`SLOW_ROUNDS`] of its last [`SLOW_WINDOW`] rounds.
+    fn judge_speed(&mut self, round: u64, ratios: Vec<(String, f64)>) {
+        for (name, ratio) in ratios {
+            let window = self.speed.entry(name.clone()).or_default();
+            window.push_back((round, (ratio >= SLOW_RATIO).then_some(ratio)));
+            while window.len() > SLOW_WINDOW {
+                window.pop_front();
+            }
+            let slow: Vec<(u64, f64)> = window
+                .iter()
+                .filter_map(|&(r, ratio)| Some((r, ratio?)))
+                .collect();
+            if slow.len() < SLOW_ROUNDS || !self.reported_slow.insert(name.clone()) {
+                continue;
+            }
+            let mut sorted: Vec<f64> = slow.iter().map(|s| s.1).collect();
+            sorted.sort_by(f64::total_cmp);
+            self.events.push(Event::SlowWorker {
+                name,
+                ratio: sorted[sorted.len() / 2],
+                rounds: slow.iter().map(|s| s.0).collect(),
+            });
+        }
     }
 
     /// The run's stability is the coordinator's call, not each worker's: one replica that
@@ -3562,6 +3633,47 @@ mod tests {
         let d = c.durable();
         assert_eq!((d.next_round, d.recent.len()), (0, 0), "{d:?}");
         assert_eq!(d.pending_batches, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_worker_slow_in_most_of_its_recent_rounds_is_reported_once() {
+        let (mut c, t0, ws) = voting(&["a", "b", "c"]);
+        let mut reported = Vec::new();
+        for round in 0..8 {
+            // c takes four times a's time, but for round 2; b one and a half times.
+            let c_s = if round == 2 { 1.0 } else { 4.0 };
+            let stats: Vec<WorkerRoundStats> = [1.0, 1.5, c_s]
+                .into_iter()
+                .map(|compute_s| WorkerRoundStats {
+                    tokens: 10,
+                    compute_s,
+                    ..Default::default()
+                })
+                .collect();
+            round_reporting(&mut c, t0, &ws, round, &stats);
+            for e in c.drain_events() {
+                if let Event::SlowWorker {
+                    name,
+                    ratio,
+                    rounds,
+                } = e
+                {
+                    reported.push((round, name, ratio, rounds));
+                }
+            }
+            for &w in &ws {
+                report(&mut c, t0, w, round + 1, "same");
+            }
+        }
+        // Slow in rounds 0, 1, 3, 4 and 5: reported at round 5's commit, and not again.
+        // Its 2 s a batch against its peers' median (0.5 and 0.75: the upper, 0.75).
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        let (at, name, ratio, rounds) = &reported[0];
+        assert_eq!(
+            (*at, name.as_str(), rounds.clone()),
+            (5, "c", vec![0, 1, 3, 4, 5])
+        );
+        assert!((ratio - 8.0 / 3.0).abs() < 1e-9, "{ratio}");
     }
 
     #[test]

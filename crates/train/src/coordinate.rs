@@ -82,6 +82,9 @@ pub struct ClusterSummary {
     pub audits: u64,
     pub failed_audits: u64,
     pub suspects: std::collections::BTreeMap<String, u32>,
+    /// Workers far slower than their peers in most of their recent rounds, with their median
+    /// ratio of seconds per batch over their peers' (see the coordinator's `SLOW_RATIO`).
+    pub slow_workers: std::collections::BTreeMap<String, f64>,
     /// Inner steps the workers' guards did not apply, and their rollbacks (in committed
     /// rounds that were not undone).
     pub guard_skips: u64,
@@ -157,6 +160,7 @@ pub struct ClusterRun {
     audits: u64,
     failed_audits: u64,
     suspects: std::collections::BTreeMap<String, u32>,
+    slow_workers: std::collections::BTreeMap<String, f64>,
     rewinds: u64,
     skipped_batches: u64,
     checkpoint_every_rounds: u64,
@@ -490,6 +494,7 @@ impl ClusterRun {
             audits: 0,
             failed_audits: 0,
             suspects: Default::default(),
+            slow_workers: Default::default(),
             rewinds: 0,
             skipped_batches: 0,
             checkpoint_every_rounds,
@@ -596,6 +601,10 @@ impl ClusterRun {
                     self.records.retain(|r| r.round < *from);
                 }
                 Event::Divergence { .. } => self.divergences += 1,
+                Event::SlowWorker { name, ratio, .. } => {
+                    tracing::warn!("{name} is {ratio:.1}× slower than its peers: suspect hardware");
+                    self.slow_workers.insert(name.clone(), *ratio);
+                }
                 Event::ContributionOutlier { outlier, .. } => {
                     self.outliers += 1;
                     *self.suspects.entry(outlier.name.clone()).or_default() += 1;
@@ -817,6 +826,7 @@ impl ClusterRun {
             audits: self.audits,
             failed_audits: self.failed_audits,
             suspects: self.suspects.clone(),
+            slow_workers: self.slow_workers.clone(),
             guard_skips: self.records.iter().map(|r| r.guard_skips).sum(),
             guard_rollbacks: self.records.iter().map(|r| r.guard_rollbacks).sum(),
             rewinds: self.rewinds,

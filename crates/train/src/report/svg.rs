@@ -111,9 +111,8 @@ fn style(kind: &str) -> (&'static str, bool) {
     match kind {
         "joined" => ("#2a9d3a", false),
         "removed" | "run_unstable" | "divergence" => ("#d62728", true),
-        "attempt_aborted" | "guard_skip" | "guard_rollback" | "rollback" | "skip" | "stop" => {
-            ("#ff7f0e", true)
-        }
+        "attempt_aborted" | "guard_skip" | "guard_rollback" | "rollback" | "skip" | "stop"
+        | "slow_worker" => ("#ff7f0e", true),
         "corruption" | "contribution_outlier" | "audit" => ("#9467bd", true),
         "rounds_voided" | "rewound" | "batches_skipped" => ("#8c564b", true),
         _ => ("#7f7f7f", false),
