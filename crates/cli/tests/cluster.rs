@@ -1425,18 +1425,8 @@ fn flex_and_ndarray_workers_train_one_run_whose_replicas_agree_and_whose_audits_
     // Three workers on flex (host-0..2) and one on burn's ndarray backend, whose kernels are
     // independent of flex's: its steps give other bits.
     let mut workers = start_workers(d, &addr, 3);
-    let ndarray = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args([
-            "worker", "--join", &addr, "--name", "host-3", "--device", "ndarray",
-        ])
-        .env("HOLDFAST_SECRET", RIGHT_SECRET)
-        .env("RAYON_NUM_THREADS", "1")
-        .current_dir(d)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    workers.push(KillOnDrop(ndarray));
+    let how = ["--join", addr.as_str(), "--device", "ndarray"];
+    workers.push(common::start_worker(d, &how, RIGHT_SECRET, "host-3"));
     assert!(exit_status(&mut coordinator, LIMIT).success());
     let r = d.join("mixed");
     assert_exactly_once(&r);

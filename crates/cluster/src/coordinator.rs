@@ -190,14 +190,13 @@ pub enum Request {
         data_addr: String,
         #[serde(default)]
         held: Option<HeldState>,
-        /// What a replay of this worker's steps must run on to give the same bits (its backend
-        /// and compute threads): audits pair only workers of one class. Empty from older
-        /// workers, which are then all one class.
-        #[serde(default)]
-        replay_class: String,
-        /// The backend this worker computes on (see [`Options::one_backend`]).
+        /// The backend this worker computes on (see [`Options::one_backend`]) and its compute
+        /// threads: a replay of its steps gives its bits only on the same two, so audits pair
+        /// only workers of one such class. Older workers send neither and are one class.
         #[serde(default)]
         backend: String,
+        #[serde(default)]
+        threads: usize,
     },
     Heartbeat {
         worker: WorkerId,
@@ -337,6 +336,16 @@ pub struct LedgerMember {
     pub compute_s: f64,
 }
 
+/// What a replay of a worker's steps must run on to give its bits (see [`Request::Join`]);
+/// empty for an older worker, which says nothing.
+fn replay_class(backend: &str, threads: usize) -> String {
+    if backend.is_empty() {
+        String::new()
+    } else {
+        format!("{backend}, {threads} threads")
+    }
+}
+
 /// Each member's seconds per batch over the median of its peers' in a round (members that
 /// trained no batch, or with no peer, are left out).
 fn speed_ratios(members: &[LedgerMember]) -> Vec<(String, f64)> {
@@ -400,7 +409,7 @@ pub enum Event {
     Joined {
         name: String,
         worker: WorkerId,
-        /// See [`Request::Join`].
+        /// See [`replay_class`].
         #[serde(skip_serializing_if = "String::is_empty")]
         replay_class: String,
     },
@@ -1210,30 +1219,7 @@ impl Coordinator {
         }
         match majority {
             Some(majority) => {
-                for (id, hash) in hashes {
-                    if hash == majority {
-                        continue;
-                    }
-                    let name = self.members[&id].name.clone();
-                    let flags = self.flag(&name);
-                    self.events.push(Event::Corruption {
-                        next_round: round,
-                        name: name.clone(),
-                        blake3: hash,
-                        majority: majority.clone(),
-                        flags,
-                    });
-                    if flags >= self.opts.max_corruption_flags {
-                        self.remove(
-                            id,
-                            now,
-                            format!("suspect hardware: its state disagreed with the majority {flags} times"),
-                        );
-                    } else if let Some(m) = self.members.get_mut(&id) {
-                        // Quarantine: it takes the majority's state like a rejoining worker.
-                        m.state_round = None;
-                    }
-                }
+                self.outvote(now, round, hashes, &majority);
                 true
             }
             None => {
@@ -1273,6 +1259,42 @@ impl Coordinator {
             losses: Vec::new(),
             reason,
         });
+    }
+
+    /// Flags each replica whose state for `round` is not the `majority`'s: quarantined, it
+    /// takes the majority's state like a rejoining worker; flagged too often, it is removed.
+    fn outvote(
+        &mut self,
+        now: Instant,
+        round: u64,
+        hashes: Vec<(WorkerId, String)>,
+        majority: &str,
+    ) {
+        for (id, hash) in hashes {
+            if hash == majority {
+                continue;
+            }
+            let name = self.members[&id].name.clone();
+            let flags = self.flag(&name);
+            self.events.push(Event::Corruption {
+                next_round: round,
+                name: name.clone(),
+                blake3: hash,
+                majority: majority.to_string(),
+                flags,
+            });
+            if flags >= self.opts.max_corruption_flags {
+                self.remove(
+                    id,
+                    now,
+                    format!(
+                        "suspect hardware: its state disagreed with the majority {flags} times"
+                    ),
+                );
+            } else if let Some(m) = self.members.get_mut(&id) {
+                m.state_round = None;
+            }
+        }
     }
 
     /// Undoes the committed rounds from `from` on: their batches go back to the pool and
@@ -1342,10 +1364,11 @@ impl Coordinator {
             name,
             data_addr,
             held,
-            replay_class,
             backend,
+            threads,
         } = req
         {
+            let replay_class = replay_class(&backend, threads);
             if let Some(refusal) = self.refuse_backend(backend) {
                 return refusal;
             }
@@ -2086,16 +2109,16 @@ mod tests {
         join_as(c, now, name, "")
     }
 
-    /// Joins `name` as a worker of `replay_class`.
-    fn join_as(c: &mut Coordinator, now: Instant, name: &str, replay_class: &str) -> WorkerId {
+    /// Joins `name` as a worker on `backend`.
+    fn join_as(c: &mut Coordinator, now: Instant, name: &str, backend: &str) -> WorkerId {
         match c.handle(
             now,
             Request::Join {
                 name: name.into(),
                 data_addr: format!("{name}:1"),
                 held: None,
-                replay_class: replay_class.into(),
-                backend: String::new(),
+                backend: backend.into(),
+                threads: 1,
             },
         ) {
             Reply::Welcome {
@@ -2536,8 +2559,8 @@ mod tests {
                 name: "w0".into(),
                 data_addr: "w0:1".into(),
                 held: None,
-                replay_class: String::new(),
                 backend: String::new(),
+                threads: 0,
             };
             let Reply::Welcome { liveness: told, .. } = c.handle(t0, join) else {
                 panic!()
@@ -3308,8 +3331,8 @@ mod tests {
             name: name.into(),
             data_addr: format!("{name}:1"),
             held: None,
-            replay_class: String::new(),
             backend: backend.into(),
+            threads: 1,
         };
         assert!(matches!(
             c.handle(t0, joining("a", "Flex")),
@@ -3337,7 +3360,7 @@ mod tests {
         ));
     }
 
-    /// Who is audited, and by whom, in rounds 0..200 of members joined as `(name, class)`.
+    /// Who is audited, and by whom, in rounds 0..200 of members joined as `(name, backend)`.
     fn audits_of(members: &[(&str, &str)]) -> Vec<(String, [String; 2])> {
         let (mut c, t0, _) = auditing(&[]);
         let ids: Vec<WorkerId> = members
@@ -3515,8 +3538,8 @@ mod tests {
             name: name.into(),
             data_addr: format!("{name}:1"),
             held: Some(held),
-            replay_class: String::new(),
             backend: String::new(),
+            threads: 0,
         };
         match c.handle(now, req) {
             Reply::Welcome { worker, .. } => worker,

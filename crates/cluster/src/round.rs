@@ -142,9 +142,9 @@ pub struct JoinOptions<'a> {
     pub peer_timeout: Duration,
     /// The state this worker holds from an earlier session, if any.
     pub held: Option<HeldState>,
-    /// What a replay of its steps must run on, and its backend (see [`Request::Join`]).
-    pub replay_class: &'a str,
+    /// Its backend and compute threads (see [`Request::Join`]).
     pub backend: &'a str,
+    pub threads: usize,
 }
 
 impl RoundClient {
@@ -168,8 +168,8 @@ impl RoundClient {
             name: o.name.to_string(),
             data_addr: peer.addr.clone(),
             held: o.held.clone(),
-            replay_class: o.replay_class.to_string(),
             backend: o.backend.to_string(),
+            threads: o.threads,
         };
         let (worker, job, failure_timeout, liveness) = match channel.call(&join) {
             Ok(Reply::Welcome {
@@ -497,8 +497,8 @@ mod tests {
             listen_ip: Some("127.0.0.1"),
             peer_timeout: Duration::from_secs(5),
             held: None,
-            replay_class: "",
             backend: "",
+            threads: 0,
         };
         RoundClient::join(&connector, &o).unwrap()
     }
@@ -590,8 +590,8 @@ mod tests {
                 name: name.into(),
                 data_addr: "127.0.0.1:1".into(),
                 held: None,
-                replay_class: String::new(),
                 backend: String::new(),
+                threads: 0,
             };
             match c.call(&req).unwrap() {
                 Reply::Welcome { worker, .. } => worker,
@@ -678,8 +678,8 @@ mod tests {
             name: "w0".into(),
             data_addr: "127.0.0.1:1".into(),
             held: None,
-            replay_class: String::new(),
             backend: String::new(),
+            threads: 0,
         };
         match conn.call(&join).unwrap() {
             Reply::Welcome {
@@ -769,8 +769,8 @@ mod tests {
             listen_ip: Some("127.0.0.1"),
             peer_timeout: Duration::from_secs(5),
             held: None,
-            replay_class: "",
             backend: "",
+            threads: 0,
         };
         let err = RoundClient::join(&connector, &o).err().expect("refused");
         assert!(err.to_string().contains("--etcd"), "{err}");

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::Device;
+use memmap2::Mmap;
 
 use crate::quant::{Format, QuantMatrix};
 use crate::{HostTensor, ModelConfig, ModelError, Weights};
@@ -251,21 +252,15 @@ pub(crate) fn tensor_bytes(kind: u32, numel: u64) -> Result<u64, String> {
         .ok_or_else(|| format!("{numel} values overflow a 64-bit size"))
 }
 
-/// Reads the file and parses its header.
-fn read_file(path: &Path) -> Result<(Vec<u8>, Header), ModelError> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let header = parse_header(&bytes).map_err(|reason| format_err(path, reason))?;
-    Ok((bytes, header))
-}
-
-/// The header of the GGUF file at `path`, read through a mapping: only the pages it spans
-/// are read.
-fn header_of(path: &Path) -> Result<Header, ModelError> {
+/// Maps the GGUF file at `path` and parses its header: only the pages read are loaded.
+pub(crate) fn map_file(path: &Path) -> Result<(Mmap, Header), ModelError> {
     let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    // SAFETY: the mapping is read-only and dropped before this returns; a file changed under
-    // it can give a wrong header, which parse_header checks like any other bytes.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    parse_header(&map).map_err(|reason| format_err(path, reason))
+    // SAFETY: the map is read-only. A file changed under it changes what is read, as it
+    // would for llama.cpp, which maps its models the same way; the header is checked like
+    // any other bytes, and every extent read against the map's length.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    let header = parse_header(&map).map_err(|reason| format_err(path, reason))?;
+    Ok((map, header))
 }
 
 pub(crate) fn config_of(header: &Header, path: &Path) -> Result<ModelConfig, ModelError> {
@@ -280,19 +275,19 @@ pub(crate) fn config_of(header: &Header, path: &Path) -> Result<ModelConfig, Mod
 
 /// The model shape a GGUF file describes, without reading its tensors.
 pub fn gguf_config(path: &Path) -> Result<ModelConfig, ModelError> {
-    config_of(&header_of(path)?, path)
+    config_of(&map_file(path)?.1, path)
 }
 
 /// What a GGUF file says besides its weights (chat template, special tokens), without
 /// reading its tensors.
 pub fn gguf_info(path: &Path) -> Result<GgufInfo, ModelError> {
-    Ok(info_of(&header_of(path)?))
+    Ok(info_of(&map_file(path)?.1))
 }
 
 /// Reads a Llama-architecture GGUF file onto `device` as f32 weights.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> {
-    let (bytes, header) = read_file(path)?;
-    load_parsed(&bytes, &header, path, device)
+    let (map, header) = map_file(path)?;
+    load_parsed(&map, &header, path, device)
 }
 
 /// Why a GGUF tensor this decoder has no place for is refused, rather than skipped: a model

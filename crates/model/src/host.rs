@@ -81,12 +81,7 @@ pub struct Step<'a> {
 impl MappedModel {
     /// Maps `path` and checks every tensor's name, type, shape and extent before use.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-        // SAFETY: the map is read-only. A file changed under a running server would change
-        // its weights, as it would for llama.cpp, which maps its models the same way; every
-        // extent read is checked against the map's length below.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let header = gguf::parse_header(&map).map_err(|reason| format_err(path, reason))?;
+        let (map, header) = gguf::map_file(path)?;
         let config = gguf::config_of(&header, path)?;
         let info = gguf::info_of(&header);
         let tensors = Directory {

@@ -281,7 +281,8 @@ pub fn matmul(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32]) {
 }
 
 /// [`matmul`] of one input by several matrices of the same width (a layer's query, key and
-/// value projections), quantizing the input once and sharing one parallel pass.
+/// value projections), quantizing the input once and sharing one parallel pass (for a
+/// prompt, one blocked product each).
 pub fn matmul_many(products: &mut [(QuantMatrix<'_>, &mut [f32])], x: &[f32], n: usize) {
     matmul_many_from(products, x, n, GEMM_ROWS);
 }

@@ -123,7 +123,6 @@ pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
     // Training is bit-reproducible for a backend and thread count, so a replay audit of this
     // worker needs auditors on the same.
     let backend = format!("{:?}", o.device);
-    let replay_class = format!("{backend}, {} threads", crate::run::compute_threads());
     loop {
         let join = JoinOptions {
             name: &o.name,
@@ -131,8 +130,8 @@ pub fn run_worker(o: &WorkerOptions) -> Result<(), TrainError> {
             listen_ip: o.listen_ip.as_deref(),
             peer_timeout: PEER_TIMEOUT,
             held: held.as_ref().map(|h| h.state.clone()),
-            replay_class: &replay_class,
             backend: &backend,
+            threads: crate::run::compute_threads(),
         };
         let ended = RoundClient::join(membership.as_ref(), &join)
             .map_err(TrainError::from)

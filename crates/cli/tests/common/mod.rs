@@ -148,21 +148,24 @@ pub fn budget_batches(run: &Path) -> u64 {
 /// ADDR`, or `--etcd E --run NAME`) with the run's `secret`, one thread each.
 pub fn start_workers(d: &Path, how: &[&str], secret: &str, count: usize) -> Vec<KillOnDrop> {
     (0..count)
-        .map(|i| {
-            let c = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-                .arg("worker")
-                .args(how)
-                .args(["--name", &format!("host-{i}")])
-                .env("HOLDFAST_SECRET", secret)
-                .env("RAYON_NUM_THREADS", "1")
-                .current_dir(d)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            KillOnDrop(c)
-        })
+        .map(|i| start_worker(d, how, secret, &format!("host-{i}")))
         .collect()
+}
+
+/// One `holdfast worker` named `name`, joining `how` (flags), on one compute thread.
+pub fn start_worker(d: &Path, how: &[&str], secret: &str, name: &str) -> KillOnDrop {
+    let c = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .arg("worker")
+        .args(how)
+        .args(["--name", name])
+        .env("HOLDFAST_SECRET", secret)
+        .env("RAYON_NUM_THREADS", "1")
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    KillOnDrop(c)
 }
 
 /// A script of `bench/`.

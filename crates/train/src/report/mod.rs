@@ -103,7 +103,8 @@ fn read_jsonl(path: &Path) -> Result<Vec<Value>, TrainError> {
         .collect()
 }
 
-fn number(v: &Value, key: &str) -> Option<f64> {
+/// A number field of a JSON line.
+fn field(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
@@ -171,20 +172,18 @@ struct StepRow {
 fn step_rows(lines: &[Value]) -> (Vec<StepRow>, f64) {
     let tokens_per_step = of_kind(lines, "step")
         .next()
-        .and_then(|l| {
-            Some(number(l, "tokens_per_s")? * number(l, "elapsed_s")? / number(l, "step")?)
-        })
+        .and_then(|l| Some(field(l, "tokens_per_s")? * field(l, "elapsed_s")? / field(l, "step")?))
         .map_or(1.0, |t| t.round().max(1.0));
     let mut clock = Clock::default();
     let rows = of_kind(lines, "step")
         .filter_map(|l| {
-            let step = number(l, "step")?;
+            let step = field(l, "step")?;
             Some(StepRow {
                 step,
                 tokens: step * tokens_per_step,
-                loss: number(l, "loss")?,
-                tokens_per_s: number(l, "tokens_per_s")?,
-                t: clock.at(number(l, "elapsed_s")?),
+                loss: field(l, "loss")?,
+                tokens_per_s: field(l, "tokens_per_s")?,
+                t: clock.at(field(l, "elapsed_s")?),
             })
         })
         .collect();
@@ -202,10 +201,10 @@ fn single_guard_marks(lines: &[Value], steps: &[StepRow]) -> Vec<Mark> {
     };
     of_kind(lines, "guard")
         .map(|l| {
-            let step = number(l, "step").unwrap_or(0.0);
+            let step = field(l, "step").unwrap_or(0.0);
             let action = l.get("action").and_then(Value::as_str).unwrap_or("guard");
             let reason = l.get("reason").and_then(Value::as_str).unwrap_or("");
-            let to = number(l, "to_step").map_or(String::new(), |s| format!(", back to step {s}"));
+            let to = field(l, "to_step").map_or(String::new(), |s| format!(", back to step {s}"));
             Mark {
                 t: time_of(step),
                 lane: 0,
@@ -220,7 +219,7 @@ fn single_page(run_dir: &Path) -> Result<Page, TrainError> {
     let lines = read_jsonl(&run_dir.join(METRICS_FILE))?;
     let (steps, tokens_per_step) = step_rows(&lines);
     let val: Vec<(f64, f64)> = of_kind(&lines, "eval")
-        .filter_map(|l| Some((number(l, "step")? * tokens_per_step, number(l, "val_loss")?)))
+        .filter_map(|l| Some((field(l, "step")? * tokens_per_step, field(l, "val_loss")?)))
         .collect();
     let train = steps.iter().map(|s| (s.tokens, s.loss)).collect();
     let loss = line_chart(
@@ -299,7 +298,7 @@ fn committed_rounds(ledger: &[Value]) -> Vec<Round> {
             rounds.retain(|r| r.round < from);
             continue;
         }
-        let (Some(round), Some(tokens)) = (number(line, "round"), number(line, "tokens")) else {
+        let (Some(round), Some(tokens)) = (field(line, "round"), field(line, "tokens")) else {
             continue;
         };
         let before = rounds.last().map_or(0.0, |r| r.tokens_so_far);
@@ -307,60 +306,58 @@ fn committed_rounds(ledger: &[Value]) -> Vec<Round> {
             round,
             tokens_so_far: before + tokens,
             record: line.clone(),
-            t: number(line, "elapsed_s").map(|t| clock.at(t)),
+            t: field(line, "elapsed_s").map(|t| clock.at(t)),
         });
     }
     rounds
 }
 
-fn cluster_page(run_dir: &Path) -> Result<Page, TrainError> {
-    let rounds = committed_rounds(&read_jsonl(&run_dir.join(LEDGER_FILE))?);
-    let events = read_jsonl(&run_dir.join(EVENTS_FILE))?;
-    let summary = read_summary(&run_dir.join(SUMMARY_FILE))?;
-    let per_round = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
-        rounds
-            .iter()
-            .filter_map(|r| Some((r.round, f(&r.record)?)))
-            .collect()
-    };
-    let by_tokens = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
-        rounds
-            .iter()
-            .filter_map(|r| Some((r.tokens_so_far, f(&r.record)?)))
-            .collect()
-    };
+/// A field of every committed round, against its round number or the tokens committed so far.
+fn by_round(rounds: &[Round], f: impl Fn(&Value) -> Option<f64>) -> Vec<(f64, f64)> {
+    rounds
+        .iter()
+        .filter_map(|r| Some((r.round, f(&r.record)?)))
+        .collect()
+}
+
+fn by_tokens(rounds: &[Round], f: impl Fn(&Value) -> Option<f64>) -> Vec<(f64, f64)> {
+    (rounds.iter())
+        .filter_map(|r| Some((r.tokens_so_far, f(&r.record)?)))
+        .collect()
+}
+
+/// Loss (each round's mean, and the final validation loss) and throughput, against tokens.
+fn progress_charts(rounds: &[Round], summary: Option<&Value>) -> (String, String) {
     let final_val: Vec<(f64, f64)> = summary
-        .as_ref()
         .and_then(|s| s.pointer("/eval/val_loss")?.as_f64())
         .zip(rounds.last())
         .map(|(v, r)| (r.tokens_so_far, v))
         .into_iter()
         .collect();
+    let train = by_tokens(rounds, |r| field(r, "loss"));
     let loss = line_chart(
         "Loss",
         "tokens committed",
         "loss",
         &[
-            series(
-                "train (round mean)",
-                "#1f77b4",
-                by_tokens(&|r| number(r, "loss")),
-                false,
-            ),
+            series("train (round mean)", "#1f77b4", train, false),
             series("validation (final)", "#d62728", final_val, true),
         ],
     );
+    let rate = by_tokens(rounds, |r| {
+        Some(field(r, "tokens")? / field(r, "wall_s")?.max(1e-9))
+    });
     let speed = line_chart(
         "Throughput",
         "tokens committed",
         "tokens/s",
-        &[series(
-            "round tokens / wall s",
-            "#2ca02c",
-            by_tokens(&|r| Some(number(r, "tokens")? / number(r, "wall_s")?.max(1e-9))),
-            false,
-        )],
+        &[series("round tokens / wall s", "#2ca02c", rate, false)],
     );
+    (loss, speed)
+}
+
+/// Sync stall and peer wait per round, then bytes sent per token per round.
+fn sync_charts(rounds: &[Round]) -> String {
     let stalls = line_chart(
         "Sync stalls",
         "round",
@@ -369,28 +366,34 @@ fn cluster_page(run_dir: &Path) -> Result<Page, TrainError> {
             series(
                 "sync stall",
                 "#ff7f0e",
-                per_round(&|r| number(r, "sync_s")),
+                by_round(rounds, |r| field(r, "sync_s")),
                 false,
             ),
             series(
                 "peer wait (mean)",
                 "#9467bd",
-                per_round(&|r| number(r, "wait_s")),
+                by_round(rounds, |r| field(r, "wait_s")),
                 false,
             ),
         ],
     );
+    let per_token = by_round(rounds, |r| {
+        Some(field(r, "bytes_sent")? / field(r, "tokens")?.max(1.0))
+    });
     let bytes = line_chart(
         "Bytes sent per token",
         "round",
         "bytes / token",
-        &[series(
-            "all workers",
-            "#8c564b",
-            per_round(&|r| Some(number(r, "bytes_sent")? / number(r, "tokens")?.max(1.0))),
-            false,
-        )],
+        &[series("all workers", "#8c564b", per_token, false)],
     );
+    stalls + &bytes
+}
+
+fn cluster_page(run_dir: &Path) -> Result<Page, TrainError> {
+    let rounds = committed_rounds(&read_jsonl(&run_dir.join(LEDGER_FILE))?);
+    let events = read_jsonl(&run_dir.join(EVENTS_FILE))?;
+    let summary = read_summary(&run_dir.join(SUMMARY_FILE))?;
+    let (loss, speed) = progress_charts(&rounds, summary.as_ref());
     let (lanes, table) = cluster_timeline(&events, &rounds, summary.as_ref());
     Ok(Page {
         kind: "Multi-worker run",
@@ -401,7 +404,7 @@ fn cluster_page(run_dir: &Path) -> Result<Page, TrainError> {
                 "Workers, faults and guard actions".into(),
                 timeline("Timeline", &lanes),
             ),
-            ("Sync".into(), stalls + &bytes),
+            ("Sync".into(), sync_charts(&rounds)),
             ("Events".into(), table),
         ],
         summary: summary_rows(summary.as_ref()),
@@ -482,7 +485,7 @@ fn guard_marks(rounds: &[Round]) -> Vec<Mark> {
             ("guard_skips", "guard_skip"),
             ("guard_rollbacks", "guard_rollback"),
         ] {
-            let n = number(&r.record, key).unwrap_or(0.0);
+            let n = field(&r.record, key).unwrap_or(0.0);
             if n > 0.0 {
                 marks.push(Mark {
                     t: at,
@@ -525,7 +528,7 @@ fn cluster_timeline(
         String::from("<table><tr><th>s</th><th>event</th><th>worker</th><th>detail</th></tr>");
     let mut routine = 0;
     for e in events {
-        let at = clock.at(number(e, "elapsed_s").unwrap_or(0.0));
+        let at = clock.at(field(e, "elapsed_s").unwrap_or(0.0));
         let detail = e.get("detail").cloned().unwrap_or(Value::Null);
         let kind = detail
             .get("event")
@@ -567,7 +570,7 @@ fn cluster_timeline(
     for at in rounds.iter().filter_map(|r| r.t) {
         t.end_s = t.end_s.max(at);
     }
-    if let Some(wall) = summary.and_then(|s| number(s, "wall_s")) {
+    if let Some(wall) = summary.and_then(|s| field(s, "wall_s")) {
         t.end_s = t.end_s.max(wall);
     }
     for (l, from) in open.iter().enumerate() {

@@ -31,12 +31,12 @@ fn event(elapsed_s: f64, detail: Value) -> Value {
     serde_json::json!({"elapsed_s": elapsed_s, "detail": detail})
 }
 
-#[test]
-fn a_cluster_report_marks_every_event_at_its_time_and_draws_each_chart() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join(CONFIG_FILE), "[train]\nsteps = 6\n").unwrap();
+/// A multi-worker run's files: three committed rounds (the third voided and redone; a rollback
+/// in round 1), a removal and a rejoin, a new coordinator's clock restart, and a summary.
+fn write_cluster_run(dir: &Path) {
+    std::fs::write(dir.join(CONFIG_FILE), "[train]\nsteps = 6\n").unwrap();
     write_lines(
-        &dir.path().join(LEDGER_FILE),
+        &dir.join(LEDGER_FILE),
         &[
             round(0, 100, 2.0, 1.5, 0),
             round(1, 100, 1.8, 3.0, 1),
@@ -46,7 +46,7 @@ fn a_cluster_report_marks_every_event_at_its_time_and_draws_each_chart() {
         ],
     );
     write_lines(
-        &dir.path().join(EVENTS_FILE),
+        &dir.join(EVENTS_FILE),
         &[
             event(0.0, serde_json::json!({"started": "fresh"})),
             event(
@@ -82,10 +82,16 @@ fn a_cluster_report_marks_every_event_at_its_time_and_draws_each_chart() {
         ],
     );
     std::fs::write(
-        dir.path().join(SUMMARY_FILE),
+        dir.join(SUMMARY_FILE),
         serde_json::json!({"workers": 2, "wall_s": 7.0, "eval": {"val_loss": 1.55}}).to_string(),
     )
     .unwrap();
+}
+
+#[test]
+fn a_cluster_report_marks_every_event_at_its_time_and_draws_each_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cluster_run(dir.path());
     let html = render(dir.path()).unwrap();
     assert!(!html.contains("<script"), "no script");
     let got = marks(&html);
