@@ -13,14 +13,17 @@
 #   - completes (exit 0),
 #   - commits every batch of its budget exactly once (ledger.jsonl, voided rounds excluded;
 #     batches a rewind skipped count once),
-#   - ends with a validation loss at most 5% (plus 0.01 nats: converged losses are ~1e-3)
-#     above the fault-free run of its seed,
+#   - ends with a validation loss at most 5% (plus NATS, default 0.01: converged losses are
+#     ~1e-3) above the fault-free run of its seed,
 #   - never held training up longer than the failure timeout plus one clean round
 #     (summary.json max_fault_sync_s against the median round's wall time, that run's own
 #     when it is slower than the fault-free run's: a slow worker slows every round).
 # Prints one row per schedule and, for each failure, the command that reproduces it.
 # Exits 1 if any schedule failed. HOLDFAST (binary) and OUT (where runs go) may be set;
-# SYNC_ARGS adds train flags to every run, baselines included (e.g. "--sync-precision int4").
+# SYNC_ARGS adds train flags to every run, baselines included (e.g. "--sync-precision int4",
+# or "--round-seconds 0.25": rounds closed by time, which then replace H = 20, and NATS defaults
+# to 0.03: which worker trains which batch follows timing there, so runs do not repeat, and
+# four fault-free reruns of seed 22 ended between 0.0029 and 0.0085).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10}
@@ -30,14 +33,21 @@ KEEP_OUT=${OUT:+yes}
 OUT=${OUT:-$(mktemp -d -t holdfast-soak.XXXXXX)}
 SEEDS=(${SEEDS:-21 22 23})
 WORKERS=3 STEPS=800
+ROUNDS=(--inner-steps 20)
+DEFAULT_NATS=0.01
+if [[ ${SYNC_ARGS:-} == *--round-* ]]; then
+  ROUNDS=() # rounds closed by time or tokens have no H
+  DEFAULT_NATS=0.03
+fi
+NATS=${NATS:-$DEFAULT_NATS}
 # shellcheck disable=SC2206
-SHAPE=(--workers $WORKERS --steps $STEPS --inner-steps 20 --batch-size 32 --checkpoint-every 100 --no-progress ${SYNC_ARGS:-})
+SHAPE=(--workers $WORKERS --steps $STEPS "${ROUNDS[@]}" --batch-size 32 --checkpoint-every 100 --no-progress ${SYNC_ARGS:-})
 BUDGET=$((WORKERS * STEPS)) # batches
 TIMEOUT_S=2.0 # the default failure_timeout_ms
 PER_RUN_LIMIT=600
 [ -x "$BIN" ] || { echo "chaos-soak: no holdfast binary at $BIN (build with cargo build --release)" >&2; exit 2; }
 mkdir -p "$OUT"
-echo "chaos-soak: $N schedules from seed $BASE, runs in $OUT"
+echo "chaos-soak: $N schedules from seed $BASE, runs in $OUT (loss tolerance 5% + $NATS nats)"
 
 schedule() { # schedule-seed -> chaos spec
   python3 - "$1" <<'PY'
@@ -74,10 +84,10 @@ PY
 }
 
 check() { # run-dir baseline-dir rc -> "ok" or the reasons, then the figures
-  python3 - "$@" "$TIMEOUT_S" "$BUDGET" <<'PY'
+  python3 - "$@" "$TIMEOUT_S" "$BUDGET" "$NATS" <<'PY'
 import json, os, statistics, sys
 run, base, rc, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-budget = int(sys.argv[5])
+budget, nats = int(sys.argv[5]), float(sys.argv[6])
 why = []
 def lines(p):
     return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
@@ -109,7 +119,7 @@ if s is None:
 else:
     v, v0 = s["eval"]["val_loss"], b["eval"]["val_loss"]
     ratio = v / v0
-    if v > 1.05 * v0 + 0.01:
+    if v > 1.05 * v0 + nats:
         why.append(f"val loss {v:.4f} vs fault-free {v0:.4f}")
     walls = lambda d: [r["wall_s"] for r in lines(os.path.join(d, "ledger.jsonl")) if "wall_s" in r]
     stall = s["max_fault_sync_s"]

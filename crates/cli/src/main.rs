@@ -151,6 +151,14 @@ struct TrainArgs {
     /// Streaming DiLoCo's τ: inner steps that train while a round's all-reduce runs.
     #[arg(long)]
     overlap_steps: Option<u64>,
+    /// DiLoCo rounds closed by time, not H steps each: workers ask for batches until the
+    /// round is this many seconds old, so faster ones train more (merged weighted by tokens).
+    #[arg(long)]
+    round_seconds: Option<f64>,
+    /// DiLoCo rounds closed by tokens: batches are handed out as workers ask until the
+    /// round has this many tokens.
+    #[arg(long)]
+    round_tokens: Option<u64>,
     /// A worker silent this long is dropped from the quorum.
     #[arg(long)]
     failure_timeout_ms: Option<u64>,
@@ -309,6 +317,8 @@ fn overrides(args: &TrainArgs) -> Result<Overrides> {
         precision: args.sync_precision.as_deref().map(str::parse).transpose()?,
         fragments: args.fragments,
         overlap_steps: args.overlap_steps,
+        round_seconds: args.round_seconds,
+        round_tokens: args.round_tokens,
         failure_timeout_ms: args.failure_timeout_ms,
         no_guards: args.no_guards,
     })
@@ -385,6 +395,8 @@ fn refuse_sync_flags_alone(args: &TrainArgs) -> Result<()> {
         ("--sync-precision", args.sync_precision.is_some()),
         ("--fragments", args.fragments.is_some()),
         ("--overlap-steps", args.overlap_steps.is_some()),
+        ("--round-seconds", args.round_seconds.is_some()),
+        ("--round-tokens", args.round_tokens.is_some()),
         ("--failure-timeout-ms", args.failure_timeout_ms.is_some()),
     ]
     .into_iter()
@@ -632,21 +644,29 @@ fn new_cluster_run(args: &TrainArgs) -> Result<(PathBuf, RunConfig, run::Prepare
 }
 
 fn describe_sync(cfg: &RunConfig) -> String {
-    match cfg.sync.mode {
+    let s = &cfg.sync;
+    let rounds = if s.round_seconds > 0.0 {
+        format!(
+            "rounds of {} s, batches on demand, merged by tokens",
+            s.round_seconds
+        )
+    } else if s.round_tokens > 0 {
+        format!(
+            "rounds of {} tokens, batches on demand, merged by tokens",
+            s.round_tokens
+        )
+    } else {
+        format!("H={}", s.inner_steps)
+    };
+    match s.mode {
         SyncMode::Ddp => "DDP (gradients averaged every step)".into(),
-        SyncMode::Diloco if cfg.sync.fragments > 1 || cfg.sync.overlap_steps > 0 => format!(
-            "streaming DiLoCo (H={}, {} fragments, overlap {} steps, mixing {}, outer Nesterov lr {} momentum {}, pseudo-gradients as {})",
-            cfg.sync.inner_steps,
-            cfg.sync.fragments,
-            cfg.sync.overlap_steps,
-            cfg.sync.mixing,
-            cfg.sync.outer_lr,
-            cfg.sync.outer_momentum,
-            cfg.sync.precision
+        SyncMode::Diloco if s.fragments > 1 || s.overlap_steps > 0 => format!(
+            "streaming DiLoCo ({rounds}, {} fragments, overlap {} steps, mixing {}, outer Nesterov lr {} momentum {}, pseudo-gradients as {})",
+            s.fragments, s.overlap_steps, s.mixing, s.outer_lr, s.outer_momentum, s.precision
         ),
         SyncMode::Diloco => format!(
-            "DiLoCo (H={}, outer Nesterov lr {} momentum {}, pseudo-gradients as {})",
-            cfg.sync.inner_steps, cfg.sync.outer_lr, cfg.sync.outer_momentum, cfg.sync.precision
+            "DiLoCo ({rounds}, outer Nesterov lr {} momentum {}, pseudo-gradients as {})",
+            s.outer_lr, s.outer_momentum, s.precision
         ),
     }
 }

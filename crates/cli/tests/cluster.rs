@@ -859,6 +859,57 @@ fn a_corrupted_replica_never_reaches_a_checkpoint_and_a_slow_one_changes_only_ti
     assert_eq!(events(&run, "slow_worker").len(), 1);
 }
 
+/// Batches each worker trained over the rounds of `ledger`, by name.
+fn batches_by_worker(ledger: &[Value]) -> BTreeMap<String, usize> {
+    let mut trained = BTreeMap::new();
+    for m in ledger.iter().flat_map(|r| r["members"].as_array().unwrap()) {
+        let n = m["batches"].as_array().unwrap().len();
+        *trained
+            .entry(m["name"].as_str().unwrap().to_string())
+            .or_default() += n;
+    }
+    trained
+}
+
+#[test]
+fn workers_of_different_speeds_train_until_a_timed_round_closes_and_every_batch_counts_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // train_args's shape, with rounds closed by time in place of H = 20.
+    let mut args = train_args("timed", "3", "800");
+    let h = args.iter().position(|a| *a == "--inner-steps").unwrap();
+    args.splice(h..h + 2, ["--round-seconds", "1"]);
+    args.extend(["--chaos", "slow:worker=2,factor=4"]);
+    let out = holdfast(d, &args);
+    ok(&out);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("rounds of 1 s, batches on demand"), "{said}");
+    let run = d.join("timed");
+    let ledger = assert_exactly_once(&run);
+    let trained = batches_by_worker(&ledger);
+    let slow = trained["worker-2"];
+    for fast in ["worker-0", "worker-1"] {
+        assert!(
+            trained[fast] > 2 * slow,
+            "a worker 4× faster trains more of each round: {trained:?}"
+        );
+    }
+    // Weighted by batches, the replicas still apply one average: their states agree, and no
+    // honest contribution is taken for an outlier for being larger than a slow one's.
+    assert_states_agree(&run);
+    assert!(events(&run, "contribution_outlier").is_empty());
+    let s = summary(&run);
+    assert!(s.get("steps_per_round").is_none(), "rounds vary: {s}");
+    let slow_workers: Vec<&String> = s["slow_workers"].as_object().unwrap().keys().collect();
+    assert_eq!(slow_workers, ["worker-2"], "{s}");
+    assert_learned(&run);
+}
+
 #[test]
 fn a_corrupted_contribution_is_voided_before_it_is_averaged_in() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -1522,6 +1573,32 @@ fn bad_multi_worker_input_is_a_clear_error() {
     streaming(
         &["--sync", "ddp", "--fragments", "2"],
         "fragments, overlap and mixing are DiLoCo's",
+    );
+    let timed = |extra: &[&'static str], expected: &str| {
+        let mut args = vec!["train", "--workers", "2", "--round-seconds", "2"];
+        args.extend(extra);
+        fails_with(&holdfast(d, &args), expected);
+    };
+    timed(
+        &["--sync", "ddp"],
+        "rounds closed by time or tokens are DiLoCo's; DDP syncs every step",
+    );
+    timed(
+        &["--round-tokens", "10000"],
+        "a round closes by time or by tokens, not both",
+    );
+    timed(
+        &["--fragments", "2", "--overlap-steps", "1"],
+        "τ is taken from a fixed number of steps",
+    );
+    streaming(
+        &["--round-seconds", "2"],
+        "--inner-steps: rounds closed by time or tokens",
+    );
+
+    fails_with(
+        &holdfast(d, &["train", "--round-seconds", "2"]),
+        "--round-seconds: a single process has no replicas to sync",
     );
     fails_with(
         &holdfast(d, &["train", "--fragments", "2"]),

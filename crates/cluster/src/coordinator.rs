@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::{self, Fingerprint, Outlier};
+use crate::pace::RoundBound;
 
 pub type WorkerId = u64;
 
@@ -38,8 +39,12 @@ pub struct Options {
     pub failure_timeout: Duration,
     /// Workers that must have joined before round 0 starts.
     pub min_workers: usize,
-    /// Batch ids each member trains on per round.
+    /// Batch ids each member trains on per round ([`RoundBound::Fixed`]).
     pub batches_per_round: u64,
+    /// What closes a round: with a bound other than [`RoundBound::Fixed`], members ask for
+    /// `batches_per_step` ids at a time as they train.
+    pub round_bound: RoundBound,
+    pub batches_per_step: u64,
     /// The run's budget: batch ids `0..budget_batches`, each committed exactly once. It is
     /// counted in batches, not rounds: a round a fault shrank (a member removed, its batches
     /// handed back) commits fewer, and the run goes on until all are in.
@@ -205,6 +210,11 @@ pub enum Request {
         worker: WorkerId,
         state: Option<StateReport>,
     },
+    /// The next step's batch ids of an on-demand round (see [`RoundBound`]).
+    Batches {
+        worker: WorkerId,
+        round: u64,
+    },
     Ready {
         worker: WorkerId,
         round: u64,
@@ -238,6 +248,7 @@ impl Request {
             Request::Ready { .. } | Request::Reduced { .. } => Some(self.clone()),
             Request::Join { .. }
             | Request::Heartbeat { .. }
+            | Request::Batches { .. }
             | Request::Failed { .. }
             | Request::Leave { .. } => None,
         }
@@ -249,6 +260,7 @@ impl Request {
             Request::Join { .. } => None,
             Request::Heartbeat { worker }
             | Request::NextRound { worker, .. }
+            | Request::Batches { worker, .. }
             | Request::Ready { worker, .. }
             | Request::Reduced { worker, .. }
             | Request::Failed { worker, .. }
@@ -303,6 +315,15 @@ pub enum Reply {
         /// members fails (a worker then has no later report to carry late figures in).
         #[serde(default)]
         last: bool,
+        /// `batches` is the first step's: ask for more ([`Request::Batches`]) until none come.
+        #[serde(default)]
+        on_demand: bool,
+    },
+    /// The next step's batch ids of an on-demand round; none: the round is closed to this
+    /// member, which says it is ready.
+    Batches {
+        round: u64,
+        batches: Vec<u64>,
     },
     Ring {
         round: u64,
@@ -542,6 +563,13 @@ struct ActiveRound {
     audit: Option<(WorkerId, [WorkerId; 2])>,
     /// No batch was left in the pool for a later round.
     last: bool,
+    /// On-demand rounds: the members that may still ask for batches, when each last did, and
+    /// how many the round has handed out.
+    pulling: BTreeSet<WorkerId>,
+    last_pull: BTreeMap<WorkerId, Instant>,
+    handed: u64,
+    /// Members that have said they are ready in some attempt: their contribution is done.
+    contributed: BTreeSet<WorkerId>,
 }
 
 /// Batch ids not yet committed: fresh ones, and ones handed back by a member that failed.
@@ -678,6 +706,9 @@ pub struct Coordinator {
     /// its ratio; and the members reported slow already.
     speed: BTreeMap<String, VecDeque<(u64, Option<f64>)>>,
     reported_slow: BTreeSet<String>,
+    /// Each member's seconds per batch in the last round it committed: the share of an
+    /// audited member in an on-demand round, and its first step's estimate.
+    batch_seconds: BTreeMap<String, f64>,
 }
 
 impl Coordinator {
@@ -714,6 +745,7 @@ impl Coordinator {
             no_majority: None,
             speed: BTreeMap::new(),
             reported_slow: BTreeSet::new(),
+            batch_seconds: BTreeMap::new(),
         }
     }
 
@@ -969,16 +1001,41 @@ impl Coordinator {
         v
     }
 
-    /// Removes members silent for longer than the failure timeout.
+    /// Removes members silent for longer than the failure timeout, and those of a timed
+    /// round not ready by its deadline and grace.
     pub fn tick(&mut self, now: Instant) {
-        let out: Vec<(WorkerId, String)> = self
+        let mut out: Vec<(WorkerId, String)> = self
             .members
             .iter()
             .filter_map(|(id, m)| Some((*id, self.why_dead(m, now)?)))
             .collect();
+        out.extend(self.late_members(now));
         for (id, why) in out {
             self.remove(id, now, why);
         }
+    }
+
+    /// The members of a timed round that have not said they are ready, in any attempt, by its
+    /// deadline and grace (one retried after an aborted attempt is not late: its part is done).
+    fn late_members(&self, now: Instant) -> Vec<(WorkerId, String)> {
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        let Some(at) = self.opts.round_bound.give_up_at(a.started) else {
+            return Vec::new();
+        };
+        if now < at {
+            return Vec::new();
+        }
+        let why = format!(
+            "not ready {:.1} s after round {} started, past its deadline and grace",
+            now.saturating_duration_since(a.started).as_secs_f64(),
+            a.round
+        );
+        (a.members.iter())
+            .filter(|id| !a.contributed.contains(id))
+            .map(|&id| (id, why.clone()))
+            .collect()
     }
 
     /// Why `m` counts as dead at `now` by the run's [`Liveness`], if it does.
@@ -1105,13 +1162,22 @@ impl Coordinator {
         if !enough {
             return;
         }
-        let first_step = self.schedule_step();
-        let (k, budget) = (self.opts.batches_per_round, self.opts.budget_batches);
-        // Near the budget's end some members may get fewer batches, or none: those sit the
-        // round out (they fetch its state when the next one starts).
-        let batches: BTreeMap<WorkerId, Vec<u64>> = ids
+        self.active = Some(self.open_round(now, ids));
+    }
+
+    /// A round of members `ids` (in rank order) from `now`: those that got batches (near the
+    /// budget's end some get none and sit the round out; they fetch its state when the next
+    /// one starts). A fixed round hands each its share; an on-demand one a step's worth, and
+    /// the rest as they ask (`pulling`).
+    fn open_round(&mut self, now: Instant, ids: Vec<WorkerId>) -> ActiveRound {
+        let budget = self.opts.budget_batches;
+        let first = match self.opts.round_bound.on_demand() {
+            true => self.opts.batches_per_step.max(1),
+            false => self.opts.batches_per_round,
+        };
+        let mut batches: BTreeMap<WorkerId, Vec<u64>> = ids
             .iter()
-            .map(|&id| (id, self.pool.take(k, budget)))
+            .map(|&id| (id, self.pool.take(first, budget)))
             .filter(|(_, b)| !b.is_empty())
             .collect();
         let ids: Vec<WorkerId> = ids
@@ -1122,10 +1188,21 @@ impl Coordinator {
             round: self.round,
             members: ids.iter().map(|id| self.members[id].name.clone()).collect(),
         });
-        let audit = self.draw_audit(self.round, &ids);
-        let last = self.pool.exhausted(budget);
-        self.active = Some(ActiveRound {
+        let mut pulling = BTreeSet::new();
+        let mut audit = self.draw_audit(self.round, &ids);
+        if self.opts.round_bound.on_demand() {
+            pulling.extend(ids.iter().copied());
+            if let Some((of, _)) = audit {
+                if self.give_audited_share(of, ids.len(), first, &mut batches) {
+                    pulling.remove(&of);
+                } else {
+                    audit = None;
+                }
+            }
+        }
+        ActiveRound {
             round: self.round,
+            handed: batches.values().map(|b| b.len() as u64).sum(),
             members: ids,
             batches,
             attempt: 0,
@@ -1135,10 +1212,36 @@ impl Coordinator {
             started: now,
             first_ready: None,
             discarded: 0,
-            first_step,
+            first_step: self.schedule_step(),
             audit,
-            last,
-        });
+            last: self.pool.exhausted(budget),
+            pulling,
+            last_pull: BTreeMap::new(),
+            contributed: BTreeSet::new(),
+        }
+    }
+
+    /// Gives `of`, audited in an on-demand round of `members` that handed it `first` batches,
+    /// the rest of a share sized by its speed in its last round: its auditors need its batches
+    /// up front, so it cannot ask as it trains. False when its speed is not known yet (the
+    /// round is then not audited).
+    fn give_audited_share(
+        &mut self,
+        of: WorkerId,
+        members: usize,
+        first: u64,
+        batches: &mut BTreeMap<WorkerId, Vec<u64>>,
+    ) -> bool {
+        let speed = self.batch_seconds.get(&self.members[&of].name).copied();
+        let per_step = self.opts.batches_per_step;
+        let Some(share) = self.opts.round_bound.share(members as u64, per_step, speed) else {
+            return false;
+        };
+        let rest = self
+            .pool
+            .take(share.saturating_sub(first), self.opts.budget_batches);
+        batches.entry(of).or_default().extend(rest);
+        true
     }
 
     /// After a takeover that no member holding the recorded state rejoined: when members hold
@@ -1409,6 +1512,7 @@ impl Coordinator {
                 Reply::Ok
             }
             Request::NextRound { state, .. } => self.next_round(now, worker, state),
+            Request::Batches { round, .. } => self.more_batches(now, worker, round),
             Request::Ready { round, .. } => self.ready(now, worker, round),
             Request::Reduced {
                 round,
@@ -1608,7 +1712,41 @@ impl Coordinator {
             audit: self.audit_task(active, worker),
             audited: active.audit.is_some_and(|(of, _)| of == worker),
             last: active.last,
+            on_demand: active.pulling.contains(&worker),
         }
+    }
+
+    /// The next step's batches of on-demand round `round` for `worker`, or none once the
+    /// round is closed to it (see [`RoundBound::hands_out`]; the time its last step took is
+    /// the time since it last asked, or for its first ask its speed in its last round).
+    fn more_batches(&mut self, now: Instant, worker: WorkerId, round: u64) -> Reply {
+        let (bound, budget) = (self.opts.round_bound, self.opts.budget_batches);
+        let per_step = self.opts.batches_per_step.max(1);
+        let known = (self.batch_seconds.get(&self.members[&worker].name))
+            .map(|s| Duration::from_secs_f64(s * per_step as f64));
+        let Some(a) =
+            (self.active.as_mut()).filter(|a| a.round == round && a.members.contains(&worker))
+        else {
+            return self.not_in_round(round);
+        };
+        let step_s = (a.last_pull.get(&worker))
+            .map(|t| now.saturating_duration_since(*t))
+            .or(known);
+        let open = a.pulling.contains(&worker)
+            && matches!(a.phase, Phase::Gathering { .. })
+            && bound.hands_out(a.started, now, a.handed, step_s);
+        let batches = match open {
+            true => self.pool.take(per_step, budget),
+            false => Vec::new(),
+        };
+        if batches.is_empty() {
+            a.pulling.remove(&worker);
+        } else {
+            a.last_pull.insert(worker, now);
+            a.handed += batches.len() as u64;
+            a.batches.entry(worker).or_default().extend(&batches);
+        }
+        Reply::Batches { round, batches }
     }
 
     /// What `worker` audits in `active`, if anything.
@@ -1669,6 +1807,8 @@ impl Coordinator {
         match &mut self.active {
             Some(a) if a.round == round && a.members.contains(&worker) => {
                 a.first_ready.get_or_insert(now);
+                a.pulling.remove(&worker);
+                a.contributed.insert(worker);
                 if let Phase::Gathering { ready } = &mut a.phase {
                     ready.insert(worker);
                 }
@@ -1756,6 +1896,26 @@ impl Coordinator {
             .collect()
     }
 
+    /// How far apart honest fingerprints of an on-demand round's members may be for the
+    /// batches they trained: their fingerprints are per batch, and progress over n batches
+    /// grows between √n (noise) and n (drift), so per batch it differs by up to the square root
+    /// of the ratio of their batch counts. 1 in fixed rounds.
+    fn batch_spread(&self) -> f64 {
+        let Some(a) = self
+            .active
+            .as_ref()
+            .filter(|_| self.opts.round_bound.on_demand())
+        else {
+            return 1.0;
+        };
+        let counts = (a.batches.values()).map(|b| b.len()).filter(|&n| n > 0);
+        let (min, max) = counts.fold((usize::MAX, 0), |(lo, hi), n| (lo.min(n), hi.max(n)));
+        if max == 0 {
+            return 1.0;
+        }
+        (max as f64 / min as f64).sqrt()
+    }
+
     /// Judges a fully reduced attempt by its contributions' fingerprints. Outliers are
     /// reported and removed, which aborts the attempt: the others redo it without them (their
     /// batches go back to the pool). True when any was found.
@@ -1766,6 +1926,7 @@ impl Coordinator {
         let judged = self.round_fingerprints();
         let named: Vec<(String, Fingerprint)> =
             judged.iter().map(|(_, n, f)| (n.clone(), *f)).collect();
+        let ratio = ratio * self.batch_spread();
         let found = fingerprint::outliers(&named, &self.fingerprints, ratio);
         for o in &found {
             let Some((id, ..)) = judged.iter().find(|(_, n, _)| *n == o.name) else {
@@ -1921,6 +2082,12 @@ impl Coordinator {
         let every_member_rolled_back = reduced.values().all(|s| s.rollbacks > 0);
         let (round, loss) = (record.round, record.loss);
         let speeds = speed_ratios(&record.members);
+        for m in record.members.iter().filter(|m| !m.batches.is_empty()) {
+            if m.compute_s > 0.0 {
+                let per_batch = m.compute_s / m.batches.len() as f64;
+                self.batch_seconds.insert(m.name.clone(), per_batch);
+            }
+        }
         // Committed first: a rewind that undoes this round is recorded after it.
         self.events.push(Event::Committed(record));
         self.judge_speed(round, speeds);
@@ -2101,6 +2268,8 @@ mod tests {
             audit_probability: 0.0,
             liveness,
             one_backend: false,
+            round_bound: RoundBound::Fixed,
+            batches_per_step: 1,
         };
         (Coordinator::new(opts, 77, "job".into()), Instant::now())
     }
@@ -2934,6 +3103,8 @@ mod tests {
             audit_probability: 0.0,
             liveness: Liveness::Heartbeats,
             one_backend: false,
+            round_bound: RoundBound::Fixed,
+            batches_per_step: 1,
         };
         let t0 = Instant::now();
         let own = BTreeMap::from([
@@ -3010,6 +3181,8 @@ mod tests {
             audit_probability: 0.0,
             liveness: Liveness::Heartbeats,
             one_backend: false,
+            round_bound: RoundBound::Fixed,
+            batches_per_step: 1,
         };
         let t0 = Instant::now();
         let mut c = Coordinator::new(opts, 77, "job".into());
@@ -3779,5 +3952,283 @@ mod tests {
             .collect();
         batches.sort();
         assert_eq!(batches, (0..16).collect::<Vec<_>>(), "every batch once");
+    }
+
+    /// A coordinator whose rounds close `round` after they start, with `grace`.
+    fn timed(workers: usize, round_s: u64, grace_s: u64) -> (Coordinator, Instant) {
+        let (mut c, t0) = coord(workers, 100);
+        // Long enough that members asking seconds apart stay members between their asks.
+        c.opts.failure_timeout = Duration::from_secs(60);
+        c.opts.round_bound = RoundBound::Time {
+            round: Duration::from_secs(round_s),
+            grace: Duration::from_secs(grace_s),
+        };
+        (c, t0)
+    }
+
+    fn ask(c: &mut Coordinator, now: Instant, w: WorkerId, round: u64) -> Vec<u64> {
+        match c.handle(now, Request::Batches { worker: w, round }) {
+            Reply::Batches { batches, .. } => batches,
+            r => panic!("{r:?}"),
+        }
+    }
+
+    /// Asks for `w`'s batches every `every` from `t0` until the round closes to it; returns
+    /// them, the first step's included, and when it was closed.
+    fn pull_all(
+        c: &mut Coordinator,
+        (t0, every): (Instant, Duration),
+        w: WorkerId,
+        first: Vec<u64>,
+    ) -> (Vec<u64>, Instant) {
+        let (mut got, mut now) = (first, t0);
+        loop {
+            now += every;
+            let more = ask(c, now, w, 0);
+            if more.is_empty() {
+                return (got, now);
+            }
+            got.extend(more);
+        }
+    }
+
+    fn first_batches(reply: Reply) -> (Vec<u64>, bool) {
+        match reply {
+            Reply::Round {
+                batches, on_demand, ..
+            } => (batches, on_demand),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn a_timed_round_hands_a_faster_member_more_batches_and_each_batch_once() {
+        let (mut c, t0) = timed(2, 10, 5);
+        let (fast, slow) = (join(&mut c, t0, "fast"), join(&mut c, t0, "slow"));
+        let (f0, on_demand) = first_batches(next(&mut c, t0, fast));
+        assert!(on_demand && f0.len() == 1);
+        let (s0, _) = first_batches(next(&mut c, t0, slow));
+        // Interleaved in time: the slow one's asks come every 4 s, the fast one's every 1 s.
+        let (slow_got, slow_closed) = pull_all(&mut c, (t0, Duration::from_secs(4)), slow, s0);
+        let (fast_got, fast_closed) = pull_all(&mut c, (t0, Duration::from_secs(1)), fast, f0);
+        assert_eq!(
+            fast_got.len(),
+            10,
+            "one batch a second for 10 s: {fast_got:?}"
+        );
+        // At 8 s a 4 s step would end 2 s late, nearer than the 2 s it would leave idle? No:
+        // equal is handed out; it stops at 12 s, past the deadline.
+        assert_eq!(slow_got.len(), 3, "{slow_got:?}");
+        assert!(fast_closed <= t0 + Duration::from_secs(10));
+        assert!(slow_closed <= t0 + Duration::from_secs(12));
+        assert!(ask(&mut c, t0, fast, 0).is_empty(), "closed stays closed");
+        let now = t0 + Duration::from_secs(12);
+        ready(&mut c, now, fast, 0);
+        let Reply::Ring { attempt, .. } = ready(&mut c, now, slow, 0) else {
+            panic!("both ready")
+        };
+        reduced(&mut c, now, fast, 0, attempt);
+        assert_eq!(
+            reduced(&mut c, now, slow, 0, attempt),
+            Reply::Commit { round: 0 }
+        );
+        let record = committed(&mut c).remove(0);
+        let trained: Vec<(String, usize)> = (record.members.iter())
+            .map(|m| (m.name.clone(), m.batches.len()))
+            .collect();
+        assert_eq!(trained, [("fast".into(), 10), ("slow".into(), 3)]);
+        let mut all: Vec<u64> = record.batches().collect();
+        all.sort();
+        assert_eq!(
+            all,
+            (0..13).collect::<Vec<_>>(),
+            "each batch once, none skipped"
+        );
+    }
+
+    #[test]
+    fn a_timed_round_stops_handing_a_member_steps_that_would_end_far_past_its_deadline() {
+        let (mut c, t0) = timed(1, 10, 5);
+        let w = join(&mut c, t0, "w");
+        next(&mut c, t0, w);
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        assert_eq!(
+            ask(&mut c, at(6000), w, 0).len(),
+            1,
+            "first ask: speed unknown"
+        );
+        // Its last step took 3 s: one more from 9 s would end at 12 s, 2 s past; refused.
+        assert!(ask(&mut c, at(9000), w, 0).is_empty());
+    }
+
+    #[test]
+    fn a_member_not_ready_past_a_timed_rounds_grace_is_removed_and_its_batches_go_back() {
+        let (mut c, t0) = timed(2, 10, 5);
+        let (a, b) = (join(&mut c, t0, "a"), join(&mut c, t0, "b"));
+        let (first_a, _) = first_batches(next(&mut c, t0, a));
+        let (stuck, _) = first_batches(next(&mut c, t0, b));
+        let (got_a, _) = pull_all(&mut c, (t0, Duration::from_secs(2)), a, first_a);
+        let late = t0 + Duration::from_secs(14);
+        c.handle(late, Request::Heartbeat { worker: b });
+        assert!(matches!(ready(&mut c, late, a, 0), Reply::Wait { .. }));
+        let past = t0 + Duration::from_secs(15);
+        c.handle(past, Request::Heartbeat { worker: b });
+        let removed = c.drain_events().into_iter().find_map(|e| match e {
+            Event::Removed { name, reason, .. } => Some((name, reason)),
+            _ => None,
+        });
+        let (name, reason) = removed.expect("b removed");
+        assert_eq!(name, "b");
+        assert!(reason.contains("past its deadline and grace"), "{reason}");
+        let Reply::Ring { attempt, .. } = ready(&mut c, past, a, 0) else {
+            panic!("a alone is the ring")
+        };
+        assert_eq!(
+            reduced(&mut c, past, a, 0, attempt),
+            Reply::Commit { round: 0 }
+        );
+        let (again, _) = first_batches(next(&mut c, past, a));
+        assert_eq!(again, stuck, "b's batch goes back to the pool first");
+        assert!(!got_a.contains(&stuck[0]));
+    }
+
+    #[test]
+    fn a_member_removed_mid_round_leaves_its_batches_to_those_still_asking() {
+        let (mut c, t0) = timed(2, 10, 5);
+        let (a, b) = (join(&mut c, t0, "a"), join(&mut c, t0, "b"));
+        next(&mut c, t0, a);
+        let (of_b, _) = first_batches(next(&mut c, t0, b));
+        c.handle(t0, Request::Leave { worker: b });
+        assert_eq!(ask(&mut c, t0 + Duration::from_secs(1), a, 0), of_b);
+    }
+
+    #[test]
+    fn a_counted_round_closes_once_its_batches_are_handed_out() {
+        let (mut c, t0) = coord(2, 100);
+        c.opts.failure_timeout = Duration::from_secs(60);
+        c.opts.round_bound = RoundBound::Batches { batches: 5 };
+        let (a, b) = (join(&mut c, t0, "a"), join(&mut c, t0, "b"));
+        let (fa, _) = first_batches(next(&mut c, t0, a));
+        let (fb, _) = first_batches(next(&mut c, t0, b));
+        let (got_a, _) = pull_all(&mut c, (t0, Duration::from_secs(1)), a, fa);
+        let (got_b, _) = pull_all(&mut c, (t0, Duration::from_secs(1)), b, fb);
+        assert_eq!((got_a.len(), got_b.len()), (4, 1));
+    }
+
+    #[test]
+    fn an_audited_member_of_an_on_demand_round_gets_its_share_up_front_once_its_speed_is_known() {
+        let (mut c, t0) = timed(3, 10, 5);
+        c.opts.audit_probability = 1.0;
+        let ws: Vec<WorkerId> = ["a", "b", "c"]
+            .iter()
+            .map(|n| join(&mut c, t0, n))
+            .collect();
+        let replies: Vec<Reply> = ws.iter().map(|&w| next(&mut c, t0, w)).collect();
+        for r in &replies {
+            let Reply::Round {
+                audit, on_demand, ..
+            } = r
+            else {
+                panic!("{r:?}")
+            };
+            assert!(on_demand, "no speed known: not audited");
+            assert_eq!(*audit, None);
+        }
+        let now = t0 + Duration::from_secs(10);
+        let mut attempt = 0;
+        for &w in &ws {
+            if let Reply::Ring { attempt: at, .. } = ready(&mut c, now, w, 0) {
+                attempt = at;
+            }
+        }
+        for &w in &ws {
+            let stats = WorkerRoundStats {
+                compute_s: 10.0,
+                ..Default::default()
+            };
+            reduced_with(&mut c, now, w, (0, attempt), stats);
+        }
+        assert_eq!(c.committed_rounds(), 1);
+        // Each trained one batch in 10 s: a share of one.
+        let replies: Vec<Reply> = ws.iter().map(|&w| next(&mut c, now, w)).collect();
+        let audited: Vec<(bool, usize)> = (replies.iter())
+            .filter_map(|r| match r {
+                Reply::Round {
+                    audited: true,
+                    on_demand,
+                    batches,
+                    ..
+                } => Some((*on_demand, batches.len())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(audited, [(false, 1)], "it cannot ask as it trains");
+        let tasks: Vec<&AuditTask> = (replies.iter())
+            .filter_map(|r| match r {
+                Reply::Round { audit, .. } => audit.as_ref(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tasks.len(), 2);
+    }
+
+    /// An on-demand round in which `a` trains 16 batches and `b` one, reporting per-batch
+    /// fingerprints of norm 1 and `b_norm`: whether `b` was judged an outlier.
+    fn b_is_an_outlier(b_norm: f64) -> bool {
+        let (mut c, t0) = timed(2, 100, 5);
+        c.opts.outlier_ratio = Some(8.0);
+        let (a, b) = (join(&mut c, t0, "a"), join(&mut c, t0, "b"));
+        let (first, _) = first_batches(next(&mut c, t0, a));
+        next(&mut c, t0, b);
+        let mut got = first;
+        while got.len() < 16 {
+            got.extend(ask(&mut c, t0 + Duration::from_secs(1), a, 0));
+        }
+        ready(&mut c, t0, b, 0);
+        let Reply::Ring { attempt, .. } = ready(&mut c, t0, a, 0) else {
+            panic!("both ready")
+        };
+        let stats = |norm: f64| WorkerRoundStats {
+            fingerprint: Some(Fingerprint { norm, max_abs: 0.1 }),
+            ..Default::default()
+        };
+        reduced_with(&mut c, t0, a, (0, attempt), stats(1.0));
+        reduced_with(&mut c, t0, b, (0, attempt), stats(b_norm));
+        let events = c.drain_events();
+        events
+            .iter()
+            .any(|e| matches!(e, Event::ContributionOutlier { outlier, .. } if outlier.name == "b"))
+    }
+
+    #[test]
+    fn members_that_trained_different_amounts_are_judged_with_room_for_it() {
+        // 16 batches against 1: per batch, honest progress may differ by √16 = 4 more.
+        assert!(!b_is_an_outlier(20.0), "20× is within 8 × 4");
+        assert!(b_is_an_outlier(1000.0));
+    }
+
+    #[test]
+    fn a_member_retrying_an_aborted_attempt_after_the_grace_is_not_late() {
+        let (mut c, t0) = timed(2, 10, 5);
+        let (a, b) = (join(&mut c, t0, "a"), join(&mut c, t0, "b"));
+        next(&mut c, t0, a);
+        next(&mut c, t0, b);
+        let at = t0 + Duration::from_secs(9);
+        ready(&mut c, at, a, 0);
+        let Reply::Ring { attempt, .. } = ready(&mut c, at, b, 0) else {
+            panic!("both ready")
+        };
+        let past = t0 + Duration::from_secs(16);
+        let failed = Request::Failed {
+            worker: a,
+            round: 0,
+            attempt,
+            error: "ring broke".into(),
+        };
+        assert!(matches!(c.handle(past, failed), Reply::Retry { .. }));
+        c.handle(past, Request::Heartbeat { worker: b });
+        assert_eq!(c.live_members(), 2, "{:?}", c.drain_events());
+        ready(&mut c, past, a, 0);
+        assert!(matches!(ready(&mut c, past, b, 0), Reply::Ring { .. }));
     }
 }

@@ -43,6 +43,20 @@ impl Fingerprint {
         }
     }
 
+    /// Of values that sum `weight` contributions (a member of an on-demand round sends its
+    /// progress times the batches it trained): per one of them, so that members that trained
+    /// different amounts compare.
+    pub fn per(self, weight: f32) -> Fingerprint {
+        if weight <= 1.0 {
+            return self;
+        }
+        let w = f64::from(weight);
+        Fingerprint {
+            norm: self.norm / w,
+            max_abs: self.max_abs / w,
+        }
+    }
+
     fn statistics(&self) -> [(&'static str, f64); 2] {
         [("norm", self.norm), ("max_abs", self.max_abs)]
     }

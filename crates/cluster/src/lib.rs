@@ -20,6 +20,7 @@ pub mod etcd;
 pub mod fingerprint;
 pub mod membership;
 pub mod mesh;
+pub mod pace;
 pub mod peer;
 pub mod quant;
 pub mod ring;

@@ -59,6 +59,8 @@ pub struct Assignment {
     pub audited: bool,
     /// The round takes the rest of the budget (see [`Reply::Round`]).
     pub last: bool,
+    /// `batches` are the first step's: ask for more ([`RoundClient::more_batches`]).
+    pub on_demand: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -259,6 +261,7 @@ impl RoundClient {
                 audit,
                 audited,
                 last,
+                on_demand,
                 ..
             } => Ok(Next::Round(Assignment {
                 round,
@@ -269,10 +272,25 @@ impl RoundClient {
                 audit,
                 audited,
                 last,
+                on_demand,
             })),
             Reply::Finished => Ok(Next::Finished),
             Reply::Evicted { reason } => Ok(Next::Evicted(reason)),
             other => Err(protocol_error("next round", unexpected(&other))),
+        }
+    }
+
+    /// The next step's batch ids of on-demand round `round`; none once the round is closed to
+    /// this worker (or it is out of the round: saying it is ready then tells it so).
+    pub fn more_batches(&mut self, round: u64) -> Result<Vec<u64>, ProtocolError> {
+        let req = Request::Batches {
+            worker: self.worker,
+            round,
+        };
+        match self.call(&req)? {
+            Reply::Batches { batches, .. } => Ok(batches),
+            Reply::Evicted { .. } => Ok(Vec::new()),
+            other => Err(protocol_error("batches", unexpected(&other))),
         }
     }
 
@@ -459,6 +477,7 @@ mod tests {
     use super::*;
     use crate::coordinator::{Coordinator, Liveness, MemberLease, Options};
     use crate::membership::CoordinatorConnector;
+    use crate::pace::RoundBound;
     use crate::server::{CoordinatorClient, CoordinatorServer};
     use crate::wire::TEST_SECRET;
 
@@ -479,6 +498,8 @@ mod tests {
             audit_probability: 0.0,
             liveness: Liveness::Heartbeats,
             one_backend: false,
+            round_bound: RoundBound::Fixed,
+            batches_per_step: 1,
         };
         let c = Coordinator::new(opts, RUN, "the job".into());
         CoordinatorServer::start("127.0.0.1:0", Auth::new(TEST_SECRET).unwrap(), RUN, c).unwrap()

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use holdfast_model::ModelConfig;
 
 use crate::TrainError;
+use crate::data::AdditionTask;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -137,6 +138,20 @@ pub struct SyncSection {
     pub overlap_steps: u64,
     /// α: after a round, the synced fragment's local weights become α·local + (1−α)·outer.
     pub mixing: f64,
+    /// Rounds closed by time rather than by `inner_steps` each: every worker trains until the
+    /// round is this many seconds old, asking the coordinator for a step's batches at a time,
+    /// so a faster worker trains more; the pseudo-gradients are averaged weighted by the
+    /// batches (so tokens) each trained. 0: off.
+    pub round_seconds: f64,
+    /// With `round_seconds`: a worker not ready this long after the round's deadline is put
+    /// out of the round (its batches go back to the pool; it rejoins by live recovery).
+    /// Absent: one `round_seconds`.
+    pub round_grace_seconds: Option<f64>,
+    /// Rounds closed by tokens: batches are handed out as workers ask until the round has
+    /// this many tokens (whole steps of `batch_size` rows × the sequence length, rounded
+    /// down); faster workers train more of them, and the average is weighted as with
+    /// `round_seconds`. 0: off.
+    pub round_tokens: u64,
     /// When every worker holding the state is lost at once, `train --workers` restarts the
     /// run from its newest checkpoint by itself this many times at most.
     pub max_cold_restarts: u32,
@@ -158,6 +173,9 @@ impl Default for SyncSection {
             fragments: 1,
             overlap_steps: 0,
             mixing: 0.0,
+            round_seconds: 0.0,
+            round_grace_seconds: None,
+            round_tokens: 0,
             max_cold_restarts: 3,
             etcd: Vec::new(),
         }
@@ -222,6 +240,55 @@ impl SyncSection {
                 self.mixing.to_string(),
                 "must be in [0, 1)".into(),
             );
+        }
+        Ok(())
+    }
+
+    /// Whether rounds close by time or tokens, their batches handed out as workers ask.
+    pub fn on_demand(&self) -> bool {
+        self.round_seconds > 0.0 || self.round_tokens > 0
+    }
+
+    /// A round closed by time or tokens: DiLoCo's, without τ (which splits a fixed number of
+    /// steps), one bound at a time, and a grace only with a deadline.
+    fn validate_round_bound(&self, step_tokens: u64) -> Result<(), TrainError> {
+        let bad =
+            |field: &str, value: String, why: &str| invalid(&format!("sync.{field}"), value, why);
+        let seconds = self.round_seconds;
+        if !seconds.is_finite() || seconds < 0.0 {
+            return bad(
+                "round_seconds",
+                seconds.to_string(),
+                "must be 0 (off) or more",
+            );
+        }
+        if let Some(g) = self.round_grace_seconds {
+            if !g.is_finite() || g < 0.0 {
+                return bad("round_grace_seconds", g.to_string(), "must be 0 or more");
+            }
+            if seconds == 0.0 {
+                let why = "a grace follows a round's deadline: set sync.round_seconds";
+                return bad("round_grace_seconds", g.to_string(), why);
+            }
+        }
+        if !self.on_demand() {
+            return Ok(());
+        }
+        if seconds > 0.0 && self.round_tokens > 0 {
+            let why = "a round closes by time or by tokens, not both";
+            return bad("round_tokens", self.round_tokens.to_string(), why);
+        }
+        if self.mode == SyncMode::Ddp {
+            let why = "rounds closed by time or tokens are DiLoCo's; DDP syncs every step";
+            return bad("mode", "'ddp'".into(), why);
+        }
+        if self.overlap_steps != 0 {
+            let why = "τ is taken from a fixed number of steps; a round closed by time or tokens has none";
+            return bad("overlap_steps", self.overlap_steps.to_string(), why);
+        }
+        if self.round_tokens > 0 && self.round_tokens < step_tokens {
+            let why = format!("must be at least one step's tokens ({step_tokens})");
+            return bad("round_tokens", self.round_tokens.to_string(), &why);
         }
         Ok(())
     }
@@ -340,8 +407,11 @@ impl RunConfig {
     }
 
     /// Steps per worker in the budget of a multi-worker run: `steps`, rounded up to whole
-    /// rounds.
+    /// rounds of H steps (rounds closed by time or tokens have no fixed length).
     pub fn cluster_steps(&self) -> u64 {
+        if self.sync.on_demand() {
+            return self.train.steps;
+        }
         let per_round = self.sync.steps_per_round();
         self.train.steps.div_ceil(per_round) * per_round
     }
@@ -512,6 +582,111 @@ impl RunConfig {
         s.validate_etcd()?;
         let model = self.base_model_config()?;
         model.validate()?;
+        s.validate_round_bound(self.batch_tokens(&model) * t.grad_accum as u64)?;
         s.validate_streaming(model.num_hidden_layers)
+    }
+
+    /// The sequence length of a row: the addition task's own, or the model's context.
+    pub fn seq_len(&self, model: &ModelConfig) -> usize {
+        match self.data.task {
+            Task::Addition => AdditionTask::new(self.data.addition_digits).row_len() - 1,
+            Task::Text => model.max_position_embeddings,
+        }
+    }
+
+    /// Tokens in one batch id: `batch_size` rows.
+    pub fn batch_tokens(&self, model: &ModelConfig) -> u64 {
+        (self.train.batch_size * self.seq_len(model)) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error `cfg`'s sync section gets, if any.
+    fn refusal(sync: SyncSection) -> Option<String> {
+        let cfg = RunConfig {
+            sync,
+            ..Default::default()
+        };
+        cfg.validate().err().map(|e| e.to_string())
+    }
+
+    #[test]
+    fn rounds_closed_by_time_or_tokens_are_refused_where_they_would_not_act() {
+        let timed = SyncSection {
+            round_seconds: 5.0,
+            ..Default::default()
+        };
+        assert_eq!(refusal(timed.clone()), None);
+        let with_grace = SyncSection {
+            round_grace_seconds: Some(1.0),
+            ..timed.clone()
+        };
+        assert_eq!(refusal(with_grace), None);
+        let cases = [
+            (
+                SyncSection {
+                    round_tokens: 4096,
+                    ..timed.clone()
+                },
+                "sync.round_tokens = 4096: a round closes by time or by tokens, not both",
+            ),
+            (
+                SyncSection {
+                    mode: SyncMode::Ddp,
+                    ..timed.clone()
+                },
+                "DDP syncs every step",
+            ),
+            (
+                SyncSection {
+                    overlap_steps: 2,
+                    fragments: 2,
+                    ..timed.clone()
+                },
+                "sync.overlap_steps = 2: τ is taken from a fixed number of steps",
+            ),
+            (
+                SyncSection {
+                    round_seconds: -1.0,
+                    ..Default::default()
+                },
+                "sync.round_seconds = -1",
+            ),
+            (
+                SyncSection {
+                    round_grace_seconds: Some(2.0),
+                    ..Default::default()
+                },
+                "sync.round_grace_seconds = 2: a grace follows a round's deadline",
+            ),
+            (
+                SyncSection {
+                    round_tokens: 3,
+                    ..Default::default()
+                },
+                "sync.round_tokens = 3: must be at least one step's tokens",
+            ),
+        ];
+        for (sync, expected) in cases {
+            let got = refusal(sync).unwrap_or_default();
+            assert!(got.contains(expected), "{got:?} lacks {expected:?}");
+        }
+    }
+
+    #[test]
+    fn a_batch_holds_batch_size_rows_of_the_tasks_sequence_length() {
+        let mut cfg = RunConfig::default();
+        let model = cfg.base_model_config().unwrap();
+        let row = AdditionTask::new(cfg.data.addition_digits).row_len() - 1;
+        assert_eq!(
+            cfg.batch_tokens(&model),
+            (cfg.train.batch_size * row) as u64
+        );
+        cfg.data.task = Task::Text;
+        let expected = cfg.train.batch_size * model.max_position_embeddings;
+        assert_eq!(cfg.batch_tokens(&model), expected as u64);
     }
 }

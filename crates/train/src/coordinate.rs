@@ -15,6 +15,7 @@ use holdfast_cluster::coordinator::{
     AuditVerdict, CheckpointSource, Coordinator, Durable, Event, Liveness, Options, RoundRecord,
 };
 use holdfast_cluster::fingerprint::{OUTLIER_RATIO, STEP_OUTLIER_RATIO};
+use holdfast_cluster::pace::RoundBound;
 use holdfast_cluster::peer::{PeerServer, Snapshot, fetch_state_from};
 use holdfast_cluster::server::{CoordinatorServer, LeaseChanges, Recorder};
 use holdfast_cluster::wire::{Auth, random_bytes};
@@ -57,7 +58,9 @@ pub struct Progress {
 pub struct ClusterSummary {
     pub workers: usize,
     pub sync: String,
-    pub steps_per_round: u64,
+    /// Absent when rounds close by time or tokens: their steps vary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps_per_round: Option<u64>,
     pub rounds: u64,
     /// Batch ids committed: the whole budget.
     pub committed_batches: u64,
@@ -163,8 +166,7 @@ pub struct ClusterRun {
     slow_workers: std::collections::BTreeMap<String, f64>,
     rewinds: u64,
     skipped_batches: u64,
-    checkpoint_every_rounds: u64,
-    next_checkpoint_round: u64,
+    checkpoints: Cadence,
     pub workers: usize,
     /// Why this coordinator may no longer write the run directory, if it may not (see
     /// [`ClusterRun::fenced_by`]).
@@ -251,9 +253,50 @@ fn truncate_ledger(path: &Path, next_round: u64) -> Result<(), TrainError> {
     crate::atomic_write(path, kept.as_bytes())
 }
 
-/// The coordinator's options for a run of `cfg` that waits for `min_workers`.
-fn coordinator_options(cfg: &RunConfig, min_workers: usize) -> Options {
+/// When periodic checkpoints come: every `checkpoint_every` steps, counted in rounds of H
+/// steps, or in steps of the schedule when rounds close by time or tokens (their lengths
+/// vary).
+#[derive(Debug)]
+struct Cadence {
+    by_step: bool,
+    every: u64,
+    next: u64,
+}
+
+impl Cadence {
+    /// A period after `rounds` committed rounds at schedule step `step`.
+    fn after(cfg: &RunConfig, rounds: u64, step: u64) -> Cadence {
+        let by_step = cfg.sync.on_demand();
+        let every = match by_step {
+            true => cfg.train.checkpoint_every.max(1),
+            false => (cfg.train.checkpoint_every)
+                .div_ceil(cfg.sync.steps_per_round())
+                .max(1),
+        };
+        let at = if by_step { step } else { rounds };
+        Cadence {
+            by_step,
+            every,
+            next: at + every,
+        }
+    }
+
+    /// Whether one is due at `rounds` committed and schedule step `step`; when it is, the
+    /// next is a period on.
+    fn due(&mut self, rounds: u64, step: u64) -> bool {
+        let at = if self.by_step { step } else { rounds };
+        if at < self.next {
+            return false;
+        }
+        self.next = at + self.every;
+        true
+    }
+}
+
+/// The coordinator's options for a run of `cfg` and `model` that waits for `min_workers`.
+fn coordinator_options(cfg: &RunConfig, model: &ModelConfig, min_workers: usize) -> Options {
     let per_round = cfg.sync.steps_per_round();
+    let per_step = cfg.train.grad_accum as u64;
     Options {
         failure_timeout: Duration::from_millis(cfg.sync.failure_timeout_ms),
         min_workers,
@@ -275,7 +318,28 @@ fn coordinator_options(cfg: &RunConfig, min_workers: usize) -> Options {
         },
         liveness: Liveness::Heartbeats,
         one_backend: cfg.sync.mode == SyncMode::Ddp,
+        round_bound: round_bound(cfg, model),
+        batches_per_step: per_step,
     }
+}
+
+/// What closes a round of `cfg`: `inner_steps` each, a deadline, or a number of tokens (in
+/// whole steps' batches).
+fn round_bound(cfg: &RunConfig, model: &ModelConfig) -> RoundBound {
+    let s = &cfg.sync;
+    if s.round_seconds > 0.0 {
+        let round = Duration::from_secs_f64(s.round_seconds);
+        let grace = s.round_grace_seconds.map_or(round, Duration::from_secs_f64);
+        return RoundBound::Time { round, grace };
+    }
+    if s.round_tokens > 0 {
+        let per_step = cfg.train.grad_accum as u64;
+        let steps = s.round_tokens / (cfg.batch_tokens(model) * per_step);
+        return RoundBound::Batches {
+            batches: steps.max(1) * per_step,
+        };
+    }
+    RoundBound::Fixed
 }
 
 /// What a coordinator under `plane` (if any) needs of it for the run `run_id`: the recorder
@@ -438,8 +502,7 @@ impl ClusterRun {
         start: Start,
         plane: Option<&dyn ControlPlane>,
     ) -> Result<ClusterRun, TrainError> {
-        let per_round = cfg.sync.steps_per_round();
-        let mut opts = coordinator_options(cfg, min_workers);
+        let mut opts = coordinator_options(cfg, model, min_workers);
         let run_id = match &start {
             Start::TakeOver(d) => d.run_id,
             _ => u64::from_le_bytes(random_bytes()),
@@ -459,10 +522,13 @@ impl ClusterRun {
                 restored.restart(run_dir, opts, *r)?
             }
         };
-        let checkpoint_every_rounds = cfg.train.checkpoint_every.div_ceil(per_round).max(1);
         // A restarted run's first checkpoint comes a period after the one it restarted from,
         // not at once: that state is on disk already, and has no vote to wait for yet.
-        let next_checkpoint_round = coordinator.committed_rounds() + checkpoint_every_rounds;
+        let checkpoints = Cadence::after(
+            cfg,
+            coordinator.committed_rounds(),
+            coordinator.schedule_step(),
+        );
         let server = CoordinatorServer::start_recording(
             listen,
             auth.clone(),
@@ -497,8 +563,7 @@ impl ClusterRun {
             slow_workers: Default::default(),
             rewinds: 0,
             skipped_batches: 0,
-            checkpoint_every_rounds,
-            next_checkpoint_round,
+            checkpoints,
             workers: min_workers,
             fence: None,
         })
@@ -539,13 +604,12 @@ impl ClusterRun {
         if let Some(why) = unstable {
             return Err(TrainError::Unstable(why));
         }
-        if progress.committed_rounds >= self.next_checkpoint_round && !run_complete {
+        if !run_complete && (self.checkpoints).due(progress.committed_rounds, progress.step) {
             // A failed periodic checkpoint is worth a warning, not the run.
             match self.checkpoint() {
                 Ok((path, _)) => tracing::info!("checkpoint {}", path.display()),
                 Err(e) => tracing::warn!("periodic checkpoint failed: {e}"),
             }
-            self.next_checkpoint_round = progress.committed_rounds + self.checkpoint_every_rounds;
         }
         let mut events = events;
         events.append(&mut self.undelivered);
@@ -805,7 +869,7 @@ impl ClusterRun {
         let summary = ClusterSummary {
             workers: self.workers,
             sync: self.cfg.sync.mode.to_string(),
-            steps_per_round: self.cfg.sync.steps_per_round(),
+            steps_per_round: (!self.cfg.sync.on_demand()).then(|| self.cfg.sync.steps_per_round()),
             rounds: self.records.len() as u64,
             committed_batches: self
                 .records
@@ -853,5 +917,28 @@ impl ClusterRun {
                 .as_bytes(),
         )?;
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_come_every_h_rounds_or_by_steps_when_rounds_vary() {
+        let mut cfg = RunConfig::default();
+        cfg.train.checkpoint_every = 100;
+        cfg.sync.inner_steps = 50;
+        let mut by_round = Cadence::after(&cfg, 0, 0);
+        assert!(!by_round.due(1, 500), "rounds count, not steps");
+        assert!(by_round.due(2, 0) && !by_round.due(3, 0) && by_round.due(4, 0));
+        cfg.sync.round_seconds = 2.0;
+        let mut by_step = Cadence::after(&cfg, 0, 0);
+        assert!(!by_step.due(9, 99), "steps count, not rounds");
+        assert!(by_step.due(1, 130));
+        assert!(
+            !by_step.due(2, 229) && by_step.due(3, 230),
+            "a period after the last"
+        );
     }
 }

@@ -29,6 +29,8 @@ pub struct Overrides {
     pub precision: Option<crate::config::Precision>,
     pub fragments: Option<u64>,
     pub overlap_steps: Option<u64>,
+    pub round_seconds: Option<f64>,
+    pub round_tokens: Option<u64>,
     pub failure_timeout_ms: Option<u64>,
     pub no_guards: bool,
 }
@@ -72,6 +74,13 @@ impl RunConfig {
             }
         }
         cfg.apply_training_overrides(o);
+        if o.inner_steps.is_some() && cfg.sync.on_demand() {
+            return Err(TrainError::Config(
+                "--inner-steps: rounds closed by time or tokens (sync.round_seconds, \
+                 sync.round_tokens) have no fixed number of steps"
+                    .into(),
+            ));
+        }
         Ok(cfg)
     }
 
@@ -95,6 +104,8 @@ impl RunConfig {
         set(&mut s.precision, o.precision);
         set(&mut s.fragments, o.fragments);
         set(&mut s.overlap_steps, o.overlap_steps);
+        set(&mut s.round_seconds, o.round_seconds);
+        set(&mut s.round_tokens, o.round_tokens);
         set(&mut s.failure_timeout_ms, o.failure_timeout_ms);
         if o.no_guards {
             self.guard.enabled = false;
@@ -213,6 +224,25 @@ mod tests {
         assert_eq!(
             "gossip".parse::<SyncMode>().unwrap_err().to_string(),
             "invalid config value: sync.mode = 'gossip': known modes: diloco, ddp"
+        );
+    }
+
+    #[test]
+    fn a_fixed_h_is_refused_for_rounds_closed_by_time() {
+        let timed = Overrides {
+            round_seconds: Some(2.0),
+            ..Default::default()
+        };
+        let cfg = RunConfig::for_new_run(None, &timed).unwrap();
+        assert_eq!(cfg.sync.round_seconds, 2.0);
+        let both = Overrides {
+            inner_steps: Some(20),
+            ..timed
+        };
+        let e = RunConfig::for_new_run(None, &both).unwrap_err().to_string();
+        assert!(
+            e.contains("--inner-steps: rounds closed by time or tokens"),
+            "{e}"
         );
     }
 }

@@ -84,7 +84,7 @@ pub fn prepare_data(
             Dataset::Text(TextData::new(
                 tokens,
                 cfg.data.val_fraction,
-                model.max_position_embeddings,
+                cfg.seq_len(&model),
             )?)
         }
     };

@@ -7,6 +7,7 @@
 //! the replica contributes and how it applies the result (DiLoCo or DDP), and the guarded
 //! step ([`GuardedStep`]) is the single-worker one. [`session`] only strings them together.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -246,18 +247,30 @@ fn session(
             data: &data.dataset,
             train: &cfg.train,
             batches: &a.batches,
+            more: None,
+            by_batches: cfg.sync.on_demand(),
             first_step: a.first_step,
             step_scale: a.step_scale,
             slow_factor: o.slow_factor,
         };
-        let mut contribution = strategy.contribute(r, &work, &mut stepper);
-        corrupt_if_planned(stepper.faults(), &mut contribution.payload, a.round);
+        // An audit first: in an on-demand round its time comes out of this worker's own
+        // share, not after the round's deadline.
         let audit = a.audit.as_ref().and_then(|task| {
             let replayed = replay(&client, task, &a, cfg, data, &o.device, strategy.as_ref());
             replayed
                 .inspect_err(|e| tracing::warn!("round {}: audit of {}: {e}", a.round, task.of))
                 .ok()
         });
+        let mut contribution = {
+            let asking = RefCell::new(&mut client);
+            let ask = || ask_for_batches(&asking, a.round);
+            let work = RoundWork {
+                more: a.on_demand.then_some(&ask as &dyn Fn() -> Vec<u64>),
+                ..work
+            };
+            strategy.contribute(r, &work, &mut stepper)
+        };
+        corrupt_if_planned(stepper.faults(), &mut contribution.payload, a.round);
         let fragment = strategy.fragment_of(a.round);
         let sent = sendable(
             &mut r.feedback[fragment],
@@ -286,6 +299,15 @@ fn session(
         flip_a_bit_if_planned(stepper.faults(), r, a.round);
         report = Some(publish(&client, r, holder.with_local));
     }
+}
+
+/// The next step's batches of on-demand round `round`. A failed ask closes the round here:
+/// the sync that follows meets the same failure and deals with it.
+fn ask_for_batches(client: &RefCell<&mut RoundClient>, round: u64) -> Vec<u64> {
+    (client.borrow_mut().more_batches(round)).unwrap_or_else(|e| {
+        tracing::warn!("round {round}: asking for batches: {e}");
+        Vec::new()
+    })
 }
 
 /// The replica kept from the last session, served again from this one's peer endpoint; none
@@ -433,6 +455,8 @@ fn replay(
         data: &data.dataset,
         train: &cfg.train,
         batches: &task.batches,
+        more: None,
+        by_batches: cfg.sync.on_demand(),
         first_step: a.first_step,
         step_scale: a.step_scale,
         slow_factor: 1.0,
@@ -494,10 +518,10 @@ fn sendable<'a>(feedback: &mut ErrorFeedback, payload: &'a [f32], quantized: boo
 }
 
 /// What the coordinator hears of this worker's round besides the traffic: among it, the
-/// fingerprint of the values it sends (their weight, last, left out; a refusal sent for values
-/// that are not finite is fingerprinted as what it stands for), their hash when they are
-/// `audited` (before any residual is added: that is what a replay recomputes), and its
-/// replay of another's contribution when it audits one.
+/// fingerprint of the values it sends (per unit of their weight, which is last and left out;
+/// a refusal sent for values that are not finite is fingerprinted as what it stands for),
+/// their hash when they are `audited` (before any residual is added: that is what a replay
+/// recomputes), and its replay of another's contribution when it audits one.
 fn round_stats(
     c: &Contribution,
     sent: &Sent,
@@ -508,9 +532,10 @@ fn round_stats(
         Sent::Refusal(_) => &c.payload,
         other => other.values(),
     };
-    let values = &fingerprinted[..fingerprinted.len().saturating_sub(1)];
+    let (values, weight) = fingerprinted.split_at(fingerprinted.len().saturating_sub(1));
+    let weight = weight.first().copied().unwrap_or(1.0);
     WorkerRoundStats {
-        fingerprint: Some(Fingerprint::of(values)),
+        fingerprint: Some(Fingerprint::of(values).per(weight)),
         payload_blake3: audited.then(|| payload_hash(&c.payload)),
         audit,
         tokens: c.tokens,

@@ -50,7 +50,7 @@ impl SyncStrategy for Ddp {
                 values.resize(r.outer.len(), 0.0);
             }
         }
-        c.payload = weighted(values, c.skipped_steps == 0);
+        c.payload = weighted(values, work.weight(c.skipped_steps == 0, 1));
         c
     }
 

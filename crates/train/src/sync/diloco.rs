@@ -42,8 +42,12 @@ impl Diloco {
         }
     }
 
-    /// The round's optimizer steps: `(before the contribution, overlapping its sync)`.
+    /// The round's optimizer steps: `(before the contribution, overlapping its sync)`. An
+    /// on-demand round's are not known in advance, and it has no overlap (see the config).
     fn split(&self, work: &RoundWork) -> (usize, usize) {
+        if work.more.is_some() {
+            return (usize::MAX, 0);
+        }
         let steps = work.batches.len().div_ceil(work.train.grad_accum.max(1));
         let overlap = self.overlap_steps.min(steps.saturating_sub(1));
         (steps - overlap, overlap)
@@ -89,7 +93,7 @@ impl SyncStrategy for Diloco {
         // A replica that made no progress (rolled back, or every step refused) is not a vote
         // for standing still: the outer step is the mean of the replicas that moved.
         let moved = delta.iter().any(|&d| d != 0.0);
-        c.payload = weighted(delta, moved);
+        c.payload = weighted(delta, work.weight(moved, c.batches));
         c
     }
 
@@ -151,17 +155,17 @@ fn inner_steps(
 ) -> Contribution {
     let mut c = Contribution::default();
     let mut measured = 0u32;
-    let accum = work.train.grad_accum;
-    for (i, ids) in work.batches.chunks(accum).enumerate().take(steps.end) {
+    for (i, ids) in work.step_ids().enumerate().take(steps.end) {
         if i < steps.start {
             continue;
         }
-        let firsts = work.firsts(ids);
+        let firsts = work.firsts(&ids);
         let b = work.step(i, &firsts);
         let started = std::time::Instant::now();
         let report = stepper.step(&mut r.weights, &mut r.opt, &b, work.train);
         work.pace(started);
         c.tokens += report.tokens as u64;
+        c.batches += ids.len() as u64;
         if report.loss.is_finite() {
             c.loss += report.loss;
             measured += 1;
@@ -244,7 +248,7 @@ mod tests {
         let mut delta = Vec::new();
         pseudo_gradient(&a.outer, &flatten(&a.weights.tensors), &mut delta);
         assert!(delta.iter().any(|&d| d != 0.0), "three steps moved it");
-        assert_eq!(ca.payload, weighted(delta, true), "the progress, weight 1");
+        assert_eq!(ca.payload, weighted(delta, 1.0), "the progress, weight 1");
         assert!(ca.loss > 0.0 && ca.tokens > 0 && ca.skipped_steps + ca.rollbacks == 0);
         assert_ne!(ca.payload, cb.payload, "other batches, other progress");
 
@@ -306,12 +310,51 @@ mod tests {
     }
 
     #[test]
+    fn an_on_demand_round_trains_what_it_is_handed_and_weighs_its_progress_by_batches() {
+        let (data, train) = (data(), train());
+        let handed = std::cell::RefCell::new(vec![vec![3], vec![2], vec![1]]);
+        let ask = || handed.borrow_mut().pop().unwrap_or_default();
+        let mut on_demand = work(&data, &train, &[0]);
+        on_demand.more = Some(&ask);
+        on_demand.by_batches = true;
+        let mut faults = NumberFaults::default();
+        let mut stepper = GuardedStep::new(GuardSection::default(), &mut faults);
+        let asked = strategy().contribute(&mut replica(true), &on_demand, &mut stepper);
+        assert!(
+            handed.borrow().is_empty(),
+            "it asked until told the round closed"
+        );
+        assert_eq!(asked.batches, 4);
+        let fixed = trained(&data, &train, &[0, 1, 2, 3]);
+        let (values, weight) = fixed.payload.split_at(fixed.payload.len() - 1);
+        assert_eq!(weight, [1.0]);
+        let scaled: Vec<f32> = values.iter().map(|v| v * 4.0).chain([4.0]).collect();
+        assert_eq!(
+            asked.payload, scaled,
+            "the same steps, weighed by its 4 batches"
+        );
+    }
+
+    #[test]
+    fn contributions_weighed_by_batches_average_by_batches() {
+        let (data, train) = (data(), train());
+        let mut by_batches = work(&data, &train, &[]);
+        by_batches.by_batches = true;
+        let three = weighted(vec![1.0, 0.0], by_batches.weight(true, 3));
+        let one = weighted(vec![0.0, 2.0], by_batches.weight(true, 1));
+        let sum: Vec<f32> = three.iter().zip(&one).map(|(a, b)| a + b).collect();
+        assert_eq!(sum, [3.0, 2.0, 4.0]);
+        assert_eq!(counted_mean(sum), Some(vec![0.75, 0.5]));
+        assert_eq!(by_batches.weight(false, 3), 0.0, "a refusal weighs nothing");
+    }
+
+    #[test]
     fn a_damped_round_takes_a_scaled_step() {
         let s = strategy();
         let (data, train) = (data(), train());
         let mut r = replica(true);
         let before = r.outer.clone();
-        let sum = weighted(vec![1.0f32; before.len()], true);
+        let sum = weighted(vec![1.0f32; before.len()], 1.0);
         let mut w = work(&data, &train, &[]);
         w.step_scale = 0.5;
         s.apply(&mut r, sum, &w);

@@ -28,7 +28,14 @@ pub struct RoundWork<'a> {
     pub round: u64,
     pub data: &'a Dataset,
     pub train: &'a TrainSection,
+    /// The batch ids handed out when the round started.
     pub batches: &'a [u64],
+    /// An on-demand round: asks the coordinator for the next step's batch ids once `batches`
+    /// are trained; none when the round is closed to this worker.
+    pub more: Option<&'a dyn Fn() -> Vec<u64>>,
+    /// Weigh the contribution by the batches trained (rounds whose members train different
+    /// amounts), not 1 each.
+    pub by_batches: bool,
     /// The schedule step of the round's first optimizer step.
     pub first_step: u64,
     /// Below 1 after a rewind: the round's update is damped by it.
@@ -38,6 +45,24 @@ pub struct RoundWork<'a> {
 }
 
 impl RoundWork<'_> {
+    /// The batch ids of the round's optimizer steps, in order: those handed out at its start,
+    /// then, in an on-demand round, what the coordinator hands out as they are asked for.
+    fn step_ids(&self) -> impl Iterator<Item = Vec<u64>> + '_ {
+        let accum = self.train.grad_accum.max(1);
+        let handed = self.batches.chunks(accum).map(<[u64]>::to_vec);
+        let asked = std::iter::from_fn(|| self.more.map(|ask| ask()).filter(|ids| !ids.is_empty()));
+        handed.chain(asked)
+    }
+
+    /// The weight of a contribution that `counts` (see [`weighted`]) after `batches` trained.
+    fn weight(&self, counts: bool, batches: u64) -> f32 {
+        match (counts, self.by_batches) {
+            (false, _) => 0.0,
+            (true, false) => 1.0,
+            (true, true) => batches as f32,
+        }
+    }
+
     /// The batches of optimizer step `index` of the round, whose micro-batches start at `firsts`.
     fn step<'b>(&'b self, index: usize, firsts: &'b [u64]) -> StepBatches<'b> {
         let step = self.first_step + index as u64;
@@ -74,6 +99,8 @@ pub struct Contribution {
     /// Mean of the finite losses the round's steps measured, applied or not (0 if none).
     pub loss: f64,
     pub tokens: u64,
+    /// Batch ids trained.
+    pub batches: u64,
     pub skipped_steps: u64,
     pub rollbacks: u64,
     pub compute_s: f64,
@@ -132,19 +159,23 @@ pub fn payload_buffer(n: usize) -> Vec<f32> {
     Vec::with_capacity(n + 1)
 }
 
-/// Appends a contribution's weight: 1 when it counts, 0 when it is a refusal (zeros sent by
-/// a replica whose step the guard refused, or that rolled back). Summed by the all-reduce like
-/// the values, the weights say how many contributions to average over — the same number on
-/// every replica — so a refusal neither shrinks the others' step nor becomes a step itself.
-pub fn weighted(mut values: Vec<f32>, counts: bool) -> Vec<f32> {
-    values.push(if counts { 1.0 } else { 0.0 });
+/// Appends a contribution's weight: 1 when it counts (or, in rounds whose members train
+/// different amounts, the batches it trained, its values scaled by them), 0 when it is a
+/// refusal (zeros sent by a replica whose step the guard refused, or that rolled back).
+/// Summed by the all-reduce like the values, the weights say what to average over — the same
+/// on every replica — so a refusal neither shrinks the others' step nor becomes a step itself.
+pub fn weighted(mut values: Vec<f32>, weight: f32) -> Vec<f32> {
+    if weight != 0.0 && weight != 1.0 {
+        values.iter_mut().for_each(|v| *v *= weight);
+    }
+    values.push(weight);
     values
 }
 
-/// The mean of the contributions that counted in a committed `sum` (weights last), or `None`
-/// when none did.
+/// The weighted mean of the contributions that counted in a committed `sum` (weights last),
+/// or `None` when none did.
 pub fn counted_mean(mut sum: Vec<f32>) -> Option<Vec<f32>> {
-    // A sum of a few 1s and 0s is an exact small integer in f32.
+    // A sum of whole numbers of batches is an exact integer in f32 (below 2^24).
     let counted = sum.pop().expect("a weight ends every contribution") as usize;
     if counted == 0 {
         return None;
@@ -214,6 +245,8 @@ pub(crate) mod testing {
             data,
             train,
             batches,
+            more: None,
+            by_batches: false,
             first_step: 10,
             step_scale: 1.0,
             slow_factor: 1.0,
