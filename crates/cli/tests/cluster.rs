@@ -911,6 +911,32 @@ fn workers_of_different_speeds_train_until_a_timed_round_closes_and_every_batch_
 }
 
 #[test]
+fn rounds_closed_by_tokens_each_commit_that_many_and_the_faster_worker_trains_more_of_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 3-digit additions are rows of 12 tokens: a batch of 32 rows is 384, a round 30 batches.
+    let mut args = train_args("counted", "2", "400");
+    let h = args.iter().position(|a| *a == "--inner-steps").unwrap();
+    args.splice(h..h + 2, ["--round-tokens", "11520"]);
+    args.extend(["--chaos", "slow:worker=1,factor=4"]);
+    ok(&holdfast(d, &args));
+    let run = d.join("counted");
+    let ledger = assert_exactly_once(&run);
+    let (last, full) = ledger.split_last().unwrap();
+    for r in full {
+        let batches: usize = (r["members"].as_array().unwrap().iter())
+            .map(|m| m["batches"].as_array().unwrap().len())
+            .sum();
+        assert_eq!(batches, 30, "round {}: {r}", r["round"]);
+    }
+    assert!(!last["members"].as_array().unwrap().is_empty());
+    let trained = batches_by_worker(&ledger);
+    assert!(trained["worker-0"] > 2 * trained["worker-1"], "{trained:?}");
+    assert_states_agree(&run);
+}
+
+#[test]
 fn a_corrupted_contribution_is_voided_before_it_is_averaged_in() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

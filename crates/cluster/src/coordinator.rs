@@ -1897,9 +1897,9 @@ impl Coordinator {
     }
 
     /// How far apart honest fingerprints of an on-demand round's members may be for the
-    /// batches they trained: their fingerprints are per batch, and progress over n batches
-    /// grows between √n (noise) and n (drift), so per batch it differs by up to the square root
-    /// of the ratio of their batch counts. 1 in fixed rounds.
+    /// batches they trained: their fingerprints are of progress per batch, and progress over
+    /// n batches grows between √n (noise) and n (drift), so per batch it differs by up to the
+    /// square root of the ratio of their batch counts. 1 in fixed rounds.
     fn batch_spread(&self) -> f64 {
         let Some(a) = self
             .active

@@ -43,17 +43,17 @@ impl Fingerprint {
         }
     }
 
-    /// Of values that sum `weight` contributions (a member of an on-demand round sends its
-    /// progress times the batches it trained): per one of them, so that members that trained
-    /// different amounts compare.
-    pub fn per(self, weight: f32) -> Fingerprint {
-        if weight <= 1.0 {
+    /// Of the progress per batch trained, from that of values a member of an on-demand round
+    /// sent: its progress times the `batches` it trained (its weight). Members that trained
+    /// different amounts compare per batch; a weight of 1 (fixed rounds) changes nothing.
+    pub fn per_batch(self, batches: f32) -> Fingerprint {
+        if batches <= 1.0 {
             return self;
         }
-        let w = f64::from(weight);
+        let squared = f64::from(batches) * f64::from(batches);
         Fingerprint {
-            norm: self.norm / w,
-            max_abs: self.max_abs / w,
+            norm: self.norm / squared,
+            max_abs: self.max_abs / squared,
         }
     }
 
@@ -232,5 +232,14 @@ mod tests {
             remember(&mut history, &named(&[("a", fp(1.0, 0.01))]));
         }
         assert_eq!(history["a"].len(), HISTORY);
+    }
+
+    #[test]
+    fn a_weighed_contribution_is_fingerprinted_per_batch_of_its_progress() {
+        // Progress [3, 4] over 4 batches, sent times 4.
+        let sent = Fingerprint::of(&[12.0, 16.0]);
+        assert_eq!(sent.per_batch(4.0), Fingerprint::of(&[0.75, 1.0]));
+        assert_eq!(sent.per_batch(1.0), sent, "fixed rounds: as sent");
+        assert_eq!(sent.per_batch(0.0), sent, "a refusal: as sent");
     }
 }

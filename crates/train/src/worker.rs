@@ -518,10 +518,11 @@ fn sendable<'a>(feedback: &mut ErrorFeedback, payload: &'a [f32], quantized: boo
 }
 
 /// What the coordinator hears of this worker's round besides the traffic: among it, the
-/// fingerprint of the values it sends (per unit of their weight, which is last and left out;
-/// a refusal sent for values that are not finite is fingerprinted as what it stands for),
-/// their hash when they are `audited` (before any residual is added: that is what a replay
-/// recomputes), and its replay of another's contribution when it audits one.
+/// fingerprint of the values it sends (per batch trained when they are weighed by batches;
+/// their weight, last, left out; a refusal sent for values that are not finite is
+/// fingerprinted as what it stands for), their hash when they are `audited` (before any
+/// residual is added: that is what a replay recomputes), and its replay of another's
+/// contribution when it audits one.
 fn round_stats(
     c: &Contribution,
     sent: &Sent,
@@ -535,7 +536,7 @@ fn round_stats(
     let (values, weight) = fingerprinted.split_at(fingerprinted.len().saturating_sub(1));
     let weight = weight.first().copied().unwrap_or(1.0);
     WorkerRoundStats {
-        fingerprint: Some(Fingerprint::of(values).per(weight)),
+        fingerprint: Some(Fingerprint::of(values).per_batch(weight)),
         payload_blake3: audited.then(|| payload_hash(&c.payload)),
         audit,
         tokens: c.tokens,
