@@ -9,14 +9,16 @@
 #   bash bench/failover.sh [N] [M]
 #
 # Needs `etcd` on the PATH (Debian: etcd-server) and a binary built with the etcd feature
-# (cargo build --release --features etcd); HOLDFAST and OUT may be set.
+# (cargo build --release --features etcd); HOLDFAST and OUT may be set, and ROUNDS how rounds
+# close (default "--inner-steps 20"; e.g. "--round-seconds 0.25").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10}
 M=${2:-3}
 BIN=$(realpath "${HOLDFAST:-${CARGO_TARGET_DIR:-target}/release/holdfast}")
 OUT=${OUT:-$(mktemp -d -t holdfast-failover.XXXXXX)}
-SHAPE=(--min-workers 3 --steps 400 --inner-steps 20 --batch-size 32 --no-progress)
+# shellcheck disable=SC2206
+SHAPE=(--min-workers 3 --steps 400 ${ROUNDS:---inner-steps 20} --batch-size 32 --no-progress)
 export HOLDFAST_SECRET=0123456789abcdef0123456789abcdef RAYON_NUM_THREADS=1
 [ -x "$BIN" ] || { echo "failover: no holdfast binary at $BIN" >&2; exit 2; }
 command -v etcd > /dev/null || { echo "failover: no etcd on the PATH (apt-get install etcd-server)" >&2; exit 2; }
@@ -47,11 +49,16 @@ workers() { # run name
     PIDS+=($!)
   done
 }
-check_ledger() { # run dir: every round 0..19 once
+check_ledger() { # run dir: rounds 0, 1, 2... once each, and every batch of the budget once
   python3 - "$1" << 'EOF'
 import json, sys
-rounds = [json.loads(l)["round"] for l in open(sys.argv[1] + "/ledger.jsonl") if '"members"' in l]
-sys.exit(0 if rounds == list(range(20)) else f"ledger rounds {rounds}")
+lines = [json.loads(l) for l in open(sys.argv[1] + "/ledger.jsonl") if '"members"' in l]
+rounds = [r["round"] for r in lines]
+batches = sorted(b for r in lines for m in r["members"] for b in m["batches"])
+if rounds != list(range(len(rounds))):
+    sys.exit(f"ledger rounds {rounds}")
+if batches != list(range(3 * 400)):
+    sys.exit(f"{len(batches)} batches committed, {len(set(batches))} distinct, of 1200")
 EOF
 }
 
