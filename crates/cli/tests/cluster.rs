@@ -859,6 +859,20 @@ fn a_corrupted_replica_never_reaches_a_checkpoint_and_a_slow_one_changes_only_ti
     assert_eq!(events(&run, "slow_worker").len(), 1);
 }
 
+/// [`train_args`]'s shape with rounds closed by `bound` (a flag and its value) in place of
+/// H = 20.
+fn bounded_train_args<'a>(
+    run: &'a str,
+    workers: &'a str,
+    steps: &'a str,
+    bound: [&'a str; 2],
+) -> Vec<&'a str> {
+    let mut args = train_args(run, workers, steps);
+    let h = args.iter().position(|a| *a == "--inner-steps").unwrap();
+    args.splice(h..h + 2, bound);
+    args
+}
+
 /// Batches each worker trained over the rounds of `ledger`, by name.
 fn batches_by_worker(ledger: &[Value]) -> BTreeMap<String, usize> {
     let mut trained = BTreeMap::new();
@@ -876,12 +890,11 @@ fn workers_of_different_speeds_train_until_a_timed_round_closes_and_every_batch_
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // train_args's shape, with rounds closed by time in place of H = 20.
-    let mut args = train_args("timed", "3", "800");
-    let h = args.iter().position(|a| *a == "--inner-steps").unwrap();
-    args.splice(h..h + 2, ["--round-seconds", "1"]);
-    args.extend(["--chaos", "slow:worker=2,factor=4"]);
-    let out = holdfast(d, &args);
+    let args = bounded_train_args("timed", "3", "800", ["--round-seconds", "1"]);
+    let out = holdfast(
+        d,
+        &[&args[..], &["--chaos", "slow:worker=2,factor=4"]].concat(),
+    );
     ok(&out);
     let said = format!(
         "{}{}",
@@ -916,11 +929,11 @@ fn rounds_closed_by_tokens_each_commit_that_many_and_the_faster_worker_trains_mo
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // 3-digit additions are rows of 12 tokens: a batch of 32 rows is 384, a round 30 batches.
-    let mut args = train_args("counted", "2", "400");
-    let h = args.iter().position(|a| *a == "--inner-steps").unwrap();
-    args.splice(h..h + 2, ["--round-tokens", "11520"]);
-    args.extend(["--chaos", "slow:worker=1,factor=4"]);
-    ok(&holdfast(d, &args));
+    let args = bounded_train_args("counted", "2", "400", ["--round-tokens", "11520"]);
+    ok(&holdfast(
+        d,
+        &[&args[..], &["--chaos", "slow:worker=1,factor=4"]].concat(),
+    ));
     let run = d.join("counted");
     let ledger = assert_exactly_once(&run);
     let (last, full) = ledger.split_last().unwrap();

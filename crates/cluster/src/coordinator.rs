@@ -367,14 +367,19 @@ fn replay_class(backend: &str, threads: usize) -> String {
     }
 }
 
-/// Each member's seconds per batch over the median of its peers' in a round (members that
-/// trained no batch, or with no peer, are left out).
-fn speed_ratios(members: &[LedgerMember]) -> Vec<(String, f64)> {
-    let per_batch: Vec<(String, f64)> = members
+/// Each member's seconds per batch in a round (members that trained no batch, or took no
+/// time, are left out).
+fn seconds_per_batch(members: &[LedgerMember]) -> Vec<(String, f64)> {
+    members
         .iter()
         .filter(|m| !m.batches.is_empty() && m.compute_s > 0.0)
         .map(|m| (m.name.clone(), m.compute_s / m.batches.len() as f64))
-        .collect();
+        .collect()
+}
+
+/// Each member's seconds per batch over the median of its peers' (`per_batch`, from
+/// [`seconds_per_batch`]; a member with no peer is left out).
+fn speed_ratios(per_batch: &[(String, f64)]) -> Vec<(String, f64)> {
     per_batch
         .iter()
         .filter_map(|(name, own)| {
@@ -563,11 +568,9 @@ struct ActiveRound {
     audit: Option<(WorkerId, [WorkerId; 2])>,
     /// No batch was left in the pool for a later round.
     last: bool,
-    /// On-demand rounds: the members that may still ask for batches, when each last did, and
-    /// how many the round has handed out.
+    /// On-demand rounds: the members that may still ask for batches, and when each last did.
     pulling: BTreeSet<WorkerId>,
     last_pull: BTreeMap<WorkerId, Instant>,
-    handed: u64,
     /// Members that have said they are ready in some attempt: their contribution is done.
     contributed: BTreeSet<WorkerId>,
 }
@@ -1202,7 +1205,6 @@ impl Coordinator {
         }
         ActiveRound {
             round: self.round,
-            handed: batches.values().map(|b| b.len() as u64).sum(),
             members: ids,
             batches,
             attempt: 0,
@@ -1732,9 +1734,10 @@ impl Coordinator {
         let step_s = (a.last_pull.get(&worker))
             .map(|t| now.saturating_duration_since(*t))
             .or(known);
-        let open = a.pulling.contains(&worker)
-            && matches!(a.phase, Phase::Gathering { .. })
-            && bound.hands_out(a.started, now, a.handed, step_s);
+        // What its members hold, and what removed members handed back.
+        let held: u64 = a.batches.values().map(|b| b.len() as u64).sum();
+        let handed = held + a.discarded;
+        let open = a.pulling.contains(&worker) && bound.hands_out(a.started, now, handed, step_s);
         let batches = match open {
             true => self.pool.take(per_step, budget),
             false => Vec::new(),
@@ -1743,7 +1746,6 @@ impl Coordinator {
             a.pulling.remove(&worker);
         } else {
             a.last_pull.insert(worker, now);
-            a.handed += batches.len() as u64;
             a.batches.entry(worker).or_default().extend(&batches);
         }
         Reply::Batches { round, batches }
@@ -2081,13 +2083,9 @@ impl Coordinator {
         self.one_behind.clear();
         let every_member_rolled_back = reduced.values().all(|s| s.rollbacks > 0);
         let (round, loss) = (record.round, record.loss);
-        let speeds = speed_ratios(&record.members);
-        for m in record.members.iter().filter(|m| !m.batches.is_empty()) {
-            if m.compute_s > 0.0 {
-                let per_batch = m.compute_s / m.batches.len() as f64;
-                self.batch_seconds.insert(m.name.clone(), per_batch);
-            }
-        }
+        let per_batch = seconds_per_batch(&record.members);
+        let speeds = speed_ratios(&per_batch);
+        self.batch_seconds.extend(per_batch);
         // Committed first: a rewind that undoes this round is recorded after it.
         self.events.push(Event::Committed(record));
         self.judge_speed(round, speeds);
@@ -4016,8 +4014,8 @@ mod tests {
             10,
             "one batch a second for 10 s: {fast_got:?}"
         );
-        // At 8 s a 4 s step would end 2 s late, nearer than the 2 s it would leave idle? No:
-        // equal is handed out; it stops at 12 s, past the deadline.
+        // The slow one asks at 4 s and 8 s: from 8 s a 4 s step ends 2 s past the deadline, no
+        // farther than the 2 s before it, so it is handed out; at 12 s the round is closed.
         assert_eq!(slow_got.len(), 3, "{slow_got:?}");
         assert!(fast_closed <= t0 + Duration::from_secs(10));
         assert!(slow_closed <= t0 + Duration::from_secs(12));

@@ -446,6 +446,21 @@ impl RunConfig {
 
     /// Rejects values that would fail later or train nonsense, naming the field.
     pub fn validate(&self) -> Result<(), TrainError> {
+        self.validate_train()?;
+        if let Some(0) = self.model.context {
+            return invalid("model.context", "0".into(), "must be at least 1");
+        }
+        self.validate_data()?;
+        self.validate_guard()?;
+        self.validate_sync()?;
+        let (s, t) = (&self.sync, &self.train);
+        let model = self.base_model_config()?;
+        model.validate()?;
+        s.validate_round_bound(self.batch_tokens(&model) * t.grad_accum as u64)?;
+        s.validate_streaming(model.num_hidden_layers)
+    }
+
+    fn validate_train(&self) -> Result<(), TrainError> {
         let t = &self.train;
         let bad = invalid;
         if !(t.lr.is_finite() && t.lr > 0.0) {
@@ -479,15 +494,17 @@ impl RunConfig {
             ("train.eval_every", t.eval_every as usize),
             ("train.eval_batches", t.eval_batches),
             ("train.checkpoint_every", t.checkpoint_every as usize),
-            ("train.keep_checkpoints", self.train.keep_checkpoints),
+            ("train.keep_checkpoints", t.keep_checkpoints),
         ] {
             if v == 0 {
                 return bad(field, "0".into(), "must be at least 1");
             }
         }
-        if let Some(0) = self.model.context {
-            return bad("model.context", "0".into(), "must be at least 1");
-        }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<(), TrainError> {
+        let bad = invalid;
         let d = &self.data;
         match d.task {
             Task::Addition => {
@@ -512,6 +529,11 @@ impl RunConfig {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn validate_guard(&self) -> Result<(), TrainError> {
+        let bad = invalid;
         let g = &self.guard;
         if !(0.0..=1.0).contains(&g.audit_probability) {
             return bad(
@@ -547,6 +569,12 @@ impl RunConfig {
                 return bad(field, "0".into(), "must be at least 1");
             }
         }
+        Ok(())
+    }
+
+    /// The sync section's own values; what depends on the model is checked by `validate`.
+    fn validate_sync(&self) -> Result<(), TrainError> {
+        let bad = invalid;
         let s = &self.sync;
         if s.inner_steps == 0 {
             return bad("sync.inner_steps", "0".into(), "must be at least 1");
@@ -579,11 +607,7 @@ impl RunConfig {
                 "must be at least 100",
             );
         }
-        s.validate_etcd()?;
-        let model = self.base_model_config()?;
-        model.validate()?;
-        s.validate_round_bound(self.batch_tokens(&model) * t.grad_accum as u64)?;
-        s.validate_streaming(model.num_hidden_layers)
+        self.sync.validate_etcd()
     }
 
     /// The sequence length of a row: the addition task's own, or the model's context.
