@@ -89,6 +89,18 @@ fn reported_states(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
     by_round
 }
 
+/// The run's membership and vote events, one per line, for a failure's message: what a
+/// state's voters did before it.
+fn membership_story(run: &Path) -> String {
+    jsonl(&run.join("events.jsonl"))
+        .iter()
+        .map(|e| &e["detail"])
+        .filter(|d| d["event"] != "round_started")
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Same, for rounds from `first` on.
 fn assert_states_agree_after(run: &Path, first: u64) -> BTreeMap<u64, BTreeMap<String, String>> {
     let mut by_round = reported_states(run);
@@ -814,9 +826,10 @@ fn a_corrupted_replica_never_reaches_a_checkpoint_and_a_slow_one_changes_only_ti
         let votes = reported[&round].values().filter(|h| *h == saved).count();
         assert!(
             votes >= 2,
-            "step {}: its state {saved} is not the majority's of {:?}",
+            "step {} (round {round}): its state {saved} is not the majority's of {:?}\n{}",
             m["step"],
-            reported[&round]
+            reported.get(&round),
+            membership_story(&run)
         );
     }
     assert!(manifests.iter().any(|m| m["step"] == 200));

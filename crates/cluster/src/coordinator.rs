@@ -604,6 +604,11 @@ impl BatchPool {
         self.next_fresh - self.returned.len() as u64
     }
 
+    /// Batches still to hand out.
+    fn left(&self, budget: u64) -> u64 {
+        self.returned.len() as u64 + budget.saturating_sub(self.next_fresh)
+    }
+
     fn exhausted(&self, budget: u64) -> bool {
         self.next_fresh >= budget && self.returned.is_empty()
     }
@@ -1176,7 +1181,7 @@ impl Coordinator {
         let budget = self.opts.budget_batches;
         let first = match self.opts.round_bound.on_demand() {
             true => self.opts.batches_per_step.max(1),
-            false => self.opts.batches_per_round,
+            false => self.fixed_share(ids.len()),
         };
         let mut batches: BTreeMap<WorkerId, Vec<u64>> = ids
             .iter()
@@ -1221,6 +1226,22 @@ impl Coordinator {
             last_pull: BTreeMap::new(),
             contributed: BTreeSet::new(),
         }
+    }
+
+    /// Each member's batches in a round of fixed length: a full round's, or, when the pool
+    /// holds less than that for every one of `members` (the budget's remainder, or batches a
+    /// removed member handed back), what is left split evenly in whole steps. Every member
+    /// then trains the short round, so its state still has replicas to vote on, and the
+    /// round takes a fraction of a full one instead of a full one's time on one member.
+    fn fixed_share(&self, members: usize) -> u64 {
+        let full = self.opts.batches_per_round;
+        let step = self.opts.batches_per_step.max(1);
+        let left = self.pool.left(self.opts.budget_batches);
+        let members = members.max(1) as u64;
+        if left >= full.saturating_mul(members) {
+            return full;
+        }
+        (left.div_ceil(step).div_ceil(members) * step).clamp(1, full.max(1))
     }
 
     /// Gives `of`, audited in an on-demand round of `members` that handed it `first` batches,
@@ -1790,7 +1811,15 @@ impl Coordinator {
                 .map(|j| ids[j])
                 .collect()
         };
-        let candidates: Vec<usize> = (0..n).filter(|&i| peers_of(i).len() >= 2).collect();
+        // Auditors replay from the state the audited member serves for this round. One that
+        // takes the round's state from a donor (outvoted, rejoining) may still serve the one
+        // it held before, under the same round: replayed from that, its honest contribution
+        // would look corrupt. Only members that hold the state they serve are audited.
+        let serves_its_start =
+            |i: usize| self.fresh_start() || self.members[&ids[i]].state_round == Some(round);
+        let candidates: Vec<usize> = (0..n)
+            .filter(|&i| serves_its_start(i) && peers_of(i).len() >= 2)
+            .collect();
         if candidates.is_empty() {
             return None;
         }
@@ -2941,6 +2970,36 @@ mod tests {
     }
 
     #[test]
+    fn a_fixed_round_short_of_batches_splits_them_in_whole_steps_over_every_member() {
+        // Rounds of 3 steps of 2 batches; the budget leaves 10 batches (5 steps) for the last
+        // round of three members: 2, 2 and 1 steps, not 3 steps on one member and 2 on another
+        // while the third (and its vote) sits out.
+        let (mut c, t0) = coord(3, 1);
+        c.opts.batches_per_round = 6;
+        c.opts.batches_per_step = 2;
+        c.opts.budget_batches = 28;
+        let ws: Vec<_> = ["w0", "w1", "w2"]
+            .iter()
+            .map(|n| join(&mut c, t0, n))
+            .collect();
+        let batches = |c: &mut Coordinator| -> Vec<usize> {
+            ws.iter()
+                .map(|&w| match next(c, t0, w) {
+                    Reply::Round { batches, .. } => batches.len(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(batches(&mut c), [6, 6, 6]);
+        let stats = vec![WorkerRoundStats::default(); 3];
+        round_reporting(&mut c, t0, &ws, 0, &stats);
+        assert_eq!(batches(&mut c), [4, 4, 2]);
+        round_reporting(&mut c, t0, &ws, 1, &stats);
+        assert!(c.is_complete());
+        assert_eq!(c.committed_batches(), 28);
+    }
+
+    #[test]
     fn every_batch_is_committed_exactly_once_and_the_run_finishes_after_release() {
         let (mut c, t0) = coord(3, 4);
         let ws: Vec<_> = ["w0", "w1", "w2"]
@@ -2985,12 +3044,12 @@ mod tests {
         }
         // The budget is 24 batches (4 rounds of 3 × 2), counted in batches: the shrunk round
         // 1 committed 4, and w1's 2 were taken first by round 2; rounds 2–4 take 4 each and
-        // round 5 the last 2, trained by w0 alone.
+        // round 5 the last 2, one each.
         assert_eq!(c.committed_rounds(), 6);
         assert_eq!(c.committed_batches(), 24);
         // The schedule (4 steps over 24 batches) follows the batches committed before each
         // round (10, 14, 18, 22), not the round's index.
-        assert_eq!(first_steps, vec![1, 1, 2, 2, 3, 3, 3]);
+        assert_eq!(first_steps, vec![1, 1, 2, 2, 3, 3, 3, 3]);
         let records = committed(&mut c);
         let mut all: Vec<u64> = records
             .iter()
@@ -3194,6 +3253,37 @@ mod tests {
             blake3: hash.into(),
         });
         c.handle(t, Request::NextRound { worker: w, state })
+    }
+
+    #[test]
+    fn an_outvoted_member_is_not_audited_while_it_takes_the_majority_s_state() {
+        // Every round audited; over many run ids the draw would pick each member in turn.
+        for run_id in 0..30 {
+            let (mut c, t0, ws) = voting(&["w0", "w1", "w2"]);
+            c.run_id = run_id;
+            c.opts.audit_probability = 1.0;
+            clean_round(&mut c, t0, &ws, 0);
+            report(&mut c, t0, ws[0], 1, "flipped");
+            report(&mut c, t0, ws[1], 1, "good");
+            // The last report settles the vote and opens round 1.
+            let mut replies = vec![report(&mut c, t0, ws[2], 1, "good")];
+            replies.extend([ws[0], ws[1]].map(|w| next(&mut c, t0, w)));
+            let mut audited = None;
+            for (reply, i) in replies.into_iter().zip([2, 0, 1]) {
+                let Reply::Round { audited: a, .. } = reply else {
+                    panic!("run {run_id}: {reply:?}")
+                };
+                if a {
+                    audited = Some(i);
+                }
+            }
+            assert!(audited.is_some(), "run {run_id}: the round is audited");
+            assert_ne!(
+                audited,
+                Some(0),
+                "run {run_id}: w0 serves its flipped state"
+            );
+        }
     }
 
     #[test]
