@@ -8,6 +8,7 @@ use burn::tensor::Device;
 use clap::Args;
 use holdfast_model::gguf_out::{GgufWriter, MetaValue, llama_writer};
 use holdfast_model::quant::Format;
+use holdfast_serve::TokenizerConfig;
 use holdfast_train::source::TOKENIZER_CONFIG_FILE;
 use holdfast_train::{run, rundir};
 use serde_json::Value;
@@ -122,38 +123,29 @@ impl Vocabulary {
     /// tokenizer_config.json (see `holdfast_train::source`), when it has one: they replace
     /// what the vocabulary's token names suggest.
     fn take_source_settings(&mut self, path: &Path) -> Result<()> {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            return Ok(());
-        };
-        let json: Value =
-            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        let id_of = |key: &str| -> Result<Option<u32>> {
-            // Newer files give the token as its text, older ones as {"content": text, …}.
-            let text = match &json[key] {
-                Value::String(t) => t.as_str(),
-                Value::Object(o) => match o.get("content").and_then(Value::as_str) {
-                    Some(t) => t,
-                    None => return Ok(None),
-                },
-                _ => return Ok(None),
+        let config = TokenizerConfig::read(path)?;
+        let id_of = |key: &str, text: Option<String>| -> Result<Option<u32>> {
+            let Some(text) = text else {
+                return Ok(None);
             };
             let id = self
                 .tokens
                 .iter()
-                .position(|t| t == text)
+                .position(|t| *t == text)
                 .with_context(|| {
                     format!("{}: {key} {text:?} is not in the tokenizer", path.display())
                 })?;
             Ok(Some(id as u32))
         };
-        let (bos, eos) = (id_of("bos_token")?, id_of("eos_token")?);
+        let bos = id_of("bos_token", config.bos_token)?;
+        let eos = id_of("eos_token", config.eos_token)?;
         self.bos = bos.or(self.bos);
         self.eos = eos.or(self.eos);
-        if let Some(add) = json["add_bos_token"].as_bool() {
+        if let Some(add) = config.add_bos_token {
             self.add_bos = add;
         }
-        if let Some(template) = json["chat_template"].as_str() {
-            self.chat_template = Some(template.to_string());
+        if let Some(template) = config.chat_template {
+            self.chat_template = Some(template);
         }
         Ok(())
     }

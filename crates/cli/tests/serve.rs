@@ -459,15 +459,15 @@ fn smollm2_answers_over_http() {
     // The f32 decoder's answer, which the numpy reference (tests/reference.rs) backs.
     let chat = smollm2_exchange(&start_server(&gguf, &["--dequantize"]));
     assert!(chat.contains("Paris"), "{chat:?}");
-    // llama.cpp (build faed1b2, llama-simple, the same chat-templated prompt) answers this
-    // greedily as "L'Étoile, la Marseillaise, la femme, la femme au…": its first token wins by
-    // 0.08 logits over "The" in f32, and 8-bit activations reverse that. The mapped decoder
-    // computes as llama.cpp does and gives the same answer.
+    // llama.cpp (llama-simple, the same chat-templated prompt) answers this greedily with
+    // "L'Étoile, la …": its first token wins by 0.08 logits over "The" in f32, and 8-bit
+    // activations reverse that. The mapped decoder computes as llama.cpp does and takes the
+    // same turn. What follows is a string of near ties that the order of additions decides:
+    // on an AVX2 machine both went on "la Marseillaise, la femme, la femme" (llama.cpp build
+    // faed1b2); on an AVX-512 VNNI one, llama.cpp 0.3.9's goes on "la Cité, la Nation" and
+    // holdfast's prompt tiles "la Marseur, la France".
     let chat = smollm2_exchange(&start_server(&gguf, &[]));
-    assert!(
-        chat.starts_with("L'Étoile, la Marseillaise, la femme, la femme"),
-        "{chat:?}"
-    );
+    assert!(chat.starts_with("L'Étoile, la "), "{chat:?}");
 }
 
 /// A completion that must start " Paris.", then the chat answer to the same question.

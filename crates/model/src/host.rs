@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::gguf::{self, Header, format_err, unsupported_tensor};
 use crate::kernels;
-use crate::quant::{Format, GEMM_ROWS, QuantMatrix, matmul_many_from};
+use crate::quant::{Format, GEMM_ROWS, QuantMatrix, matmul_many_from, matmul_prompt};
 use crate::{GgufInfo, ModelConfig, ModelError};
 
 /// A matrix's place in the mapped file.
@@ -146,11 +146,11 @@ impl MappedModel {
         x: &[f32],
         n: usize,
     ) {
-        let expand_from = match how {
-            Products::Expanded => 1,
-            Products::Blocks => usize::MAX,
-        };
-        matmul_many_from(products, x, n, expand_from);
+        match how {
+            Products::Expanded => matmul_many_from(products, x, n, 1),
+            Products::Prompt => matmul_prompt(products, x, n),
+            Products::Blocks => matmul_many_from(products, x, n, usize::MAX),
+        }
     }
 
     /// The weight formats in the file, as `format: count` (for logs and benchmarks).
@@ -208,7 +208,7 @@ impl MappedModel {
             };
             if step.tokens.len() >= self.expand_from {
                 out[i] = self
-                    .forward_group(&mut [step], Products::Expanded)
+                    .forward_group(&mut [step], self.prompt_products())
                     .remove(0);
             } else {
                 short.push(step);
@@ -401,6 +401,15 @@ impl MappedModel {
         logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
     }
 
+    /// A prompt's products: [`matmul_prompt`]'s, unless every product is f32.
+    fn prompt_products(&self) -> Products {
+        if self.expand_from == 1 {
+            Products::Expanded
+        } else {
+            Products::Prompt
+        }
+    }
+
     /// Logits take 8-bit products, as llama.cpp's do, unless every product is f32.
     fn logits_products(&self) -> Products {
         if self.expand_from == 1 {
@@ -432,11 +441,13 @@ impl MappedModel {
 }
 
 /// How a product treats its input: quantized to 8-bit blocks against the weights' blocks,
-/// or in f32 against weights expanded to f32.
+/// in f32 against weights expanded to f32, or as a prompt ([`matmul_prompt`]: either one,
+/// by what the CPU has).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Products {
     Blocks,
     Expanded,
+    Prompt,
 }
 
 #[derive(Clone, Copy)]

@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 use crate::kernels::{Isa, isa_limit};
 
+mod tiled;
+
 /// Values per quantization block (Q4_0, Q4_1, Q8_0 and the 8-bit activations).
 pub const BLOCK: usize = 32;
 
@@ -91,8 +93,8 @@ fn quantize_acts(isa: Isa, x: &[f32], out: &mut Vec<ActBlock>) {
     for block in x.chunks_exact(BLOCK) {
         let block: &[f32; BLOCK] = block.try_into().expect("chunks of BLOCK");
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            // SAFETY: `block_isa` says Avx2 only where the CPU has AVX2.
+        if isa >= Isa::Avx2 {
+            // SAFETY: `block_isa` says Avx2 or wider only where the CPU has AVX2.
             out.push(unsafe { avx2::quantize_block(block) });
             continue;
         }
@@ -274,6 +276,26 @@ fn expanded_product(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32]) {
     }
 }
 
+/// A prompt's products (its `n` rows at once): on 8-bit activations over repacked weight
+/// tiles where the CPU has AVX-512 VNNI (as llama.cpp multiplies prompts), through the
+/// weights expanded to f32 otherwise (which beats AVX2's integer products per pair).
+pub fn matmul_prompt(products: &mut [(QuantMatrix<'_>, &mut [f32])], x: &[f32], n: usize) {
+    let tiled = tiled::available();
+    let mut acts = Vec::new();
+    for (w, out) in products.iter_mut() {
+        assert_eq!(out.len(), n * w.rows, "output is not n × rows");
+        assert_eq!(x.len(), n * w.cols, "activations are not n × cols");
+        if !(tiled && w.format.quantized()) {
+            expanded_product(w, x, n, out);
+            continue;
+        }
+        if acts.is_empty() {
+            quantize_acts(block_isa(), x, &mut acts);
+        }
+        tiled::product(w, &acts, n, out, true);
+    }
+}
+
 /// `out[i · rows + r] = x_i · w_r` for the `n` rows `x_i` of `x` (`n × cols`, row-major): the
 /// product `x · wᵀ`, split over the compute pool by rows of `w`.
 pub fn matmul(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32]) {
@@ -432,25 +454,37 @@ fn block_dots<const N: usize>(
     acts: [&[ActBlock]; N],
 ) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: `block_isa` says Avx2 only where the CPU has AVX2 and F16C, which
-        // `avx2::block_dots` is compiled for.
-        return unsafe { avx2::block_dots(format, row, acts) };
+    match isa {
+        // SAFETY: `block_isa` says Avx512 only where the CPU has AVX-512 VNNI (and VL), AVX2,
+        // FMA and F16C, which `avx2::block_dots_vnni` is compiled for.
+        Isa::Avx512 => return unsafe { avx2::block_dots_vnni(format, row, acts) },
+        // SAFETY: as above, AVX2, FMA and F16C for `avx2::block_dots`.
+        Isa::Avx2 => return unsafe { avx2::block_dots(format, row, acts) },
+        Isa::Baseline => {}
     }
     let _ = isa;
     acts.map(|a| portable_block_dot(format, row, a))
 }
 
-/// The instruction set the block kernels use here, checked once per product: AVX2 (with
-/// F16C) where the CPU has it and the limit allows, the portable code otherwise. AVX-512 adds
-/// nothing to these 256-bit integer kernels without VNNI, so it has no version of its own.
+/// The instruction set the block kernels use here, checked once per product, as far as the
+/// limit allows: Avx512 stands for AVX-512 VNNI on 256-bit vectors (one `vpdpbusd` for AVX2's
+/// `maddubs` and `madd`: the same exact integer sums), Avx2 for AVX2 with FMA and F16C, and
+/// Baseline for the portable code.
 fn block_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
-    if isa_limit() >= Isa::Avx2
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("f16c")
     {
-        return Isa::Avx2;
+        let avx2 = std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c");
+        let vnni = std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl");
+        let limit = isa_limit();
+        if avx2 && vnni && limit >= Isa::Avx512 {
+            return Isa::Avx512;
+        }
+        if avx2 && limit >= Isa::Avx2 {
+            return Isa::Avx2;
+        }
     }
     Isa::Baseline
 }
@@ -500,18 +534,40 @@ mod avx2 {
         row: &[u8],
         acts: [&[ActBlock]; N],
     ) -> [f32; N] {
+        // SAFETY: the caller's, passed on.
+        unsafe { by_format::<N, false>(format, row, acts) }
+    }
+
+    /// `block_dots`, each block's integer sums taken by one AVX-512 VNNI `vpdpbusd` (on
+    /// 256-bit vectors): the same exact sums, so the same bits.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub(super) unsafe fn block_dots_vnni<const N: usize>(
+        format: Format,
+        row: &[u8],
+        acts: [&[ActBlock]; N],
+    ) -> [f32; N] {
+        // SAFETY: the caller's, passed on.
+        unsafe { by_format::<N, true>(format, row, acts) }
+    }
+
+    #[inline(always)]
+    unsafe fn by_format<const N: usize, const VNNI: bool>(
+        format: Format,
+        row: &[u8],
+        acts: [&[ActBlock]; N],
+    ) -> [f32; N] {
         // SAFETY (all three): `row` holds `acts[i].len()` whole blocks of the format.
         unsafe {
             match format {
-                Format::Q8_0 => blocks::<34, N>(row, acts, |b| {
+                Format::Q8_0 => blocks::<34, N, VNNI>(row, acts, |b| {
                     let w = _mm256_loadu_si256(b.add(2).cast());
                     (w, true)
                 }),
-                Format::Q4_0 => blocks::<18, N>(row, acts, |b| {
+                Format::Q4_0 => blocks::<18, N, VNNI>(row, acts, |b| {
                     let w = _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8));
                     (w, true)
                 }),
-                _ => blocks::<20, N>(row, acts, |b| (nibbles(b.add(4)), false)),
+                _ => blocks::<20, N, VNNI>(row, acts, |b| (nibbles(b.add(4)), false)),
             }
         }
     }
@@ -519,9 +575,10 @@ mod avx2 {
     /// Sums blocks of `SIZE` bytes whose 32 weights `weights` loads (and says whether they
     /// are signed) against `N` rows of activation blocks; a 20-byte block is Q4_1, whose
     /// offset is added separately. Even and odd blocks add into separate lanes, two
-    /// independent chains per row.
+    /// independent chains per row. `VNNI` takes each block's integer sums in one instruction
+    /// (only within a function compiled for AVX-512 VNNI).
     #[inline(always)]
-    unsafe fn blocks<const SIZE: usize, const N: usize>(
+    unsafe fn blocks<const SIZE: usize, const N: usize, const VNNI: bool>(
         row: &[u8],
         acts: [&[ActBlock]; N],
         weights: impl Fn(*const u8) -> (__m256i, bool),
@@ -543,8 +600,14 @@ mod avx2 {
                         let a = acts[i].get_unchecked($k);
                         let q = _mm256_loadu_si256(a.q.as_ptr().cast());
                         let q = if signed { _mm256_sign_epi8(q, w) } else { q };
-                        let pairs = _mm256_maddubs_epi16(magnitude, q);
-                        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                        // Exact either way: `maddubs` cannot saturate on a magnitude of at
+                        // most 128 against |q| ≤ 127.
+                        let sums = if VNNI {
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, q)
+                        } else {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, q), ones)
+                        };
+                        let sums = _mm256_cvtepi32_ps(sums);
                         if SIZE == 20 {
                             $offsets[i] = min.mul_add(a.s, $offsets[i]);
                         }
@@ -746,8 +809,14 @@ mod tests {
     /// `x · wᵀ` in f64 over the dequantized weights and (for block formats) the dequantized
     /// activations: what the kernels must equal up to f32 rounding.
     fn reference(w: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
+        let eight_bit = w.format.quantized() && n < GEMM_ROWS;
+        reference_with(w, x, n, eight_bit)
+    }
+
+    /// [`reference`], the activations quantized to 8-bit blocks first when `eight_bit`.
+    fn reference_with(w: &QuantMatrix, x: &[f32], n: usize, eight_bit: bool) -> Vec<f64> {
         let weights = dequantized(w);
-        let x: Vec<f32> = if w.format.quantized() && n < GEMM_ROWS {
+        let x: Vec<f32> = if eight_bit {
             let mut acts = Vec::new();
             quantize_acts(Isa::Baseline, x, &mut acts);
             acts.iter()
@@ -793,6 +862,114 @@ mod tests {
         }
     }
 
+    /// Every block kernel this CPU can run, widest first, the portable one last; says so
+    /// when the CPU lacks one (it is then tested where the CPU has it).
+    fn tested_block_isas() -> Vec<Isa> {
+        let mut isas = Vec::new();
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Baseline] {
+            ISA_LIMIT.with(|l| l.set(isa));
+            let runs = block_isa();
+            ISA_LIMIT.with(|l| l.set(Isa::Avx512));
+            if runs == isa {
+                isas.push(isa);
+            } else {
+                println!("block kernels for {isa:?}: not tested, this CPU lacks them");
+            }
+        }
+        isas
+    }
+
+    const BLOCK_FORMATS: [Format; 3] = [Format::Q4_0, Format::Q4_1, Format::Q8_0];
+
+    /// The tiled prompt kernel's products, `vnni` or portable.
+    fn tiled_product(w: &QuantMatrix, x: &[f32], n: usize, vnni: bool) -> Vec<f32> {
+        let mut acts = Vec::new();
+        quantize_acts(Isa::Baseline, x, &mut acts);
+        let mut out = vec![0.0f32; n * w.rows];
+        tiled::product(w, &acts, n, &mut out, vnni);
+        out
+    }
+
+    #[test]
+    fn tiled_prompt_products_match_the_reference_and_the_portable_bits() {
+        let vnni = tiled::available();
+        if !vnni {
+            println!("tiled VNNI kernel: not tested, this CPU lacks AVX-512 VNNI");
+        }
+        // Rows that are not whole tiles of eight, inputs that are not whole groups of four.
+        for format in BLOCK_FORMATS {
+            for (rows, cols, n) in [
+                (1, 32, 1),
+                (13, 96, 3),
+                (70, 64, 9),
+                (8, 320, 4),
+                (41, 192, 37),
+            ] {
+                let bytes = quantize(format, &values(rows * cols, 5));
+                let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
+                let x = values(n * cols, 6);
+                let portable = tiled_product(&w, &x, n, false);
+                let want = reference_with(&w, &x, n, true);
+                for (k, (&got, &want)) in portable.iter().zip(&want).enumerate() {
+                    let bound = 1e-5 * (cols as f64).sqrt() * (1.0 + want.abs());
+                    assert!(
+                        (got as f64 - want).abs() <= bound,
+                        "{format:?} {rows}×{cols} n={n} [{k}]: {got} vs {want}"
+                    );
+                }
+                if vnni {
+                    let fast = tiled_product(&w, &x, n, true);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&fast),
+                        bits(&portable),
+                        "{format:?} {rows}×{cols} n={n}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_finite_activation_poisons_its_tiled_products_only() {
+        let (rows, cols, n) = (9, 64, 5);
+        for format in BLOCK_FORMATS {
+            let bytes = quantize(format, &values(rows * cols, 7));
+            let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
+            let mut x = values(n * cols, 8);
+            x[2 * cols + 40] = f32::INFINITY;
+            for vnni in [false, tiled::available()] {
+                let out = tiled_product(&w, &x, n, vnni);
+                for (i, products) in out.chunks_exact(rows).enumerate() {
+                    assert!(
+                        products.iter().all(|p| p.is_nan() == (i == 2)),
+                        "{format:?} vnni={vnni} input {i}: {products:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_prompt_is_multiplied_on_tiles_where_the_cpu_has_vnni_and_in_f32_elsewhere() {
+        let (rows, cols, n) = (24, 96, 40);
+        for format in ALL {
+            let bytes = quantize(format, &values(rows * cols, 10));
+            let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
+            let x = values(n * cols, 11);
+            let mut got = vec![0.0f32; n * rows];
+            matmul_prompt(&mut [(w, &mut got[..])], &x, n);
+            let want = if format.quantized() && tiled::available() {
+                tiled_product(&w, &x, n, true)
+            } else {
+                let mut expanded = vec![0.0f32; n * rows];
+                expanded_product(&w, &x, n, &mut expanded);
+                expanded
+            };
+            assert_eq!(got, want, "{format:?}");
+        }
+    }
+
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         // Six input rows: one group of four and two alone.
@@ -808,7 +985,10 @@ mod tests {
                 ISA_LIMIT.with(|l| l.set(Isa::Avx512));
                 out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
-            assert_eq!(run(Isa::Avx512), run(Isa::Baseline), "{format:?}");
+            let portable = run(Isa::Baseline);
+            for isa in tested_block_isas() {
+                assert_eq!(run(isa), portable, "{isa:?} {format:?}");
+            }
         }
     }
 
@@ -816,7 +996,7 @@ mod tests {
     fn an_input_row_gets_the_same_bits_alone_as_among_others() {
         // 96 columns: an odd number of blocks, so the last block adds into the even lanes.
         let (rows, cols) = (5, 96);
-        for isa in [Isa::Avx512, Isa::Baseline] {
+        for isa in tested_block_isas() {
             ISA_LIMIT.with(|l| l.set(isa));
             for format in ALL {
                 let bytes = quantize(format, &values(rows * cols, 8));
@@ -856,7 +1036,7 @@ mod tests {
             .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
             .collect();
         let want = reference(&w, &x, 1)[0] as f32;
-        for isa in [Isa::Avx512, Isa::Baseline] {
+        for isa in tested_block_isas() {
             ISA_LIMIT.with(|l| l.set(isa));
             let mut out = [0.0f32];
             matmul(&w, &x, 1, &mut out);

@@ -10,7 +10,7 @@ pub mod server;
 
 pub use engine::{Cache, Engine};
 pub use generate::{Completion, FinishReason, Generation, generate};
-pub use model::{ChatMessage, ServedModel};
+pub use model::{ChatMessage, ServedModel, TokenizerConfig};
 pub use sampling::{SamplingOptions, sample};
 
 /// Errors that name the file, field or value at fault.

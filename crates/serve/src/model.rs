@@ -181,7 +181,7 @@ impl ServedModel {
     /// where the model says nothing: its chat template and BOS text, and its end-of-sequence
     /// token as one more stop.
     pub fn complete_from_tokenizer_config(&mut self, path: &Path) -> Result<(), ServeError> {
-        let config = read_tokenizer_config(path)?;
+        let config = TokenizerConfig::read(path)?;
         if self.chat_template.is_none() {
             self.chat_template = config.chat_template;
         }
@@ -284,27 +284,82 @@ fn require(p: PathBuf, model: &Path, what: &str) -> Result<PathBuf, ServeError> 
     }
 }
 
-#[derive(Default, Deserialize)]
-struct TokenizerConfig {
-    chat_template: Option<String>,
-    eos_token: Option<String>,
-    bos_token: Option<String>,
+/// What a Hugging Face tokenizer_config.json says about prompts: the chat template, the BOS
+/// and EOS texts, and whether prompts start with BOS. Every field is absent when the file
+/// does not say.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TokenizerConfig {
+    pub chat_template: Option<String>,
+    pub eos_token: Option<String>,
+    pub bos_token: Option<String>,
+    pub add_bos_token: Option<bool>,
 }
 
-/// The chat template and end-of-sequence token of a tokenizer_config.json, when present.
-fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig, ServeError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(TokenizerConfig::default());
-    };
-    // Only the string forms are read; older files give eos_token as an object.
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ServeError::Load(format!("{}: {e}", path.display())))?;
-    let string = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    Ok(TokenizerConfig {
-        chat_template: string("chat_template"),
-        eos_token: string("eos_token"),
-        bos_token: string("bos_token"),
-    })
+impl TokenizerConfig {
+    /// Reads `path`; a missing file says nothing, one that is not JSON, or that gives a
+    /// field in a form no Hugging Face version writes, is an error naming the field.
+    ///
+    /// Both forms of each field are read: a special token as its text or (older files) as
+    /// `{"content": text, …}`; the chat template as a string or (newer files) as a list of
+    /// `{"name", "template"}`, of which the one named `default` is taken.
+    pub fn read(path: &Path) -> Result<TokenizerConfig, ServeError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(TokenizerConfig::default());
+            }
+            Err(e) => return Err(ServeError::Load(format!("{}: {e}", path.display()))),
+        };
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ServeError::Load(format!("{}: {e}", path.display())))?;
+        let bad = |key: &str| {
+            ServeError::Load(format!(
+                "{}: {key} is neither a string nor a form Hugging Face writes",
+                path.display()
+            ))
+        };
+        let token = |key: &str| match json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => special_token_text(v).map(Some).ok_or_else(|| bad(key)),
+        };
+        let add_bos_token = match json.get("add_bos_token") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(v.as_bool().ok_or_else(|| bad("add_bos_token"))?),
+        };
+        let chat_template = match json.get("chat_template") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(default_template(v).ok_or_else(|| bad("chat_template"))?),
+        };
+        Ok(TokenizerConfig {
+            chat_template,
+            eos_token: token("eos_token")?,
+            bos_token: token("bos_token")?,
+            add_bos_token,
+        })
+    }
+}
+
+/// A special token's text: `"</s>"`, or `{"content": "</s>", …}` (an `AddedToken`).
+fn special_token_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(t) => Some(t.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// A chat template given as a string, or the `default` one of a list of named templates.
+fn default_template(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(t) => Some(t.clone()),
+        serde_json::Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))?
+            .get("template")?
+            .as_str()
+            .map(str::to_string),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -371,5 +426,58 @@ mod tests {
             render_chat(Some(template), &messages, None).unwrap(),
             "hello"
         );
+    }
+
+    fn config_of(json: &str) -> Result<TokenizerConfig, ServeError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer_config.json");
+        std::fs::write(&path, json).unwrap();
+        TokenizerConfig::read(&path)
+    }
+
+    #[test]
+    fn a_tokenizer_config_is_read_in_its_older_and_newer_forms() {
+        let newer = config_of(
+            r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": false,
+                "chat_template": "{{ messages }}"}"#,
+        )
+        .unwrap();
+        let older = config_of(
+            r#"{"bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": false},
+                "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": false},
+                "add_bos_token": false,
+                "chat_template": [{"name": "tool_use", "template": "tools"},
+                                  {"name": "default", "template": "{{ messages }}"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(older, newer);
+        assert_eq!(newer.bos_token.as_deref(), Some("<s>"));
+        assert_eq!(newer.eos_token.as_deref(), Some("</s>"));
+        assert_eq!(newer.add_bos_token, Some(false));
+        assert_eq!(newer.chat_template.as_deref(), Some("{{ messages }}"));
+        // Absent fields (and null ones) say nothing; so does a missing file.
+        assert_eq!(
+            config_of(r#"{"eos_token": null}"#).unwrap(),
+            TokenizerConfig::default()
+        );
+        let missing = TokenizerConfig::read(Path::new("/nonexistent/tokenizer_config.json"));
+        assert_eq!(missing.unwrap(), TokenizerConfig::default());
+    }
+
+    #[test]
+    fn a_tokenizer_config_field_in_no_known_form_is_named() {
+        for (json, field) in [
+            (r#"{"eos_token": 7}"#, "eos_token"),
+            (r#"{"bos_token": {"id": 1}}"#, "bos_token"),
+            (
+                r#"{"chat_template": [{"name": "tool_use", "template": "t"}]}"#,
+                "chat_template",
+            ),
+            (r#"{"add_bos_token": "yes"}"#, "add_bos_token"),
+        ] {
+            let e = config_of(json).unwrap_err().to_string();
+            assert!(e.contains(field), "{json}: {e}");
+        }
+        assert!(config_of("{not json").is_err());
     }
 }
