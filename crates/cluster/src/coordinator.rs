@@ -610,7 +610,7 @@ impl BatchPool {
     }
 
     fn exhausted(&self, budget: u64) -> bool {
-        self.next_fresh >= budget && self.returned.is_empty()
+        self.left(budget) == 0
     }
 }
 
@@ -900,6 +900,12 @@ impl Coordinator {
                     .filter(|(r, _)| *r == round)
                     .map(|(_, addr)| addr.clone())
             })
+    }
+
+    /// Whether member `id` starts `round` from the state it holds and serves (it committed
+    /// the round before, or the run starts from the seed); any other takes it from a donor.
+    fn starts_from_its_own(&self, id: WorkerId, round: u64) -> bool {
+        self.fresh_start() || self.members[&id].state_round == Some(round)
     }
 
     pub fn options(&self) -> &Options {
@@ -1710,8 +1716,7 @@ impl Coordinator {
                 reason: self.wait_reason(),
             };
         };
-        let donor = if self.members[&worker].state_round == Some(active.round) || self.fresh_start()
-        {
+        let donor = if self.starts_from_its_own(worker, active.round) {
             None
         } else {
             let own = self.restored_own_state(active.round, worker);
@@ -1814,11 +1819,9 @@ impl Coordinator {
         // Auditors replay from the state the audited member serves for this round. One that
         // takes the round's state from a donor (outvoted, rejoining) may still serve the one
         // it held before, under the same round: replayed from that, its honest contribution
-        // would look corrupt. Only members that hold the state they serve are audited.
-        let serves_its_start =
-            |i: usize| self.fresh_start() || self.members[&ids[i]].state_round == Some(round);
+        // would look corrupt. Only members that start from their own state are audited.
         let candidates: Vec<usize> = (0..n)
-            .filter(|&i| serves_its_start(i) && peers_of(i).len() >= 2)
+            .filter(|&i| self.starts_from_its_own(ids[i], round) && peers_of(i).len() >= 2)
             .collect();
         if candidates.is_empty() {
             return None;

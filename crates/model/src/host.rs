@@ -208,7 +208,7 @@ impl MappedModel {
             };
             if step.tokens.len() >= self.expand_from {
                 out[i] = self
-                    .forward_group(&mut [step], self.prompt_products())
+                    .forward_group(&mut [step], self.unless_f32(Products::Prompt))
                     .remove(0);
             } else {
                 short.push(step);
@@ -392,8 +392,9 @@ impl MappedModel {
         let h = self.norm(&picked, &self.final_norm);
         let vocab = self.config.vocab_size;
         let mut logits = vec![0.0f32; steps * vocab];
+        // 8-bit products, as llama.cpp's logits are.
         self.products(
-            self.logits_products(),
+            self.unless_f32(Products::Blocks),
             &mut [(self.matrix(&self.output), &mut logits[..])],
             &h,
             steps,
@@ -401,21 +402,12 @@ impl MappedModel {
         logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
     }
 
-    /// A prompt's products: [`matmul_prompt`]'s, unless every product is f32.
-    fn prompt_products(&self) -> Products {
+    /// `how`, unless every product is f32 ([`MappedModel::with_f32_activations`]).
+    fn unless_f32(&self, how: Products) -> Products {
         if self.expand_from == 1 {
             Products::Expanded
         } else {
-            Products::Prompt
-        }
-    }
-
-    /// Logits take 8-bit products, as llama.cpp's do, unless every product is f32.
-    fn logits_products(&self) -> Products {
-        if self.expand_from == 1 {
-            Products::Expanded
-        } else {
-            Products::Blocks
+            how
         }
     }
 

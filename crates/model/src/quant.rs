@@ -281,7 +281,7 @@ fn expanded_product(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32]) {
 /// weights expanded to f32 otherwise (which beats AVX2's integer products per pair).
 pub fn matmul_prompt(products: &mut [(QuantMatrix<'_>, &mut [f32])], x: &[f32], n: usize) {
     let tiled = tiled::available();
-    let mut acts = Vec::new();
+    let mut inputs = None;
     for (w, out) in products.iter_mut() {
         assert_eq!(out.len(), n * w.rows, "output is not n × rows");
         assert_eq!(x.len(), n * w.cols, "activations are not n × cols");
@@ -289,10 +289,13 @@ pub fn matmul_prompt(products: &mut [(QuantMatrix<'_>, &mut [f32])], x: &[f32], 
             expanded_product(w, x, n, out);
             continue;
         }
-        if acts.is_empty() {
+        // The same input for every matrix: quantized and laid out once.
+        let inputs = inputs.get_or_insert_with(|| {
+            let mut acts = Vec::with_capacity(x.len() / BLOCK);
             quantize_acts(block_isa(), x, &mut acts);
-        }
-        tiled::product(w, &acts, n, out, true);
+            tiled::Inputs::new(&acts, w.cols / BLOCK)
+        });
+        tiled::product(w, inputs, n, out, true);
     }
 }
 
@@ -886,7 +889,8 @@ mod tests {
         let mut acts = Vec::new();
         quantize_acts(Isa::Baseline, x, &mut acts);
         let mut out = vec![0.0f32; n * w.rows];
-        tiled::product(w, &acts, n, &mut out, vnni);
+        let inputs = tiled::Inputs::new(&acts, w.cols / BLOCK);
+        tiled::product(w, &inputs, n, &mut out, vnni);
         out
     }
 

@@ -312,30 +312,32 @@ impl TokenizerConfig {
         };
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| ServeError::Load(format!("{}: {e}", path.display())))?;
-        let bad = |key: &str| {
-            ServeError::Load(format!(
-                "{}: {key} is neither a string nor a form Hugging Face writes",
-                path.display()
-            ))
-        };
-        let token = |key: &str| match json.get(key) {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => special_token_text(v).map(Some).ok_or_else(|| bad(key)),
-        };
-        let add_bos_token = match json.get("add_bos_token") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(v.as_bool().ok_or_else(|| bad("add_bos_token"))?),
-        };
-        let chat_template = match json.get("chat_template") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(default_template(v).ok_or_else(|| bad("chat_template"))?),
-        };
+        let add_bos_token = optional_field(&json, path, "add_bos_token", |v| v.as_bool())?;
         Ok(TokenizerConfig {
-            chat_template,
-            eos_token: token("eos_token")?,
-            bos_token: token("bos_token")?,
+            chat_template: optional_field(&json, path, "chat_template", default_template)?,
+            eos_token: optional_field(&json, path, "eos_token", special_token_text)?,
+            bos_token: optional_field(&json, path, "bos_token", special_token_text)?,
             add_bos_token,
         })
+    }
+}
+
+/// `json[key]` (of the file at `path`) through `read`: None when it is absent or null, an
+/// error naming it when `read` does not take it.
+fn optional_field<T>(
+    json: &serde_json::Value,
+    path: &Path,
+    key: &str,
+    read: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<Option<T>, ServeError> {
+    match json.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => read(v).map(Some).ok_or_else(|| {
+            ServeError::Load(format!(
+                "{}: {key} is not in a form Hugging Face writes",
+                path.display()
+            ))
+        }),
     }
 }
 

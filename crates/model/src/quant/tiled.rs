@@ -34,6 +34,8 @@ struct Tile {
     mins: Vec<f32>,
     /// Per block, the eight rows' 128 · Σw.
     offsets: Vec<i32>,
+    /// The rows are Q4_1's: `min · s` is added per block.
+    q4_1: bool,
 }
 
 impl Tile {
@@ -48,6 +50,7 @@ impl Tile {
         self.mins.resize(blocks * TILE, 0.0);
         self.offsets.clear();
         self.offsets.resize(blocks * TILE, 0);
+        self.q4_1 = w.format == Format::Q4_1;
         let size = w.format.block().1;
         for lane in 0..TILE.min(w.rows.saturating_sub(first)) {
             let row = w.row(first + lane);
@@ -59,7 +62,7 @@ impl Tile {
                 }
                 let at = k * TILE + lane;
                 self.scales[at] = f16(b, 0);
-                if w.format == Format::Q4_1 {
+                if self.q4_1 {
                     self.mins[at] = f16(b, 2);
                 }
                 self.offsets[at] = 128 * values.iter().map(|&v| v as i32).sum::<i32>();
@@ -95,9 +98,10 @@ fn block_values(format: Format, b: &[u8]) -> [i8; BLOCK] {
     values
 }
 
-/// One input row's activation blocks as the kernel reads them: per block, its eight 4-byte
-/// pieces offset by 128 (each as one little-endian word), its scale and `d · Σq`.
-struct Inputs {
+/// Input rows' activation blocks as the kernel reads them: per block, its eight 4-byte
+/// pieces offset by 128 (each as one little-endian word), its scale and `d · Σq`. Built once
+/// per prompt step, for all the matrices that take the same input.
+pub(super) struct Inputs {
     words: Vec<u32>,
     d: Vec<f32>,
     s: Vec<f32>,
@@ -105,7 +109,8 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn new(acts: &[ActBlock], blocks: usize) -> Inputs {
+    /// From `acts`, rows of `blocks` blocks each.
+    pub(super) fn new(acts: &[ActBlock], blocks: usize) -> Inputs {
         let mut words = Vec::with_capacity(acts.len() * TILE);
         for a in acts {
             for piece in a.q.chunks_exact(4) {
@@ -127,12 +132,11 @@ pub(super) fn available() -> bool {
     super::block_isa() == crate::kernels::Isa::Avx512
 }
 
-/// `out[i · rows + r] = x_i · w_r` for a block-format `w`, from the `n` rows' activation
-/// blocks `acts` (`n × cols / 32`), split over the pool by tiles; `vnni` picks the AVX-512
-/// VNNI kernel over the portable one (the same bits).
-pub(super) fn product(w: &QuantMatrix, acts: &[ActBlock], n: usize, out: &mut [f32], vnni: bool) {
-    let blocks = w.cols / BLOCK;
-    let inputs = Inputs::new(acts, blocks);
+/// `out[i · rows + r] = x_i · w_r` for a block-format `w`, from the `n` rows' `inputs`,
+/// split over the pool by tiles; `vnni` picks the AVX-512 VNNI kernel over the portable one
+/// (the same bits).
+pub(super) fn product(w: &QuantMatrix, inputs: &Inputs, n: usize, out: &mut [f32], vnni: bool) {
+    debug_assert_eq!(inputs.blocks, w.cols / BLOCK);
     let tiles = w.rows.div_ceil(TILE);
     let task_rows = TILE * TILES_PER_TASK;
     // Each task's products, input-row-major over its own rows, then placed.
@@ -148,7 +152,7 @@ pub(super) fn product(w: &QuantMatrix, acts: &[ActBlock], n: usize, out: &mut [f
                 }
                 tile.pack(w, first);
                 let at = t * TILE;
-                tile_products(&tile, &inputs, n, &mut part, task_rows, at, vnni, w.format);
+                tile_products(&tile, inputs, n, &mut part, task_rows, at, vnni);
             }
             part
         })
@@ -165,8 +169,8 @@ pub(super) fn product(w: &QuantMatrix, acts: &[ActBlock], n: usize, out: &mut [f
         });
 }
 
-/// One tile against every input row: `part[i · stride + at + lane]`.
-#[allow(clippy::too_many_arguments)]
+/// One tile against every input row, in groups of [`INPUT_GROUP`] and then one at a time:
+/// `part[i · stride + at + lane]`.
 fn tile_products(
     tile: &Tile,
     inputs: &Inputs,
@@ -175,65 +179,33 @@ fn tile_products(
     stride: usize,
     at: usize,
     vnni: bool,
-    format: Format,
 ) {
-    let q4_1 = format == Format::Q4_1;
+    let mut sums = [[0.0f32; TILE]; INPUT_GROUP];
     let mut i = 0;
     while i < n {
-        let group = INPUT_GROUP.min(n - i);
-        let mut sums = [[0.0f32; TILE]; INPUT_GROUP];
-        #[cfg(target_arch = "x86_64")]
-        if vnni {
+        let group = if n - i >= INPUT_GROUP { INPUT_GROUP } else { 1 };
+        let sums = &mut sums[..group];
+        match vnni {
             // SAFETY: `vnni` is only set where `available` found AVX-512 VNNI, VL, AVX2 and
             // FMA, which `avx512::tile` is compiled for.
-            unsafe {
-                match (group, q4_1) {
-                    (INPUT_GROUP, false) => {
-                        avx512::tile::<INPUT_GROUP, false>(tile, inputs, i, &mut sums)
-                    }
-                    (INPUT_GROUP, true) => {
-                        avx512::tile::<INPUT_GROUP, true>(tile, inputs, i, &mut sums)
-                    }
-                    (_, false) => one_by_one::<false>(tile, inputs, i, group, &mut sums),
-                    (_, true) => one_by_one::<true>(tile, inputs, i, group, &mut sums),
+            #[cfg(target_arch = "x86_64")]
+            true => unsafe { avx512::rows(tile, inputs, i, sums) },
+            _ => {
+                for (j, s) in sums.iter_mut().enumerate() {
+                    *s = portable(tile, inputs, i + j);
                 }
             }
         }
-        if !vnni {
-            for (j, s) in sums.iter_mut().enumerate().take(group) {
-                *s = portable(tile, inputs, i + j, q4_1);
-            }
-        }
-        for (j, s) in sums.iter().enumerate().take(group) {
+        for (j, s) in sums.iter().enumerate() {
             part[(i + j) * stride + at..][..TILE].copy_from_slice(s);
         }
         i += group;
     }
 }
 
-/// The VNNI kernel one input row at a time (a group's remainder).
-///
-/// # Safety
-/// As `avx512::tile`.
-#[cfg(target_arch = "x86_64")]
-unsafe fn one_by_one<const Q4_1: bool>(
-    tile: &Tile,
-    inputs: &Inputs,
-    first: usize,
-    count: usize,
-    sums: &mut [[f32; TILE]; INPUT_GROUP],
-) {
-    for (j, s) in sums.iter_mut().enumerate().take(count) {
-        let mut one = [[0.0f32; TILE]; 1];
-        // SAFETY: the caller's.
-        unsafe { avx512::tile::<1, Q4_1>(tile, inputs, first + j, &mut one) };
-        *s = one[0];
-    }
-}
-
 /// Input row `i` against the tile: per block, each lane's exact integer sum less its offset,
 /// scaled by `scale · d` with one fused rounding, then (Q4_1) `min · s` the same way.
-fn portable(tile: &Tile, inputs: &Inputs, i: usize, q4_1: bool) -> [f32; TILE] {
+fn portable(tile: &Tile, inputs: &Inputs, i: usize) -> [f32; TILE] {
     let mut acc = [0.0f32; TILE];
     for k in 0..inputs.blocks {
         let block = i * inputs.blocks + k;
@@ -250,7 +222,7 @@ fn portable(tile: &Tile, inputs: &Inputs, i: usize, q4_1: bool) -> [f32; TILE] {
             let at = k * TILE + lane;
             let exact = (sum - tile.offsets[at]) as f32;
             *acc = (tile.scales[at] * d).mul_add(exact, *acc);
-            if q4_1 {
+            if tile.q4_1 {
                 *acc = tile.mins[at].mul_add(s, *acc);
             }
         }
@@ -262,7 +234,25 @@ fn portable(tile: &Tile, inputs: &Inputs, i: usize, q4_1: bool) -> [f32; TILE] {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Inputs, TILE, Tile};
+    use super::{INPUT_GROUP, Inputs, TILE, Tile};
+
+    /// Input rows `first..first + out.len()` (a group of [`INPUT_GROUP`], or one) against
+    /// the tile.
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[inline(always)]
+    pub(super) unsafe fn rows(tile: &Tile, inputs: &Inputs, first: usize, out: &mut [[f32; TILE]]) {
+        // SAFETY: the caller's.
+        unsafe {
+            match (out.len(), tile.q4_1) {
+                (INPUT_GROUP, false) => self::tile::<INPUT_GROUP, false>(tile, inputs, first, out),
+                (INPUT_GROUP, true) => self::tile::<INPUT_GROUP, true>(tile, inputs, first, out),
+                (_, false) => self::tile::<1, false>(tile, inputs, first, out),
+                (_, true) => self::tile::<1, true>(tile, inputs, first, out),
+            }
+        }
+    }
 
     /// `portable` for input rows `first..first + N`, in the same order of operations.
     ///
