@@ -89,9 +89,14 @@ for clients in (1, 4, 16):
     print(f"{clients},{sum(out)},{took:.2f},{sum(out) / took:.1f}")
 EOF
 
-# llama.cpp's own batched decoding on the same model and threads, for comparison: generated
-# tokens/s (S_TG) with 1, 4 and 16 sequences decoding together after 16-token prompts. The
-# server's figures above also count prompts and HTTP, which these do not.
-echo "llama.cpp,parallel_sequences,generate_tok_s"
+# Batched decoding without HTTP, on both sides: generated tokens/s with 1, 4 and 16 sequences
+# decoding together after 16-token prompts (holdfast's `bench generate --sequences`, llama.cpp's
+# llama-batched-bench S_TG). The server's figures above also count prompts and HTTP.
+echo "who,parallel_sequences,generate_tok_s"
+for sequences in 1 4 16; do
+  RAYON_NUM_THREADS=$THREADS "$HOLDFAST" bench generate "$MODEL" --tokenizer "$WORK/tokenizer.json" \
+    --prompt-tokens 16 --new-tokens 64 --repeats 3 --sequences "$sequences" \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("holdfast,%d,%.1f" % (r["sequences"], r["generate_tokens_per_s"]))'
+done
 "$LLAMA_CPP/llama-batched-bench" -m "$MODEL" -c 4096 -npp 16 -ntg 64 -npl 1,4,16 -t "$THREADS" 2>&1 \
   | awk -F'|' '/^\| +16 \|/ { gsub(/ /, "", $4); gsub(/ /, "", $9); print "llama.cpp," $4 "," $9 }'

@@ -319,15 +319,20 @@ pub struct BenchGenerateArgs {
     /// Timed repetitions; the best is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Sequences generating together (batched decoding: one forward per step for all of
+    /// them, as the server runs concurrent requests); each prompt is processed on its own.
+    #[arg(long, default_value_t = 1)]
+    pub sequences: usize,
 }
 
-/// Prompt processing and generation tokens/s (greedy, KV cache, batch 1) and peak RSS.
+/// Prompt processing and generation tokens/s (greedy, KV cache, `--sequences` decoding
+/// together) and peak RSS.
 pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
     let start = Instant::now();
     let model = args.model.load()?;
     let load_s = start.elapsed().as_secs_f64();
-    if args.prompt_tokens == 0 || args.new_tokens == 0 || args.repeats == 0 {
-        bail!("--prompt-tokens, --new-tokens and --repeats must be at least 1");
+    if args.prompt_tokens == 0 || args.new_tokens == 0 || args.repeats == 0 || args.sequences == 0 {
+        bail!("--prompt-tokens, --new-tokens, --repeats and --sequences must be at least 1");
     }
     if args.prompt_tokens + args.new_tokens > model.context() {
         bail!(
@@ -347,18 +352,32 @@ pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
     let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
     // One extra pass first warms caches and allocators; every pass counts toward the best.
     for _ in 0..args.repeats + 1 {
-        let mut cache = engine.new_cache();
+        let mut caches: Vec<_> = (0..args.sequences).map(|_| engine.new_cache()).collect();
         let t0 = Instant::now();
-        let mut next = argmax(&engine.next_logits(&mut cache, &prompt)?);
+        let mut next = Vec::with_capacity(args.sequences);
+        for cache in &mut caches {
+            next.push(argmax(&engine.next_logits(cache, &prompt)?));
+        }
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..args.new_tokens {
-            next = argmax(&engine.next_logits(&mut cache, &[next])?);
+            let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let mut steps: Vec<_> = caches
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(cache, token)| (cache, &token[..]))
+                .collect();
+            next = engine
+                .next_logits_batch(&mut steps)?
+                .iter()
+                .map(|logits| argmax(logits))
+                .collect();
         }
         let decode = t1.elapsed().as_secs_f64();
         best_prefill = best_prefill.min(prefill);
         best_decode = best_decode.min(decode);
     }
+    let sequences = args.sequences as f64;
     let report = serde_json::json!({
         "model": model.id,
         "params": cfg.num_params(),
@@ -367,9 +386,10 @@ pub fn cmd_bench_generate(args: BenchGenerateArgs) -> Result<()> {
         "threads": run::compute_threads(),
         "load_s": load_s,
         "prompt_tokens": args.prompt_tokens,
-        "prompt_tokens_per_s": args.prompt_tokens as f64 / best_prefill,
+        "prompt_tokens_per_s": sequences * args.prompt_tokens as f64 / best_prefill,
         "new_tokens": args.new_tokens,
-        "generate_tokens_per_s": args.new_tokens as f64 / best_decode,
+        "sequences": args.sequences,
+        "generate_tokens_per_s": sequences * args.new_tokens as f64 / best_decode,
         "peak_rss_bytes": run::peak_rss_bytes(),
     });
     println!("{report}");

@@ -464,8 +464,8 @@ fn smollm2_answers_over_http() {
     // activations reverse that. The mapped decoder computes as llama.cpp does and takes the
     // same turn. What follows is a string of near ties that the order of additions decides:
     // on an AVX2 machine both went on "la Marseillaise, la femme, la femme" (llama.cpp build
-    // faed1b2); on an AVX-512 VNNI one, llama.cpp 0.3.9's goes on "la Cité, la Nation" and
-    // holdfast's prompt tiles "la Marseur, la France".
+    // faed1b2); on an AVX-512 VNNI one, llama.cpp 0.3.9's goes on "la Cité, la Nation", and
+    // holdfast's packed tiles again on "la Marseillaise, la femme".
     let chat = smollm2_exchange(&start_server(&gguf, &[]));
     assert!(chat.starts_with("L'Étoile, la "), "{chat:?}");
 }
@@ -794,6 +794,39 @@ fn export(dir: &Path, run: &Path, kind: &str) -> PathBuf {
         "the tokenizer is written beside"
     );
     gguf
+}
+
+#[test]
+fn bench_generate_decodes_several_sequences_together_and_refuses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = export(dir.path(), &block_run(dir.path(), "2"), "q8_0");
+    let bench = |sequences: &str| {
+        let gguf = gguf.to_str().unwrap().to_string();
+        let args = [
+            "bench",
+            "generate",
+            &gguf,
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--sequences",
+            sequences,
+        ];
+        holdfast(dir.path(), &args)
+    };
+    let out = ok(&bench("3"));
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["sequences"], 3, "{out}");
+    assert!(
+        report["generate_tokens_per_s"].as_f64().unwrap() > 0.0,
+        "{out}"
+    );
+    let engine = report["engine"].as_str().unwrap();
+    assert!(engine.starts_with("mapped GGUF blocks (Q8_0"), "{engine}");
+    common::fails_with(&bench("0"), "--sequences must be at least 1");
 }
 
 /// The text of a streamed completion.

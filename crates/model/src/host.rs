@@ -4,7 +4,10 @@
 //! position, go through one forward together (batched decoding).
 //!
 //! The arithmetic is llama.cpp's: 8-bit activations against quantized blocks, f32 for norms,
-//! rotary embedding, attention and the KV cache. Query and key rows stay in the order the GGUF
+//! rotary embedding, attention and the KV cache. Where the CPU has AVX-512 VNNI, the block
+//! matrices are repacked into tiles when the file is opened (see
+//! [`PackedMatrix`](crate::quant::PackedMatrix)) and every product, prompt or token, runs on
+//! them; the mapped pages they came from are given back, so each weight is held once. Query and key rows stay in the order the GGUF
 //! converter permuted them to, so the rotary embedding rotates adjacent pairs, as ggml's does.
 
 use std::path::Path;
@@ -14,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::gguf::{self, Header, format_err, unsupported_tensor};
 use crate::kernels;
-use crate::quant::{Format, GEMM_ROWS, QuantMatrix, matmul_many_from, matmul_prompt};
+use crate::quant::{Format, GEMM_ROWS, PackedMatrix, QuantMatrix, matmul_many_from, matmul_packed};
 use crate::{GgufInfo, ModelConfig, ModelError};
 
 /// A matrix's place in the mapped file.
@@ -25,6 +28,9 @@ struct Placed {
     cols: usize,
     start: usize,
     len: usize,
+    /// The matrix repacked for the tiled kernel, where the CPU has it (see
+    /// [`MappedModel::open`]).
+    packed: Option<Box<PackedMatrix>>,
 }
 
 struct Layer {
@@ -52,12 +58,13 @@ pub struct MappedModel {
     /// `θ^(-2i/d)` for each rotated pair `i` of a head.
     inverse_frequencies: Vec<f64>,
     /// Steps of this many tokens or more (a prompt) take products expanded to f32 instead of
-    /// 8-bit ones (see [`quant::GEMM_ROWS`](crate::quant::GEMM_ROWS)); 1 makes every
-    /// product f32.
+    /// 8-bit ones where a matrix is not packed (see
+    /// [`quant::GEMM_ROWS`](crate::quant::GEMM_ROWS)); 1 makes every product f32.
     expand_from: usize,
 }
 
-/// One sequence's keys and values, per layer `[positions, kv_width]`.
+/// One sequence's keys and values, per layer and key-value head (`l · kv_heads + h`)
+/// `[positions, head_dim]`: each head's cache lies in one run, read front to back.
 #[derive(Clone, Debug, Default)]
 pub struct Sequence {
     keys: Vec<Vec<f32>>,
@@ -107,13 +114,28 @@ impl MappedModel {
             });
         }
         let embedding = tensors.matrix("token_embd.weight", config.vocab_size, hidden)?;
-        let output = if config.tie_word_embeddings {
+        let mut output = if config.tie_word_embeddings {
             embedding.clone()
         } else {
             tensors.matrix("output.weight", config.vocab_size, hidden)?
         };
         let final_norm = tensors.vector("output_norm.weight", hidden)?;
         tensors.refuse_unknown(config.num_hidden_layers)?;
+        if PackedMatrix::available() {
+            let mut matrices: Vec<&mut Placed> = vec![&mut output];
+            for l in &mut layers {
+                matrices.extend([
+                    &mut l.q,
+                    &mut l.k,
+                    &mut l.v,
+                    &mut l.o,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ]);
+            }
+            pack(&map, matrices);
+        }
         let hd = config.head_dim();
         let inverse_frequencies = (0..hd / 2)
             .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / hd as f64))
@@ -136,21 +158,57 @@ impl MappedModel {
     /// llama.cpp's by the 8-bit activations it leaves out.
     pub fn with_f32_activations(mut self) -> Self {
         self.expand_from = 1;
+        self.output.packed = None;
+        for l in &mut self.layers {
+            for m in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                m.packed = None;
+            }
+        }
         self
     }
 
-    fn products(
-        &self,
-        how: Products,
-        products: &mut [(QuantMatrix<'_>, &mut [f32])],
-        x: &[f32],
-        n: usize,
-    ) {
-        match how {
-            Products::Expanded => matmul_many_from(products, x, n, 1),
-            Products::Prompt => matmul_prompt(products, x, n),
-            Products::Blocks => matmul_many_from(products, x, n, usize::MAX),
-        }
+    /// Each `(matrix, out)`'s products with the `n` rows of `x`: on the packed tiles where
+    /// the matrix has them (one pass for all of those), otherwise as `how` says.
+    fn products(&self, how: Products, products: &mut [(&Placed, &mut [f32])], x: &[f32], n: usize) {
+        let (packed, rest): (Vec<_>, Vec<_>) = products
+            .iter_mut()
+            .partition(|(p, _)| how != Products::Expanded && p.packed.is_some());
+        let mut packed: Vec<(&PackedMatrix, &mut [f32])> = packed
+            .into_iter()
+            .filter_map(|(p, out)| Some((p.packed.as_deref()?, &mut **out)))
+            .collect();
+        matmul_packed(&mut packed, x, n);
+        let mut rest: Vec<(QuantMatrix<'_>, &mut [f32])> = rest
+            .into_iter()
+            .map(|(p, out)| (self.matrix(p), &mut **out))
+            .collect();
+        let expand_from = match how {
+            Products::Expanded => 1,
+            Products::Prompt => GEMM_ROWS,
+            Products::Blocks => usize::MAX,
+        };
+        matmul_many_from(&mut rest, x, n, expand_from);
+    }
+
+    /// How many matrices run on packed tiles (none where the CPU lacks AVX-512 VNNI, and none
+    /// in f32 mode).
+    pub fn packed_matrices(&self) -> usize {
+        let layers = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+        layers
+            .chain([&self.output])
+            .filter(|p| p.packed.is_some())
+            .count()
     }
 
     /// The weight formats in the file, as `format: count` (for logs and benchmarks).
@@ -196,8 +254,8 @@ impl MappedModel {
     }
 
     /// A sequence's logits do not depend on what shares its forward: a step of a prompt's
-    /// length runs alone (its products expanded to f32), and the rest run together on 8-bit
-    /// products, whose every row is computed on its own.
+    /// length runs alone (on packed tiles, or with its products expanded to f32), and the
+    /// rest run together on 8-bit products, whose every row is computed on its own.
     fn forward_in_pool(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
         let mut out = vec![Vec::new(); steps.len()];
         let (mut short, mut short_at) = (Vec::new(), Vec::new());
@@ -296,58 +354,59 @@ impl MappedModel {
         self.products(
             how,
             &mut [
-                (self.matrix(&layer.q), &mut q[..]),
-                (self.matrix(&layer.k), &mut k[..]),
-                (self.matrix(&layer.v), &mut v[..]),
+                (&layer.q, &mut q[..]),
+                (&layer.k, &mut k[..]),
+                (&layer.v, &mut v[..]),
             ],
             &h,
             m,
         );
         for (i, row) in rows.iter().enumerate() {
-            self.rotate(&mut q[i * hidden..(i + 1) * hidden], row.position);
-            self.rotate(&mut k[i * kv..(i + 1) * kv], row.position);
+            let turns = self.turns(row.position);
+            rotate(&mut q[i * hidden..(i + 1) * hidden], &turns);
+            rotate(&mut k[i * kv..(i + 1) * kv], &turns);
         }
+        let (kv_heads, hd) = (cfg.num_key_value_heads, cfg.head_dim());
         for (i, row) in rows.iter().enumerate() {
             let seq = &mut *steps[row.step].sequence;
-            if seq.keys.len() <= l {
-                seq.keys.resize_with(l + 1, Vec::new);
-                seq.values.resize_with(l + 1, Vec::new);
+            let caches = (l + 1) * kv_heads;
+            if seq.keys.len() < caches {
+                seq.keys.resize_with(caches, Vec::new);
+                seq.values.resize_with(caches, Vec::new);
             }
-            seq.keys[l].extend_from_slice(&k[i * kv..(i + 1) * kv]);
-            seq.values[l].extend_from_slice(&v[i * kv..(i + 1) * kv]);
+            for h in 0..kv_heads {
+                let at = i * kv + h * hd;
+                seq.keys[l * kv_heads + h].extend_from_slice(&k[at..at + hd]);
+                seq.values[l * kv_heads + h].extend_from_slice(&v[at..at + hd]);
+            }
         }
         let attended = self.attend_rows(l, rows, steps, &q);
         let mut projected = vec![0.0f32; m * hidden];
-        self.products(
-            how,
-            &mut [(self.matrix(&layer.o), &mut projected[..])],
-            &attended,
-            m,
-        );
+        self.products(how, &mut [(&layer.o, &mut projected[..])], &attended, m);
         add(x, &projected);
     }
 
     /// Each row's query heads against its sequence's cached keys and values of layer `l`, up
-    /// to the row's own position; one task per row and head.
+    /// to the row's own position.
     fn attend_rows(&self, l: usize, rows: &[Row], steps: &[Step<'_>], q: &[f32]) -> Vec<f32> {
         let cfg = &self.config;
-        let (hidden, kv, hd) = (cfg.hidden_size, cfg.kv_width(), cfg.head_dim());
-        let heads = cfg.num_attention_heads;
-        let group = heads / cfg.num_key_value_heads;
-        let caches: Vec<(&[f32], &[f32])> = steps
-            .iter()
-            .map(|s| (&s.sequence.keys[l][..], &s.sequence.values[l][..]))
-            .collect();
+        let (hidden, hd) = (cfg.hidden_size, cfg.head_dim());
+        let kv_heads = cfg.num_key_value_heads;
+        let group = cfg.num_attention_heads / kv_heads;
         let mut attended = vec![0.0f32; rows.len() * hidden];
+        // One task per row and key-value head: its query heads read the cache once.
         attended
-            .par_chunks_mut(hd)
+            .par_chunks_mut(group * hd)
             .enumerate()
             .for_each(|(task, out)| {
-                let (i, head) = (task / heads, task % heads);
-                let (keys, values) = caches[rows[i].step];
-                let query = &q[i * hidden + head * hd..i * hidden + (head + 1) * hd];
-                let offset = (head / group) * hd;
-                kernels::attend(query, keys, values, rows[i].position + 1, offset, kv, out);
+                let (i, kv_head) = (task / kv_heads, task % kv_heads);
+                let sequence = &steps[rows[i].step].sequence;
+                let cache = l * kv_heads + kv_head;
+                let (keys, values) = (&sequence.keys[cache], &sequence.values[cache]);
+                let first = i * hidden + kv_head * group * hd;
+                let queries = &q[first..first + group * hd];
+                let len = rows[i].position + 1;
+                kernels::attend(queries, hd, keys, values, len, 0, hd, out);
             });
         attended
     }
@@ -359,22 +418,18 @@ impl MappedModel {
         let (mut gate, mut up) = (vec![0.0; m * inter], vec![0.0; m * inter]);
         self.products(
             how,
-            &mut [
-                (self.matrix(&layer.gate), &mut gate[..]),
-                (self.matrix(&layer.up), &mut up[..]),
-            ],
+            &mut [(&layer.gate, &mut gate[..]), (&layer.up, &mut up[..])],
             &h,
             m,
         );
         let mut gated = vec![0.0f32; m * inter];
-        kernels::swiglu(&gate, &up, &mut gated);
+        // A row per task: several rows' activations are worth splitting over the pool.
+        gated
+            .par_chunks_mut(inter)
+            .zip(gate.par_chunks(inter).zip(up.par_chunks(inter)))
+            .for_each(|(out, (gate, up))| kernels::swiglu(gate, up, out));
         let mut down = vec![0.0f32; m * hidden];
-        self.products(
-            how,
-            &mut [(self.matrix(&layer.down), &mut down[..])],
-            &gated,
-            m,
-        );
+        self.products(how, &mut [(&layer.down, &mut down[..])], &gated, m);
         add(x, &down);
     }
 
@@ -395,7 +450,7 @@ impl MappedModel {
         // 8-bit products, as llama.cpp's logits are.
         self.products(
             self.unless_f32(Products::Blocks),
-            &mut [(self.matrix(&self.output), &mut logits[..])],
+            &mut [(&self.output, &mut logits[..])],
             &h,
             steps,
         );
@@ -417,24 +472,31 @@ impl MappedModel {
         out
     }
 
-    /// Rotates adjacent pairs of each head of `x` by `position` (ggml's rope, normal mode).
-    fn rotate(&self, x: &mut [f32], position: usize) {
-        let hd = self.config.head_dim();
-        for head in x.chunks_exact_mut(hd) {
-            for (pair, &f) in head.chunks_exact_mut(2).zip(&self.inverse_frequencies) {
-                let angle = (position as f64 * f) as f32;
-                let (sin, cos) = angle.sin_cos();
-                let (a, b) = (pair[0], pair[1]);
-                pair[0] = a * cos - b * sin;
-                pair[1] = a * sin + b * cos;
-            }
+    /// `(sin, cos)` of each rotated pair's angle at `position` (ggml's rope, normal mode):
+    /// computed once per row for all its query and key heads.
+    fn turns(&self, position: usize) -> Vec<(f32, f32)> {
+        self.inverse_frequencies
+            .iter()
+            .map(|&f| ((position as f64 * f) as f32).sin_cos())
+            .collect()
+    }
+}
+
+/// Rotates adjacent pairs of each head of `x` by `turns` (one per pair of a head).
+fn rotate(x: &mut [f32], turns: &[(f32, f32)]) {
+    for head in x.chunks_exact_mut(2 * turns.len()) {
+        for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(turns) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos - b * sin;
+            pair[1] = a * sin + b * cos;
         }
     }
 }
 
-/// How a product treats its input: quantized to 8-bit blocks against the weights' blocks,
-/// in f32 against weights expanded to f32, or as a prompt ([`matmul_prompt`]: either one,
-/// by what the CPU has).
+/// How a product treats its input where its matrix is not packed: quantized to 8-bit blocks
+/// against the weights' blocks, in f32 against weights expanded to f32 (and then never on
+/// packed tiles either: the f32 reference), or as a prompt (expanded from
+/// [`GEMM_ROWS`] rows on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Products {
     Blocks,
@@ -455,6 +517,26 @@ fn invalid(field: &str, value: &str, reason: &str) -> ModelError {
         value: value.into(),
         reason: reason.into(),
     }
+}
+
+/// Packs each block-format matrix for the tiled kernel, then gives back the mapped pages it
+/// read: the packed copy replaces them (the same bytes per weight), so each weight is held
+/// once, and at most a matrix per thread twice while packing.
+fn pack(map: &Mmap, matrices: Vec<&mut Placed>) {
+    matrices.into_par_iter().for_each(|p| {
+        let bytes = &map[p.start..p.start + p.len];
+        let w = QuantMatrix::new(p.format, p.rows, p.cols, bytes)
+            .expect("extent checked when the model was opened");
+        p.packed = PackedMatrix::pack(&w).map(Box::new);
+        if p.packed.is_some() {
+            // SAFETY: the map is a private, read-only mapping of a file: dropping pages only
+            // means that a later read (an embedding row, the f32 path) faults them in from
+            // the file again. A refusal only leaves them resident.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, p.start, p.len)
+            };
+        }
+    });
 }
 
 fn add(x: &mut [f32], y: &[f32]) {
@@ -519,6 +601,7 @@ impl Directory<'_> {
             cols,
             start,
             len,
+            packed: None,
         })
     }
 

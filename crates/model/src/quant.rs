@@ -13,6 +13,8 @@ use crate::kernels::{Isa, isa_limit};
 
 mod tiled;
 
+pub use tiled::{PackedMatrix, matmul_packed};
+
 /// Values per quantization block (Q4_0, Q4_1, Q8_0 and the 8-bit activations).
 pub const BLOCK: usize = 32;
 
@@ -75,11 +77,12 @@ impl Format {
 }
 
 /// One block of 32 activations in 8 bits (ggml's `block_q8_1`, with f32 scales): values are
-/// `d · q`; `s` is `d · Σq`, which Q4_1's offset needs.
+/// `d · q`; `s` is `d · Σq`, which Q4_1's offset needs, and `sum` is `Σq`.
 #[derive(Clone, Copy, Debug)]
 struct ActBlock {
     d: f32,
     s: f32,
+    sum: i32,
     q: [i8; BLOCK],
 }
 
@@ -90,16 +93,15 @@ struct ActBlock {
 /// would.
 fn quantize_acts(isa: Isa, x: &[f32], out: &mut Vec<ActBlock>) {
     debug_assert!(x.len().is_multiple_of(BLOCK));
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `block_isa` says Avx2 or wider only where the CPU has AVX2, FMA and F16C.
+        unsafe { avx2::quantize_blocks(x, out) };
+        return;
+    }
+    let _ = isa;
     for block in x.chunks_exact(BLOCK) {
-        let block: &[f32; BLOCK] = block.try_into().expect("chunks of BLOCK");
-        #[cfg(target_arch = "x86_64")]
-        if isa >= Isa::Avx2 {
-            // SAFETY: `block_isa` says Avx2 or wider only where the CPU has AVX2.
-            out.push(unsafe { avx2::quantize_block(block) });
-            continue;
-        }
-        let _ = isa;
-        out.push(quantize_block(block));
+        out.push(quantize_block(block.try_into().expect("chunks of BLOCK")));
     }
 }
 
@@ -118,6 +120,7 @@ fn quantize_block(block: &[f32; BLOCK]) -> ActBlock {
     ActBlock {
         d,
         s: d * sum as f32,
+        sum,
         q,
     }
 }
@@ -126,6 +129,7 @@ impl ActBlock {
     const NON_FINITE: ActBlock = ActBlock {
         d: f32::NAN,
         s: f32::NAN,
+        sum: 0,
         q: [0; BLOCK],
     };
 }
@@ -273,29 +277,6 @@ fn expanded_product(w: &QuantMatrix, x: &[f32], n: usize, out: &mut [f32]) {
             false,
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
-    }
-}
-
-/// A prompt's products (its `n` rows at once): on 8-bit activations over repacked weight
-/// tiles where the CPU has AVX-512 VNNI (as llama.cpp multiplies prompts), through the
-/// weights expanded to f32 otherwise (which beats AVX2's integer products per pair).
-pub fn matmul_prompt(products: &mut [(QuantMatrix<'_>, &mut [f32])], x: &[f32], n: usize) {
-    let tiled = tiled::available();
-    let mut inputs = None;
-    for (w, out) in products.iter_mut() {
-        assert_eq!(out.len(), n * w.rows, "output is not n × rows");
-        assert_eq!(x.len(), n * w.cols, "activations are not n × cols");
-        if !(tiled && w.format.quantized()) {
-            expanded_product(w, x, n, out);
-            continue;
-        }
-        // The same input for every matrix: quantized and laid out once.
-        let inputs = inputs.get_or_insert_with(|| {
-            let mut acts = Vec::with_capacity(x.len() / BLOCK);
-            quantize_acts(block_isa(), x, &mut acts);
-            tiled::Inputs::new(&acts, w.cols / BLOCK)
-        });
-        tiled::product(w, inputs, n, out, true);
     }
 }
 
@@ -643,7 +624,19 @@ mod avx2 {
         }
     }
 
+    /// `super::quantize_acts` on AVX2: the loop compiled with the block's features, so that
+    /// each block's quantization is inlined into it.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_blocks(x: &[f32], out: &mut Vec<ActBlock>) {
+        out.reserve(x.len() / BLOCK);
+        for block in x.chunks_exact(BLOCK) {
+            // SAFETY: the caller's.
+            out.push(unsafe { quantize_block(block.try_into().expect("chunks of BLOCK")) });
+        }
+    }
+
     /// `super::quantize_block`, the same bits.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn quantize_block(block: &[f32; BLOCK]) -> ActBlock {
         // SAFETY: the four loads read the block's 32 values.
@@ -695,6 +688,7 @@ mod avx2 {
             ActBlock {
                 d,
                 s: d * sum as f32,
+                sum,
                 q,
             }
         }
@@ -884,19 +878,11 @@ mod tests {
 
     const BLOCK_FORMATS: [Format; 3] = [Format::Q4_0, Format::Q4_1, Format::Q8_0];
 
-    /// The tiled prompt kernel's products, `vnni` or portable.
-    fn tiled_product(w: &QuantMatrix, x: &[f32], n: usize, vnni: bool) -> Vec<f32> {
-        let mut acts = Vec::new();
-        quantize_acts(Isa::Baseline, x, &mut acts);
-        let mut out = vec![0.0f32; n * w.rows];
-        let inputs = tiled::Inputs::new(&acts, w.cols / BLOCK);
-        tiled::product(w, &inputs, n, &mut out, vnni);
-        out
-    }
+    use tiled::tests::tiled_product;
 
     #[test]
-    fn tiled_prompt_products_match_the_reference_and_the_portable_bits() {
-        let vnni = tiled::available();
+    fn tiled_products_match_the_reference_and_the_portable_bits() {
+        let vnni = PackedMatrix::available();
         if !vnni {
             println!("tiled VNNI kernel: not tested, this CPU lacks AVX-512 VNNI");
         }
@@ -935,6 +921,31 @@ mod tests {
     }
 
     #[test]
+    fn a_tiled_input_row_gets_the_same_bits_alone_as_among_others() {
+        // Nine rows: two groups of four and one alone.
+        let (rows, cols, n) = (19, 96, 9);
+        for format in BLOCK_FORMATS {
+            let bytes = quantize(format, &values(rows * cols, 12));
+            let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
+            let x = values(n * cols, 13);
+            let mut kernels = vec![false];
+            kernels.extend(PackedMatrix::available().then_some(true));
+            for vnni in kernels {
+                let together = tiled_product(&w, &x, n, vnni);
+                for i in 0..n {
+                    let alone = tiled_product(&w, &x[i * cols..(i + 1) * cols], 1, vnni);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&alone),
+                        bits(&together[i * rows..(i + 1) * rows]),
+                        "{format:?} vnni={vnni} row {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_non_finite_activation_poisons_its_tiled_products_only() {
         let (rows, cols, n) = (9, 64, 5);
         for format in BLOCK_FORMATS {
@@ -942,7 +953,7 @@ mod tests {
             let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
             let mut x = values(n * cols, 8);
             x[2 * cols + 40] = f32::INFINITY;
-            for vnni in [false, tiled::available()] {
+            for vnni in [false, PackedMatrix::available()] {
                 let out = tiled_product(&w, &x, n, vnni);
                 for (i, products) in out.chunks_exact(rows).enumerate() {
                     assert!(
@@ -951,26 +962,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    #[test]
-    fn a_prompt_is_multiplied_on_tiles_where_the_cpu_has_vnni_and_in_f32_elsewhere() {
-        let (rows, cols, n) = (24, 96, 40);
-        for format in ALL {
-            let bytes = quantize(format, &values(rows * cols, 10));
-            let w = QuantMatrix::new(format, rows, cols, &bytes).unwrap();
-            let x = values(n * cols, 11);
-            let mut got = vec![0.0f32; n * rows];
-            matmul_prompt(&mut [(w, &mut got[..])], &x, n);
-            let want = if format.quantized() && tiled::available() {
-                tiled_product(&w, &x, n, true)
-            } else {
-                let mut expanded = vec![0.0f32; n * rows];
-                expanded_product(&w, &x, n, &mut expanded);
-                expanded
-            };
-            assert_eq!(got, want, "{format:?}");
         }
     }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use holdfast_model::gguf_out::llama_writer;
 use holdfast_model::host::{MappedModel, Sequence, Step};
-use holdfast_model::quant::Format;
+use holdfast_model::quant::{Format, PackedMatrix};
 use holdfast_model::{
     KvCache, Logits, ModelConfig, Tokenizer, Weights, forward_cached, load_gguf, token_batch,
 };
@@ -161,6 +161,34 @@ fn mapped_decoding_matches_the_f32_decoder_in_every_format() {
 }
 
 #[test]
+fn block_matrices_are_packed_where_the_cpu_has_the_tiled_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config();
+    let tiled = PackedMatrix::available();
+    if !tiled {
+        println!("tiled kernel: this CPU lacks AVX-512 VNNI; checking that nothing is packed");
+    }
+    for format in [Format::Q4_1, Format::Q8_0, Format::F16] {
+        let dir = dir.path().join(format!("{format:?}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = MappedModel::open(&write_model(&dir, &cfg, format)).unwrap();
+        // Seven matrices a layer and the output projection.
+        let blocks = format != Format::F16;
+        let want = if tiled && blocks {
+            7 * cfg.num_hidden_layers + 1
+        } else {
+            0
+        };
+        assert_eq!(model.packed_matrices(), want, "{format:?}");
+        assert_eq!(
+            model.with_f32_activations().packed_matrices(),
+            0,
+            "{format:?}"
+        );
+    }
+}
+
+#[test]
 fn a_written_gguf_reads_back_as_the_weights_written() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small_config();
@@ -190,8 +218,9 @@ fn a_written_gguf_reads_back_as_the_weights_written() {
 }
 
 /// Whatever shares its forward, a sequence gets the bits it gets alone: here a 40-token prompt
-/// (which takes f32 products) with eight short ones (39 rows together, past the 32 rows from
-/// which one step takes f32 products), then decoding steps of all nine together.
+/// (which takes f32 products, or the packed tiles where the CPU has them) with eight short
+/// ones (39 rows together, past the 32 rows from which one step takes f32 products), then
+/// decoding steps of all nine together.
 #[test]
 fn batched_decoding_gives_each_sequence_what_it_gets_alone() {
     let dir = tempfile::tempdir().unwrap();

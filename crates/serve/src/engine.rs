@@ -29,11 +29,18 @@ impl Engine {
         }
     }
 
-    /// What the model runs on, for reports: `mapped (Q4_1×210 Q8_0×1)` or `tensors`.
+    /// What the model runs on, for reports: `mapped GGUF blocks (Q4_1×210 Q8_0×1)`, then
+    /// how many are repacked in tiles, or `f32 tensors`.
     pub fn describe(&self) -> String {
         match self {
             Engine::Tensors { .. } => "f32 tensors".into(),
-            Engine::Mapped(m) => format!("mapped GGUF blocks ({})", m.formats()),
+            Engine::Mapped(m) => match m.packed_matrices() {
+                0 => format!("mapped GGUF blocks ({})", m.formats()),
+                n => format!(
+                    "mapped GGUF blocks ({}), {n} repacked in tiles",
+                    m.formats()
+                ),
+            },
         }
     }
 

@@ -73,11 +73,19 @@ pub fn sample(logits: &[f32], opts: &SamplingOptions, rng: &mut impl Rng) -> u32
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {
+    // `f32::total_cmp`'s order as integers, so that both scans vectorize; the last of equal
+    // maxima, as `max_by` picks.
+    let key = |x: f32| {
+        let bits = x.to_bits() as i32;
+        bits ^ (((bits >> 31) as u32) >> 1) as i32
+    };
+    let Some(best) = logits.iter().map(|&x| key(x)).max() else {
+        return 0;
+    };
     logits
         .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
+        .rposition(|&x| key(x) == best)
+        .map_or(0, |i| i as u32)
 }
 
 #[cfg(test)]
@@ -93,6 +101,38 @@ mod tests {
             counts[sample(logits, opts, &mut rng) as usize] += 1;
         }
         counts
+    }
+
+    #[test]
+    fn argmax_orders_as_total_cmp_and_takes_the_last_of_equal_maxima() {
+        let reference = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i as u32)
+        };
+        let specials = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for len in [0, 1, 2, 7, 64, 1000] {
+            for _ in 0..50 {
+                let v: Vec<f32> = (0..len)
+                    .map(|_| match rng.random_range(0..4) {
+                        0 => specials[rng.random_range(0..specials.len())],
+                        1 => -f32::NAN,
+                        _ => rng.random_range(-3i32..3) as f32 * 0.5,
+                    })
+                    .collect();
+                assert_eq!(argmax(&v), reference(&v), "{v:?}");
+            }
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use holdfast_model::Tokenizer;
+use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -46,6 +47,9 @@ pub struct ServerOptions {
 struct Job {
     prompt: Vec<u32>,
     sampling: SamplingOptions,
+    /// Text is sent as it is made only to a stream; one answer waits for `Done` alone, and
+    /// waking its handler for every token would take the cores from the forward.
+    stream: bool,
     events: mpsc::UnboundedSender<JobEvent>,
 }
 
@@ -424,6 +428,7 @@ async fn admit_and_queue(
         param: None,
     })?;
     let shared = state.clone();
+    let stream = common.stream;
     let (prompt, sampling) =
         tokio::task::spawn_blocking(move || prepare(&shared, input, &common, default_max_tokens))
             .await
@@ -433,6 +438,7 @@ async fn admit_and_queue(
     let job = Job {
         prompt,
         sampling,
+        stream,
         events: tx,
     };
     state.jobs.send(job).map_err(|_| unavailable())?;
@@ -654,7 +660,9 @@ fn run_model(
         // A client that left costs nothing more.
         running.retain(|r| !r.job.events.is_closed());
         largest_batch.fetch_max(running.len(), Ordering::Relaxed);
-        step(model, &mut running);
+        // On a worker of the compute pool, as the forward itself runs: the sampling after it
+        // is then split from inside the pool.
+        rayon::scope(|_| step(model, &mut running));
         running.retain(|r| match r.generation.finished() {
             Some(c) => {
                 let _ = r.job.events.send(JobEvent::Done(c));
@@ -678,12 +686,19 @@ fn step(model: &ServedModel, running: &mut Vec<Running>) {
         .collect();
     match model.engine.next_logits_batch(&mut steps) {
         Ok(logits) => {
-            for (r, logits) in running.iter_mut().zip(&logits) {
-                let events = r.job.events.clone();
+            // Each request samples and detokenizes on its own: split over the compute pool,
+            // which would otherwise wait for it.
+            running.par_iter_mut().zip(&logits).for_each(|(r, logits)| {
+                let (events, stream) = (r.job.events.clone(), r.job.stream);
+                // False cancels: the client is gone.
                 r.generation.advance(logits, &mut |t: &str| {
-                    events.send(JobEvent::Text(t.to_string())).is_ok()
+                    if stream {
+                        events.send(JobEvent::Text(t.to_string())).is_ok()
+                    } else {
+                        !events.is_closed()
+                    }
                 });
-            }
+            });
         }
         Err(e) => {
             // The requests are dropped unanswered: each handler answers 503.
