@@ -61,8 +61,8 @@ for model in "$MODEL" "$Q8"; do
   done
 done
 
-# The server under 1, 4 and 16 concurrent clients: each sends a different prompt for 64 greedy
-# tokens; total generated tokens over wall time.
+# The server under 1, 4 and 16 concurrent clients, ROUNDS times: each sends a different prompt
+# for 64 greedy tokens; total generated tokens over wall time.
 log="$WORK/serve.log"
 RAYON_NUM_THREADS=$THREADS "$HOLDFAST" serve "$MODEL" --listen 127.0.0.1:0 --max-pending 64 2> "$log" &
 server=$!
@@ -70,7 +70,7 @@ trap 'kill $server 2> /dev/null || true' EXIT
 for _ in $(seq 100); do grep -q "http://" "$log" && break; sleep 0.1; done
 addr=$(grep -o 'http://[0-9.:]*' "$log" | head -1)
 echo "clients,generated_tokens,seconds,tokens_per_s"
-python3 - "$addr" <<'EOF'
+python3 - "$addr" "$ROUNDS" <<'EOF'
 import json, sys, threading, time, urllib.request
 addr = sys.argv[1]
 model = json.load(urllib.request.urlopen(addr + "/v1/models"))["data"][0]["id"]
@@ -79,7 +79,9 @@ def ask(i, out):
                        "temperature": 0}).encode()
     req = urllib.request.Request(addr + "/v1/completions", body, {"content-type": "application/json"})
     out[i] = json.load(urllib.request.urlopen(req, timeout=600))["usage"]["completion_tokens"]
-for clients in (1, 4, 16):
+ask(0, [0])  # warms the server: its first forward faults pages in
+# ROUNDS passes over 1, 4 and 16 clients, alternating, so that each count sees the same load.
+for clients in [c for _ in range(int(sys.argv[2])) for c in (1, 4, 16)]:
     out = [0] * clients
     threads = [threading.Thread(target=ask, args=(i, out)) for i in range(clients)]
     start = time.time()

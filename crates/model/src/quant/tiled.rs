@@ -32,16 +32,16 @@ const TILES_PER_TASK: usize = 2;
 /// Rows per parallel task.
 const TASK_ROWS: usize = TILE * TILES_PER_TASK;
 
-/// A block-format weight matrix repacked in tiles of eight rows.
+/// A block-format weight matrix repacked in tiles of [`TILE`] rows.
 #[derive(Clone, Debug)]
 pub struct PackedMatrix {
     format: Format,
     rows: usize,
     cols: usize,
-    /// Per tile, per block: Q4's 128 bytes (4 vectors, lane = row, 4 file bytes each) or
-    /// Q8_0's 256 bytes (8 vectors, lane = row, 4 values + 128 each).
+    /// Per tile, per block: Q4's 256 bytes (4 vectors of 64, lane = row, 4 file bytes each)
+    /// or Q8_0's 512 bytes (8 vectors of 64, lane = row, 4 values + 128 each).
     weights: Vec<u8>,
-    /// Per tile, per block, the eight rows' scales as f16 bits (zero past the matrix's end).
+    /// Per tile, per block, the tile's rows' scales as f16 bits (zero past the matrix's end).
     scales: Vec<u16>,
     /// Q4_1's minimums, laid out as the scales (empty for other formats).
     mins: Vec<u16>,
@@ -89,19 +89,6 @@ impl PackedMatrix {
         Some(m)
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Bytes held (for logs).
-    pub fn bytes(&self) -> usize {
-        self.weights.len() + 2 * (self.scales.len() + self.mins.len())
-    }
-
     fn blocks(&self) -> usize {
         self.cols / BLOCK
     }
@@ -116,7 +103,7 @@ fn tile_block_bytes(format: Format) -> usize {
     }
 }
 
-/// Rows `first..first + 8` of `w` (those past its end stay zero) into one tile's slices.
+/// Rows `first..first + TILE` of `w` (those past its end stay zero) into one tile's slices.
 fn pack_tile(
     w: &QuantMatrix,
     first: usize,
