@@ -14,8 +14,8 @@
 # its etcd lease lapses meanwhile), none. The line says when the fault came, when the
 # standby led and when the next round was committed (seconds after the fault), how each
 # coordinator exited, whether the ledger holds every round once, whether the replicas' state
-# hashes agreed on every round and how many started the last one; after cut-worker, why
-# worker 8 was put out and whether it rejoined. Exits 3 (and says why) where namespaces
+# hashes agreed on every round and how many started the last one, which workers were put out
+# of a round and why; after cut-worker, why worker 8 was put out and whether it rejoined. Exits 3 (and says why) where namespaces
 # cannot be made. Needs root, ip, iptables, curl, python3, etcd and a holdfast built with
 # --features etcd (HOLDFAST).
 set -euo pipefail
@@ -202,7 +202,8 @@ for line in open(d + "/run/ledger.jsonl"):
 rounds = [r["round"] for r in records]
 ids = [b for r in records for m in r["members"] for b in m["batches"]]
 events = [json.loads(l).get("detail", {}) for l in open(d + "/run/events.jsonl")]
-cut = [i for i, e in enumerate(events) if e.get("event") == "removed" and e.get("name") == "worker-8"]
+removed = [(i, e["name"], e["reason"]) for i, e in enumerate(events) if e.get("event") == "removed"]
+cut = [i for i, name, _ in removed if name == "worker-8"]
 rejoined = bool(cut) and any(e.get("event") == "joined" and e.get("name") == "worker-8" for e in events[cut[0]:])
 states = {}  # the replicas' reported state hashes, by the round they start
 for e in events:
@@ -219,6 +220,7 @@ print(json.dumps({
     "rounds": len(rounds), "rounds_once": rounds == list(range(len(rounds))),
     "batches": len(ids), "batches_once": len(ids) == len(set(ids)),
     "worker_8_removed": events[cut[0]]["reason"] if cut else None, "worker_8_rejoined": rejoined,
+    "removed": [f"{name}: {reason}" for _, name, reason in removed],
     "states_agree": all(len(set(h.values())) == 1 for h in states.values()),
     "last_round_replicas": len(last), "last_round_states_equal": len(set(last.values())) == 1,
 }))

@@ -449,6 +449,9 @@ mod failover {
         // while etcd elected a new leader, and the standby took over).
         let exits = [v["first_exit"].as_u64(), v["second_exit"].as_u64()];
         assert!(exits.contains(&Some(0)), "{v}");
+        // A dead member costs the etcd client retries: no worker failed to register its lease
+        // with the standby and was put out of a round for it.
+        assert_eq!(v["removed"], serde_json::json!([]), "{v}");
     }
 
     #[test]

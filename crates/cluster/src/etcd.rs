@@ -134,23 +134,12 @@ impl Etcd {
         }
     }
 
-    /// `request` on the client, tried once more per endpoint while it fails: requests take
-    /// turns among the endpoints, and a dead member fails the ones that reach it.
+    /// `request` on the client, tried again while etcd is unavailable (see [`retrying`]).
     fn on_any_endpoint<T, F: std::future::Future<Output = Result<T, etcd_client::Error>>>(
         &self,
         request: impl Fn(Client) -> F,
     ) -> Result<T, etcd_client::Error> {
-        let mut answer = self.rt.block_on(request(self.client.clone()));
-        for _ in 0..self.endpoints.len() {
-            match &answer {
-                // gRPC's UNAVAILABLE: "The service is currently unavailable".
-                Err(e) if e.to_string().contains("currently unavailable") => {
-                    answer = self.rt.block_on(request(self.client.clone()))
-                }
-                _ => break,
-            }
-        }
-        answer
+        self.rt.block_on(retrying(|| request(self.client.clone())))
     }
 
     /// Follows the keys under `prefix`: those present now, then every change, in order, for as
@@ -181,18 +170,21 @@ impl Etcd {
         ttl: Duration,
     ) -> Result<Registration, EtcdError> {
         let ttl_s = ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let mut c = self.client.clone();
         let lease = self
-            .rt
-            .block_on(c.lease_grant(ttl_s, None))
+            .on_any_endpoint(|mut c| async move { c.lease_grant(ttl_s, None).await })
             .map_err(|e| self.failed(e))?
             .id();
-        let put = PutOptions::new().with_lease(lease);
-        if let Err(e) = self.rt.block_on(c.put(key, value, Some(put))) {
+        let put = || PutOptions::new().with_lease(lease);
+        if let Err(e) =
+            self.on_any_endpoint(|mut c| async move { c.put(key, value, Some(put())).await })
+        {
+            let mut c = self.client.clone();
             let _ = self.rt.block_on(c.lease_revoke(lease));
             return Err(self.failed(e));
         }
-        let renewal = self.rt.spawn(keep_renewing(c, lease, ttl));
+        let renewal = self
+            .rt
+            .spawn(keep_renewing(self.client.clone(), lease, ttl));
         Ok(Registration {
             etcd: self,
             lease,
@@ -209,11 +201,9 @@ impl Etcd {
         value: &str,
         ttl: Duration,
     ) -> Result<Leadership, EtcdError> {
-        let mut c = self.client.clone();
         let ttl_s = ttl.as_secs().max(1) as i64;
         let lease = self
-            .rt
-            .block_on(c.lease_grant(ttl_s, None))
+            .on_any_endpoint(|mut c| async move { c.lease_grant(ttl_s, None).await })
             .map_err(|e| self.failed(e))?
             .id();
         let lost = Arc::new(AtomicBool::new(false));
@@ -229,9 +219,12 @@ impl Etcd {
         // request timeout.
         let patient = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
         let won = self.rt.block_on(async {
-            let mut c = Client::connect(&self.endpoints, Some(patient)).await?;
-            let mut resp = c.campaign(election, value, lease).await?;
-            Ok::<_, etcd_client::Error>(resp.take_leader())
+            let c = Client::connect(&self.endpoints, Some(patient)).await?;
+            let campaign = || {
+                let mut c = c.clone();
+                async move { c.campaign(election, value, lease).await }
+            };
+            Ok::<_, etcd_client::Error>(retrying(campaign).await?.take_leader())
         });
         let key = won
             .map_err(|e| self.failed(e))?
@@ -248,13 +241,42 @@ impl Etcd {
     }
 }
 
-/// Renews a lease at a third of its `ttl`, for as long as the process lives. Once `leading`,
-/// it sets `lost` for good when etcd says the lease expired, or when a quarter of the `ttl`
-/// is all that can be left of it since the last renewal that got through (counted from when
-/// that renewal was sent): the leader gives up while etcd still holds its lease, before any
-/// standby can lead. An etcd electing a new leader of its own extends every lease, so a short
-/// outage costs nothing; a renewal that hangs counts as failed. Before `leading` (a standby
-/// campaigning) failures only mean trying again.
+/// How long a request etcd answers as unavailable is tried again: the client spreads requests
+/// over the endpoints, so one that picks a dead member fails at once, and an etcd electing a
+/// leader of its own fails them all for about a second.
+const RETRY_UNAVAILABLE_FOR: Duration = REQUEST_TIMEOUT;
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// gRPC's UNAVAILABLE ("The service is currently unavailable"): nothing was done, so the
+/// request may go again.
+fn unavailable(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable)
+}
+
+/// `request`, sent again every [`RETRY_PAUSE`] while etcd answers it as [`unavailable`], for
+/// up to [`RETRY_UNAVAILABLE_FOR`].
+async fn retrying<T, F>(request: impl Fn() -> F) -> Result<T, etcd_client::Error>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let until = tokio::time::Instant::now() + RETRY_UNAVAILABLE_FOR;
+    loop {
+        match request().await {
+            Err(e) if unavailable(&e) && tokio::time::Instant::now() + RETRY_PAUSE < until => {
+                tokio::time::sleep(RETRY_PAUSE).await
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Renews a lease at a third of its `ttl` (a failed renewal again after [`RENEW_AGAIN_AFTER`])
+/// for as long as the process lives. Once `leading`, it sets `lost` for good when etcd says the
+/// lease expired, or when a quarter of the `ttl` is all that can be left of it since the last
+/// renewal that got through (counted from when that renewal was sent): the leader gives up
+/// while etcd still holds its lease, before any standby can lead. An etcd electing a new leader
+/// of its own extends every lease, so a short outage costs nothing; a renewal that hangs counts
+/// as failed. Before `leading` (a standby campaigning) failures only mean trying again.
 struct Renewal {
     lease: i64,
     ttl: Duration,
@@ -269,6 +291,7 @@ impl Renewal {
         while !self.lost.load(Ordering::Relaxed) {
             let sent = tokio::time::Instant::now();
             let attempt = renew(&mut client, self.lease, &mut channel);
+            let mut pause = self.ttl / 3;
             match tokio::time::timeout(self.ttl / 3, attempt).await {
                 Ok(Some(left)) if left > 0 => {
                     valid_until = sent + Duration::from_secs(left.unsigned_abs())
@@ -276,7 +299,7 @@ impl Renewal {
                 Ok(Some(_)) if self.leading.load(Ordering::Relaxed) => {
                     self.lost.store(true, Ordering::Relaxed)
                 }
-                Ok(_) | Err(_) => channel = None,
+                Ok(_) | Err(_) => (channel, pause) = (None, RENEW_AGAIN_AFTER),
             }
             let margin = self.ttl / 4;
             if self.leading.load(Ordering::Relaxed)
@@ -284,10 +307,14 @@ impl Renewal {
             {
                 self.lost.store(true, Ordering::Relaxed);
             }
-            tokio::time::sleep(self.ttl / 3).await;
+            tokio::time::sleep(pause).await;
         }
     }
 }
+
+/// How soon a renewal that failed goes again: the keep-alive stream it opens next may reach a
+/// live member, and a lease cannot wait a third of its life per try.
+const RENEW_AGAIN_AFTER: Duration = Duration::from_millis(100);
 
 type KeepAlive = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
 
@@ -302,19 +329,24 @@ async fn renew(client: &mut Client, lease: i64, channel: &mut Option<KeepAlive>)
     Some(stream.message().await.ok()??.ttl())
 }
 
-/// Renews `lease` at a third of `ttl` until etcd says it is gone.
+/// Renews `lease` at a third of `ttl` (a failed renewal again after [`RENEW_AGAIN_AFTER`])
+/// until etcd says it is gone.
 async fn keep_renewing(mut client: Client, lease: i64, ttl: Duration) {
     let mut channel = None;
     loop {
-        match tokio::time::timeout(ttl / 3, renew(&mut client, lease, &mut channel)).await {
-            Ok(Some(0)) => {
-                tracing::warn!("etcd lease {lease:x} expired");
-                return;
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => channel = None,
-        }
-        tokio::time::sleep(ttl / 3).await;
+        let pause =
+            match tokio::time::timeout(ttl / 3, renew(&mut client, lease, &mut channel)).await {
+                Ok(Some(0)) => {
+                    tracing::warn!("etcd lease {lease:x} expired");
+                    return;
+                }
+                Ok(Some(_)) => ttl / 3,
+                Ok(None) | Err(_) => {
+                    channel = None;
+                    RENEW_AGAIN_AFTER
+                }
+            };
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -708,6 +740,45 @@ mod tests {
         let seen = changes_within(&mut watch, Duration::from_secs(4));
         assert_eq!(seen, [change("2", true), change("2", false)]);
         drop(early);
+    }
+
+    /// An address on loopback that refuses connections: a member that died.
+    fn dead_endpoint() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
+    /// The client spreads requests over the endpoints it was given; a dead member among them
+    /// (the etcd leader killed, say) must cost retries, never a failed registration or
+    /// campaign: a worker that fails to register is put out of its round.
+    #[test]
+    fn with_a_member_dead_registrations_campaigns_and_records_get_through() {
+        let Some(etcd) = local_etcd_or_skip("etcd with a dead member") else {
+            return;
+        };
+        let endpoints = vec![dead_endpoint(), etcd.endpoint.clone(), dead_endpoint()];
+        let ttl = Duration::from_secs(2);
+        for k in 0..12 {
+            let key = format!("holdfast/t/members/{k}");
+            let registered = Etcd::connect(&endpoints).and_then(|e| e.register(&key, "w", ttl));
+            assert!(
+                registered.is_ok(),
+                "registration {k}: {:?}",
+                registered.err()
+            );
+        }
+        for k in 0..4 {
+            let election = format!("holdfast/t{k}/leader");
+            let leading = Etcd::connect(&endpoints).and_then(|e| e.campaign(&election, "a", ttl));
+            let leading = leading.unwrap_or_else(|e| panic!("campaign {k}: {e}"));
+            for round in 0..6 {
+                let recorded = leading.put(&format!("holdfast/t{k}/commit"), b"r");
+                assert!(
+                    recorded.is_ok(),
+                    "campaign {k}, record {round}: {recorded:?}"
+                );
+            }
+        }
     }
 
     #[test]
