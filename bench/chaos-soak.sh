@@ -22,11 +22,8 @@
 # Exits 1 if any schedule failed. HOLDFAST (binary) and OUT (where runs go) may be set;
 # SYNC_ARGS adds train flags to every run, baselines included (e.g. "--sync-precision int4",
 # or "--round-seconds 0.25": rounds closed by time, which then replace H = 20). Timed runs do not
-# repeat (which worker trains which batch follows timing), nor does the round in which they leave
-# the plateau: at 800 steps six fault-free reruns of seed 21 left it between rounds 7 and 13 of
-# 27 and ended between 0.006 and 0.106 nats, so one baseline could not judge a faulted run. Timed
-# soaks therefore run 1200 steps, after which eight reruns ended between 0.0012 and 0.0031 (one
-# that left it in round 11 included), and NATS defaults to 0.03 for what timing still moves.
+# repeat, nor does the round in which they leave the plateau, so they run 1200 steps, enough to
+# converge after a late exit, and NATS defaults to 0.03 (the README's soak figures say why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10}
@@ -40,7 +37,7 @@ ROUNDS=(--inner-steps 20)
 DEFAULT_NATS=0.01
 if [[ ${SYNC_ARGS:-} == *--round-* ]]; then
   ROUNDS=() # rounds closed by time or tokens have no H
-  STEPS=1200 # past the latest plateau exit seen by enough to converge (see above)
+  STEPS=1200 # converges even after the latest plateau exit seen (see above)
   DEFAULT_NATS=0.03
 fi
 NATS=${NATS:-$DEFAULT_NATS}
