@@ -14,6 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 THREADS=${THREADS:-2}
+# Both sides' prompt and generation lengths: generation is timed after the prompt on both.
+PROMPT=128
+NEW=64
 MODEL=${MODEL:-../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf}
 WORK=${WORK:-/tmp/holdfast-serving-bench}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/holdfast-target}"
@@ -30,12 +33,12 @@ Q8="$WORK/$(basename "$MODEL" .gguf).requantized-Q8_0.gguf"
 cp -f "$(dirname "$MODEL")/tokenizer.json" "$WORK/tokenizer.json"
 
 # One llama-bench measurement: "prompt_tps generate_tps peak_rss_bytes". Generation runs
-# after 128 tokens of context (-d 128), as holdfast's does after its prompt: llama-bench's
-# own tg test starts from an empty context, where attention costs less.
+# after PROMPT tokens of context (-d), as holdfast's does after its prompt: llama-bench's own
+# tg test starts from an empty context, where attention costs less.
 llama() {
   local prompt generate
-  prompt=$(/usr/bin/time -f "rss_kb=%M" "$LLAMA_CPP/llama-bench" -m "$1" -t "$THREADS" -p 128 -n 0 -r 3 -o json 2>&1)
-  generate=$(/usr/bin/time -f "rss_kb=%M" "$LLAMA_CPP/llama-bench" -m "$1" -t "$THREADS" -p 0 -n 64 -d 128 -r 3 -o json 2>&1)
+  prompt=$(llama_bench "$1" -p "$PROMPT" -n 0)
+  generate=$(llama_bench "$1" -p 0 -n "$NEW" -d "$PROMPT")
   python3 - "$prompt" "$generate" <<'EOF'
 import json, re, sys
 def run(text):
@@ -47,10 +50,15 @@ print(prompt, generate, max(rss_p, rss_g))
 EOF
 }
 
+# llama-bench on model $1 with the test flags that follow: its JSON and peak RSS ("rss_kb=").
+llama_bench() {
+  /usr/bin/time -f "rss_kb=%M" "$LLAMA_CPP/llama-bench" -m "$1" -t "$THREADS" "${@:2}" -r 3 -o json 2>&1
+}
+
 # One `holdfast bench generate` run, the same three figures.
 ours() {
   RAYON_NUM_THREADS=$THREADS "$HOLDFAST" bench generate "$1" --tokenizer "$WORK/tokenizer.json" \
-    --prompt-tokens 128 --new-tokens 64 --repeats 3 \
+    --prompt-tokens "$PROMPT" --new-tokens "$NEW" --repeats 3 \
     | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["prompt_tokens_per_s"], r["generate_tokens_per_s"], r["peak_rss_bytes"])'
 }
 
