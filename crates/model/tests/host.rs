@@ -218,21 +218,27 @@ fn a_written_gguf_reads_back_as_the_weights_written() {
 }
 
 /// Whatever shares its forward, a sequence gets the bits it gets alone: here a 40-token prompt
-/// (which takes f32 products, or the packed tiles where the CPU has them) with eight short
-/// ones (39 rows together, past the 32 rows from which one step takes f32 products), then
-/// decoding steps of all nine together.
+/// (which takes f32 products, or the packed tiles where the CPU has them) with sixteen short
+/// ones (79 rows together, past the 32 rows from which one step takes f32 products), then
+/// decoding steps of all seventeen together. The batched forwards run on three threads, so
+/// that the short steps split into parts of their own (three for the prompts, two for each
+/// decoding step) whatever this machine's core count.
 #[test]
 fn batched_decoding_gives_each_sequence_what_it_gets_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), &small_config(), Format::Q4_1);
     let model = MappedModel::open(&path).unwrap();
     let mut prompts: Vec<Vec<u32>> = vec![(0..40).map(|i| (i * 7 + 3) % 256).collect()];
-    prompts.extend((0..8u32).map(|k| (0..4 + k % 3).map(|i| (k * 31 + i * 5) % 256).collect()));
+    prompts.extend((0..16u32).map(|k| (0..4 + k % 3).map(|i| (k * 31 + i * 5) % 256).collect()));
     let next = [10, 20, 30, 40];
     let alone: Vec<Vec<Vec<f32>>> = prompts
         .iter()
         .map(|p| mapped_logits(&model, p, &next))
         .collect();
+    let three_threads = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
     let mut seqs: Vec<Sequence> = prompts.iter().map(|_| Sequence::new()).collect();
     let mut inputs = prompts.clone();
     // Step 0 is the prompts; step k + 1 is `next[k]` for every sequence.
@@ -242,7 +248,7 @@ fn batched_decoding_gives_each_sequence_what_it_gets_alone() {
             .zip(&inputs)
             .map(|(sequence, tokens)| Step { sequence, tokens })
             .collect();
-        let together = model.forward(&mut steps).unwrap();
+        let together = three_threads.install(|| model.forward(&mut steps).unwrap());
         for (s, logits) in together.iter().enumerate() {
             assert!(logits == &alone[s][step], "sequence {s} step {step}");
         }
