@@ -17,7 +17,9 @@ use rayon::prelude::*;
 
 use crate::gguf::{self, Header, format_err, unsupported_tensor};
 use crate::kernels;
-use crate::quant::{Format, GEMM_ROWS, PackedMatrix, QuantMatrix, matmul_many_from, matmul_packed};
+use crate::quant::{
+    Format, GEMM_ROWS, GROUP_ROWS, PackedMatrix, QuantMatrix, matmul_many_from, matmul_packed,
+};
 use crate::{GgufInfo, ModelConfig, ModelError};
 
 /// A matrix's place in the mapped file.
@@ -283,16 +285,16 @@ impl MappedModel {
         out
     }
 
-    /// Short steps as one forward per thread when there are enough rows for each to keep
-    /// the kernels' row groups full ([`PART_ROWS`]): each part runs its layers on its own
-    /// instead of all threads meeting at every product and attention, some 200 times a
-    /// step. Measured on two threads, 16 sequences decoded at about 1.5 times one thread's
+    /// Short steps as one forward per thread when there are enough rows for each to fill
+    /// the tiled kernel's largest group of input rows ([`GROUP_ROWS`]): each part runs its
+    /// layers on its own instead of all threads meeting at every product and attention,
+    /// some 200 times a step. Measured on two threads, 16 sequences decoded at about 1.5 times one thread's
     /// rate as one forward, while two single-threaded processes made twice it. Each part
     /// streams every weight, which many rows' arithmetic hides. A row's bits do not depend
     /// on its part.
     fn forward_parts(&self, steps: &mut [Step<'_>]) -> Vec<Vec<f32>> {
         let rows: usize = steps.iter().map(|s| s.tokens.len()).sum();
-        let parts = (rows / PART_ROWS).clamp(1, rayon::current_num_threads());
+        let parts = (rows / GROUP_ROWS).clamp(1, rayon::current_num_threads());
         if parts == 1 {
             return self.forward_group(steps, Products::Blocks);
         }
@@ -560,10 +562,6 @@ fn pack(map: &Mmap, matrices: Vec<&mut Placed>) {
         }
     });
 }
-
-/// Rows a part of a batch needs to be worth a thread of its own: the tiled kernel's largest
-/// group of input rows.
-const PART_ROWS: usize = 8;
 
 /// `steps` in order, cut into consecutive pieces of at least `rows` rows each (the last may
 /// have fewer).

@@ -13,6 +13,7 @@ use crate::kernels::{Isa, isa_limit};
 
 mod tiled;
 
+pub(crate) use tiled::GROUP_ROWS;
 pub use tiled::{PackedMatrix, matmul_packed};
 
 /// Values per quantization block (Q4_0, Q4_1, Q8_0 and the 8-bit activations).

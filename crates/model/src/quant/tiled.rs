@@ -23,8 +23,11 @@ use super::{ActBlock, BLOCK, Format, QuantMatrix, block_isa, f16, quantize_acts}
 /// Weight rows packed together: one 32-bit lane each in a 512-bit vector.
 const TILE: usize = 16;
 
+/// The most input rows that share each unpacked block of a tile.
+pub(crate) const GROUP_ROWS: usize = 8;
+
 /// Input rows that share each unpacked block of a tile: the largest of these that fits.
-const INPUT_GROUPS: [usize; 3] = [8, 4, 1];
+const INPUT_GROUPS: [usize; 3] = [GROUP_ROWS, 4, 1];
 
 /// Tiles per parallel task.
 const TILES_PER_TASK: usize = 2;
